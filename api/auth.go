@@ -1,0 +1,118 @@
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/base64"
+	"fmt"
+	"strings"
+	"time"
+
+	"golang.org/x/crypto/argon2"
+
+	"github.com/attrd/attrd/events"
+)
+
+// PasswordParams is the argon2id cost of a password hash.
+type PasswordParams struct {
+	Time    uint32
+	MemoryK uint32 // KiB
+	Threads uint8
+}
+
+// DefaultPasswordParams follows OWASP's argon2id minimum (19 MiB, 2 passes, 1 lane).
+var DefaultPasswordParams = PasswordParams{Time: 2, MemoryK: 19 * 1024, Threads: 1}
+
+// HashPassword returns an argon2id hash in the PHC string form.
+func HashPassword(password string, p PasswordParams) (string, error) {
+	salt := make([]byte, 16)
+	if _, err := rand.Read(salt); err != nil {
+		return "", err
+	}
+	key := argon2.IDKey([]byte(password), salt, p.Time, p.MemoryK, p.Threads, 32)
+	b64 := base64.RawStdEncoding
+	return fmt.Sprintf("$argon2id$v=%d$m=%d,t=%d,p=%d$%s$%s", argon2.Version, p.MemoryK, p.Time, p.Threads,
+		b64.EncodeToString(salt), b64.EncodeToString(key)), nil
+}
+
+// CheckPassword reports whether password matches a hash made by HashPassword.
+func CheckPassword(password, hash string) bool {
+	parts := strings.Split(hash, "$")
+	if len(parts) != 6 || parts[1] != "argon2id" {
+		return false
+	}
+	var p PasswordParams
+	if _, err := fmt.Sscanf(parts[3], "m=%d,t=%d,p=%d", &p.MemoryK, &p.Time, &p.Threads); err != nil {
+		return false
+	}
+	b64 := base64.RawStdEncoding
+	salt, err1 := b64.DecodeString(parts[4])
+	want, err2 := b64.DecodeString(parts[5])
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	got := argon2.IDKey([]byte(password), salt, p.Time, p.MemoryK, p.Threads, uint32(len(want)))
+	return subtle.ConstantTimeCompare(got, want) == 1
+}
+
+// dummyHash is checked against when a username is unknown, so that a login takes as
+// long for an unknown user as for a wrong password.
+var dummyHash, _ = HashPassword("attrd-dummy", DefaultPasswordParams)
+
+// NewUST returns a new user session token: 32 random bytes, URL-safe base64.
+func NewUST() string {
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		panic(err) // crypto/rand never fails on supported platforms
+	}
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// caller is who sent a request: a live session and its user.
+type caller struct {
+	sid     string
+	session *events.SessionRecord
+	user    *events.UserRecord
+}
+
+// authenticate resolves a UST to a live session and its user; anything else is
+// ErrNoSession.
+func (s *Service) authenticate(ctx context.Context, ust string) (*caller, error) {
+	if ust == "" {
+		return nil, events.Errorf(events.CodeNoSession, "no session token")
+	}
+	sid := events.SessionID(ust)
+	sess, err := s.readSession(ctx, sid)
+	if err != nil {
+		return nil, err
+	}
+	if !sess.Live(time.Now().UnixNano()) {
+		return nil, events.Errorf(events.CodeNoSession, "no such session")
+	}
+	u, err := s.readUser(ctx, sess.UserID)
+	if err != nil {
+		return nil, err
+	}
+	if u == nil || !u.Approved {
+		return nil, events.Errorf(events.CodeNoSession, "no such session")
+	}
+	return &caller{sid: sid, session: sess, user: u}, nil
+}
+
+// event returns an event acted by c with the request's metadata.
+func (c *caller) event(t events.Type, m Meta) *events.Event {
+	ev := &events.Event{Type: t, CID: m.CID, App: m.App, RemoteAddr: m.RemoteAddr, UserAgent: m.UserAgent}
+	if c != nil {
+		ev.Actor, ev.ActorSession = c.user.UserID, c.sid
+	}
+	return ev
+}
+
+// requestKey scopes a request id to the caller.
+func (c *caller) requestKey(requestID string) string {
+	if requestID == "" {
+		return ""
+	}
+	return events.RequestKey(c.user.UserID, requestID)
+}

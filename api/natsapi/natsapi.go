@@ -1,0 +1,179 @@
+// Package natsapi serves attrd's operations as NATS requests: a micro service named
+// "attrd" with one endpoint per operation on subject "attrd.<op>" (for example
+// attrd.user.attr.update). Bodies are the REST API's JSON, or msgpack when the request
+// carries Content-Type: application/msgpack; the reply uses the request's encoding.
+package natsapi
+
+import (
+	"context"
+	"encoding/json"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+	"github.com/vmihailenco/msgpack/v5"
+
+	"github.com/attrd/attrd/api"
+	"github.com/attrd/attrd/events"
+)
+
+// Version is the micro service's version.
+const Version = "0.1.0"
+
+// SubjectPrefix is the first token of every request subject.
+const SubjectPrefix = "attrd"
+
+// ContentTypeMsgpack marks a msgpack body.
+const ContentTypeMsgpack = "application/msgpack"
+
+// Server is the running NATS request API.
+type Server struct {
+	svc  micro.Service
+	api  *api.Service
+	log  *slog.Logger
+	sem  chan struct{}
+	wg   sync.WaitGroup
+	ctx  context.Context
+	stop context.CancelFunc
+}
+
+// Subject returns the request subject of an operation.
+func Subject(op api.Op) string { return SubjectPrefix + "." + string(op) }
+
+// Start registers the service on nc. Requests are handled concurrently (micro calls a
+// handler one request at a time per endpoint), at most the API's MaxInFlight at once.
+func Start(nc *nats.Conn, a *api.Service, log *slog.Logger) (*Server, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	svc, err := micro.AddService(nc, micro.Config{
+		Name:        "attrd",
+		Version:     Version,
+		Description: "user and session attributes",
+	})
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Server{svc: svc, api: a, log: log, sem: make(chan struct{}, a.Config().MaxInFlight), ctx: ctx, stop: cancel}
+	for _, op := range api.Ops() {
+		op := op
+		name := strings.ReplaceAll(string(op), ".", "-")
+		err := svc.AddEndpoint(name, micro.HandlerFunc(func(r micro.Request) { s.dispatch(op, r) }),
+			micro.WithEndpointSubject(Subject(op)),
+			// Pending limits off: requests queue in the client rather than being dropped
+			// as a slow consumer while the semaphore is full.
+			micro.WithEndpointPendingLimits(-1, -1))
+		if err != nil {
+			_ = svc.Stop()
+			cancel()
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// Stop unsubscribes the endpoints (requests in flight drain) and waits for handlers.
+func (s *Server) Stop() error {
+	err := s.svc.Stop()
+	s.wg.Wait()
+	s.stop()
+	return err
+}
+
+func (s *Server) dispatch(op api.Op, r micro.Request) {
+	s.sem <- struct{}{}
+	s.wg.Add(1)
+	go func() {
+		defer func() { <-s.sem; s.wg.Done() }()
+		s.handle(op, r)
+	}()
+}
+
+func (s *Server) handle(op api.Op, r micro.Request) {
+	m := api.Meta{CID: events.NewID(), RequestID: r.Headers().Get(nats.MsgIdHdr)}
+	isMsgpack := r.Headers().Get("Content-Type") == ContentTypeMsgpack
+	var req *api.Request
+	var err error
+	if isMsgpack {
+		req, err = api.ParseMsgpack(r.Data())
+	} else {
+		req, err = api.ParseJSON(r.Data())
+	}
+	var rep api.Reply
+	if err != nil {
+		rep = api.ErrorReply(m.CID, err)
+	} else {
+		rep = s.api.Handle(s.ctx, op, req, m)
+	}
+	body, ctype, err := encode(rep.Body, isMsgpack)
+	if err != nil {
+		s.log.Error("encode reply", "cid", m.CID, "err", err)
+		rep = api.ErrorReply(m.CID, err)
+		body, ctype, _ = encode(rep.Body, false)
+	}
+	hdr := micro.Headers{"Content-Type": []string{ctype}}
+	if rep.Code == "" {
+		err = r.Respond(body, micro.WithHeaders(hdr))
+	} else {
+		desc := string(rep.Code)
+		switch rep.Code {
+		case events.CodeBadRequest:
+			desc = "Bad request"
+		case events.CodeInternal:
+			desc = "Internal error"
+		}
+		err = r.Error(strconv.Itoa(rep.Status), desc, body, micro.WithHeaders(hdr))
+	}
+	if err != nil {
+		s.log.Warn("reply not sent", "cid", m.CID, "err", err)
+	}
+}
+
+// encode writes a reply body as JSON, or as msgpack (values that are raw JSON become
+// their msgpack equivalent; integers stay exact).
+func encode(body map[string]any, asMsgpack bool) ([]byte, string, error) {
+	if !asMsgpack {
+		b, err := json.Marshal(body)
+		return b, "application/json", err
+	}
+	js, err := json.Marshal(body)
+	if err != nil {
+		return nil, "", err
+	}
+	dec := json.NewDecoder(strings.NewReader(string(js)))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, "", err
+	}
+	b, err := msgpack.Marshal(numbers(v))
+	return b, ContentTypeMsgpack, err
+}
+
+// numbers turns json.Number into int64, uint64 or float64, recursively.
+func numbers(v any) any {
+	switch t := v.(type) {
+	case json.Number:
+		if i, err := strconv.ParseInt(string(t), 10, 64); err == nil {
+			return i
+		}
+		if u, err := strconv.ParseUint(string(t), 10, 64); err == nil {
+			return u
+		}
+		f, _ := t.Float64()
+		return f
+	case map[string]any:
+		for k, e := range t {
+			t[k] = numbers(e)
+		}
+	case []any:
+		for i, e := range t {
+			t[i] = numbers(e)
+		}
+	}
+	return v
+}

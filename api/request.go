@@ -1,0 +1,352 @@
+package api
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"strconv"
+	"unicode/utf8"
+
+	"github.com/vmihailenco/msgpack/v5"
+
+	"github.com/attrd/attrd/events"
+)
+
+// Request is a request body, read strictly: every field has the JSON type the contract
+// gives it. Fields absent from the body are nil or "". A field of the wrong type is
+// kept as an error and reported after authentication, as E008002.
+type Request struct {
+	CurrentApp  string
+	UST         string // ust
+	CurrentUST  string // current_ust
+	TargetUST   string // target_ust
+	UserID      string
+	Name        *string
+	Value       json.RawMessage // nil when absent; "null" is a value
+	Data        []json.RawMessage
+	HasData     bool
+	Expiration  *int64
+	Encrypt     *bool
+	Decrypt     *bool
+	RequestID   string
+	Username    string
+	Password    string
+	IsSuperUser *bool
+	RemoteAddr  string
+	UserAgent   string
+
+	present map[string]bool
+	typeErr error
+}
+
+// Has reports whether the body had the field, whatever its value.
+func (r *Request) Has(field string) bool { return r.present[field] }
+
+// MaxBodyBytes is the largest request body read.
+const MaxBodyBytes = 1 << 20
+
+// ParseJSON reads a JSON request body. Malformed or truncated JSON, trailing data, or a
+// body that is not an object is CodeBadRequest; a body over MaxBodyBytes is
+// CodeInvalidInput.
+func ParseJSON(body []byte) (*Request, error) {
+	if len(body) > MaxBodyBytes {
+		return nil, events.Errorf(events.CodeInvalidInput, "body of %d bytes is over the limit of %d", len(body), MaxBodyBytes)
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		body = []byte("{}")
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	var fields map[string]json.RawMessage
+	if err := dec.Decode(&fields); err != nil {
+		return nil, events.Errorf(events.CodeBadRequest, "malformed JSON: %v", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, events.Errorf(events.CodeBadRequest, "trailing data after the JSON body")
+	}
+	if fields == nil {
+		return nil, events.Errorf(events.CodeBadRequest, "the body is not a JSON object")
+	}
+	r := &Request{present: make(map[string]bool, len(fields))}
+	for k := range fields {
+		r.present[k] = true
+	}
+	r.CurrentApp = r.str(fields, "current_app")
+	r.UST = r.str(fields, "ust")
+	r.CurrentUST = r.str(fields, "current_ust")
+	r.TargetUST = r.str(fields, "target_ust")
+	r.UserID = r.str(fields, "user_id")
+	if raw, ok := fields["name"]; ok {
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil || raw[0] != '"' {
+			r.fail("name must be a string")
+		} else {
+			r.Name = &s
+		}
+	}
+	if raw, ok := fields["value"]; ok {
+		r.Value = compact(raw)
+	}
+	if raw, ok := fields["data"]; ok {
+		r.HasData = true
+		if raw[0] != '[' || json.Unmarshal(raw, &r.Data) != nil {
+			r.fail("data must be a list")
+		}
+	}
+	r.Expiration = r.integer(fields, "expiration")
+	r.Encrypt = r.boolean(fields, "encrypt")
+	r.Decrypt = r.boolean(fields, "decrypt")
+	r.IsSuperUser = r.boolean(fields, "is_super_user")
+	r.RequestID = r.str(fields, "request_id")
+	r.Username = r.str(fields, "username")
+	r.Password = r.str(fields, "password")
+	r.RemoteAddr = r.str(fields, "remote_addr")
+	r.UserAgent = r.str(fields, "user_agent")
+	return r, nil
+}
+
+// ParseMsgpack reads a msgpack request body (a map with string keys) by way of its JSON
+// equivalent, so both encodings obey the same rules.
+func ParseMsgpack(body []byte) (*Request, error) {
+	if len(body) > MaxBodyBytes {
+		return nil, events.Errorf(events.CodeInvalidInput, "body of %d bytes is over the limit of %d", len(body), MaxBodyBytes)
+	}
+	var v map[string]any
+	if err := msgpack.Unmarshal(body, &v); err != nil {
+		return nil, events.Errorf(events.CodeBadRequest, "malformed msgpack: %v", err)
+	}
+	js, err := json.Marshal(v)
+	if err != nil {
+		return nil, events.Errorf(events.CodeBadRequest, "msgpack body has no JSON form: %v", err)
+	}
+	return ParseJSON(js)
+}
+
+func (r *Request) fail(format string, args ...any) {
+	if r.typeErr == nil {
+		r.typeErr = events.Errorf(events.CodeInvalidInput, format, args...)
+	}
+}
+
+func (r *Request) str(fields map[string]json.RawMessage, name string) string {
+	raw, ok := fields[name]
+	if !ok || string(raw) == "null" {
+		return ""
+	}
+	var s string
+	if raw[0] != '"' || json.Unmarshal(raw, &s) != nil {
+		r.fail("%s must be a string", name)
+		return ""
+	}
+	return s
+}
+
+func (r *Request) boolean(fields map[string]json.RawMessage, name string) *bool {
+	raw, ok := fields[name]
+	if !ok {
+		return nil
+	}
+	b, err := parseBool(raw)
+	if err != nil {
+		r.fail("%s must be true or false", name)
+		return nil
+	}
+	return &b
+}
+
+func (r *Request) integer(fields map[string]json.RawMessage, name string) *int64 {
+	raw, ok := fields[name]
+	if !ok {
+		return nil
+	}
+	n, err := parseInt(raw)
+	if err != nil {
+		r.fail("%s must be a whole number: %v", name, err)
+		return nil
+	}
+	return &n
+}
+
+// parseBool accepts only the JSON literals true and false.
+func parseBool(raw json.RawMessage) (bool, error) {
+	switch string(raw) {
+	case "true":
+		return true, nil
+	case "false":
+		return false, nil
+	}
+	return false, fmt.Errorf("not a boolean")
+}
+
+// parseInt accepts only a JSON integer: no quotes, fraction or exponent (json.Number
+// would take the string "10").
+func parseInt(raw json.RawMessage) (int64, error) {
+	s := string(raw)
+	for i, c := range s {
+		if !(c >= '0' && c <= '9' || i == 0 && c == '-') {
+			return 0, fmt.Errorf("not an integer")
+		}
+	}
+	return strconv.ParseInt(s, 10, 64)
+}
+
+// compact returns raw JSON without insignificant white space (raw is valid JSON).
+func compact(raw json.RawMessage) json.RawMessage {
+	var b bytes.Buffer
+	if err := json.Compact(&b, raw); err != nil {
+		return raw
+	}
+	return b.Bytes()
+}
+
+// Item is one attribute of a write: name, value and its own options.
+type Item struct {
+	Name       string
+	Value      json.RawMessage
+	Expiration *int64
+	Encrypt    *bool
+}
+
+// Limits bound what one request may hold.
+type Limits struct {
+	MaxValueBytes int // encoded JSON of one value (default 64 KiB)
+	MaxItems      int // items of one request (default 1000)
+}
+
+// MaxNameBytes is the longest attribute name.
+const MaxNameBytes = 191
+
+// ValidateName applies the contract's rules for attribute names: 1 to 191 bytes of
+// UTF-8 with no C0 control character and no DEL.
+func ValidateName(name string) error {
+	if name == "" || len(name) > MaxNameBytes {
+		return events.Errorf(events.CodeInvalidInput, "a name has 1 to %d bytes, this one %d", MaxNameBytes, len(name))
+	}
+	if !utf8.ValidString(name) {
+		return events.Errorf(events.CodeInvalidInput, "a name must be UTF-8")
+	}
+	for i := 0; i < len(name); i++ {
+		if name[i] < 0x20 || name[i] == 0x7f {
+			return events.Errorf(events.CodeInvalidInput, "a name has no control characters")
+		}
+	}
+	return nil
+}
+
+// items returns the items of a write request: name+value, or data; top-level
+// expiration and encrypt are the defaults of every item. needValue is false for
+// nothing today (all writes need a value) but keeps the rule in one place.
+func (r *Request) items(lim Limits) ([]Item, error) {
+	var items []Item
+	switch {
+	case r.HasData:
+		if len(r.Data) > lim.MaxItems {
+			return nil, events.Errorf(events.CodeInvalidInput, "%d items, the limit is %d", len(r.Data), lim.MaxItems)
+		}
+		for i, raw := range r.Data {
+			it, err := parseItem(raw)
+			if err != nil {
+				return nil, events.Errorf(events.CodeInvalidInput, "data[%d]: %v", i, err)
+			}
+			items = append(items, it)
+		}
+	case r.Name != nil:
+		items = []Item{{Name: *r.Name, Value: r.Value}}
+	default:
+		return nil, events.Errorf(events.CodeInvalidInput, "neither name nor data given")
+	}
+	if len(items) == 0 {
+		return nil, events.Errorf(events.CodeInvalidInput, "data is empty")
+	}
+	seen := make(map[string]bool, len(items))
+	for i := range items {
+		it := &items[i]
+		if err := ValidateName(it.Name); err != nil {
+			return nil, err
+		}
+		if seen[it.Name] {
+			return nil, events.Errorf(events.CodeInvalidInput, "the name %q is given twice", it.Name)
+		}
+		seen[it.Name] = true
+		if it.Value == nil {
+			return nil, events.Errorf(events.CodeInvalidInput, "no value for %q", it.Name)
+		}
+		if len(it.Value) > lim.MaxValueBytes {
+			return nil, events.Errorf(events.CodeInvalidInput, "the value of %q has %d bytes, the limit is %d", it.Name, len(it.Value), lim.MaxValueBytes)
+		}
+		if it.Expiration == nil {
+			it.Expiration = r.Expiration
+		}
+		if it.Encrypt == nil {
+			it.Encrypt = r.Encrypt
+		}
+		if it.Expiration != nil && *it.Expiration < 0 {
+			return nil, events.Errorf(events.CodeInvalidInput, "expiration of %q is negative", it.Name)
+		}
+	}
+	return items, nil
+}
+
+// parseItem reads one {name, value, expiration?, encrypt?} of data.
+func parseItem(raw json.RawMessage) (Item, error) {
+	var f map[string]json.RawMessage
+	if len(raw) == 0 || raw[0] != '{' || json.Unmarshal(raw, &f) != nil {
+		return Item{}, fmt.Errorf("an item must be an object")
+	}
+	var it Item
+	nraw, ok := f["name"]
+	if !ok || nraw[0] != '"' || json.Unmarshal(nraw, &it.Name) != nil {
+		return Item{}, fmt.Errorf("an item needs a string name")
+	}
+	if v, ok := f["value"]; ok {
+		it.Value = compact(v)
+	}
+	if e, ok := f["expiration"]; ok {
+		n, err := parseInt(e)
+		if err != nil {
+			return Item{}, fmt.Errorf("expiration must be a whole number")
+		}
+		it.Expiration = &n
+	}
+	if e, ok := f["encrypt"]; ok {
+		b, err := parseBool(e)
+		if err != nil {
+			return Item{}, fmt.Errorf("encrypt must be true or false")
+		}
+		it.Encrypt = &b
+	}
+	return it, nil
+}
+
+// names returns the names of a read or delete request: name, or data as a list of names.
+func (r *Request) names(lim Limits) ([]string, bool, error) {
+	if r.HasData {
+		if len(r.Data) > lim.MaxItems {
+			return nil, true, events.Errorf(events.CodeInvalidInput, "%d names, the limit is %d", len(r.Data), lim.MaxItems)
+		}
+		names := make([]string, 0, len(r.Data))
+		seen := make(map[string]bool, len(r.Data))
+		for i, raw := range r.Data {
+			var n string
+			if len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &n) != nil {
+				return nil, true, events.Errorf(events.CodeInvalidInput, "data[%d] must be a name", i)
+			}
+			if err := ValidateName(n); err != nil {
+				return nil, true, err
+			}
+			if seen[n] {
+				return nil, true, events.Errorf(events.CodeInvalidInput, "the name %q is given twice", n)
+			}
+			seen[n] = true
+			names = append(names, n)
+		}
+		return names, true, nil
+	}
+	if r.Name == nil {
+		return nil, false, events.Errorf(events.CodeInvalidInput, "neither name nor data given")
+	}
+	if err := ValidateName(*r.Name); err != nil {
+		return nil, false, err
+	}
+	return []string{*r.Name}, false, nil
+}

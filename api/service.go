@@ -1,0 +1,269 @@
+// Package api holds attrd's commands and queries: authentication (users, passwords,
+// sessions, USTs), authorization, validation and encryption, and the append-and-wait
+// path by which a write becomes an event and returns the projector's decision. The
+// transports (natsapi, and REST) are thin: they turn a wire request into Handle's
+// arguments and its answer back into bytes.
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/sealed"
+)
+
+// Config configures a Service.
+type Config struct {
+	// Bucket is the projection bucket.
+	Bucket string
+	// Apps are the accepted values of current_app (default: CRM).
+	Apps []string
+	// SessionTTL is how long a session lives after login or renew (default 60m).
+	SessionTTL time.Duration
+	// DecisionTimeout is how long a write waits for its decision before answering
+	// "outcome unknown" (default 5s).
+	DecisionTimeout time.Duration
+	// Limits bound values and batches.
+	Limits Limits
+	// Keyring seals encrypted values; nil makes encrypt:true an error.
+	Keyring *sealed.Keyring
+	// Password is the argon2id cost of new password hashes.
+	Password PasswordParams
+	// MaxInFlight bounds requests handled at once (default 4096).
+	MaxInFlight int
+	// Logger; nil uses slog.Default().
+	Logger *slog.Logger
+}
+
+// Service runs attrd's operations for the transports.
+type Service struct {
+	cfg   Config
+	nc    *nats.Conn
+	js    jetstream.JetStream
+	kv    jetstream.KeyValue
+	log   *slog.Logger
+	inbox string
+	sub   *nats.Subscription
+
+	mu      sync.Mutex
+	waiting map[string]chan events.Decision
+}
+
+// New returns a Service on nc. The bucket and the event stream must exist.
+func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
+	if cfg.Bucket == "" {
+		cfg.Bucket = events.DefaultBucket
+	}
+	if len(cfg.Apps) == 0 {
+		cfg.Apps = []string{"CRM"}
+	}
+	if cfg.SessionTTL <= 0 {
+		cfg.SessionTTL = 60 * time.Minute
+	}
+	if cfg.DecisionTimeout <= 0 {
+		cfg.DecisionTimeout = 5 * time.Second
+	}
+	if cfg.Limits.MaxValueBytes <= 0 {
+		cfg.Limits.MaxValueBytes = 64 << 10
+	}
+	if cfg.Limits.MaxItems <= 0 {
+		cfg.Limits.MaxItems = 1000
+	}
+	if cfg.Password == (PasswordParams{}) {
+		cfg.Password = DefaultPasswordParams
+	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = 4096
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(16384))
+	if err != nil {
+		return nil, err
+	}
+	kv, err := js.KeyValue(ctx, cfg.Bucket)
+	if err != nil {
+		return nil, fmt.Errorf("projection bucket %s: %w", cfg.Bucket, err)
+	}
+	s := &Service{cfg: cfg, nc: nc, js: js, kv: kv, log: cfg.Logger,
+		inbox: "_INBOX.attrd." + nats.NewInbox()[len("_INBOX."):], waiting: map[string]chan events.Decision{}}
+	// One subscription receives every decision meant for this instance; the event id,
+	// the last token, finds the waiting request.
+	s.sub, err = nc.Subscribe(s.inbox+".*", s.onDecision)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.sub.SetPendingLimits(-1, -1); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Config returns the service's configuration with defaults applied.
+func (s *Service) Config() Config { return s.cfg }
+
+// Close stops receiving decisions.
+func (s *Service) Close() error { return s.sub.Unsubscribe() }
+
+// AppAllowed reports whether app is a configured application.
+func (s *Service) AppAllowed(app string) bool { return slices.Contains(s.cfg.Apps, app) }
+
+func (s *Service) onDecision(m *nats.Msg) {
+	id := m.Subject[strings.LastIndexByte(m.Subject, '.')+1:]
+	var d events.Decision
+	if err := events.Unmarshal(m.Data, &d); err != nil {
+		s.log.Warn("unreadable decision", "subject", m.Subject, "err", err)
+		return
+	}
+	s.mu.Lock()
+	ch := s.waiting[id]
+	s.mu.Unlock()
+	if ch != nil {
+		select {
+		case ch <- d:
+		default:
+		}
+	}
+}
+
+// commit appends ev to the log and waits for the projector's decision on it. A
+// decision that does not come within DecisionTimeout is ErrOutcomeUnknown: the event
+// may still apply, and its request id finds out.
+func (s *Service) commit(ctx context.Context, ev *events.Event) (events.Decision, error) {
+	ev.ID = events.NewID()
+	ev.Version = events.SchemaVersion
+	if ev.Time == 0 {
+		ev.Time = time.Now().UnixNano()
+	}
+	data, err := events.Encode(ev)
+	if err != nil {
+		return events.Decision{}, err
+	}
+	msg := &nats.Msg{Subject: events.Subject(ev), Data: data, Header: nats.Header{}}
+	msg.Header.Set(events.HeaderType, string(ev.Type))
+	msg.Header.Set(events.HeaderVersion, fmt.Sprint(events.SchemaVersion))
+	msg.Header.Set(events.HeaderReply, s.inbox+"."+ev.ID)
+	msgID := ev.ID
+	if ev.RequestKey != "" {
+		msgID = ev.RequestKey
+	}
+
+	ch := make(chan events.Decision, 1)
+	s.mu.Lock()
+	s.waiting[ev.ID] = ch
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.waiting, ev.ID)
+		s.mu.Unlock()
+	}()
+
+	timer := time.NewTimer(s.cfg.DecisionTimeout)
+	defer timer.Stop()
+	// Nats-Msg-Id de-duplicates within the stream's window: a retry with the same request
+	// id is acked as a duplicate and appends nothing.
+	fut, err := s.js.PublishMsgAsync(msg, jetstream.WithMsgID(msgID), jetstream.WithExpectStream(events.StreamName))
+	if err != nil {
+		return events.Decision{}, fmt.Errorf("append event: %w", err)
+	}
+	okc, errc := fut.Ok(), fut.Err()
+	for {
+		select {
+		case d := <-ch:
+			return d, nil
+		case ack := <-okc:
+			okc = nil
+			if ack.Duplicate {
+				return s.recorded(ctx, ev.RequestKey, timer.C)
+			}
+		case err := <-errc:
+			if errors.Is(err, jetstream.ErrAsyncPublishTimeout) || errors.Is(err, nats.ErrTimeout) {
+				errc = nil // stored or not: the decision, or the timer, tells
+				continue
+			}
+			return events.Decision{}, fmt.Errorf("append event: %w", err)
+		case <-timer.C:
+			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "no decision on event %s within %s", ev.ID, s.cfg.DecisionTimeout)
+		case <-ctx.Done():
+			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "gave up waiting for event %s: %v", ev.ID, ctx.Err())
+		}
+	}
+}
+
+// recorded returns the decision kept for a request key, waiting for it if the first
+// request is still being decided.
+func (s *Service) recorded(ctx context.Context, rk string, deadline <-chan time.Time) (events.Decision, error) {
+	if rk == "" {
+		return events.Decision{}, errors.New("duplicate event without a request key")
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	w, err := s.kv.Watch(wctx, events.DecisionKey(rk))
+	if err != nil {
+		return events.Decision{}, err
+	}
+	defer w.Stop()
+	for {
+		select {
+		case e := <-w.Updates():
+			if e == nil || e.Operation() != jetstream.KeyValuePut {
+				continue
+			}
+			var d events.Decision
+			if err := events.Unmarshal(e.Value(), &d); err != nil {
+				return events.Decision{}, err
+			}
+			return d, nil
+		case <-deadline:
+			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "no decision yet for the repeated request")
+		case <-ctx.Done():
+			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "gave up waiting: %v", ctx.Err())
+		}
+	}
+}
+
+// decided turns a decision into the operation's error.
+func decided(d events.Decision) error {
+	if d.Code == "" {
+		return nil
+	}
+	return &events.Error{Code: d.Code, Msg: "rejected by the projector"}
+}
+
+// read returns the record under key, or nil if there is none.
+func (s *Service) read(ctx context.Context, key string) (any, error) {
+	e, err := s.kv.Get(ctx, key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", key, err)
+	}
+	return events.DecodeRecord(key, e.Value())
+}
+
+func (s *Service) readUser(ctx context.Context, uid string) (*events.UserRecord, error) {
+	if uid == "" {
+		return nil, nil
+	}
+	r, err := s.read(ctx, events.UserKey(uid))
+	u, _ := r.(*events.UserRecord)
+	return u, err
+}
+
+func (s *Service) readSession(ctx context.Context, sid string) (*events.SessionRecord, error) {
+	r, err := s.read(ctx, events.SessionKey(sid))
+	ss, _ := r.(*events.SessionRecord)
+	return ss, err
+}

@@ -1,0 +1,120 @@
+// Command attrd runs and operates the attribute service.
+//
+//	attrd serve                          run the service (embedded NATS by default)
+//	attrd user create --username U       create a user (password from stdin)
+//	attrd bench                          measure attrd against raw KV puts
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	os.Exit(run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+}
+
+const usage = `usage:
+  attrd serve [flags]                       run the service
+  attrd user create --username U [--super-user] [--nats-url URL]
+                                            create a user; the password is read from stdin
+  attrd bench [--duration D] [--conc 1,16,64,256]
+                                            raw KV puts vs attrd updates, in one process
+Run "attrd <command> -h" for a command's flags.
+`
+
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr *os.File) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	var err error
+	switch args[0] {
+	case "serve":
+		err = serve(ctx, args[1:], stderr)
+	case "user":
+		err = userCmd(ctx, args[1:], stdin, stdout, stderr)
+	case "bench":
+		err = bench(ctx, args[1:], stdout)
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "attrd: unknown command %q\n%s", args[0], usage)
+		return 2
+	}
+	if err == flag.ErrHelp {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "attrd: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+// env returns the environment variable's value, or def.
+func env(name, def string) string {
+	if v, ok := os.LookupEnv(name); ok {
+		return v
+	}
+	return def
+}
+
+func envDuration(name string, def time.Duration) time.Duration {
+	if v, ok := os.LookupEnv(name); ok {
+		if d, err := time.ParseDuration(v); err == nil {
+			return d
+		}
+	}
+	return def
+}
+
+func serve(ctx context.Context, args []string, stderr *os.File) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	var cfg Config
+	var apps string
+	fs.StringVar(&cfg.DataDir, "data-dir", env("ATTRD_DATA_DIR", "./attrd-data"), "data directory of the embedded NATS server and the generated key (ATTRD_DATA_DIR)")
+	fs.StringVar(&cfg.HTTPAddr, "http-addr", env("ATTRD_HTTP_ADDR", "127.0.0.1:17010"), "HTTP listen address (ATTRD_HTTP_ADDR)")
+	fs.StringVar(&cfg.NATSAddr, "nats-addr", env("ATTRD_NATS_ADDR", "127.0.0.1:4222"), "embedded NATS server's client address (ATTRD_NATS_ADDR)")
+	fs.StringVar(&cfg.NATSURL, "nats-url", env("ATTRD_NATS_URL", ""), "use this NATS server instead of the embedded one (ATTRD_NATS_URL)")
+	fs.StringVar(&apps, "apps", env("ATTRD_APPS", "CRM"), "comma-separated applications accepted as current_app (ATTRD_APPS)")
+	fs.DurationVar(&cfg.SessionTTL, "session-ttl", envDuration("ATTRD_SESSION_TTL", 60*time.Minute), "session lifetime (ATTRD_SESSION_TTL)")
+	fs.StringVar(&cfg.KeyFile, "encryption-key-file", env("ATTRD_ENCRYPTION_KEY_FILE", ""), "encryption key file (ATTRD_ENCRYPTION_KEY_FILE)")
+	fs.DurationVar(&cfg.DedupWindow, "dedup-window", envDuration("ATTRD_DEDUP_WINDOW", 2*time.Minute), "how long a request id is remembered (ATTRD_DEDUP_WINDOW)")
+	fs.DurationVar(&cfg.DecisionTimeout, "decision-timeout", envDuration("ATTRD_DECISION_TIMEOUT", 5*time.Second), "wait for a write's decision before answering E008004 (ATTRD_DECISION_TIMEOUT)")
+	level := fs.String("log-level", env("ATTRD_LOG_LEVEL", "info"), "debug, info, warn or error (ATTRD_LOG_LEVEL)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	for _, a := range strings.Split(apps, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			cfg.Apps = append(cfg.Apps, a)
+		}
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(*level)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
+	cfg.AdminUsername = os.Getenv("ATTRD_ADMIN_USERNAME")
+	cfg.AdminPassword = os.Getenv("ATTRD_ADMIN_PASSWORD")
+	cfg.Stderr = stderr
+	srv, err := Start(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	cfg.Logger.Info("stopping: draining requests")
+	return srv.Close()
+}

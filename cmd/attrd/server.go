@@ -1,0 +1,270 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/api"
+	"github.com/attrd/attrd/api/natsapi"
+	"github.com/attrd/attrd/deploy/embedded"
+	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/sealed"
+	"github.com/attrd/attrd/projector"
+)
+
+// Config is everything `attrd serve` is configured with.
+type Config struct {
+	DataDir         string
+	HTTPAddr        string
+	NATSAddr        string // embedded server's client listener
+	NATSURL         string // an existing NATS server instead of the embedded one
+	Apps            []string
+	SessionTTL      time.Duration
+	KeyFile         string
+	AdminUsername   string
+	AdminPassword   string
+	DedupWindow     time.Duration
+	DecisionTimeout time.Duration
+	Password        api.PasswordParams
+	Logger          *slog.Logger
+	// Stderr receives the one-time admin password notice.
+	Stderr *os.File
+}
+
+// Server is a running attrd: NATS (embedded or not), the projector, the NATS request
+// API and the HTTP server.
+type Server struct {
+	cfg     Config
+	ns      *server.Server
+	apiConn *nats.Conn
+	prjConn *nats.Conn
+	proj    *projector.Projector
+	svc     *api.Service
+	natsAPI *natsapi.Server
+	httpSrv *http.Server
+	httpLn  net.Listener
+
+	prjCancel context.CancelFunc
+	prjDone   chan error
+	closeOnce sync.Once
+}
+
+// ClientURL is the NATS URL clients use.
+func (s *Server) ClientURL() string {
+	if s.ns != nil {
+		return s.ns.ClientURL()
+	}
+	return s.cfg.NATSURL
+}
+
+// HTTPAddr is the HTTP listener's address.
+func (s *Server) HTTPAddr() string { return s.httpLn.Addr().String() }
+
+// Service returns the API service.
+func (s *Server) Service() *api.Service { return s.svc }
+
+// Projector returns the projector.
+func (s *Server) Projector() *projector.Projector { return s.proj }
+
+// Start runs attrd until Close.
+func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Server{cfg: cfg, prjDone: make(chan error, 1)}
+	defer func() {
+		if err != nil {
+			s.Close()
+		}
+	}()
+	url := cfg.NATSURL
+	replicas := 3
+	if url == "" {
+		replicas = 1
+		if s.ns, err = embedded.Start(embedded.Options{DataDir: filepath.Join(cfg.DataDir, "nats"), Addr: cfg.NATSAddr, Logger: log}); err != nil {
+			return nil, err
+		}
+		url = s.ns.ClientURL()
+	}
+	keys, err := keyring(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	connect := func(name string) (*nats.Conn, error) {
+		opts := []nats.Option{nats.Name(name), nats.MaxReconnects(-1)}
+		if s.ns != nil {
+			opts = append(opts, nats.InProcessServer(s.ns))
+		}
+		return nats.Connect(url, opts...)
+	}
+	// The projector and the API have a connection each, so neither waits behind the
+	// other's traffic in one socket.
+	if s.prjConn, err = connect("attrd-projector"); err != nil {
+		return nil, fmt.Errorf("connect to NATS at %s: %w", url, err)
+	}
+	if s.apiConn, err = connect("attrd-api"); err != nil {
+		return nil, fmt.Errorf("connect to NATS at %s: %w", url, err)
+	}
+	js, err := jetstream.New(s.prjConn)
+	if err != nil {
+		return nil, err
+	}
+	store := events.DefaultStoreConfig()
+	store.Replicas = replicas
+	if cfg.DedupWindow > 0 {
+		store.DedupWindow = cfg.DedupWindow
+	}
+	if _, _, err := events.EnsureStore(ctx, js, store); err != nil {
+		return nil, err
+	}
+	var opener projector.Opener
+	if keys != nil {
+		opener = keys
+	}
+	if s.proj, err = projector.New(s.prjConn, projector.Config{Bucket: store.Bucket, Opener: opener, Replies: true,
+		DecisionTTL: store.DedupWindow, Logger: log}); err != nil {
+		return nil, err
+	}
+	pctx, cancel := context.WithCancel(context.Background())
+	s.prjCancel = cancel
+	go func() { s.prjDone <- s.proj.Run(pctx) }()
+	select {
+	case <-s.proj.Ready():
+	case err := <-s.prjDone:
+		s.prjDone <- err
+		return nil, fmt.Errorf("projector: %w", err)
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+
+	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
+		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log}); err != nil {
+		return nil, err
+	}
+	if s.natsAPI, err = natsapi.Start(s.apiConn, s.svc, log); err != nil {
+		return nil, err
+	}
+	if err := s.bootstrap(ctx, log); err != nil {
+		return nil, err
+	}
+	if s.httpLn, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
+		return nil, fmt.Errorf("http listen: %w", err)
+	}
+	s.httpSrv = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second,
+		WriteTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10}
+	go func() {
+		if err := s.httpSrv.Serve(s.httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("http server stopped", "err", err)
+		}
+	}()
+	log.Info("attrd serving", "nats", url, "http", s.HTTPAddr(), "apps", strings.Join(s.svc.Config().Apps, ","))
+	return s, nil
+}
+
+// keyring loads the encryption key file. On the embedded default with no key file
+// given, it generates one in the data dir (mode 0600) and says so.
+func keyring(cfg Config, log *slog.Logger) (*sealed.Keyring, error) {
+	path := cfg.KeyFile
+	if path == "" {
+		if cfg.NATSURL != "" {
+			log.Warn("no --encryption-key-file: encrypt:true will be refused")
+			return nil, nil
+		}
+		path = filepath.Join(cfg.DataDir, "encryption.key")
+		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+			if err := sealed.GenerateKeyFile(path); err != nil {
+				return nil, fmt.Errorf("generate key file: %w", err)
+			}
+			log.Warn("generated an encryption key in the data dir; back it up, and keep it apart from the data in production (--encryption-key-file)", "path", path)
+		}
+	}
+	return sealed.LoadKeyFile(path)
+}
+
+// bootstrap creates the first super-user when there are no users.
+func (s *Server) bootstrap(ctx context.Context, log *slog.Logger) error {
+	user, pw := s.cfg.AdminUsername, s.cfg.AdminPassword
+	if user == "" {
+		user = "admin"
+	}
+	created, pw, err := s.svc.EnsureAdmin(ctx, user, pw)
+	if err != nil {
+		return fmt.Errorf("create the first super-user: %w", err)
+	}
+	if created {
+		log.Info("created the first super-user", "username", user)
+		if s.cfg.AdminPassword == "" && s.cfg.Stderr != nil {
+			fmt.Fprintf(s.cfg.Stderr, "\n  attrd: first start: super-user %q, password %s\n  (shown once; set ATTRD_ADMIN_USERNAME/ATTRD_ADMIN_PASSWORD to choose)\n\n", user, pw)
+		}
+	}
+	return nil
+}
+
+func (s *Server) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		ready := false
+		select {
+		case <-s.proj.Ready():
+			ready = s.apiConn.IsConnected() && s.prjConn.IsConnected()
+		default:
+		}
+		w.Header().Set("Content-Type", "application/json")
+		if !ready {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, `{"status":"starting"}`)
+			return
+		}
+		fmt.Fprintln(w, `{"status":"ok"}`)
+	})
+	return mux
+}
+
+// Close drains and stops everything: no new requests, requests in flight get their
+// answers, then the projector stops between batches, then NATS.
+func (s *Server) Close() error {
+	var errs []error
+	s.closeOnce.Do(func() {
+		if s.httpSrv != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			errs = append(errs, s.httpSrv.Shutdown(ctx))
+			cancel()
+		}
+		if s.natsAPI != nil {
+			errs = append(errs, s.natsAPI.Stop())
+		}
+		if s.svc != nil {
+			errs = append(errs, s.svc.Close())
+		}
+		if s.prjCancel != nil {
+			s.prjCancel()
+			if err := <-s.prjDone; err != nil {
+				errs = append(errs, fmt.Errorf("projector: %w", err))
+			}
+		}
+		for _, nc := range []*nats.Conn{s.apiConn, s.prjConn} {
+			if nc != nil {
+				nc.Close()
+			}
+		}
+		if s.ns != nil {
+			s.ns.Shutdown()
+			s.ns.WaitForShutdown()
+		}
+	})
+	return errors.Join(errs...)
+}

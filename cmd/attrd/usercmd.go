@@ -1,0 +1,63 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/attrd/attrd/api"
+	"github.com/attrd/attrd/events"
+)
+
+// userCmd is `attrd user create`: it appends user.created as attrd itself, through the
+// running server's NATS, and waits for the projector's decision.
+func userCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr *os.File) error {
+	if len(args) == 0 || args[0] != "create" {
+		return errors.New("usage: attrd user create --username U [--super-user] [--nats-url URL]")
+	}
+	fs := flag.NewFlagSet("user create", flag.ContinueOnError)
+	username := fs.String("username", "", "the new user's username")
+	super := fs.Bool("super-user", false, "make the user a super-user")
+	url := fs.String("nats-url", env("ATTRD_NATS_URL", "nats://"+env("ATTRD_NATS_ADDR", "127.0.0.1:4222")), "the running attrd's NATS (ATTRD_NATS_URL)")
+	if err := fs.Parse(args[1:]); err != nil {
+		return err
+	}
+	if *username == "" {
+		return errors.New("--username is required")
+	}
+	line, err := bufio.NewReader(stdin).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("read password: %w", err)
+	}
+	password := strings.TrimRight(line, "\r\n")
+	if password == "" {
+		return errors.New("no password on stdin")
+	}
+	nc, err := nats.Connect(*url, nats.Name("attrd-cli"))
+	if err != nil {
+		return fmt.Errorf("connect to %s: %w", *url, err)
+	}
+	defer nc.Close()
+	svc, err := api.New(ctx, nc, api.Config{Logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	if err != nil {
+		return err
+	}
+	defer svc.Close()
+	uid, err := svc.CreateUser(ctx, *username, password, *super)
+	if err != nil {
+		if errors.Is(err, events.ErrUsernameExists) {
+			return fmt.Errorf("username %q is taken", *username)
+		}
+		return err
+	}
+	fmt.Fprintln(stdout, uid)
+	return nil
+}

@@ -1,0 +1,105 @@
+// Package embedded runs the nats-server that attrd's default deployment embeds: one
+// server with JetStream on a local data dir. The service, its tests and its benchmark
+// all use it, so they run on the same configuration.
+package embedded
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+)
+
+// Options configure the embedded server.
+type Options struct {
+	// DataDir holds the JetStream store (DataDir/jetstream).
+	DataDir string
+	// Addr is the client listener, host:port; port 0 or -1 picks a free one.
+	Addr string
+	// Logger receives the server's warnings and errors; nil discards them.
+	Logger *slog.Logger
+}
+
+// Start starts a server and waits until it accepts connections. A JetStream that
+// fails to start is an error here, not a silent hang: the server's Fatalf reaches our
+// logger, and ReadyForConnections is checked.
+func Start(o Options) (*server.Server, error) {
+	host, port := "127.0.0.1", -1
+	if o.Addr != "" {
+		h, p, err := net.SplitHostPort(o.Addr)
+		if err != nil {
+			return nil, fmt.Errorf("nats addr %q: %w", o.Addr, err)
+		}
+		n, err := strconv.Atoi(p)
+		if err != nil {
+			return nil, fmt.Errorf("nats addr %q: bad port", o.Addr)
+		}
+		host, port = h, n
+		if port == 0 {
+			port = -1
+		}
+	}
+	opts := &server.Options{
+		ServerName: "attrd-embedded",
+		Host:       host,
+		Port:       port,
+		JetStream:  true,
+		StoreDir:   filepath.Join(o.DataDir),
+		NoSigs:     true,
+		// Checkpoints of large batches can exceed the 1 MiB default.
+		MaxPayload: 8 << 20,
+	}
+	ns, err := server.NewServer(opts)
+	if err != nil {
+		return nil, fmt.Errorf("embedded nats: %w", err)
+	}
+	fatal := make(chan string, 1)
+	ns.SetLoggerV2(&logAdapter{log: o.Logger, fatal: fatal}, false, false, false)
+	ns.Start()
+	if !ns.ReadyForConnections(30 * time.Second) {
+		ns.Shutdown()
+		select {
+		case msg := <-fatal:
+			return nil, fmt.Errorf("embedded nats: %s", msg)
+		default:
+			return nil, errors.New("embedded nats: not ready after 30s")
+		}
+	}
+	return ns, nil
+}
+
+// logAdapter routes the server's log into slog, and records a fatal error instead of
+// exiting the process.
+type logAdapter struct {
+	log   *slog.Logger
+	fatal chan string
+}
+
+func (l *logAdapter) Noticef(format string, v ...any) {}
+func (l *logAdapter) Debugf(format string, v ...any)  {}
+func (l *logAdapter) Tracef(format string, v ...any)  {}
+func (l *logAdapter) Warnf(format string, v ...any) {
+	if l.log != nil {
+		l.log.Warn("nats-server: " + fmt.Sprintf(format, v...))
+	}
+}
+func (l *logAdapter) Errorf(format string, v ...any) {
+	if l.log != nil {
+		l.log.Error("nats-server: " + fmt.Sprintf(format, v...))
+	}
+}
+func (l *logAdapter) Fatalf(format string, v ...any) {
+	msg := fmt.Sprintf(format, v...)
+	if l.log != nil {
+		l.log.Error("nats-server fatal: " + msg)
+	}
+	select {
+	case l.fatal <- msg:
+	default:
+	}
+}

@@ -1,0 +1,136 @@
+package events
+
+import (
+	"crypto/rand"
+	"fmt"
+	"time"
+
+	"github.com/oklog/ulid/v2"
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// Type is an event's wire name. Wire names are part of the released contract for audit
+// consumers: never rename one, add a new one instead.
+type Type string
+
+// Event types.
+const (
+	UserCreated    Type = "user.created"
+	UserApproved   Type = "user.approved"
+	SessionCreated Type = "session.created"
+	SessionRenewed Type = "session.renewed"
+	SessionEnded   Type = "session.ended"
+	AttrCreated    Type = "attr.created"
+	AttrUpdated    Type = "attr.updated"
+	AttrSet        Type = "attr.set"
+	AttrDeleted    Type = "attr.deleted"
+)
+
+// SchemaVersion is the version written into new events (header Attrd-Event-Version and
+// field "v"). Decode upgrades every older version it knows to this one.
+const SchemaVersion = 1
+
+// Headers carried by event messages.
+const (
+	HeaderType    = "Attrd-Event-Type"
+	HeaderVersion = "Attrd-Event-Version"
+	// HeaderReply names the inbox of the attrd instance waiting for this event's
+	// decision. It travels with the event so that the decision reaches the instance that
+	// appended it, wherever the projector runs.
+	HeaderReply = "Attrd-Reply"
+)
+
+// EncMode says how an attribute item's value is stored.
+type EncMode uint8
+
+const (
+	// Plain: Value is the JSON text of the value.
+	Plain EncMode = 0
+	// Encrypted: Value is sealed (see package sealed) and is stored sealed.
+	Encrypted EncMode = 1
+	// Inherit: Value is sealed, and is stored sealed if the attribute is encrypted when
+	// the event is folded, or opened and stored plain if it is not (an update or set that
+	// did not say encrypt). Plaintext of a value that may belong to an encrypted
+	// attribute thus never enters the log.
+	Inherit EncMode = 2
+)
+
+// AttrItem is one attribute of an attribute event.
+type AttrItem struct {
+	Name  string  `msgpack:"n"`
+	Value []byte  `msgpack:"val,omitempty"`
+	Enc   EncMode `msgpack:"enc,omitempty"`
+	// ExpiresAt is absolute (Unix nanoseconds), computed from the event's time and the
+	// request's expiration. 0 means "not given": never on create, keep on update.
+	ExpiresAt int64 `msgpack:"exp,omitempty"`
+}
+
+// UserData is the body of user.created.
+type UserData struct {
+	Username     string `msgpack:"username"`
+	PasswordHash string `msgpack:"pwhash"`
+	SuperUser    bool   `msgpack:"super,omitempty"`
+	Approved     bool   `msgpack:"approved,omitempty"`
+}
+
+// Event is one entry of the log. One request is one event, so a batch is atomic by
+// construction. Fields that do not apply to a type are empty.
+type Event struct {
+	ID      string `msgpack:"id"` // ULID
+	Type    Type   `msgpack:"type"`
+	Version int    `msgpack:"v"`
+	Time    int64  `msgpack:"ts"` // Unix nanoseconds, set when the request was accepted
+
+	UserID    string `msgpack:"uid"`           // whose data: the target user
+	SessionID string `msgpack:"sid,omitempty"` // the target session, for session events and session attributes
+
+	Actor        string `msgpack:"actor,omitempty"` // the caller's user id ("" for the system)
+	ActorSession string `msgpack:"asid,omitempty"`  // the caller's session id
+	App          string `msgpack:"app,omitempty"`
+	RemoteAddr   string `msgpack:"addr,omitempty"`
+	UserAgent    string `msgpack:"ua,omitempty"`
+	CID          string `msgpack:"cid,omitempty"`
+	// RequestKey is set when the caller gave a request id: the event's Nats-Msg-Id, and
+	// the key under which its decision is kept for retries.
+	RequestKey string `msgpack:"rk,omitempty"`
+
+	User      *UserData  `msgpack:"user,omitempty"` // user.created
+	ExpiresAt int64      `msgpack:"exp,omitempty"`  // session.created, session.renewed
+	Attrs     []AttrItem `msgpack:"attrs,omitempty"`
+}
+
+// At returns the event's time.
+func (e *Event) At() time.Time { return time.Unix(0, e.Time).UTC() }
+
+// IsSessionScope reports whether an attribute event is about session attributes.
+func (e *Event) IsSessionScope() bool { return e.SessionID != "" }
+
+// NewID returns a new ULID string.
+func NewID() string { return ulid.MustNew(ulid.Now(), rand.Reader).String() }
+
+// Encode returns the msgpack form of e.
+func Encode(e *Event) ([]byte, error) { return msgpack.Marshal(e) }
+
+// Decode reads an event written by any known schema version and upgrades it to the
+// current one. version is the Attrd-Event-Version header (0 if absent: the field wins).
+func Decode(data []byte) (*Event, error) {
+	var e Event
+	if err := msgpack.Unmarshal(data, &e); err != nil {
+		return nil, fmt.Errorf("decode event: %w", err)
+	}
+	if err := upgrade(&e); err != nil {
+		return nil, err
+	}
+	return &e, nil
+}
+
+// upgrade turns an event of an older schema version into the current one. Version 1 is
+// the first; the switch is where later versions add their conversions.
+func upgrade(e *Event) error {
+	switch e.Version {
+	case SchemaVersion:
+		return nil
+	default:
+		return fmt.Errorf("event %s: unknown schema version %d", e.ID, e.Version)
+	}
+}

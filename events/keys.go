@@ -1,0 +1,132 @@
+package events
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"strings"
+)
+
+// Stream and subject layout. Every event about one user (their sessions and session
+// attributes included) is under EventsPrefix.<user_id>, so one filter gives a user's
+// whole history:
+//
+//	attrd.events.<uid>.user             user.created, user.approved
+//	attrd.events.<uid>.attr             user attribute events
+//	attrd.events.<uid>.session.<sid>    session lifecycle and session attribute events
+//
+// The user id is always the third token, which is what a later partitioned projector
+// keys on.
+const (
+	StreamName   = "ATTRD_EVENTS"
+	EventsPrefix = "attrd.events"
+)
+
+// Subject returns the subject an event is published on.
+func Subject(e *Event) string {
+	switch e.Type {
+	case UserCreated, UserApproved:
+		return EventsPrefix + "." + e.UserID + ".user"
+	case SessionCreated, SessionRenewed, SessionEnded:
+		return EventsPrefix + "." + e.UserID + ".session." + e.SessionID
+	default:
+		if e.SessionID != "" {
+			return EventsPrefix + "." + e.UserID + ".session." + e.SessionID
+		}
+		return EventsPrefix + "." + e.UserID + ".attr"
+	}
+}
+
+// UserSubjects is the filter for all events about one user.
+func UserSubjects(userID string) string { return EventsPrefix + "." + userID + ".>" }
+
+// Projection keys, all in one bucket (see docs/DESIGN-NOTES.md for why one):
+//
+//	u.<uid>                      UserRecord
+//	n.<enc(username)>            UsernameRecord (username index)
+//	s.<sid>                      SessionRecord
+//	a.<uid>.u.<enc(name)>        AttrRecord of a user attribute
+//	a.<uid>.s.<sid>.<enc(name)>  AttrRecord of a session attribute
+//	d.<request key>              Decision kept for retries (TTL: the de-duplication window)
+//	p.<partition>                the projector's intent record (Checkpoint)
+func UserKey(uid string) string             { return "u." + uid }
+func UsernameKey(username string) string    { return "n." + EncodeName(username) }
+func SessionKey(sid string) string          { return "s." + sid }
+func DecisionKey(requestKey string) string  { return "d." + requestKey }
+func CheckpointKey(partition string) string { return "p." + partition }
+
+// AttrPrefix is the key prefix of a user's attributes (sid "") or of one session's.
+func AttrPrefix(uid, sid string) string {
+	if sid == "" {
+		return "a." + uid + ".u."
+	}
+	return "a." + uid + ".s." + sid + "."
+}
+
+// AttrKey is the key of one attribute.
+func AttrKey(uid, sid, name string) string { return AttrPrefix(uid, sid) + EncodeName(name) }
+
+// AttrNameFromKey returns the attribute name of a key under prefix.
+func AttrNameFromKey(prefix, key string) (string, error) {
+	if !strings.HasPrefix(key, prefix) {
+		return "", fmt.Errorf("key %q is not under %q", key, prefix)
+	}
+	return DecodeName(key[len(prefix):])
+}
+
+// SessionID returns the id under which a session is stored: a hash of its UST, so that
+// the UST itself is stored nowhere.
+func SessionID(ust string) string {
+	h := sha256.Sum256([]byte(ust))
+	return hex.EncodeToString(h[:16])
+}
+
+// RequestKey returns the de-duplication key of a caller's request id, scoped to the
+// caller so that two callers' ids never collide.
+func RequestKey(scope, requestID string) string {
+	h := sha256.Sum256([]byte(scope + "\x00" + requestID))
+	return hex.EncodeToString(h[:20])
+}
+
+// EncodeName turns any string into a KV key token: ASCII letters, digits, '-' and '_'
+// stand for themselves, every other byte is "=" and two upper-case hex digits. The
+// result uses only [-_=a-zA-Z0-9], never a dot, and DecodeName reverses it exactly.
+func EncodeName(name string) string {
+	var b strings.Builder
+	b.Grow(len(name))
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' {
+			b.WriteByte(c)
+			continue
+		}
+		const hexdig = "0123456789ABCDEF"
+		b.WriteByte('=')
+		b.WriteByte(hexdig[c>>4])
+		b.WriteByte(hexdig[c&15])
+	}
+	return b.String()
+}
+
+// DecodeName reverses EncodeName.
+func DecodeName(token string) (string, error) {
+	var b strings.Builder
+	b.Grow(len(token))
+	for i := 0; i < len(token); i++ {
+		c := token[i]
+		if c != '=' {
+			b.WriteByte(c)
+			continue
+		}
+		if i+2 >= len(token) {
+			return "", fmt.Errorf("bad name token %q", token)
+		}
+		v, err := hex.DecodeString(token[i+1 : i+3])
+		if err != nil {
+			return "", fmt.Errorf("bad name token %q: %w", token, err)
+		}
+		b.WriteByte(v[0])
+		i += 2
+	}
+	return b.String(), nil
+}

@@ -1,0 +1,115 @@
+package events
+
+import (
+	"fmt"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// Records are the values of the projection's keys, msgpack-encoded. Seq is the stream
+// sequence of the event that last wrote the record.
+
+// UserRecord is a user (key u.<uid>).
+type UserRecord struct {
+	UserID       string `msgpack:"uid"`
+	Username     string `msgpack:"username"`
+	PasswordHash string `msgpack:"pwhash"`
+	SuperUser    bool   `msgpack:"super,omitempty"`
+	Approved     bool   `msgpack:"approved,omitempty"`
+	Created      int64  `msgpack:"created"`
+	Seq          uint64 `msgpack:"seq"`
+}
+
+// UsernameRecord maps a username to its user (key n.<enc(username)>).
+type UsernameRecord struct {
+	UserID string `msgpack:"uid"`
+	Seq    uint64 `msgpack:"seq"`
+}
+
+// SessionRecord is a login session (key s.<sid>).
+type SessionRecord struct {
+	UserID     string `msgpack:"uid"`
+	Created    int64  `msgpack:"created"`
+	ExpiresAt  int64  `msgpack:"exp"`
+	App        string `msgpack:"app,omitempty"`
+	RemoteAddr string `msgpack:"addr,omitempty"`
+	UserAgent  string `msgpack:"ua,omitempty"`
+	Seq        uint64 `msgpack:"seq"`
+}
+
+// Live reports whether the session is live at t (Unix nanoseconds).
+func (s *SessionRecord) Live(t int64) bool { return s != nil && s.ExpiresAt > t }
+
+// AttrRecord is one attribute (key a.…). ExpiresAt 0 means never.
+type AttrRecord struct {
+	Value     []byte `msgpack:"val"` // JSON text, or sealed when Encrypted
+	Encrypted bool   `msgpack:"enc,omitempty"`
+	Created   int64  `msgpack:"created"`
+	Modified  int64  `msgpack:"mod"`
+	ExpiresAt int64  `msgpack:"exp,omitempty"`
+	Seq       uint64 `msgpack:"seq"`
+}
+
+// Live reports whether the attribute is live at t (Unix nanoseconds).
+func (a *AttrRecord) Live(t int64) bool { return a != nil && (a.ExpiresAt == 0 || a.ExpiresAt > t) }
+
+// Decision is the projector's verdict on one event: accepted (Code "") or rejected with
+// a contract code. It is sent to the waiting caller and, for events with a request key,
+// kept under d.<key> so that a retry learns it.
+type Decision struct {
+	Seq     uint64 `msgpack:"seq"`
+	EventID string `msgpack:"id"`
+	Code    Code   `msgpack:"code,omitempty"`
+	// Result fields of the request, repeated so that a retry can answer as the first did.
+	UserID    string `msgpack:"uid,omitempty"`
+	ExpiresAt int64  `msgpack:"exp,omitempty"`
+}
+
+// Checkpoint is the projector's intent record, written before the KV writes of every
+// batch it folds: the batch's stream sequences, its decisions, and the state before it
+// of every key it writes (attribute values left out, see projector). After a crash the
+// projector re-folds the batch from this record, so a batch is applied exactly once.
+type Checkpoint struct {
+	First     uint64     `msgpack:"first"`
+	Last      uint64     `msgpack:"last"`
+	Decisions []Decision `msgpack:"decisions"`
+	Before    []KeyState `msgpack:"before"`
+}
+
+// KeyState is one key's state in a Checkpoint: Data is the record's msgpack (nil: absent).
+type KeyState struct {
+	Key  string `msgpack:"k"`
+	Data []byte `msgpack:"d,omitempty"`
+}
+
+// Marshal encodes a record.
+func Marshal(v any) ([]byte, error) { return msgpack.Marshal(v) }
+
+// Unmarshal decodes a record.
+func Unmarshal(data []byte, v any) error { return msgpack.Unmarshal(data, v) }
+
+// DecodeRecord decodes the value of a projection key into its record type, chosen by the
+// key's prefix.
+func DecodeRecord(key string, data []byte) (any, error) {
+	var rec any
+	switch {
+	case len(key) > 2 && key[:2] == "u.":
+		rec = &UserRecord{}
+	case len(key) > 2 && key[:2] == "n.":
+		rec = &UsernameRecord{}
+	case len(key) > 2 && key[:2] == "s.":
+		rec = &SessionRecord{}
+	case len(key) > 2 && key[:2] == "a.":
+		rec = &AttrRecord{}
+	case len(key) > 2 && key[:2] == "d.":
+		rec = &Decision{}
+	case len(key) > 2 && key[:2] == "p.":
+		rec = &Checkpoint{}
+	default:
+		return nil, fmt.Errorf("unknown projection key %q", key)
+	}
+	if err := msgpack.Unmarshal(data, rec); err != nil {
+		return nil, fmt.Errorf("decode %s: %w", key, err)
+	}
+	return rec, nil
+}

@@ -1,0 +1,106 @@
+package events
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// StoreConfig names and sizes the event stream and the projection bucket.
+type StoreConfig struct {
+	// Bucket is the projection's KV bucket (stream KV_<Bucket>). Replay builds into
+	// another bucket name.
+	Bucket string
+	// Replicas is 1 on the embedded server and 3 on a cluster.
+	Replicas int
+	// DedupWindow is how long a request id is remembered (the stream's Duplicates).
+	DedupWindow time.Duration
+	// MaxAge and MaxBytes bound the history; 0 keeps everything.
+	MaxAge   time.Duration
+	MaxBytes int64
+}
+
+// DefaultBucket is the projection bucket's name.
+const DefaultBucket = "attrd"
+
+// DefaultStoreConfig is the embedded default.
+func DefaultStoreConfig() StoreConfig {
+	return StoreConfig{Bucket: DefaultBucket, Replicas: 1, DedupWindow: 2 * time.Minute}
+}
+
+// StreamConfig returns the event stream's configuration.
+func (c StoreConfig) StreamConfig() jetstream.StreamConfig {
+	sc := jetstream.StreamConfig{
+		Name:        StreamName,
+		Description: "attrd event log: every accepted write request, the audit history",
+		Subjects:    []string{EventsPrefix + ".>"},
+		Storage:     jetstream.FileStorage,
+		Replicas:    max(c.Replicas, 1),
+		Retention:   jetstream.LimitsPolicy,
+		Discard:     jetstream.DiscardOld,
+		MaxAge:      c.MaxAge,
+		MaxBytes:    -1,
+		MaxMsgs:     -1,
+		Duplicates:  c.DedupWindow,
+		DenyDelete:  true,
+		DenyPurge:   false,
+	}
+	if c.MaxBytes > 0 {
+		sc.MaxBytes = c.MaxBytes
+	}
+	return sc
+}
+
+// BucketConfig returns the projection bucket's configuration. History 1: an expired
+// latest value must not expose an older revision, and the audit history is the event
+// stream, not KV history. LimitMarkerTTL turns on per-message TTL (Nats-TTL) for the
+// bucket; it is also how long the server's expiry markers stay.
+func (c StoreConfig) BucketConfig() jetstream.KeyValueConfig {
+	return jetstream.KeyValueConfig{
+		Bucket:         c.Bucket,
+		Description:    "attrd projection: users, sessions, attributes, decisions",
+		History:        1,
+		Storage:        jetstream.FileStorage,
+		Replicas:       max(c.Replicas, 1),
+		LimitMarkerTTL: 5 * time.Minute,
+	}
+}
+
+// EnsureStore creates the event stream and the projection bucket if they are missing,
+// and updates their changeable settings if they exist.
+func EnsureStore(ctx context.Context, js jetstream.JetStream, c StoreConfig) (jetstream.Stream, jetstream.KeyValue, error) {
+	if c.Bucket == "" {
+		c.Bucket = DefaultBucket
+	}
+	st, err := js.CreateOrUpdateStream(ctx, c.StreamConfig())
+	if err != nil {
+		return nil, nil, fmt.Errorf("ensure stream %s: %w", StreamName, err)
+	}
+	kv, err := EnsureBucket(ctx, js, c)
+	if err != nil {
+		return nil, nil, err
+	}
+	return st, kv, nil
+}
+
+// EnsureBucket creates or updates the projection bucket.
+func EnsureBucket(ctx context.Context, js jetstream.JetStream, c StoreConfig) (jetstream.KeyValue, error) {
+	kv, err := js.CreateOrUpdateKeyValue(ctx, c.BucketConfig())
+	if err != nil {
+		if errors.Is(err, jetstream.ErrLimitMarkerTTLNotSupported) {
+			return nil, fmt.Errorf("bucket %s: the NATS server must be 2.11 or newer (per-key TTL): %w", c.Bucket, err)
+		}
+		return nil, fmt.Errorf("ensure bucket %s: %w", c.Bucket, err)
+	}
+	return kv, nil
+}
+
+// KVStream is the name of the stream behind a bucket.
+func KVStream(bucket string) string { return "KV_" + bucket }
+
+// KVSubject is the subject of a key in a bucket. The projector publishes to it directly:
+// KV Update and Put cannot carry a per-message TTL and would drop one.
+func KVSubject(bucket, key string) string { return "$KV." + bucket + "." + key }

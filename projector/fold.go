@@ -1,0 +1,316 @@
+package projector
+
+import (
+	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/sealed"
+)
+
+// State is the projection as the fold reads and changes it. Getters return nil for an
+// absent key; liveness (expiry) is the fold's business, decided at the event's time.
+type State interface {
+	User(uid string) *events.UserRecord
+	Username(name string) *events.UsernameRecord
+	Session(sid string) *events.SessionRecord
+	Attr(key string) *events.AttrRecord
+	// AttrKeys lists the keys under prefix that hold a record.
+	AttrKeys(prefix string) []string
+	Put(key string, rec any)
+	Delete(key string)
+}
+
+// Opener opens sealed values; the fold needs it for Inherit items that turn out plain.
+type Opener interface {
+	Open(v, aad []byte) ([]byte, error)
+}
+
+// Fold decides ev (stream sequence seq) against st and, if it is accepted, applies it.
+// The decision is a pure function of st and ev (the event's own time, never the clock),
+// so folding the log again reproduces every decision. A rejected event changes nothing.
+//
+// When forced is not nil the decision is not made again: it is *forced (a decision
+// recorded before a crash), and an accepted event's effects are applied.
+func Fold(st State, seq uint64, ev *events.Event, open Opener, forced *events.Code) events.Decision {
+	d := events.Decision{Seq: seq, EventID: ev.ID, UserID: ev.UserID, ExpiresAt: ev.ExpiresAt}
+	var plan []func()
+	d.Code, plan = decide(st, seq, ev, open)
+	if forced != nil {
+		if *forced == "" && d.Code != "" {
+			// Recorded as accepted, but the state the decision was made against is not
+			// wholly here (a key expired by TTL during the outage): apply what can be.
+			plan = effectsAnyway(st, seq, ev, open)
+		}
+		d.Code = *forced
+	}
+	if d.Code == "" {
+		for _, f := range plan {
+			f()
+		}
+	}
+	return d
+}
+
+// decide checks ev and returns its code and, when accepted, the mutations to apply.
+func decide(st State, seq uint64, ev *events.Event, open Opener) (events.Code, []func()) {
+	t := ev.Time
+	switch ev.Type {
+	case events.UserCreated:
+		if ev.User == nil || ev.UserID == "" || ev.User.Username == "" {
+			return events.CodeInvalidInput, nil
+		}
+		if c := authorizeAdmin(st, ev); c != "" {
+			return c, nil
+		}
+		if st.Username(ev.User.Username) != nil || st.User(ev.UserID) != nil {
+			return events.CodeUsernameExists, nil
+		}
+		u := &events.UserRecord{UserID: ev.UserID, Username: ev.User.Username, PasswordHash: ev.User.PasswordHash,
+			SuperUser: ev.User.SuperUser, Approved: ev.User.Approved, Created: t, Seq: seq}
+		return "", []func(){func() {
+			st.Put(events.UserKey(ev.UserID), u)
+			st.Put(events.UsernameKey(u.Username), &events.UsernameRecord{UserID: u.UserID, Seq: seq})
+		}}
+
+	case events.UserApproved:
+		if c := authorizeAdmin(st, ev); c != "" {
+			return c, nil
+		}
+		u := st.User(ev.UserID)
+		if u == nil {
+			return events.CodeNotAllowed, nil
+		}
+		nu := *u
+		nu.Approved, nu.Seq = true, seq
+		return "", []func(){func() { st.Put(events.UserKey(ev.UserID), &nu) }}
+
+	case events.SessionCreated:
+		u := st.User(ev.UserID)
+		if u == nil || !u.Approved || ev.SessionID == "" || ev.ExpiresAt <= t {
+			return events.CodeNotAllowed, nil
+		}
+		if st.Session(ev.SessionID) != nil {
+			return events.CodeInvalidInput, nil
+		}
+		s := &events.SessionRecord{UserID: ev.UserID, Created: t, ExpiresAt: ev.ExpiresAt, App: ev.App,
+			RemoteAddr: ev.RemoteAddr, UserAgent: ev.UserAgent, Seq: seq}
+		return "", []func(){func() { st.Put(events.SessionKey(ev.SessionID), s) }}
+
+	case events.SessionRenewed:
+		s := st.Session(ev.SessionID)
+		if !s.Live(t) || s.UserID != ev.UserID || ev.ExpiresAt <= t {
+			return events.CodeNoSession, nil
+		}
+		ns := *s
+		ns.ExpiresAt, ns.Seq = ev.ExpiresAt, seq
+		return "", []func(){func() {
+			st.Put(events.SessionKey(ev.SessionID), &ns)
+			// The session's attributes are written again so that their TTL, capped at the
+			// session's end, follows the new end. Their records do not change.
+			for _, k := range st.AttrKeys(events.AttrPrefix(ev.UserID, ev.SessionID)) {
+				if a := st.Attr(k); a != nil {
+					st.Put(k, a)
+				}
+			}
+		}}
+
+	case events.SessionEnded:
+		s := st.Session(ev.SessionID)
+		if s == nil || s.UserID != ev.UserID {
+			return "", nil // logging out an unknown session is ok and changes nothing
+		}
+		return "", []func(){func() { endSession(st, ev.UserID, ev.SessionID) }}
+
+	case events.AttrCreated, events.AttrUpdated, events.AttrSet, events.AttrDeleted:
+		if c := authorizeAttr(st, ev); c != "" {
+			return c, nil
+		}
+		if len(ev.Attrs) == 0 || hasDuplicateNames(ev.Attrs) {
+			return events.CodeInvalidInput, nil
+		}
+		return decideAttrs(st, seq, ev, open)
+	}
+	return events.CodeInvalidInput, nil
+}
+
+// decideAttrs decides an attribute event whose caller is authorized: all items or none.
+func decideAttrs(st State, seq uint64, ev *events.Event, open Opener) (events.Code, []func()) {
+	t := ev.Time
+	plan := make([]func(), 0, len(ev.Attrs))
+	for _, it := range ev.Attrs {
+		key := events.AttrKey(ev.UserID, ev.SessionID, it.Name)
+		old := st.Attr(key)
+		live := old.Live(t)
+		switch {
+		case ev.Type == events.AttrDeleted:
+			if old != nil {
+				plan = append(plan, func() { st.Delete(key) })
+			}
+			continue
+		case ev.Type == events.AttrCreated && live:
+			return events.CodeAttrExists, nil
+		case ev.Type == events.AttrUpdated && !live:
+			return events.CodeNoAttr, nil
+		}
+		if !live {
+			old = nil
+		}
+		rec, code := newAttr(ev, it, old, seq, open)
+		if code != "" {
+			return code, nil
+		}
+		plan = append(plan, func() { st.Put(key, rec) })
+	}
+	return "", plan
+}
+
+// newAttr is the record an accepted create, update or set item stores: on top of old
+// when the attribute is live (update), from nothing otherwise (create).
+func newAttr(ev *events.Event, it events.AttrItem, old *events.AttrRecord, seq uint64, open Opener) (*events.AttrRecord, events.Code) {
+	rec := &events.AttrRecord{Value: it.Value, Created: ev.Time, Modified: ev.Time, ExpiresAt: it.ExpiresAt, Seq: seq}
+	if old != nil {
+		rec.Created = old.Created
+		if it.ExpiresAt == 0 {
+			rec.ExpiresAt = old.ExpiresAt // absent or 0 keeps the current expiry
+		}
+	}
+	switch it.Enc {
+	case events.Encrypted:
+		rec.Encrypted = true
+	case events.Inherit:
+		if old != nil && old.Encrypted {
+			rec.Encrypted = true
+			break
+		}
+		if open == nil {
+			return nil, events.CodeInvalidInput
+		}
+		plain, err := open.Open(it.Value, sealed.AAD(ev.UserID, ev.SessionID, it.Name))
+		if err != nil {
+			return nil, events.CodeInvalidInput
+		}
+		rec.Value = plain
+	}
+	return rec, ""
+}
+
+// effectsAnyway applies an event recorded as accepted whose checks no longer pass
+// against the recovered state: items are applied as far as they make sense.
+func effectsAnyway(st State, seq uint64, ev *events.Event, open Opener) []func() {
+	switch ev.Type {
+	case events.AttrCreated, events.AttrUpdated, events.AttrSet:
+		var plan []func()
+		for _, it := range ev.Attrs {
+			key := events.AttrKey(ev.UserID, ev.SessionID, it.Name)
+			old := st.Attr(key)
+			if !old.Live(ev.Time) {
+				old = nil
+			}
+			if rec, code := newAttr(ev, it, old, seq, open); code == "" {
+				plan = append(plan, func() { st.Put(key, rec) })
+			}
+		}
+		return plan
+	}
+	return nil
+}
+
+// endSession removes a session and its attributes.
+func endSession(st State, uid, sid string) {
+	for _, k := range st.AttrKeys(events.AttrPrefix(uid, sid)) {
+		st.Delete(k)
+	}
+	st.Delete(events.SessionKey(sid))
+}
+
+// authorizeActor checks that the caller's session is live and is the caller's.
+// An event with no actor comes from attrd itself (the first super-user).
+func authorizeActor(st State, ev *events.Event) (*events.UserRecord, events.Code) {
+	if ev.Actor == "" {
+		return nil, ""
+	}
+	s := st.Session(ev.ActorSession)
+	if !s.Live(ev.Time) || s.UserID != ev.Actor {
+		return nil, events.CodeNoSession
+	}
+	u := st.User(ev.Actor)
+	if u == nil {
+		return nil, events.CodeNotAllowed
+	}
+	return u, ""
+}
+
+// authorizeAdmin lets super-users (and attrd itself) manage users.
+func authorizeAdmin(st State, ev *events.Event) events.Code {
+	u, c := authorizeActor(st, ev)
+	if c != "" {
+		return c
+	}
+	if u != nil && !u.SuperUser {
+		return events.CodeNotAllowed
+	}
+	return ""
+}
+
+// authorizeAttr enforces invariant 6: a caller reaches its own user's attributes and its
+// own user's sessions' attributes, a super-user anyone's; the target session must live.
+func authorizeAttr(st State, ev *events.Event) events.Code {
+	u, c := authorizeActor(st, ev)
+	if c != "" {
+		return c
+	}
+	if u != nil && !u.SuperUser && ev.UserID != u.UserID {
+		return events.CodeNotAllowed
+	}
+	if st.User(ev.UserID) == nil {
+		return events.CodeNotAllowed
+	}
+	if ev.SessionID != "" {
+		s := st.Session(ev.SessionID)
+		if !s.Live(ev.Time) || s.UserID != ev.UserID {
+			return events.CodeNoSession
+		}
+	}
+	return ""
+}
+
+func hasDuplicateNames(items []events.AttrItem) bool {
+	seen := make(map[string]struct{}, len(items))
+	for _, it := range items {
+		if _, dup := seen[it.Name]; dup {
+			return true
+		}
+		seen[it.Name] = struct{}{}
+	}
+	return false
+}
+
+// Keys returns the keys ev's fold reads, and the attribute prefixes it lists, so that a
+// projector backed by KV can load them before folding.
+func Keys(ev *events.Event) (keys []string, prefixes []string) {
+	add := func(k ...string) { keys = append(keys, k...) }
+	if ev.Actor != "" {
+		add(events.SessionKey(ev.ActorSession), events.UserKey(ev.Actor))
+	}
+	switch ev.Type {
+	case events.UserCreated:
+		add(events.UserKey(ev.UserID))
+		if ev.User != nil {
+			add(events.UsernameKey(ev.User.Username))
+		}
+	case events.UserApproved:
+		add(events.UserKey(ev.UserID))
+	case events.SessionCreated:
+		add(events.UserKey(ev.UserID), events.SessionKey(ev.SessionID))
+	case events.SessionRenewed, events.SessionEnded:
+		add(events.SessionKey(ev.SessionID))
+		prefixes = append(prefixes, events.AttrPrefix(ev.UserID, ev.SessionID))
+	default:
+		add(events.UserKey(ev.UserID))
+		if ev.SessionID != "" {
+			add(events.SessionKey(ev.SessionID))
+		}
+		for _, it := range ev.Attrs {
+			add(events.AttrKey(ev.UserID, ev.SessionID, it.Name))
+		}
+	}
+	return keys, prefixes
+}
