@@ -40,6 +40,8 @@ type Config struct {
 	DecisionTimeout time.Duration
 	Password        api.PasswordParams
 	Logger          *slog.Logger
+	// ProjectorHooks let tests slow down or stop the projector between steps.
+	ProjectorHooks projector.Hooks
 	// Stderr receives the one-time admin password notice.
 	Stderr *os.File
 }
@@ -136,7 +138,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 		opener = keys
 	}
 	if s.proj, err = projector.New(s.prjConn, projector.Config{Bucket: store.Bucket, Opener: opener, Replies: true,
-		DecisionTTL: store.DedupWindow, Logger: log}); err != nil {
+		DecisionTTL: store.DedupWindow, Logger: log, Hooks: cfg.ProjectorHooks}); err != nil {
 		return nil, err
 	}
 	pctx, cancel := context.WithCancel(context.Background())

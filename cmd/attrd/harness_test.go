@@ -1,0 +1,148 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/attrd/attrd/api"
+	"github.com/attrd/attrd/api/client"
+	"github.com/attrd/attrd/events"
+)
+
+const adminPassword = "admin-password"
+
+// fastPasswords keeps argon2id cheap in tests; production uses api.DefaultPasswordParams.
+var fastPasswords = api.PasswordParams{Time: 1, MemoryK: 64, Threads: 1}
+
+// testLogger discards logs unless ATTRD_TEST_LOG is set.
+func testLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// mustStart runs a whole attrd on an embedded server in a temp dir.
+func mustStart(t testing.TB, mod func(*Config)) *Server {
+	t.Helper()
+	cfg := Config{DataDir: t.TempDir(), HTTPAddr: "127.0.0.1:0", NATSAddr: "127.0.0.1:0",
+		AdminUsername: "admin", AdminPassword: adminPassword, Password: fastPasswords, Logger: testLogger()}
+	if mod != nil {
+		mod(&cfg)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := Start(ctx, cfg)
+	if err != nil {
+		t.Fatalf("start attrd: %v", err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+// mustClient connects a client for app CRM.
+func mustClient(t testing.TB, s *Server) *client.Client {
+	t.Helper()
+	nc, err := nats.Connect(s.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	return client.New(nc, "CRM")
+}
+
+func ctxT(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// mustLogin logs in or fails the test.
+func mustLogin(t testing.TB, c *client.Client, user, pw string) *client.Session {
+	t.Helper()
+	s, err := c.Login(ctxT(t), user, pw)
+	if err != nil {
+		t.Fatalf("login %s: %v", user, err)
+	}
+	return s
+}
+
+// fixture is a server with a logged-in super-user and a logged-in regular user.
+type fixture struct {
+	srv      *Server
+	c        *client.Client
+	admin    *client.Session
+	adminID  string
+	alice    *client.Session
+	aliceID  string
+	aliceTok string
+}
+
+func newFixture(t testing.TB, mod func(*Config)) *fixture {
+	t.Helper()
+	f := &fixture{srv: mustStart(t, mod)}
+	f.c = mustClient(t, f.srv)
+	f.admin = mustLogin(t, f.c, "admin", adminPassword)
+	u, err := f.admin.User(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.adminID = u.ID
+	if f.aliceID, err = f.admin.CreateUser(ctxT(t), "alice", "alice-pw", false); err != nil {
+		t.Fatal(err)
+	}
+	f.alice = mustLogin(t, f.c, "alice", "alice-pw")
+	return f
+}
+
+// expectCode fails unless err carries the contract code want ("" for no error).
+func expectCode(t testing.TB, err error, want events.Code) {
+	t.Helper()
+	if got := events.CodeOf(err); got != want {
+		t.Fatalf("error %v: code %q, want %q", err, got, want)
+	}
+}
+
+// raw sends a raw body to attrd.<op> and returns the reply's headers and decoded body.
+func raw(t testing.TB, s *Server, op string, body []byte, hdr nats.Header) (nats.Header, map[string]any) {
+	t.Helper()
+	nc, err := nats.Connect(s.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	m := &nats.Msg{Subject: "attrd." + op, Data: body, Header: hdr}
+	rep, err := nc.RequestMsg(m, 10*time.Second)
+	if err != nil {
+		t.Fatalf("request %s: %v", op, err)
+	}
+	var out map[string]any
+	if err := json.Unmarshal(rep.Data, &out); err != nil {
+		t.Fatalf("reply to %s is not JSON: %q", op, rep.Data)
+	}
+	return rep.Header, out
+}
+
+// rawJSON marshals v and sends it with raw.
+func rawJSON(t testing.TB, s *Server, op string, v any) (nats.Header, map[string]any) {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return raw(t, s, op, b, nil)
+}
+
+// subStatus returns the reply's first sub_status code, or "".
+func subStatus(body map[string]any) string {
+	ss, _ := body["sub_status"].([]any)
+	if len(ss) == 0 {
+		return ""
+	}
+	s, _ := ss[0].(string)
+	return s
+}
+
+var errTest = errors.New("stopped by the test")
