@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/api/client"
@@ -146,3 +147,17 @@ func subStatus(body map[string]any) string {
 }
 
 var errTest = errors.New("stopped by the test")
+
+// mustKV opens the projection bucket.
+func mustKV(t testing.TB, s *Server) jetstream.KeyValue {
+	t.Helper()
+	js, err := jetstream.New(s.apiConn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(context.Background(), events.DefaultBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kv
+}
