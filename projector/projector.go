@@ -504,6 +504,9 @@ func (p *Projector) writeKey(key string, now int64) (jetstream.PubAckFuture, err
 	}
 	ttl, ok := p.ttl(key, e.rec, now)
 	if !ok {
+		if e.rev == 0 {
+			return nil, nil // dead already and never stored (a replay of expired data)
+		}
 		return p.publishDelete(key, e.rev)
 	}
 	return p.publish(key, data, e.rev, ttl, true)

@@ -26,7 +26,8 @@ type entry struct {
 // Within a batch it records which keys changed (dirty) and their state before the
 // batch (before), which go into the intent record.
 type view struct {
-	entries  map[string]*entry
+	untracked bool // an in-memory fold: no batches, nothing to record
+	entries   map[string]*entry
 	children map[string]map[string]struct{} // attribute prefix -> keys with a record
 	scanned  map[string]bool                // attribute prefixes loaded whole
 	dirty    []string
@@ -37,6 +38,35 @@ func newView() *view {
 	v := &view{}
 	v.reset()
 	return v
+}
+
+// NewMemory returns an empty in-memory State: folding the log into it computes the
+// projection (and every decision) without KV, for replays and point-in-time reads.
+func NewMemory() *Memory {
+	v := &view{untracked: true}
+	v.reset()
+	return &Memory{v: v}
+}
+
+// Memory is an in-memory projection.
+type Memory struct{ v *view }
+
+// State returns the fold's view of m.
+func (m *Memory) State() State { return m.v }
+
+// Records returns the msgpack encoding of every present record, by key.
+func (m *Memory) Records() map[string][]byte {
+	out := map[string][]byte{}
+	for k, e := range m.v.entries {
+		if e.rec != nil {
+			b, err := events.Marshal(e.rec)
+			if err != nil {
+				panic(err)
+			}
+			out[k] = b
+		}
+	}
+	return out
 }
 
 // reset empties the cache (between batches only: it forgets nothing unwritten).
@@ -93,7 +123,7 @@ func (v *view) set(key string, rec any, track bool) {
 		e = &entry{}
 		v.entries[key] = e
 	}
-	if track {
+	if track && !v.untracked {
 		if _, seen := v.before[key]; !seen {
 			v.dirty = append(v.dirty, key)
 			v.before[key] = encodeBefore(e.rec)

@@ -1,0 +1,427 @@
+package projector_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/deploy/embedded"
+	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/projector"
+)
+
+// env is an embedded server with the stream and the bucket.
+type env struct {
+	nc    *nats.Conn
+	js    jetstream.JetStream
+	kv    jetstream.KeyValue
+	store events.StoreConfig
+}
+
+func mustEnv(t *testing.T) *env {
+	t.Helper()
+	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, _ := jetstream.New(nc)
+	store := events.DefaultStoreConfig()
+	_, kv, err := events.EnsureStore(context.Background(), js, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &env{nc: nc, js: js, kv: kv, store: store}
+}
+
+// gen builds valid events about a few users and sessions.
+type gen struct {
+	t     time.Time
+	users []string
+	sess  map[string][]string // user -> sessions
+	rk    int
+}
+
+func newGen() *gen { return &gen{t: time.Now(), sess: map[string][]string{}} }
+
+func (g *gen) next(typ events.Type) *events.Event {
+	g.t = g.t.Add(time.Millisecond)
+	return &events.Event{ID: events.NewID(), Type: typ, Version: events.SchemaVersion, Time: g.t.UnixNano(), App: "CRM"}
+}
+
+func (g *gen) user(name string) *events.Event {
+	e := g.next(events.UserCreated)
+	e.UserID = events.NewID()
+	e.User = &events.UserData{Username: name, PasswordHash: "x", Approved: true}
+	g.users = append(g.users, e.UserID)
+	return e
+}
+
+func (g *gen) login(uid string) *events.Event {
+	e := g.next(events.SessionCreated)
+	e.UserID, e.SessionID = uid, events.SessionID(events.NewID())
+	e.ExpiresAt = g.t.Add(time.Hour).UnixNano()
+	g.sess[uid] = append(g.sess[uid], e.SessionID)
+	return e
+}
+
+// attr is an attribute event by uid on its own attributes (sid "": user attributes).
+func (g *gen) attr(typ events.Type, uid, sid string, names ...string) *events.Event {
+	e := g.next(typ)
+	e.UserID, e.SessionID = uid, sid
+	e.Actor, e.ActorSession = uid, g.sess[uid][0]
+	for _, n := range names {
+		e.Attrs = append(e.Attrs, events.AttrItem{Name: n, Value: []byte(fmt.Sprintf("%q", n+"@"+e.ID))})
+	}
+	return e
+}
+
+// publish appends events and returns the stream sequence of the last.
+func (en *env) publish(t *testing.T, evs ...*events.Event) uint64 {
+	t.Helper()
+	var last uint64
+	for _, ev := range evs {
+		data, err := events.Encode(ev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ack, err := en.js.Publish(context.Background(), events.Subject(ev), data, jetstream.WithMsgID(ev.ID))
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = ack.Sequence
+	}
+	return last
+}
+
+// run starts a projector and returns a stop function that returns Run's error.
+func (en *env) run(t *testing.T, cfg projector.Config) (*projector.Projector, func() error) {
+	p, done, cancel := en.start(t, cfg)
+	return p, func() error { cancel(); return <-done }
+}
+
+// start starts a projector; done yields Run's error when it returns by itself or
+// after cancel.
+func (en *env) start(t *testing.T, cfg projector.Config) (*projector.Projector, <-chan error, context.CancelFunc) {
+	t.Helper()
+	if cfg.Logger == nil {
+		cfg.Logger = quiet
+	}
+	p, err := projector.New(en.nc, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	return p, done, cancel
+}
+
+// within waits for a projector to return by itself.
+func within(t *testing.T, done <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(15 * time.Second):
+		t.Fatal("the projector did not return")
+		return nil
+	}
+}
+
+// waitApplied waits until p has folded seq.
+func waitApplied(t *testing.T, p *projector.Projector, seq uint64) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for p.Applied() < seq {
+		if time.Now().After(deadline) {
+			t.Fatalf("projector applied %d, want %d", p.Applied(), seq)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// bucketRecords returns every record in a bucket but the intent records.
+func bucketRecords(t *testing.T, js jetstream.JetStream, bucket string) map[string][]byte {
+	t.Helper()
+	ctx := context.Background()
+	kv, err := js.KeyValue(ctx, bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	out := map[string][]byte{}
+	for e := range w.Updates() {
+		if e == nil {
+			break
+		}
+		if !strings.HasPrefix(e.Key(), "p.") {
+			out[e.Key()] = e.Value()
+		}
+	}
+	return out
+}
+
+// reference folds evs in memory: the decisions and projection a correct projector
+// produces (decision records aside).
+func reference(evs []*events.Event, firstSeq uint64) ([]events.Decision, map[string][]byte) {
+	m := projector.NewMemory()
+	var ds []events.Decision
+	for i, ev := range evs {
+		ds = append(ds, projector.Fold(m.State(), firstSeq+uint64(i), ev, nil, nil))
+	}
+	return ds, m.Records()
+}
+
+func sameRecords(t *testing.T, got, want map[string][]byte) {
+	t.Helper()
+	for k, w := range want {
+		if g, ok := got[k]; !ok || !bytes.Equal(g, w) {
+			t.Errorf("key %s: got %x, want %x", k, g, w)
+		}
+	}
+	for k := range got {
+		if _, ok := want[k]; !ok && !strings.HasPrefix(k, "d.") {
+			t.Errorf("unexpected key %s", k)
+		}
+	}
+}
+
+// scenario is a log whose decisions depend on order: a second create of a name is
+// E009001, an update of a missing name E009002. Folded twice, the first create would
+// turn into E009001 and the update into an accepted one.
+func scenario(g *gen) []*events.Event {
+	alice := g.user("alice")
+	login := g.login(alice.UserID)
+	uid, sid := alice.UserID, login.SessionID
+	return []*events.Event{alice, login,
+		g.attr(events.AttrCreated, uid, "", "a", "b"),
+		g.attr(events.AttrCreated, uid, "", "a"),
+		g.attr(events.AttrUpdated, uid, "", "c"),
+		g.attr(events.AttrCreated, uid, "", "c"),
+		g.attr(events.AttrUpdated, uid, "", "c", "a"),
+		g.attr(events.AttrSet, uid, sid, "s1", "s2"),
+		g.attr(events.AttrDeleted, uid, "", "b", "never"),
+		g.attr(events.AttrCreated, uid, "", "b"),
+	}
+}
+
+var quiet = slogDiscard()
+
+func TestProjectorCrashAtAnyStepAppliesEveryEventExactlyOnce(t *testing.T) {
+	steps := map[string]func(h *projector.Hooks, f func(uint64, uint64) error){
+		"after the events are stored": func(h *projector.Hooks, f func(uint64, uint64) error) { h.BeforeCheckpoint = f },
+		"after the intent record":     func(h *projector.Hooks, f func(uint64, uint64) error) { h.AfterCheckpoint = f },
+		"after the KV writes":         func(h *projector.Hooks, f func(uint64, uint64) error) { h.AfterWrites = f },
+		"before the ack":              func(h *projector.Hooks, f func(uint64, uint64) error) { h.BeforeAck = f },
+	}
+	for name, set := range steps {
+		t.Run(name, func(t *testing.T) {
+			en := mustEnv(t)
+			evs := scenario(newGen())
+			last := en.publish(t, evs...)
+			wantDecisions, wantRecords := reference(evs, 1)
+
+			var hooks projector.Hooks
+			crash := errors.New("crash")
+			set(&hooks, func(first, l uint64) error { return crash })
+			_, done, _ := en.start(t, projector.Config{Bucket: en.store.Bucket, Hooks: hooks})
+			if err := within(t, done); !errors.Is(err, crash) {
+				t.Fatalf("first run ended with %v, want the crash", err)
+			}
+
+			var got []events.Decision
+			p, stop2 := en.run(t, projector.Config{Bucket: en.store.Bucket, OnDecision: func(d events.Decision) { got = append(got, d) }})
+			waitApplied(t, p, last)
+			if err := stop2(); err != nil {
+				t.Fatal(err)
+			}
+			// Crashed before writing anything: the batch is folded afresh. Otherwise the
+			// recorded batch is folded again with its recorded decisions.
+			if len(got) != len(wantDecisions) {
+				t.Fatalf("%d decisions after restart, want %d", len(got), len(wantDecisions))
+			}
+			for i := range got {
+				if got[i].Code != wantDecisions[i].Code || got[i].Seq != wantDecisions[i].Seq {
+					t.Errorf("event %d: decision %q, want %q", i+1, got[i].Code, wantDecisions[i].Code)
+				}
+			}
+			sameRecords(t, bucketRecords(t, en.js, en.store.Bucket), wantRecords)
+		})
+	}
+}
+
+func TestProjectorRestartAfterACleanStopReappliesNothing(t *testing.T) {
+	en := mustEnv(t)
+	g := newGen()
+	evs := scenario(g)
+	last := en.publish(t, evs...)
+	p, stop := en.run(t, projector.Config{Bucket: en.store.Bucket})
+	waitApplied(t, p, last)
+	stop()
+	uid := evs[0].UserID
+	more := []*events.Event{g.attr(events.AttrCreated, uid, "", "a"), g.attr(events.AttrUpdated, uid, "", "zz")}
+	last = en.publish(t, more...)
+	var got []events.Decision
+	p, stop = en.run(t, projector.Config{Bucket: en.store.Bucket, OnDecision: func(d events.Decision) { got = append(got, d) }})
+	waitApplied(t, p, last)
+	stop()
+	wantDecisions, wantRecords := reference(append(evs, more...), 1)
+	tail := got[len(got)-2:]
+	if tail[0].Code != events.CodeAttrExists || tail[1].Code != events.CodeNoAttr {
+		t.Fatalf("decisions after restart: %+v", tail)
+	}
+	_ = wantDecisions
+	sameRecords(t, bucketRecords(t, en.js, en.store.Bucket), wantRecords)
+}
+
+func TestReplayIntoEmptyBucketGivesTheSameProjectionAndDecisions(t *testing.T) {
+	en := mustEnv(t)
+	g := newGen()
+	rng := rand.New(rand.NewPCG(1, 2))
+	var evs []*events.Event
+	for i := 0; i < 4; i++ {
+		u := g.user(fmt.Sprintf("user%d", i))
+		evs = append(evs, u, g.login(u.UserID), g.login(u.UserID))
+	}
+	types := []events.Type{events.AttrCreated, events.AttrUpdated, events.AttrSet, events.AttrDeleted}
+	for i := 0; i < 600; i++ {
+		uid := g.users[rng.IntN(len(g.users))]
+		sid := ""
+		if rng.IntN(3) == 0 {
+			sid = g.sess[uid][rng.IntN(2)]
+		}
+		var names []string
+		for _, n := range rng.Perm(6)[:1+rng.IntN(3)] {
+			names = append(names, fmt.Sprintf("n%d", n))
+		}
+		ev := g.attr(types[rng.IntN(len(types))], uid, sid, names...)
+		if rng.IntN(5) == 0 {
+			g.rk++
+			ev.RequestKey = fmt.Sprintf("rk%d", g.rk)
+		}
+		evs = append(evs, ev)
+		if rng.IntN(50) == 0 { // a logout, or a renewal
+			e := g.next(events.SessionEnded)
+			if rng.IntN(2) == 0 {
+				e = g.next(events.SessionRenewed)
+				e.ExpiresAt = g.t.Add(2 * time.Hour).UnixNano()
+			}
+			e.UserID, e.SessionID, e.Actor = uid, g.sess[uid][1], uid
+			e.ActorSession = e.SessionID
+			evs = append(evs, e)
+		}
+	}
+	last := en.publish(t, evs...)
+	var live []events.Decision
+	p, stop := en.run(t, projector.Config{Bucket: en.store.Bucket, OnDecision: func(d events.Decision) { live = append(live, d) }})
+	waitApplied(t, p, last)
+	stop()
+
+	replayStore := en.store
+	replayStore.Bucket = "replay"
+	if _, err := events.EnsureBucket(context.Background(), en.js, replayStore); err != nil {
+		t.Fatal(err)
+	}
+	var replayed []events.Decision
+	_, doneR, _ := en.start(t, projector.Config{Bucket: "replay", Durable: "replay", StopAtEnd: true, MaxBatch: 37,
+		OnDecision: func(d events.Decision) { replayed = append(replayed, d) }})
+	if err := within(t, doneR); err != nil {
+		t.Fatal(err)
+	}
+	if len(replayed) != len(live) {
+		t.Fatalf("replay decided %d events, live %d", len(replayed), len(live))
+	}
+	rejected := 0
+	for i := range live {
+		if live[i] != replayed[i] {
+			t.Fatalf("event seq %d: live %+v, replay %+v", live[i].Seq, live[i], replayed[i])
+		}
+		if live[i].Code != "" {
+			rejected++
+		}
+	}
+	if rejected == 0 || rejected == len(live) {
+		t.Fatalf("%d of %d rejected: the log does not exercise both outcomes", rejected, len(live))
+	}
+	sameRecords(t, bucketRecords(t, en.js, "replay"), bucketRecords(t, en.js, en.store.Bucket))
+	_, mem := reference(evs, 1)
+	sameRecords(t, bucketRecords(t, en.js, en.store.Bucket), mem)
+}
+
+func TestUpdateWithoutExpirationKeepsTheKeysTTL(t *testing.T) {
+	en := mustEnv(t)
+	g := newGen()
+	g.t = time.Now()
+	alice := g.user("alice")
+	login := g.login(alice.UserID)
+	create := g.attr(events.AttrCreated, alice.UserID, "", "e")
+	create.Attrs[0].ExpiresAt = time.Now().Add(2 * time.Second).UnixNano()
+	update := g.attr(events.AttrUpdated, alice.UserID, "", "e") // no expiration: keep
+	last := en.publish(t, alice, login, create, update)
+	p, stop := en.run(t, projector.Config{Bucket: en.store.Bucket})
+	defer stop()
+	waitApplied(t, p, last)
+	st, _ := en.js.Stream(context.Background(), events.KVStream(en.store.Bucket))
+	key := events.AttrKey(alice.UserID, "", "e")
+	m, err := st.GetLastMsgForSubject(context.Background(), events.KVSubject(en.store.Bucket, key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// kv.Update would have written this revision without Nats-TTL (nats.go#1994).
+	if ttl := m.Header.Get("Nats-TTL"); ttl == "" {
+		t.Fatalf("the updated revision has no Nats-TTL: headers %v", m.Header)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for { // expiry test: poll until the server removes the key
+		if _, err := en.kv.Get(context.Background(), key); errors.Is(err, jetstream.ErrKeyNotFound) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the key outlived its expiry by 3s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestSecondProjectorOnOnePartitionStops(t *testing.T) {
+	en := mustEnv(t)
+	g := newGen()
+	evs := scenario(g)
+	last := en.publish(t, evs[:3]...)
+	p, done1, _ := en.start(t, projector.Config{Bucket: en.store.Bucket})
+	waitApplied(t, p, last)
+	// A second projector of the same partition (another consumer): one of the two loses
+	// the compare-and-set on the intent record as soon as both write, and stops.
+	p2, done2, _ := en.start(t, projector.Config{Bucket: en.store.Bucket, Durable: "other"})
+	<-p2.Ready()
+	en.publish(t, evs[3:]...)
+	var err error
+	select {
+	case err = <-done1:
+	case err = <-done2:
+	case <-time.After(15 * time.Second):
+		t.Fatal("two projectors wrote one partition and neither stopped")
+	}
+	if err == nil || !strings.Contains(err.Error(), "intent record") {
+		t.Fatalf("stopped with %v, want a lost compare-and-set on the intent record", err)
+	}
+}
