@@ -83,18 +83,22 @@ func (s *Service) authenticate(ctx context.Context, ust string) (*caller, error)
 		return nil, events.Errorf(events.CodeNoSession, "no session token")
 	}
 	sid := events.SessionID(ust)
-	sess, err := s.readSession(ctx, sid)
-	if err != nil {
-		return nil, err
+	sess, u, ok := s.sessions.get(sid)
+	if !ok {
+		var err error
+		if sess, err = s.readSession(ctx, sid); err != nil {
+			return nil, err
+		}
+		if sess != nil {
+			if u, err = s.readUser(ctx, sess.UserID); err != nil {
+				return nil, err
+			}
+		}
+		if sess != nil && u != nil {
+			s.sessions.put(sid, sess, u)
+		}
 	}
-	if !sess.Live(time.Now().UnixNano()) {
-		return nil, events.Errorf(events.CodeNoSession, "no such session")
-	}
-	u, err := s.readUser(ctx, sess.UserID)
-	if err != nil {
-		return nil, err
-	}
-	if u == nil || !u.Approved {
+	if !sess.Live(time.Now().UnixNano()) || u == nil || !u.Approved {
 		return nil, events.Errorf(events.CodeNoSession, "no such session")
 	}
 	return &caller{sid: sid, session: sess, user: u}, nil

@@ -250,10 +250,9 @@ func (s *Service) logout(ctx context.Context, req *Request, m *Meta) (map[string
 	if req.RequestID != "" {
 		ev.RequestKey = events.RequestKey(sess.UserID, req.RequestID)
 	}
-	if _, err := s.commit(ctx, ev); err != nil {
-		return nil, err
-	}
-	return nil, nil
+	_, err = s.commit(ctx, ev)
+	s.sessions.forget(sid, "") // this instance stops honouring it at once
+	return nil, err
 }
 
 func (s *Service) whoAmI(ctx context.Context, req *Request) (map[string]any, error) {

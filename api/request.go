@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 	"strconv"
 	"unicode/utf8"
 
@@ -46,6 +45,28 @@ func (r *Request) Has(field string) bool { return r.present[field] }
 // MaxBodyBytes is the largest request body read.
 const MaxBodyBytes = 1 << 20
 
+// wire is a request body as sent: every field raw, so that its type can be checked.
+// A field absent from the body is nil; JSON null is "null".
+type wire struct {
+	CurrentApp  json.RawMessage `json:"current_app"`
+	UST         json.RawMessage `json:"ust"`
+	CurrentUST  json.RawMessage `json:"current_ust"`
+	TargetUST   json.RawMessage `json:"target_ust"`
+	UserID      json.RawMessage `json:"user_id"`
+	Name        json.RawMessage `json:"name"`
+	Value       json.RawMessage `json:"value"`
+	Data        json.RawMessage `json:"data"`
+	Expiration  json.RawMessage `json:"expiration"`
+	Encrypt     json.RawMessage `json:"encrypt"`
+	Decrypt     json.RawMessage `json:"decrypt"`
+	RequestID   json.RawMessage `json:"request_id"`
+	Username    json.RawMessage `json:"username"`
+	Password    json.RawMessage `json:"password"`
+	IsSuperUser json.RawMessage `json:"is_super_user"`
+	RemoteAddr  json.RawMessage `json:"remote_addr"`
+	UserAgent   json.RawMessage `json:"user_agent"`
+}
+
 // ParseJSON reads a JSON request body. Malformed or truncated JSON, trailing data, or a
 // body that is not an object is CodeBadRequest; a body over MaxBodyBytes is
 // CodeInvalidInput.
@@ -53,56 +74,68 @@ func ParseJSON(body []byte) (*Request, error) {
 	if len(body) > MaxBodyBytes {
 		return nil, events.Errorf(events.CodeInvalidInput, "body of %d bytes is over the limit of %d", len(body), MaxBodyBytes)
 	}
-	if len(bytes.TrimSpace(body)) == 0 {
+	body = bytes.TrimSpace(body)
+	if len(body) == 0 {
 		body = []byte("{}")
 	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	var fields map[string]json.RawMessage
-	if err := dec.Decode(&fields); err != nil {
-		return nil, events.Errorf(events.CodeBadRequest, "malformed JSON: %v", err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, events.Errorf(events.CodeBadRequest, "trailing data after the JSON body")
-	}
-	if fields == nil {
+	if body[0] != '{' {
 		return nil, events.Errorf(events.CodeBadRequest, "the body is not a JSON object")
 	}
-	r := &Request{present: make(map[string]bool, len(fields))}
-	for k := range fields {
-		r.present[k] = true
+	var w wire
+	// json.Unmarshal rejects malformed and truncated JSON and anything after the value.
+	if err := json.Unmarshal(body, &w); err != nil {
+		return nil, events.Errorf(events.CodeBadRequest, "malformed JSON: %v", err)
 	}
-	r.CurrentApp = r.str(fields, "current_app")
-	r.UST = r.str(fields, "ust")
-	r.CurrentUST = r.str(fields, "current_ust")
-	r.TargetUST = r.str(fields, "target_ust")
-	r.UserID = r.str(fields, "user_id")
-	if raw, ok := fields["name"]; ok {
-		var s string
-		if err := json.Unmarshal(raw, &s); err != nil || raw[0] != '"' {
-			r.fail("name must be a string")
-		} else {
+	r := &Request{present: map[string]bool{}}
+	r.CurrentApp = r.str("current_app", w.CurrentApp)
+	r.UST = r.str("ust", w.UST)
+	r.CurrentUST = r.str("current_ust", w.CurrentUST)
+	r.TargetUST = r.str("target_ust", w.TargetUST)
+	r.UserID = r.str("user_id", w.UserID)
+	if w.Name != nil {
+		r.present["name"] = true
+		if s, ok := unquote(w.Name); ok {
 			r.Name = &s
+		} else {
+			r.fail("name must be a string")
 		}
 	}
-	if raw, ok := fields["value"]; ok {
-		r.Value = compact(raw)
+	if w.Value != nil {
+		r.present["value"] = true
+		r.Value = compact(w.Value)
 	}
-	if raw, ok := fields["data"]; ok {
+	if w.Data != nil {
+		r.present["data"] = true
 		r.HasData = true
-		if raw[0] != '[' || json.Unmarshal(raw, &r.Data) != nil {
+		if w.Data[0] != '[' || json.Unmarshal(w.Data, &r.Data) != nil {
 			r.fail("data must be a list")
 		}
 	}
-	r.Expiration = r.integer(fields, "expiration")
-	r.Encrypt = r.boolean(fields, "encrypt")
-	r.Decrypt = r.boolean(fields, "decrypt")
-	r.IsSuperUser = r.boolean(fields, "is_super_user")
-	r.RequestID = r.str(fields, "request_id")
-	r.Username = r.str(fields, "username")
-	r.Password = r.str(fields, "password")
-	r.RemoteAddr = r.str(fields, "remote_addr")
-	r.UserAgent = r.str(fields, "user_agent")
+	r.Expiration = r.integer("expiration", w.Expiration)
+	r.Encrypt = r.boolean("encrypt", w.Encrypt)
+	r.Decrypt = r.boolean("decrypt", w.Decrypt)
+	r.IsSuperUser = r.boolean("is_super_user", w.IsSuperUser)
+	r.RequestID = r.str("request_id", w.RequestID)
+	r.Username = r.str("username", w.Username)
+	r.Password = r.str("password", w.Password)
+	r.RemoteAddr = r.str("remote_addr", w.RemoteAddr)
+	r.UserAgent = r.str("user_agent", w.UserAgent)
 	return r, nil
+}
+
+// unquote returns the string a raw JSON value holds, and false if it is no string.
+func unquote(raw json.RawMessage) (string, bool) {
+	if len(raw) < 2 || raw[0] != '"' {
+		return "", false
+	}
+	if bytes.IndexByte(raw, '\\') < 0 {
+		return string(raw[1 : len(raw)-1]), true // valid JSON without escapes: as is
+	}
+	var s string
+	if err := json.Unmarshal(raw, &s); err != nil {
+		return "", false
+	}
+	return s, true
 }
 
 // ParseMsgpack reads a msgpack request body (a map with string keys) by way of its JSON
@@ -128,24 +161,26 @@ func (r *Request) fail(format string, args ...any) {
 	}
 }
 
-func (r *Request) str(fields map[string]json.RawMessage, name string) string {
-	raw, ok := fields[name]
-	if !ok || string(raw) == "null" {
+func (r *Request) str(name string, raw json.RawMessage) string {
+	if raw == nil {
 		return ""
 	}
-	var s string
-	if raw[0] != '"' || json.Unmarshal(raw, &s) != nil {
-		r.fail("%s must be a string", name)
+	r.present[name] = true
+	if string(raw) == "null" {
 		return ""
+	}
+	s, ok := unquote(raw)
+	if !ok {
+		r.fail("%s must be a string", name)
 	}
 	return s
 }
 
-func (r *Request) boolean(fields map[string]json.RawMessage, name string) *bool {
-	raw, ok := fields[name]
-	if !ok {
+func (r *Request) boolean(name string, raw json.RawMessage) *bool {
+	if raw == nil {
 		return nil
 	}
+	r.present[name] = true
 	b, err := parseBool(raw)
 	if err != nil {
 		r.fail("%s must be true or false", name)
@@ -154,11 +189,11 @@ func (r *Request) boolean(fields map[string]json.RawMessage, name string) *bool 
 	return &b
 }
 
-func (r *Request) integer(fields map[string]json.RawMessage, name string) *int64 {
-	raw, ok := fields[name]
-	if !ok {
+func (r *Request) integer(name string, raw json.RawMessage) *int64 {
+	if raw == nil {
 		return nil
 	}
+	r.present[name] = true
 	n, err := parseInt(raw)
 	if err != nil {
 		r.fail("%s must be a whole number: %v", name, err)

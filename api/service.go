@@ -57,6 +57,9 @@ type Service struct {
 
 	mu      sync.Mutex
 	waiting map[string]chan events.Decision
+
+	sessions *sessionCache
+	stop     context.CancelFunc
 }
 
 // New returns a Service on nc. The bucket and the event stream must exist.
@@ -97,7 +100,14 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		return nil, fmt.Errorf("projection bucket %s: %w", cfg.Bucket, err)
 	}
 	s := &Service{cfg: cfg, nc: nc, js: js, kv: kv, log: cfg.Logger,
-		inbox: "_INBOX.attrd." + nats.NewInbox()[len("_INBOX."):], waiting: map[string]chan events.Decision{}}
+		inbox: "_INBOX.attrd." + nats.NewInbox()[len("_INBOX."):], waiting: map[string]chan events.Decision{},
+		sessions: newSessionCache(5*time.Second, 100_000)}
+	wctx, stop := context.WithCancel(context.Background())
+	s.stop = stop
+	if err := s.sessions.watch(wctx, kv); err != nil {
+		stop()
+		return nil, fmt.Errorf("watch sessions: %w", err)
+	}
 	// One subscription receives every decision meant for this instance; the event id,
 	// the last token, finds the waiting request.
 	s.sub, err = nc.Subscribe(s.inbox+".*", s.onDecision)
@@ -113,8 +123,11 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 // Config returns the service's configuration with defaults applied.
 func (s *Service) Config() Config { return s.cfg }
 
-// Close stops receiving decisions.
-func (s *Service) Close() error { return s.sub.Unsubscribe() }
+// Close stops receiving decisions and watching sessions.
+func (s *Service) Close() error {
+	s.stop()
+	return s.sub.Unsubscribe()
+}
 
 // AppAllowed reports whether app is a configured application.
 func (s *Service) AppAllowed(app string) bool { return slices.Contains(s.cfg.Apps, app) }
@@ -154,10 +167,6 @@ func (s *Service) commit(ctx context.Context, ev *events.Event) (events.Decision
 	msg.Header.Set(events.HeaderType, string(ev.Type))
 	msg.Header.Set(events.HeaderVersion, fmt.Sprint(events.SchemaVersion))
 	msg.Header.Set(events.HeaderReply, s.inbox+"."+ev.ID)
-	msgID := ev.ID
-	if ev.RequestKey != "" {
-		msgID = ev.RequestKey
-	}
 
 	ch := make(chan events.Decision, 1)
 	s.mu.Lock()
@@ -171,13 +180,26 @@ func (s *Service) commit(ctx context.Context, ev *events.Event) (events.Decision
 
 	timer := time.NewTimer(s.cfg.DecisionTimeout)
 	defer timer.Stop()
-	// Nats-Msg-Id de-duplicates within the stream's window: a retry with the same request
-	// id is acked as a duplicate and appends nothing.
-	fut, err := s.js.PublishMsgAsync(msg, jetstream.WithMsgID(msgID), jetstream.WithExpectStream(events.StreamName))
-	if err != nil {
-		return events.Decision{}, fmt.Errorf("append event: %w", err)
+	var okc <-chan *jetstream.PubAck
+	var errc <-chan error
+	if ev.RequestKey == "" {
+		// Without a request id the decision is the acknowledgement: the event is
+		// published with no reply subject, so the server sends no PubAck, and its
+		// Nats-Msg-Id (the event's fresh ULID) only guards against a resend. Should the
+		// stream refuse it, no decision comes and the caller hears "outcome unknown".
+		msg.Header.Set(nats.MsgIdHdr, ev.ID)
+		if err := s.nc.PublishMsg(msg); err != nil {
+			return events.Decision{}, fmt.Errorf("append event: %w", err)
+		}
+	} else {
+		// Nats-Msg-Id de-duplicates within the stream's window: a retry with the same
+		// request id is acked as a duplicate and appends nothing.
+		fut, err := s.js.PublishMsgAsync(msg, jetstream.WithMsgID(ev.RequestKey), jetstream.WithExpectStream(events.StreamName))
+		if err != nil {
+			return events.Decision{}, fmt.Errorf("append event: %w", err)
+		}
+		okc, errc = fut.Ok(), fut.Err()
 	}
-	okc, errc := fut.Ok(), fut.Err()
 	for {
 		select {
 		case d := <-ch:

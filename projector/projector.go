@@ -80,6 +80,8 @@ type Projector struct {
 	ckptRev uint64
 	applied atomic.Uint64
 	ready   chan struct{}
+	batches atomic.Uint64
+	events  atomic.Uint64
 
 	// recovery: the batch of the intent record found at start, folded again.
 	recover *events.Checkpoint
@@ -335,6 +337,8 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 	}
 
 	first, last := items[0].seq, items[len(items)-1].seq
+	p.batches.Add(1)
+	p.events.Add(uint64(len(items)))
 	decisions := make([]events.Decision, len(items))
 	for i, it := range items {
 		forced := p.recordedDecision(it.seq)
@@ -384,6 +388,9 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 	}
 	return nil
 }
+
+// Stats returns how many batches and events the projector has folded.
+func (p *Projector) Stats() (batches, events uint64) { return p.batches.Load(), p.events.Load() }
 
 func (p *Projector) recordedDecision(seq uint64) *events.Code {
 	if p.recover == nil || seq < p.recover.First || seq > p.recover.Last {

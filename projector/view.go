@@ -28,10 +28,10 @@ type entry struct {
 type view struct {
 	untracked bool // an in-memory fold: no batches, nothing to record
 	entries   map[string]*entry
-	children map[string]map[string]struct{} // attribute prefix -> keys with a record
-	scanned  map[string]bool                // attribute prefixes loaded whole
-	dirty    []string
-	before   map[string][]byte // encoded pre-batch record of each dirty key; nil: absent
+	children  map[string]map[string]struct{} // attribute prefix -> keys with a record
+	scanned   map[string]bool                // attribute prefixes loaded whole
+	dirty     []string
+	before    map[string][]byte // encoded pre-batch record of each dirty key; nil: absent
 }
 
 func newView() *view {
