@@ -102,15 +102,6 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		attrdOp := func(g, i int) error {
 			return user.Attr.Update(ctx, "k"+strconv.Itoa(g), value, client.Expiration(time.Hour))
 		}
-		if *cpuprofile != "" {
-			f, err := os.Create(*cpuprofile)
-			if err != nil {
-				return err
-			}
-			if err := pprof.StartCPUProfile(f); err != nil {
-				return err
-			}
-		}
 		// The two alternate in short rounds, so that both see the same machine: on a
 		// shared machine the load of the moment moves absolute numbers a lot.
 		var raw, att result
@@ -118,10 +109,13 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		rounds := max(int(*dur/(500*time.Millisecond)), 1)
 		for r := 0; r < rounds; r++ {
 			raw.add(measure(ctx, n, *dur/time.Duration(rounds), rawOp))
-			if *cpuprofile != "" && r == 0 {
-				pprof.StopCPUProfile()
+			if err := profile(*cpuprofile, r == 0); err != nil {
+				return err
 			}
 			att.add(measure(ctx, n, *dur/time.Duration(rounds), attrdOp))
+			if r == 0 && *cpuprofile != "" {
+				pprof.StopCPUProfile()
+			}
 		}
 		raw.finish()
 		att.finish()
@@ -190,6 +184,19 @@ func measure(ctx context.Context, n int, d time.Duration, op func(g, i int) erro
 		res.lat = append(res.lat, l...)
 	}
 	return res
+}
+
+// profile starts a CPU profile into path when asked (the first attrd round of each
+// concurrency; the last one written is kept).
+func profile(path string, first bool) error {
+	if path == "" || !first {
+		return nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	return pprof.StartCPUProfile(f)
 }
 
 func nprocs() int { return runtime.GOMAXPROCS(0) }
