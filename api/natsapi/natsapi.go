@@ -31,6 +31,7 @@ const ContentTypeMsgpack = "application/msgpack"
 
 // Server is the running NATS request API.
 type Server struct {
+	nc   *nats.Conn
 	svc  micro.Service
 	api  *api.Service
 	log  *slog.Logger
@@ -58,7 +59,7 @@ func Start(nc *nats.Conn, a *api.Service, log *slog.Logger) (*Server, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Server{svc: svc, api: a, log: log, sem: make(chan struct{}, a.Config().MaxInFlight), ctx: ctx, stop: cancel}
+	s := &Server{nc: nc, svc: svc, api: a, log: log, sem: make(chan struct{}, a.Config().MaxInFlight), ctx: ctx, stop: cancel}
 	for _, op := range api.Ops() {
 		op := op
 		name := strings.ReplaceAll(string(op), ".", "-")
@@ -115,10 +116,13 @@ func (s *Server) handle(op api.Op, r micro.Request) {
 		rep = api.ErrorReply(m.CID, err)
 		body, ctype, _ = encode(rep.Body, false)
 	}
-	hdr := micro.Headers{"Content-Type": []string{ctype}}
-	if rep.Code == "" {
-		err = r.Respond(body, micro.WithHeaders(hdr))
-	} else {
+	// The reply is published on the connection, not through micro.Request: micro reads
+	// the request's response error after the handler returns (for its stats), and this
+	// runs after the handler returned, so Request.Respond/Error here would race with it.
+	// The error headers are micro's own (micro.ErrorHeader, micro.ErrorCodeHeader); micro's
+	// stats count requests but not their errors.
+	out := &nats.Msg{Subject: r.Reply(), Data: body, Header: nats.Header{"Content-Type": []string{ctype}}}
+	if rep.Code != "" {
 		desc := string(rep.Code)
 		switch rep.Code {
 		case events.CodeBadRequest:
@@ -126,9 +130,13 @@ func (s *Server) handle(op api.Op, r micro.Request) {
 		case events.CodeInternal:
 			desc = "Internal error"
 		}
-		err = r.Error(strconv.Itoa(rep.Status), desc, body, micro.WithHeaders(hdr))
+		out.Header.Set(micro.ErrorHeader, desc)
+		out.Header.Set(micro.ErrorCodeHeader, strconv.Itoa(rep.Status))
 	}
-	if err != nil {
+	if out.Subject == "" {
+		return // a request sent with no reply subject: nobody to answer
+	}
+	if err := s.nc.PublishMsg(out); err != nil {
 		s.log.Warn("reply not sent", "cid", m.CID, "err", err)
 	}
 }
