@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -100,7 +99,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		return nil, fmt.Errorf("projection bucket %s: %w", cfg.Bucket, err)
 	}
 	s := &Service{cfg: cfg, nc: nc, js: js, kv: kv, log: cfg.Logger,
-		inbox: "_INBOX.attrd." + nats.NewInbox()[len("_INBOX."):], waiting: map[string]chan events.Decision{},
+		inbox: nats.NewInbox(), waiting: map[string]chan events.Decision{},
 		sessions: newSessionCache(5*time.Second, 100_000)}
 	wctx, stop := context.WithCancel(context.Background())
 	s.stop = stop
@@ -108,9 +107,9 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		stop()
 		return nil, fmt.Errorf("watch sessions: %w", err)
 	}
-	// One subscription receives every decision meant for this instance; the event id,
-	// the last token, finds the waiting request.
-	s.sub, err = nc.Subscribe(s.inbox+".*", s.onDecision)
+	// One subscription receives every decision meant for this instance, a batch at a
+	// time; each decision's event id finds the waiting request.
+	s.sub, err = nc.Subscribe(s.inbox, s.onDecisions)
 	if err != nil {
 		return nil, err
 	}
@@ -132,20 +131,20 @@ func (s *Service) Close() error {
 // AppAllowed reports whether app is a configured application.
 func (s *Service) AppAllowed(app string) bool { return slices.Contains(s.cfg.Apps, app) }
 
-func (s *Service) onDecision(m *nats.Msg) {
-	id := m.Subject[strings.LastIndexByte(m.Subject, '.')+1:]
-	var d events.Decision
-	if err := events.Unmarshal(m.Data, &d); err != nil {
-		s.log.Warn("unreadable decision", "subject", m.Subject, "err", err)
+func (s *Service) onDecisions(m *nats.Msg) {
+	var ds []events.Decision
+	if err := events.Unmarshal(m.Data, &ds); err != nil {
+		s.log.Warn("unreadable decisions", "err", err)
 		return
 	}
 	s.mu.Lock()
-	ch := s.waiting[id]
-	s.mu.Unlock()
-	if ch != nil {
-		select {
-		case ch <- d:
-		default:
+	defer s.mu.Unlock()
+	for _, d := range ds {
+		if ch := s.waiting[d.EventID]; ch != nil {
+			select {
+			case ch <- d:
+			default:
+			}
 		}
 	}
 }
@@ -166,7 +165,7 @@ func (s *Service) commit(ctx context.Context, ev *events.Event) (events.Decision
 	msg := &nats.Msg{Subject: events.Subject(ev), Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, string(ev.Type))
 	msg.Header.Set(events.HeaderVersion, fmt.Sprint(events.SchemaVersion))
-	msg.Header.Set(events.HeaderReply, s.inbox+"."+ev.ID)
+	msg.Header.Set(events.HeaderReply, s.inbox)
 
 	ch := make(chan events.Decision, 1)
 	s.mu.Lock()

@@ -36,7 +36,8 @@ const (
 	HeaderVersion = "Attrd-Event-Version"
 	// HeaderReply names the inbox of the attrd instance waiting for this event's
 	// decision. It travels with the event so that the decision reaches the instance that
-	// appended it, wherever the projector runs.
+	// appended it, wherever the projector runs. The projector sends each inbox one
+	// message per batch: a msgpack list of Decisions, which carry their event ids.
 	HeaderReply = "Attrd-Reply"
 )
 

@@ -362,18 +362,7 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 	if err := p.hook(p.cfg.Hooks.AfterWrites, first, last); err != nil {
 		return err
 	}
-	for i, it := range items {
-		d := decisions[i]
-		if p.cfg.OnDecision != nil {
-			p.cfg.OnDecision(d)
-		}
-		if p.cfg.Replies && it.reply != "" {
-			data, _ := events.Marshal(&d)
-			if err := p.nc.Publish(it.reply, data); err != nil {
-				p.log.Warn("decision reply not sent", "seq", it.seq, "err", err)
-			}
-		}
-	}
+	p.reply(items, decisions)
 	if err := p.hook(p.cfg.Hooks.BeforeAck, first, last); err != nil {
 		return err
 	}
@@ -391,6 +380,29 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 
 // Stats returns how many batches and events the projector has folded.
 func (p *Projector) Stats() (batches, events uint64) { return p.batches.Load(), p.events.Load() }
+
+// reply hands the decisions to their observers and to the waiting attrd instances: one
+// message per instance per batch, whatever the batch's size.
+func (p *Projector) reply(items []item, decisions []events.Decision) {
+	byInbox := map[string][]events.Decision{}
+	for i, it := range items {
+		if p.cfg.OnDecision != nil {
+			p.cfg.OnDecision(decisions[i])
+		}
+		if p.cfg.Replies && it.reply != "" {
+			byInbox[it.reply] = append(byInbox[it.reply], decisions[i])
+		}
+	}
+	for inbox, ds := range byInbox {
+		data, err := events.Marshal(ds)
+		if err == nil {
+			err = p.nc.Publish(inbox, data)
+		}
+		if err != nil {
+			p.log.Warn("decisions not sent", "inbox", inbox, "err", err)
+		}
+	}
+}
 
 func (p *Projector) recordedDecision(seq uint64) *events.Code {
 	if p.recover == nil || seq < p.recover.First || seq > p.recover.Last {

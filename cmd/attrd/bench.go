@@ -27,6 +27,8 @@ import (
 // bench measures, in one process on an embedded server, (a) raw JetStream KV puts with
 // a per-key TTL and (b) attrd updates through the whole path (NATS request, event,
 // projector, KV write, decision, reply), at several concurrencies, and prints the ratio.
+// It also measures (c) a bare request/reply echo, the hop every attrd request pays, as
+// a yardstick of what the path can reach.
 func bench(ctx context.Context, args []string, stdout *os.File) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	dur := fs.Duration("duration", 3*time.Second, "how long each measurement runs")
@@ -91,8 +93,28 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	}
 	value := strings.Repeat("v", 100)
 
+	// (c) the request/reply hop alone: an echo responder on an in-process connection,
+	// dispatching concurrently as attrd's API does. Every attrd request pays this hop.
+	echoConn, err := nats.Connect(srv.ClientURL(), nats.InProcessServer(srv.ns))
+	if err != nil {
+		return err
+	}
+	defer echoConn.Close()
+	echoSub, err := echoConn.Subscribe("attrd-bench.echo", func(m *nats.Msg) { go m.Respond(m.Data) })
+	if err != nil {
+		return err
+	}
+	if err := echoSub.SetPendingLimits(-1, -1); err != nil {
+		return err
+	}
+	echoOp := func(g, i int) error {
+		_, err := cliConn.RequestWithContext(ctx, "attrd-bench.echo", []byte(value))
+		return err
+	}
+
 	fmt.Fprintf(stdout, "attrd bench: %s per measurement, %d CPUs; value 100 bytes, TTL 1h\n\n", *dur, nprocs())
-	fmt.Fprintf(stdout, "%5s | %12s %9s %9s | %12s %9s %9s | %6s %8s | %s\n", "conc", "raw KV op/s", "p50", "p99", "attrd op/s", "p50", "p99", "ratio", "p50 x", "events/batch")
+	fmt.Fprintf(stdout, "%5s | %11s %8s %8s | %11s %8s %8s | %6s %7s | %10s %6s | %s\n", "conc",
+		"raw KV op/s", "p50", "p99", "attrd op/s", "p50", "p99", "ratio", "p50 x", "echo req/s", "ratio", "events/batch")
 	for _, n := range levels {
 		rawOp := func(g, i int) error {
 			subj := events.KVSubject("bench_raw", "k"+strconv.Itoa(g))
@@ -104,11 +126,12 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		}
 		// The two alternate in short rounds, so that both see the same machine: on a
 		// shared machine the load of the moment moves absolute numbers a lot.
-		var raw, att result
+		var raw, att, echo result
 		b0, e0 := srv.Projector().Stats()
 		rounds := max(int(*dur/(500*time.Millisecond)), 1)
 		for r := 0; r < rounds; r++ {
 			raw.add(measure(ctx, n, *dur/time.Duration(rounds), rawOp))
+			echo.add(measure(ctx, n, *dur/time.Duration(rounds)/2, echoOp))
 			if err := profile(*cpuprofile, r == 0); err != nil {
 				return err
 			}
@@ -119,13 +142,15 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		}
 		raw.finish()
 		att.finish()
+		echo.finish()
 		b1, e1 := srv.Projector().Stats()
 		perBatch := float64(e1-e0) / float64(max(b1-b0, 1))
-		if raw.err != nil || att.err != nil {
-			return fmt.Errorf("bench at %d: raw %v, attrd %v", n, raw.err, att.err)
+		if err := errors.Join(raw.err, att.err, echo.err); err != nil {
+			return fmt.Errorf("bench at %d: %w", n, err)
 		}
-		fmt.Fprintf(stdout, "%5d | %12.0f %9s %9s | %12.0f %9s %9s | %5.0f%% %7.1fx | %.1f\n", n,
-			raw.rate, raw.p50, raw.p99, att.rate, att.p50, att.p99, 100*att.rate/raw.rate, float64(att.p50)/float64(raw.p50), perBatch)
+		fmt.Fprintf(stdout, "%5d | %11.0f %8s %8s | %11.0f %8s %8s | %5.0f%% %6.1fx | %10.0f %5.0f%% | %.1f\n", n,
+			raw.rate, raw.p50, raw.p99, att.rate, att.p50, att.p99, 100*att.rate/raw.rate, float64(att.p50)/float64(raw.p50),
+			echo.rate, 100*echo.rate/raw.rate, perBatch)
 	}
 	return nil
 }
