@@ -225,12 +225,11 @@ func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]
 	ev.UserID, ev.SessionID = u.UserID, events.SessionID(ust)
 	ev.Time = time.Now().UnixNano()
 	ev.ExpiresAt = ev.Time + int64(s.cfg.SessionTTL)
-	d, err := s.commit(ctx, ev)
-	if err != nil {
+	if _, err := s.apply(ctx, ev); err != nil {
+		if events.CodeOf(err) == events.CodeNotAllowed {
+			return nil, denied // not approved meanwhile
+		}
 		return nil, err
-	}
-	if err := decided(d); err != nil {
-		return nil, denied
 	}
 	return map[string]any{"ust": ust, "expiration_time": formatTime(ev.ExpiresAt)}, nil
 }
@@ -309,11 +308,7 @@ func (s *Service) newUser(ctx context.Context, ev *events.Event, username, passw
 	}
 	ev.UserID = events.NewID()
 	ev.User = &events.UserData{Username: username, PasswordHash: hash, SuperUser: super, Approved: true}
-	d, err := s.commit(ctx, ev)
-	if err != nil {
-		return d, err
-	}
-	return d, decided(d)
+	return s.apply(ctx, ev)
 }
 
 func (s *Service) approveUser(ctx context.Context, req *Request, m *Meta) (map[string]any, error) {
@@ -330,11 +325,8 @@ func (s *Service) approveUser(ctx context.Context, req *Request, m *Meta) (map[s
 		}
 		return nil, err
 	}
-	d, err := s.commit(ctx, ev)
-	if err != nil {
-		return nil, err
-	}
-	return nil, decided(d)
+	_, err = s.apply(ctx, ev)
+	return nil, err
 }
 
 func (s *Service) renew(ctx context.Context, req *Request, m *Meta) (map[string]any, error) {
@@ -347,11 +339,8 @@ func (s *Service) renew(ctx context.Context, req *Request, m *Meta) (map[string]
 	ev.RequestKey = c.requestKey(req.RequestID)
 	ev.Time = time.Now().UnixNano()
 	ev.ExpiresAt = ev.Time + int64(s.cfg.SessionTTL)
-	d, err := s.commit(ctx, ev)
+	d, err := s.apply(ctx, ev)
 	if err != nil {
-		return nil, err
-	}
-	if err := decided(d); err != nil {
 		return nil, err
 	}
 	return map[string]any{"expiration_time": formatTime(d.ExpiresAt)}, nil
@@ -472,11 +461,8 @@ func (s *Service) attr(ctx context.Context, session bool, verb string, req *Requ
 		for _, n := range names {
 			ev.Attrs = append(ev.Attrs, events.AttrItem{Name: n})
 		}
-		d, err := s.commit(ctx, ev)
-		if err != nil {
-			return nil, err
-		}
-		return nil, decided(d)
+		_, err = s.apply(ctx, ev)
+		return nil, err
 	case VerbGet, VerbExists:
 		return s.readAttrs(ctx, t, verb, req)
 	case VerbNames:
@@ -532,11 +518,8 @@ func (s *Service) writeAttrs(ctx context.Context, t *target, verb string, req *R
 		}
 		ev.Attrs[i] = ai
 	}
-	d, err := s.commit(ctx, ev)
-	if err != nil {
-		return err
-	}
-	return decided(d)
+	_, err = s.apply(ctx, ev)
+	return err
 }
 
 // attrView is one attribute as a get answers it.

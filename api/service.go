@@ -254,12 +254,13 @@ func (s *Service) recorded(ctx context.Context, rk string, deadline <-chan time.
 	}
 }
 
-// decided turns a decision into the operation's error.
-func decided(d events.Decision) error {
-	if d.Code == "" {
-		return nil
+// apply appends ev and returns its decision, a rejection as the operation's error.
+func (s *Service) apply(ctx context.Context, ev *events.Event) (events.Decision, error) {
+	d, err := s.commit(ctx, ev)
+	if err == nil && d.Code != "" {
+		err = &events.Error{Code: d.Code, Msg: "rejected by the projector"}
 	}
-	return &events.Error{Code: d.Code, Msg: "rejected by the projector"}
+	return d, err
 }
 
 // read returns the record under key, or nil if there is none.
