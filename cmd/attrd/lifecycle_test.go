@@ -1,0 +1,71 @@
+package main
+
+import (
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/attrd/attrd/api/client"
+	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/projector"
+)
+
+// TestLateDecisionIsOutcomeUnknownAndTheRequestIDLearnsIt: a decision that does not come
+// within the timeout is E008004 (HTTP 503), never a guess; the change still applies, and
+// a retry with the same request id returns its real outcome.
+func TestLateDecisionIsOutcomeUnknownAndTheRequestIDLearnsIt(t *testing.T) {
+	var slow atomic.Bool
+	hooks := projector.Hooks{BeforeCheckpoint: func(first, last uint64) error {
+		if slow.Load() {
+			time.Sleep(700 * time.Millisecond)
+		}
+		return nil
+	}}
+	f := newFixture(t, func(c *Config) { c.ProjectorHooks = hooks; c.DecisionTimeout = 300 * time.Millisecond })
+	ctx := ctxT(t)
+	u, _ := f.alice.User(ctx)
+	slow.Store(true)
+	err := u.Attr.Create(ctx, "late", 1, client.RequestID("late-1"))
+	expectCode(t, err, events.CodeOutcomeUnknown)
+	_, body := rawJSON(t, f.srv, "user.attr.create", map[string]any{"ust": f.alice.UST, "current_app": "CRM", "name": "late2", "value": 1})
+	if subStatus(body) != "E008004" {
+		t.Fatalf("late decision over the wire: %v", body)
+	}
+	slow.Store(false)
+	time.Sleep(800 * time.Millisecond) // let the slow batches finish (the point is their lateness)
+	expectCode(t, u.Attr.Create(ctx, "late", 1, client.RequestID("late-1")), nil2)
+	if ok, _ := u.Attr.Exists(ctx, "late"); !ok {
+		t.Fatal("the change whose outcome was unknown did not apply")
+	}
+	hdr, _ := rawJSON(t, f.srv, "user.attr.create", map[string]any{"ust": f.alice.UST, "current_app": "CRM", "name": "late3", "value": 1})
+	if hdr.Get("Nats-Service-Error-Code") != "" {
+		t.Fatalf("after the slowness, a plain create failed: %v", hdr)
+	}
+}
+
+// TestShutdownAnswersRequestsInFlight: Close stops taking requests but answers the ones
+// it has, with their real outcome.
+func TestShutdownAnswersRequestsInFlight(t *testing.T) {
+	var slow atomic.Bool
+	started := make(chan struct{}, 16)
+	hooks := projector.Hooks{BeforeCheckpoint: func(first, last uint64) error {
+		if slow.Load() {
+			started <- struct{}{}
+			time.Sleep(300 * time.Millisecond)
+		}
+		return nil
+	}}
+	f := newFixture(t, func(c *Config) { c.ProjectorHooks = hooks })
+	ctx := ctxT(t)
+	u, _ := f.alice.User(ctx)
+	slow.Store(true)
+	done := make(chan error, 1)
+	go func() { done <- u.Attr.Create(ctx, "in-flight", 1) }()
+	<-started // the event is in the log and being folded
+	if err := f.srv.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("the request in flight during shutdown got %v, want its ok", err)
+	}
+}
