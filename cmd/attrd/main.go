@@ -63,6 +63,17 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr *os
 	return 0
 }
 
+// list splits a comma-separated flag value.
+func list(v string) []string {
+	var out []string
+	for _, a := range strings.Split(v, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
 // env returns the environment variable's value, or def.
 func env(name, def string) string {
 	if v, ok := os.LookupEnv(name); ok {
@@ -83,12 +94,13 @@ func envDuration(name string, def time.Duration) time.Duration {
 func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	var cfg Config
-	var apps string
+	var apps, origins string
 	fs.StringVar(&cfg.DataDir, "data-dir", env("ATTRD_DATA_DIR", "./attrd-data"), "data directory of the embedded NATS server and the generated key (ATTRD_DATA_DIR)")
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", env("ATTRD_HTTP_ADDR", "127.0.0.1:17010"), "HTTP listen address (ATTRD_HTTP_ADDR)")
 	fs.StringVar(&cfg.NATSAddr, "nats-addr", env("ATTRD_NATS_ADDR", "127.0.0.1:4222"), "embedded NATS server's client address (ATTRD_NATS_ADDR)")
 	fs.StringVar(&cfg.NATSURL, "nats-url", env("ATTRD_NATS_URL", ""), "use this NATS server instead of the embedded one (ATTRD_NATS_URL)")
 	fs.StringVar(&apps, "apps", env("ATTRD_APPS", "CRM"), "comma-separated applications accepted as current_app (ATTRD_APPS)")
+	fs.StringVar(&origins, "cors-origins", env("ATTRD_CORS_ORIGINS", ""), "comma-separated origins browsers may call from; * for any, without credentials (ATTRD_CORS_ORIGINS)")
 	fs.DurationVar(&cfg.SessionTTL, "session-ttl", envDuration("ATTRD_SESSION_TTL", 60*time.Minute), "session lifetime (ATTRD_SESSION_TTL)")
 	fs.StringVar(&cfg.KeyFile, "encryption-key-file", env("ATTRD_ENCRYPTION_KEY_FILE", ""), "encryption key file (ATTRD_ENCRYPTION_KEY_FILE)")
 	fs.DurationVar(&cfg.DedupWindow, "dedup-window", envDuration("ATTRD_DEDUP_WINDOW", 2*time.Minute), "how long a request id is remembered (ATTRD_DEDUP_WINDOW)")
@@ -97,11 +109,7 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	for _, a := range strings.Split(apps, ",") {
-		if a = strings.TrimSpace(a); a != "" {
-			cfg.Apps = append(cfg.Apps, a)
-		}
-	}
+	cfg.Apps, cfg.CORSOrigins = list(apps), list(origins)
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(*level)); err != nil {
 		return fmt.Errorf("--log-level: %w", err)

@@ -19,6 +19,7 @@ import (
 
 	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/api/natsapi"
+	"github.com/attrd/attrd/api/rest"
 	"github.com/attrd/attrd/deploy/embedded"
 	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/events/sealed"
@@ -32,6 +33,7 @@ type Config struct {
 	NATSAddr        string // embedded server's client listener
 	NATSURL         string // an existing NATS server instead of the embedded one
 	Apps            []string
+	CORSOrigins     []string
 	SessionTTL      time.Duration
 	KeyFile         string
 	AdminUsername   string
@@ -42,6 +44,9 @@ type Config struct {
 	Logger          *slog.Logger
 	// ProjectorHooks let tests slow down or stop the projector between steps.
 	ProjectorHooks projector.Hooks
+	// HTTPReadHeaderTimeout bounds how long a client may take to send its headers
+	// (default 5s).
+	HTTPReadHeaderTimeout time.Duration
 	// Stderr receives the one-time admin password notice.
 	Stderr *os.File
 }
@@ -50,6 +55,7 @@ type Config struct {
 // API and the HTTP server.
 type Server struct {
 	cfg     Config
+	log     *slog.Logger
 	ns      *server.Server
 	apiConn *nats.Conn
 	prjConn *nats.Conn
@@ -87,7 +93,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	s := &Server{cfg: cfg, prjDone: make(chan error, 1)}
+	s := &Server{cfg: cfg, log: log, prjDone: make(chan error, 1)}
 	defer func() {
 		if err != nil {
 			s.Close()
@@ -166,7 +172,13 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if s.httpLn, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
 		return nil, fmt.Errorf("http listen: %w", err)
 	}
-	s.httpSrv = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second,
+	rht := cfg.HTTPReadHeaderTimeout
+	if rht <= 0 {
+		rht = 5 * time.Second
+	}
+	// Timeouts so that slow clients cannot hold connections: headers within rht, the
+	// whole request within 30s, idle keep-alives 2 minutes.
+	s.httpSrv = &http.Server{Handler: s.routes(), ReadHeaderTimeout: rht, ReadTimeout: 30 * time.Second,
 		WriteTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10}
 	go func() {
 		if err := s.httpSrv.Serve(s.httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -218,6 +230,7 @@ func (s *Server) bootstrap(ctx context.Context, log *slog.Logger) error {
 
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
+	mux.Handle("/", rest.Handler(s.svc, rest.Config{CORSOrigins: s.cfg.CORSOrigins, Logger: s.log}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		ready := false
 		select {

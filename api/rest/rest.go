@@ -1,0 +1,328 @@
+// Package rest serves attrd's operations over HTTP, compatible with Zato SSO's REST API
+// and fit for browsers. It is a thin transport: it maps a route to an api.Op, turns the
+// body (and, for GET and DELETE, the query string and a bearer token) into an
+// api.Request, and writes api.Service.Handle's reply with its status. No rule of the
+// contract lives here.
+package rest
+
+import (
+	"bytes"
+	_ "embed"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/attrd/attrd/api"
+	"github.com/attrd/attrd/events"
+)
+
+// Route is one served method and path.
+type Route struct {
+	Method string
+	Path   string
+	Op     api.Op
+}
+
+// Routes lists every route, as the contract maps them.
+func Routes() []Route {
+	rs := []Route{
+		{"POST", "/zato/sso/user/login", api.OpLogin},
+		{"POST", "/zato/sso/user/logout", api.OpLogout},
+		{"GET", "/zato/sso/user", api.OpWhoAmI},
+		{"POST", "/zato/sso/user", api.OpUserCreate},
+		{"POST", "/zato/sso/user/approve", api.OpUserApprove},
+		{"PATCH", "/zato/sso/user/session", api.OpSessionRenew},
+	}
+	for _, scope := range []struct {
+		base string
+		op   func(string) api.Op
+	}{{"/zato/sso/user/attr", api.UserAttrOp}, {"/zato/sso/session/attr", api.SessionAttrOp}} {
+		rs = append(rs,
+			Route{"POST", scope.base, scope.op(api.VerbCreate)},
+			Route{"PATCH", scope.base, scope.op(api.VerbUpdate)},
+			Route{"PUT", scope.base, scope.op(api.VerbSet)},
+			Route{"GET", scope.base, scope.op(api.VerbGet)},
+			Route{"DELETE", scope.base, scope.op(api.VerbDelete)},
+			Route{"GET", scope.base + "/exists", scope.op(api.VerbExists)},
+			Route{"GET", scope.base + "/names", scope.op(api.VerbNames)},
+		)
+	}
+	return rs
+}
+
+//go:embed openapi.json
+var openapi []byte
+
+// OpenAPI returns the OpenAPI 3 description of the REST API.
+func OpenAPI() []byte { return openapi }
+
+// Config configures the REST handler.
+type Config struct {
+	// CORSOrigins are the origins allowed to call from a browser; "*" allows any (then
+	// without credentials).
+	CORSOrigins []string
+	// Logger receives one line per request: method, path, status, duration, cid. Never
+	// the query string, a header's value or a body: they hold tokens and values.
+	Logger *slog.Logger
+}
+
+// Handler serves the REST API, /openapi.json included.
+func Handler(svc *api.Service, cfg Config) http.Handler {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	h := &handler{svc: svc, cfg: cfg}
+	mux := http.NewServeMux()
+	for _, rt := range Routes() {
+		mux.HandleFunc(rt.Method+" "+rt.Path, func(w http.ResponseWriter, r *http.Request) { h.serve(w, r, rt.Op) })
+	}
+	mux.HandleFunc("GET /openapi.json", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(openapi)
+	})
+	return h.middleware(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, pattern := mux.Handler(r); pattern != "" {
+			mux.ServeHTTP(w, r)
+			return
+		}
+		// No route: the router's 404 or 405 (with its Allow header), in JSON.
+		rec := &statusOnly{header: w.Header()}
+		mux.ServeHTTP(rec, r)
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(rec.status)
+		b, _ := json.Marshal(map[string]any{"result": "Error", "cid": events.NewID(), "details": http.StatusText(rec.status)})
+		w.Write(append(b, '\n'))
+	}))
+}
+
+// statusOnly keeps the status and headers a handler sets and drops its body.
+type statusOnly struct {
+	header http.Header
+	status int
+}
+
+func (s *statusOnly) Header() http.Header         { return s.header }
+func (s *statusOnly) Write(b []byte) (int, error) { return len(b), nil }
+func (s *statusOnly) WriteHeader(code int)        { s.status = code }
+
+type handler struct {
+	svc *api.Service
+	cfg Config
+}
+
+// statusWriter remembers the status for the access log.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+	cid    string
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	w.status = code
+	w.ResponseWriter.WriteHeader(code)
+}
+
+// middleware adds security headers and CORS, answers preflights, recovers panics into
+// the 500 envelope, and logs each request without its secrets.
+func (h *handler) middleware(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w, status: 200}
+		hd := w.Header()
+		hd.Set("X-Content-Type-Options", "nosniff")
+		hd.Set("Cache-Control", "no-store")
+		hd.Set("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+		hd.Set("X-Frame-Options", "DENY")
+		hd.Set("Referrer-Policy", "no-referrer")
+		preflight := h.cors(w, r)
+		defer func() {
+			if p := recover(); p != nil {
+				cid := events.NewID()
+				h.cfg.Logger.Error("http handler panicked", "cid", cid, "path", r.URL.Path, "panic", p)
+				writeReply(sw, api.ErrorReply(cid, errors.New("panic")))
+			}
+			h.cfg.Logger.Info("http", "method", r.Method, "path", r.URL.Path, "status", sw.status,
+				"dur", time.Since(start).Round(time.Microsecond), "cid", sw.cid)
+		}()
+		if preflight {
+			sw.WriteHeader(http.StatusNoContent)
+			return
+		}
+		next.ServeHTTP(sw, r)
+	})
+}
+
+// cors sets the CORS headers of an allowed origin and reports whether r is a preflight.
+// A listed origin is echoed with credentials allowed; "*" allows any origin without
+// credentials (a browser refuses "*" with credentials).
+func (h *handler) cors(w http.ResponseWriter, r *http.Request) bool {
+	origin := r.Header.Get("Origin")
+	preflight := r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != ""
+	if origin == "" {
+		return preflight
+	}
+	hd := w.Header()
+	hd.Add("Vary", "Origin")
+	switch {
+	case slices.Contains(h.cfg.CORSOrigins, origin):
+		hd.Set("Access-Control-Allow-Origin", origin)
+		hd.Set("Access-Control-Allow-Credentials", "true")
+	case slices.Contains(h.cfg.CORSOrigins, "*"):
+		hd.Set("Access-Control-Allow-Origin", "*")
+	default:
+		return preflight
+	}
+	if preflight {
+		hd.Set("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE")
+		hd.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, Idempotency-Key")
+		hd.Set("Access-Control-Max-Age", "600")
+	}
+	return preflight
+}
+
+func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
+	m := api.Meta{CID: events.NewID(), UserAgent: r.UserAgent(), RequestID: r.Header.Get("Idempotency-Key")}
+	if sw, ok := w.(*statusWriter); ok {
+		sw.cid = m.CID
+	}
+	if host, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		m.RemoteAddr = host
+	}
+	body, err := readBody(w, r)
+	if err != nil {
+		rep := api.ErrorReply(m.CID, err)
+		if events.CodeOf(err) == events.CodeInvalidInput {
+			rep.Status = http.StatusRequestEntityTooLarge
+		}
+		writeReply(w, rep)
+		return
+	}
+	if r.Method == http.MethodGet || r.Method == http.MethodDelete {
+		if body, err = withQuery(body, r); err != nil {
+			writeReply(w, api.ErrorReply(m.CID, err))
+			return
+		}
+	}
+	if body, err = withBearer(body, r, op); err != nil {
+		writeReply(w, api.ErrorReply(m.CID, err))
+		return
+	}
+	req, err := api.ParseJSON(body)
+	if err != nil {
+		writeReply(w, api.ErrorReply(m.CID, err))
+		return
+	}
+	writeReply(w, h.svc.Handle(r.Context(), op, req, m))
+}
+
+// readBody reads at most api.MaxBodyBytes; a larger body is refused without being read
+// whole.
+func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, api.MaxBodyBytes))
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) {
+		return nil, events.Errorf(events.CodeInvalidInput, "the body is over %d bytes", api.MaxBodyBytes)
+	}
+	if err != nil {
+		return nil, events.Errorf(events.CodeBadRequest, "read body: %v", err)
+	}
+	return b, nil
+}
+
+// fields decodes a body that must be a JSON object (empty: none) into its raw fields.
+func fields(body []byte) (map[string]json.RawMessage, error) {
+	f := map[string]json.RawMessage{}
+	if len(bytes.TrimSpace(body)) == 0 {
+		return f, nil
+	}
+	if err := json.Unmarshal(body, &f); err != nil || f == nil {
+		return nil, events.Errorf(events.CodeBadRequest, "the body is not a JSON object")
+	}
+	return f, nil
+}
+
+// withQuery adds the query string's fields to the body's, for browsers: one name is a
+// single-item call, a repeated name is data; decrypt and encrypt take true/false,
+// expiration an integer. A field in the body wins.
+func withQuery(body []byte, r *http.Request) ([]byte, error) {
+	q := r.URL.Query()
+	if len(q) == 0 {
+		return body, nil
+	}
+	f, err := fields(body)
+	if err != nil {
+		return nil, err
+	}
+	set := func(k string, v any) {
+		if _, ok := f[k]; !ok {
+			b, _ := json.Marshal(v)
+			f[k] = b
+		}
+	}
+	for k, vs := range q {
+		switch k {
+		case "name":
+			if len(vs) == 1 {
+				set("name", vs[0])
+			} else {
+				set("data", vs)
+			}
+		case "decrypt", "encrypt":
+			if b, err := strconv.ParseBool(vs[0]); err == nil && (vs[0] == "true" || vs[0] == "false") {
+				set(k, b)
+			} else {
+				set(k, vs[0]) // a string: the strict parser calls it invalid input
+			}
+		case "expiration":
+			if n, err := strconv.ParseInt(vs[0], 10, 64); err == nil {
+				set(k, n)
+			} else {
+				set(k, vs[0])
+			}
+		default:
+			set(k, vs[0])
+		}
+	}
+	return json.Marshal(f)
+}
+
+// withBearer fills the caller's UST from Authorization: Bearer: ust on user endpoints,
+// current_ust on session attribute endpoints. A UST in the body wins.
+func withBearer(body []byte, r *http.Request, op api.Op) ([]byte, error) {
+	auth := r.Header.Get("Authorization")
+	token, ok := strings.CutPrefix(auth, "Bearer ")
+	if !ok || token == "" {
+		return body, nil
+	}
+	f, err := fields(body)
+	if err != nil {
+		return nil, err
+	}
+	field := "ust"
+	if strings.HasPrefix(string(op), "session.attr.") {
+		field = "current_ust"
+	}
+	if _, has := f[field]; !has {
+		f[field], _ = json.Marshal(token)
+	}
+	return json.Marshal(f)
+}
+
+func writeReply(w http.ResponseWriter, rep api.Reply) {
+	b, err := json.Marshal(rep.Body)
+	if err != nil {
+		rep = api.ErrorReply(events.NewID(), err)
+		b, _ = json.Marshal(rep.Body)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(rep.Status)
+	w.Write(b)
+	w.Write([]byte("\n"))
+}
