@@ -162,10 +162,12 @@ func (s *Service) handle(ctx context.Context, op Op, req *Request, m *Meta) (map
 		return nil, events.Errorf(events.CodeBadApp, "unknown application %q", req.CurrentApp)
 	}
 	m.App = req.CurrentApp
-	if req.RemoteAddr != "" && m.RemoteAddr == "" {
+	// remote_addr and user_agent in the body are the end user's, passed on by the
+	// calling service (as in Zato); they win over what the transport saw.
+	if req.RemoteAddr != "" {
 		m.RemoteAddr = req.RemoteAddr
 	}
-	if req.UserAgent != "" && m.UserAgent == "" {
+	if req.UserAgent != "" {
 		m.UserAgent = req.UserAgent
 	}
 	if req.RequestID == "" {
