@@ -266,6 +266,11 @@ func (p *Projector) recoverState(ctx context.Context) (uint64, error) {
 	if ck == nil {
 		return 1, nil
 	}
+	if ck.First > ck.Last {
+		// Nothing pending (a bucket rebuilt by replay): go on after Last.
+		p.applied.Store(ck.Last)
+		return ck.First, nil
+	}
 	p.recover = ck
 	p.applied.Store(ck.First - 1)
 	// The recorded states are the truth for these keys; their revisions and any attribute
@@ -531,10 +536,14 @@ func (p *Projector) writeKey(key string, now int64) (jetstream.PubAckFuture, err
 	return p.publish(key, data, e.rev, ttl, true)
 }
 
-// ttl is when KV should remove a record: the attribute's expiry, capped at its session's
-// end for a session attribute; a session's end. 0 keeps it. ok is false when the record
-// is already dead.
 func (p *Projector) ttl(key string, rec any, now int64) (time.Duration, bool) {
+	return TTL(key, rec, p.view.Session, now)
+}
+
+// TTL is when KV should remove a record: the attribute's expiry, capped at its
+// session's end for a session attribute (session looks the session up); a session's
+// end. 0 keeps it. ok is false when the record is dead already.
+func TTL(key string, rec any, session func(sid string) *events.SessionRecord, now int64) (ttl time.Duration, ok bool) {
 	var until int64
 	switch r := rec.(type) {
 	case *events.SessionRecord:
@@ -542,7 +551,7 @@ func (p *Projector) ttl(key string, rec any, now int64) (time.Duration, bool) {
 	case *events.AttrRecord:
 		until = r.ExpiresAt
 		if sid, ok := sessionOfAttrKey(key); ok {
-			s := p.view.Session(sid)
+			s := session(sid)
 			if s == nil {
 				return 0, false
 			}

@@ -15,6 +15,7 @@ import (
 	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/api/client"
 	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/sealed"
 )
 
 const adminPassword = "admin-password"
@@ -161,3 +162,6 @@ func mustKV(t testing.TB, s *Server) jetstream.KeyValue {
 	}
 	return kv
 }
+
+// loadKeys loads a key file as a projector.Opener.
+func loadKeys(path string) (*sealed.Keyring, error) { return sealed.LoadKeyFile(path) }

@@ -7,6 +7,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -28,6 +29,9 @@ const usage = `usage:
   attrd serve [flags]                       run the service
   attrd user create --username U [--super-user] [--nats-url URL]
                                             create a user; the password is read from stdin
+  attrd replay --into PREFIX | --verify [--nats-url URL]
+                                            rebuild the projection from the log into fresh
+                                            buckets, or compare a rebuild with the live one
   attrd bench [--duration D] [--conc 1,16,64,256]
                                             raw KV puts vs attrd updates, in one process
 Run "attrd <command> -h" for a command's flags.
@@ -46,6 +50,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr *os
 		err = userCmd(ctx, args[1:], stdin, stdout, stderr)
 	case "bench":
 		err = bench(ctx, args[1:], stdout)
+	case "replay":
+		err = replayCmd(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0
@@ -55,6 +61,9 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr *os
 	}
 	if err == flag.ErrHelp {
 		return 0
+	}
+	if errors.Is(err, errDifferences) {
+		return 1
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "attrd: %v\n", err)

@@ -42,6 +42,8 @@ type Config struct {
 	DecisionTimeout time.Duration
 	Password        api.PasswordParams
 	Logger          *slog.Logger
+	// OnDecision sees every decision of the live projector (tests).
+	OnDecision func(events.Decision)
 	// ProjectorHooks let tests slow down or stop the projector between steps.
 	ProjectorHooks projector.Hooks
 	// HTTPReadHeaderTimeout bounds how long a client may take to send its headers
@@ -144,7 +146,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 		opener = keys
 	}
 	if s.proj, err = projector.New(s.prjConn, projector.Config{Bucket: store.Bucket, Opener: opener, Replies: true,
-		DecisionTTL: store.DedupWindow, Logger: log, Hooks: cfg.ProjectorHooks}); err != nil {
+		DecisionTTL: store.DedupWindow, Logger: log, Hooks: cfg.ProjectorHooks, OnDecision: cfg.OnDecision}); err != nil {
 		return nil, err
 	}
 	pctx, cancel := context.WithCancel(context.Background())

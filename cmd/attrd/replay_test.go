@@ -1,0 +1,228 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/api/client"
+	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/projector"
+)
+
+// runCmd runs the attrd command line and returns its exit status and output.
+func runCmd(t *testing.T, args ...string) (int, string) {
+	t.Helper()
+	out, err := os.CreateTemp(t.TempDir(), "out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	code := run(context.Background(), args, strings.NewReader(""), out, out)
+	b, _ := os.ReadFile(out.Name())
+	return code, string(b)
+}
+
+// randomTraffic drives the API with random operations from several users and sessions:
+// creates, updates of present and missing names, sets, deletes, expiries, batches,
+// encryption, logouts, renewals, and retries with the same request id. It returns how
+// many operations were answered.
+func randomTraffic(t *testing.T, f *fixture, n int, seed uint64) int {
+	t.Helper()
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(seed, seed+1))
+	type login struct {
+		s        *client.Session
+		user, pw string
+	}
+	var sessions []login
+	for i := 0; i < 3; i++ {
+		name := fmt.Sprintf("user%d", i)
+		if _, err := f.admin.CreateUser(ctx, name, "pw", false); err != nil {
+			t.Fatal(err)
+		}
+		for j := 0; j < 2; j++ {
+			sessions = append(sessions, login{mustLogin(t, f.c, name, "pw"), name, "pw"})
+		}
+	}
+	sessions = append(sessions, login{f.admin, "admin", adminPassword}, login{f.alice, "alice", "alice-pw"})
+	names := []string{"a", "b", "c.d", "e f", "ü"}
+	pick := func() string { return names[rng.IntN(len(names))] }
+	answered := 0
+	for i := 0; i < n; i++ {
+		li := &sessions[rng.IntN(len(sessions))]
+		s := li.s
+		var a *client.Attr
+		switch {
+		case rng.IntN(3) == 0:
+			a = s.SessionAttr(s.UST)
+		case li.user == "admin" && rng.IntN(2) == 0:
+			a = s.UserByID(f.aliceID).Attr // a super-user on someone else's
+		default:
+			a = s.UserByID("").Attr // own user: no user_id
+		}
+		var opts []client.Option
+		if rng.IntN(4) == 0 {
+			opts = append(opts, client.Expiration(time.Duration(1+rng.IntN(3))*time.Second))
+		}
+		if rng.IntN(5) == 0 {
+			opts = append(opts, client.Encrypt(rng.IntN(2) == 0))
+		}
+		if rng.IntN(6) == 0 {
+			opts = append(opts, client.RequestID(fmt.Sprintf("rid-%d", rng.IntN(20))))
+		}
+		var err error
+		switch rng.IntN(12) {
+		case 0, 1:
+			err = a.Create(ctx, pick(), rng.IntN(100), opts...)
+		case 2, 3:
+			err = a.Update(ctx, pick(), rng.IntN(100), opts...)
+		case 4:
+			err = a.Set(ctx, pick(), rng.IntN(100), opts...)
+		case 5:
+			err = a.Delete(ctx, pick(), opts...)
+		case 6:
+			err = a.UpdateMany(ctx, []client.Item{{Name: "a", Value: 1}, {Name: pick(), Value: 2}}, opts...)
+		case 7:
+			err = a.CreateMany(ctx, []client.Item{{Name: "b", Value: 1}, {Name: "x" + pick(), Value: 2, Encrypt: client.Bool(true)}}, opts...)
+		case 8:
+			err = a.SetMany(ctx, []client.Item{{Name: pick(), Value: []int{1}}}, opts...)
+		case 9:
+			_, err = s.Renew(ctx)
+		case 10:
+			if rng.IntN(5) == 0 && li.user != "admin" {
+				if err = s.Logout(ctx); err == nil {
+					li.s = mustLogin(t, f.c, li.user, li.pw) // and a new session
+				}
+			}
+		case 11:
+			_, err = a.Names(ctx)
+		}
+		switch events.CodeOf(err) {
+		case "", events.CodeAttrExists, events.CodeNoAttr, events.CodeNoSession, events.CodeNotAllowed, events.CodeInvalidInput:
+			answered++
+		default:
+			t.Fatalf("operation %d: %v", i, err)
+		}
+	}
+	return answered
+}
+
+func TestLongRandomTrafficReplaysToTheSameProjectionAndDecisions(t *testing.T) {
+	if testing.Short() {
+		t.Skip("long randomized test")
+	}
+	var mu sync.Mutex
+	live := map[uint64]events.Decision{}
+	dir := t.TempDir()
+	f := newFixture(t, func(c *Config) {
+		c.DataDir = dir
+		c.OnDecision = func(d events.Decision) { mu.Lock(); live[d.Seq] = d; mu.Unlock() }
+	})
+	n := randomTraffic(t, f, 4000, 7)
+	t.Logf("%d operations answered", n)
+
+	js, _ := jetstream.New(f.srv.apiConn)
+	keys, err := loadKeys(filepath.Join(dir, "encryption.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := projector.NewMemory()
+	var replayed []events.Decision
+	if err := projector.NewLog(js, keys).FoldAll(ctxT(t), m, func(e projector.Entry) { replayed = append(replayed, e.Decision) }); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(replayed) != len(live) {
+		t.Fatalf("replay decided %d events, the live projector %d", len(replayed), len(live))
+	}
+	codes := map[events.Code]int{}
+	for _, d := range replayed {
+		if live[d.Seq] != d {
+			t.Fatalf("event %d: live %+v, replay %+v", d.Seq, live[d.Seq], d)
+		}
+		codes[d.Code]++
+	}
+	t.Logf("decisions: %v", codes)
+	for _, c := range []events.Code{"", events.CodeAttrExists, events.CodeNoAttr} {
+		if codes[c] == 0 {
+			t.Fatalf("no decision %q: the traffic does not exercise it (%v)", c, codes)
+		}
+	}
+	diffs, err := projector.Diff(ctxT(t), js, events.DefaultBucket, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range diffs {
+		t.Error(d)
+	}
+}
+
+func TestReplayVerifyAndIntoFromTheCommandLine(t *testing.T) {
+	dir := t.TempDir()
+	f := newFixture(t, func(c *Config) { c.DataDir = dir })
+	randomTraffic(t, f, 200, 3)
+	keyArg := "--encryption-key-file=" + filepath.Join(dir, "encryption.key")
+	code, out := runCmd(t, "replay", "--verify", "--nats-url", f.srv.ClientURL(), keyArg)
+	if code != 0 || !strings.Contains(out, "reproduces") {
+		t.Fatalf("verify of an untouched projection: exit %d\n%s", code, out)
+	}
+	code, out = runCmd(t, "replay", "--into", "rebuilt_", "--nats-url", f.srv.ClientURL(), keyArg)
+	if code != 0 {
+		t.Fatalf("replay --into: exit %d\n%s", code, out)
+	}
+	js, _ := jetstream.New(f.srv.apiConn)
+	got := bucketRecords(t, js, "rebuilt_attrd")
+	want := bucketRecords(t, js, events.DefaultBucket)
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("rebuilt %s differs", k)
+		}
+	}
+	if code, _ = runCmd(t, "replay", "--into", "rebuilt_", "--nats-url", f.srv.ClientURL(), keyArg); code == 0 {
+		t.Fatal("a rebuild into a bucket that is not empty succeeded")
+	}
+	// Tamper with the live projection: verify reports it and exits 1.
+	kv := mustKV(t, f.srv)
+	bogus, _ := events.Marshal(&events.AttrRecord{Value: []byte(`"forged"`), Created: 1, Modified: 1})
+	key := events.AttrKey(f.aliceID, "", "forged")
+	if _, err := kv.Put(context.Background(), key, bogus); err != nil {
+		t.Fatal(err)
+	}
+	code, out = runCmd(t, "replay", "--verify", "--nats-url", f.srv.ClientURL(), keyArg)
+	if code != 1 || !strings.Contains(out, key) {
+		t.Fatalf("verify of a tampered projection: exit %d\n%s", code, out)
+	}
+}
+
+// bucketRecords returns the projection records of a bucket as strings.
+func bucketRecords(t *testing.T, js jetstream.JetStream, bucket string) map[string]string {
+	t.Helper()
+	kv, err := js.KeyValue(context.Background(), bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := kv.WatchAll(context.Background(), jetstream.IgnoreDeletes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	out := map[string]string{}
+	for e := range w.Updates() {
+		if e == nil {
+			break
+		}
+		if k := e.Key(); !strings.HasPrefix(k, "p.") && !strings.HasPrefix(k, "d.") {
+			out[k] = string(e.Value())
+		}
+	}
+	return out
+}
