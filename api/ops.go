@@ -2,7 +2,6 @@ package api
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -49,7 +48,7 @@ func SessionAttrOp(verb string) Op { return Op("session.attr." + verb) }
 
 // Ops lists every operation.
 func Ops() []Op {
-	ops := []Op{OpLogin, OpLogout, OpWhoAmI, OpUserCreate, OpUserApprove, OpSessionRenew}
+	ops := []Op{OpLogin, OpLogout, OpWhoAmI, OpUserCreate, OpUserApprove, OpSessionRenew, OpHistory, OpHistoryAt}
 	for _, v := range Verbs {
 		ops = append(ops, UserAttrOp(v), SessionAttrOp(v))
 	}
@@ -186,6 +185,14 @@ func (s *Service) handle(ctx context.Context, op Op, req *Request, m *Meta) (map
 		return s.approveUser(ctx, req, m)
 	case OpSessionRenew:
 		return s.renew(ctx, req, m)
+	case OpHistory, OpHistoryAt:
+		if s.cfg.History == nil {
+			return nil, errors.New("history is not configured")
+		}
+		if op == OpHistory {
+			return s.history(ctx, req)
+		}
+		return s.historyAt(ctx, req)
 	}
 	for _, v := range Verbs {
 		switch op {
@@ -525,7 +532,7 @@ func (s *Service) writeAttrs(ctx context.Context, t *target, verb string, req *R
 }
 
 // attrView is one attribute as a get answers it.
-func (s *Service) attrView(t *target, name string, a *events.AttrRecord, decrypt bool) (map[string]any, error) {
+func attrView(keys *sealed.Keyring, uid, sid, name string, a *events.AttrRecord, decrypt bool) (map[string]any, error) {
 	out := map[string]any{"found": true, "name": name, "creation_time": formatTime(a.Created),
 		"last_modified": formatTime(a.Modified), "expiration_time": NeverExpires, "is_encrypted": a.Encrypted}
 	if a.ExpiresAt != 0 {
@@ -535,13 +542,12 @@ func (s *Service) attrView(t *target, name string, a *events.AttrRecord, decrypt
 	case !a.Encrypted:
 		out["value"] = json.RawMessage(a.Value)
 	case !decrypt:
-		b, _ := json.Marshal(base64.StdEncoding.EncodeToString(a.Value))
-		out["value"] = json.RawMessage(b)
+		out["value"] = sealedText(a.Value)
 	default:
-		if s.cfg.Keyring == nil {
+		if keys == nil {
 			return nil, errors.New("an encrypted value but no encryption key configured")
 		}
-		plain, err := s.cfg.Keyring.Open(a.Value, sealed.AAD(t.uid, t.sid, name))
+		plain, err := keys.Open(a.Value, sealed.AAD(uid, sid, name))
 		if err != nil {
 			return nil, fmt.Errorf("open %q: %w", name, err)
 		}
@@ -568,7 +574,7 @@ func (s *Service) readAttrs(ctx context.Context, t *target, verb string, req *Re
 		if a == nil {
 			return map[string]any{"found": false}, nil
 		}
-		return s.attrView(t, name, a, decrypt)
+		return attrView(s.cfg.Keyring, t.uid, t.sid, name, a, decrypt)
 	}
 	if !many {
 		v, err := answer(names[0])

@@ -34,6 +34,14 @@ type Request struct {
 	IsSuperUser *bool
 	RemoteAddr  string
 	UserAgent   string
+	// History queries.
+	SessionID string
+	Since     string
+	Until     string
+	At        string
+	Types     []string
+	After     *int64
+	Limit     *int64
 
 	present map[string]bool
 	typeErr error
@@ -65,6 +73,13 @@ type wire struct {
 	IsSuperUser json.RawMessage `json:"is_super_user"`
 	RemoteAddr  json.RawMessage `json:"remote_addr"`
 	UserAgent   json.RawMessage `json:"user_agent"`
+	SessionID   json.RawMessage `json:"session_id"`
+	Since       json.RawMessage `json:"since"`
+	Until       json.RawMessage `json:"until"`
+	At          json.RawMessage `json:"at"`
+	Types       json.RawMessage `json:"types"`
+	After       json.RawMessage `json:"after"`
+	Limit       json.RawMessage `json:"limit"`
 }
 
 // ParseJSON reads a JSON request body. Malformed or truncated JSON, trailing data, or a
@@ -120,6 +135,18 @@ func ParseJSON(body []byte) (*Request, error) {
 	r.Password = r.str("password", w.Password)
 	r.RemoteAddr = r.str("remote_addr", w.RemoteAddr)
 	r.UserAgent = r.str("user_agent", w.UserAgent)
+	r.SessionID = r.str("session_id", w.SessionID)
+	r.Since = r.str("since", w.Since)
+	r.Until = r.str("until", w.Until)
+	r.At = r.str("at", w.At)
+	r.After = r.integer("after", w.After)
+	r.Limit = r.integer("limit", w.Limit)
+	if w.Types != nil {
+		r.present["types"] = true
+		if w.Types[0] != '[' || json.Unmarshal(w.Types, &r.Types) != nil {
+			r.fail("types must be a list of event types")
+		}
+	}
 	return r, nil
 }
 

@@ -38,6 +38,8 @@ type Config struct {
 	Keyring *sealed.Keyring
 	// Password is the argon2id cost of new password hashes.
 	Password PasswordParams
+	// History reads the log for history and point-in-time queries; nil refuses them.
+	History HistorySource
 	// MaxInFlight bounds requests handled at once (default 4096).
 	MaxInFlight int
 	// Logger; nil uses slog.Default().

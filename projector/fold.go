@@ -8,12 +8,8 @@ import (
 // State is the projection as the fold reads and changes it. Getters return nil for an
 // absent key; liveness (expiry) is the fold's business, decided at the event's time.
 type State interface {
-	User(uid string) *events.UserRecord
+	events.View
 	Username(name string) *events.UsernameRecord
-	Session(sid string) *events.SessionRecord
-	Attr(key string) *events.AttrRecord
-	// AttrKeys lists the keys under prefix that hold a record.
-	AttrKeys(prefix string) []string
 	Put(key string, rec any)
 	Delete(key string)
 }

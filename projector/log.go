@@ -21,15 +21,6 @@ type Log struct {
 // rejects them, as the projector would).
 func NewLog(js jetstream.JetStream, opener Opener) *Log { return &Log{js: js, opener: opener} }
 
-// Entry is one event of the log with the decision the fold gives it. Event is nil for
-// an unreadable message (its decision is E008002).
-type Entry struct {
-	Seq      uint64
-	Subject  string
-	Event    *events.Event
-	Decision events.Decision
-}
-
 // read calls fn with every message on the filters (all: none) in log order, up to the
 // log's end when the read began; fn returns false to stop.
 func (l *Log) read(ctx context.Context, filters []string, fn func(seq uint64, subject string, data []byte) bool) error {
@@ -76,8 +67,8 @@ func (l *Log) read(ctx context.Context, filters []string, fn func(seq uint64, su
 }
 
 // fold decodes and folds one message into st, as the projector would.
-func (l *Log) fold(st State, seq uint64, subject string, data []byte) Entry {
-	e := Entry{Seq: seq, Subject: subject}
+func (l *Log) fold(st State, seq uint64, subject string, data []byte) events.Entry {
+	e := events.Entry{Seq: seq, Subject: subject}
 	ev, err := events.Decode(data)
 	if err != nil || events.Subject(ev) != subject {
 		e.Decision = events.Decision{Seq: seq, Code: events.CodeInvalidInput}
@@ -90,7 +81,7 @@ func (l *Log) fold(st State, seq uint64, subject string, data []byte) Entry {
 
 // FoldAll folds the whole log into m, in order, calling fn (if not nil) with every
 // entry; it is what a rebuild and a verification start from.
-func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(Entry)) error {
+func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) error {
 	st := m.State()
 	return l.read(ctx, nil, func(seq uint64, subject string, data []byte) bool {
 		e := l.fold(st, seq, subject, data)
@@ -115,8 +106,8 @@ func (l *Log) Last(ctx context.Context) (last, count uint64, err error) {
 }
 
 // FoldUser folds what decides one user's events, in log order, and calls fn with each
-// of the user's events (under events.UserSubjects) until fn returns false or an event's
-// time is after until (0: no limit). It returns the state reached: the user's
+// of the user's events (under events.UserSubjects) and the projection right after it,
+// until fn returns false or an event's time is after until (0: no limit). It returns the state reached: the user's
 // projection as of the last event folded.
 //
 // A user's events depend on the user's own earlier events and, when someone else acted
@@ -124,7 +115,7 @@ func (l *Log) Last(ctx context.Context) (last, count uint64, err error) {
 // once for the actors, then for the user's events together with the actors' user and
 // session lifecycle events. (Folding only these, a user.created refused because another
 // user had the username would be found accepted: such an id never existed anyway.)
-func (l *Log) FoldUser(ctx context.Context, uid string, until int64, fn func(Entry) bool) (*Memory, error) {
+func (l *Log) FoldUser(ctx context.Context, uid string, until int64, fn func(events.Entry, events.View) bool) (events.View, error) {
 	m := NewMemory()
 	own := events.UserSubjects(uid)
 	actors := map[string]bool{}
@@ -153,9 +144,9 @@ func (l *Log) FoldUser(ctx context.Context, uid string, until int64, fn func(Ent
 		}
 		e := l.fold(st, seq, subject, data)
 		if mine && fn != nil {
-			return fn(e)
+			return fn(e, st)
 		}
 		return true
 	})
-	return m, err
+	return m.State(), err
 }

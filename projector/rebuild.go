@@ -145,7 +145,10 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 		live[e.Key()] = rec
 	}
 	now := time.Now().UnixNano()
-	liveSession := func(sid string) *events.SessionRecord { r, _ := live[events.SessionKey(sid)].(*events.SessionRecord); return r }
+	liveSession := func(sid string) *events.SessionRecord {
+		r, _ := live[events.SessionKey(sid)].(*events.SessionRecord)
+		return r
+	}
 	alive := func(key string, rec any, session func(string) *events.SessionRecord) bool {
 		_, ok := TTL(key, rec, session, now)
 		return ok && rec != nil
@@ -175,7 +178,9 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 }
 
 // projected reports whether a key is part of the projection proper.
-func projected(key string) bool { return !strings.HasPrefix(key, "p.") && !strings.HasPrefix(key, "d.") }
+func projected(key string) bool {
+	return !strings.HasPrefix(key, "p.") && !strings.HasPrefix(key, "d.")
+}
 
 func sameRecord(a, b any) bool {
 	x, err1 := events.Marshal(a)

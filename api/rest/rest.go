@@ -39,6 +39,8 @@ func Routes() []Route {
 		{"POST", "/zato/sso/user", api.OpUserCreate},
 		{"POST", "/zato/sso/user/approve", api.OpUserApprove},
 		{"PATCH", "/zato/sso/user/session", api.OpSessionRenew},
+		{"GET", "/attrd/history", api.OpHistory},
+		{"GET", "/attrd/history/at", api.OpHistoryAt},
 	}
 	for _, scope := range []struct {
 		base string
@@ -250,7 +252,7 @@ func fields(body []byte) (map[string]json.RawMessage, error) {
 
 // withQuery adds the query string's fields to the body's, for browsers: one name is a
 // single-item call, a repeated name is data; decrypt and encrypt take true/false,
-// expiration an integer. A field in the body wins.
+// expiration, after and limit an integer; types is a list. A field in the body wins.
 func withQuery(body []byte, r *http.Request) ([]byte, error) {
 	q := r.URL.Query()
 	if len(q) == 0 {
@@ -280,12 +282,14 @@ func withQuery(body []byte, r *http.Request) ([]byte, error) {
 			} else {
 				set(k, vs[0]) // a string: the strict parser calls it invalid input
 			}
-		case "expiration":
+		case "expiration", "after", "limit":
 			if n, err := strconv.ParseInt(vs[0], 10, 64); err == nil {
 				set(k, n)
 			} else {
 				set(k, vs[0])
 			}
+		case "types":
+			set(k, vs) // always a list
 		default:
 			set(k, vs[0])
 		}

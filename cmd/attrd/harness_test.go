@@ -165,3 +165,5 @@ func mustKV(t testing.TB, s *Server) jetstream.KeyValue {
 
 // loadKeys loads a key file as a projector.Opener.
 func loadKeys(path string) (*sealed.Keyring, error) { return sealed.LoadKeyFile(path) }
+
+var jsonMarshal = json.Marshal

@@ -76,7 +76,7 @@ func (r *replayer) fold(ctx context.Context) (*projector.Memory, uint64, error) 
 	m := projector.NewMemory()
 	r.progress.start("fold", total)
 	var n uint64
-	err = r.log.FoldAll(ctx, m, func(e projector.Entry) {
+	err = r.log.FoldAll(ctx, m, func(e events.Entry) {
 		n++
 		r.progress.update(n)
 	})

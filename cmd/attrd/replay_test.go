@@ -136,7 +136,7 @@ func TestLongRandomTrafficReplaysToTheSameProjectionAndDecisions(t *testing.T) {
 	}
 	m := projector.NewMemory()
 	var replayed []events.Decision
-	if err := projector.NewLog(js, keys).FoldAll(ctxT(t), m, func(e projector.Entry) { replayed = append(replayed, e.Decision) }); err != nil {
+	if err := projector.NewLog(js, keys).FoldAll(ctxT(t), m, func(e events.Entry) { replayed = append(replayed, e.Decision) }); err != nil {
 		t.Fatal(err)
 	}
 	mu.Lock()

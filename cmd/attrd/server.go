@@ -161,8 +161,13 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 		return nil, ctx.Err()
 	}
 
+	apiJS, err := jetstream.New(s.apiConn)
+	if err != nil {
+		return nil, err
+	}
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
-		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log}); err != nil {
+		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log,
+		History: projector.NewLog(apiJS, opener)}); err != nil {
 		return nil, err
 	}
 	if s.natsAPI, err = natsapi.Start(s.apiConn, s.svc, log); err != nil {

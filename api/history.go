@@ -1,0 +1,281 @@
+package api
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"slices"
+	"time"
+
+	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/sealed"
+)
+
+// History operations.
+const (
+	OpHistory   Op = "history.list" // a user's, a session's or an attribute's events
+	OpHistoryAt Op = "history.at"   // attributes as they were at a time
+)
+
+// HistorySource folds the log for one user (projector.Log is one).
+type HistorySource interface {
+	// FoldUser calls fn with each of the user's events in log order, with its decision
+	// and the projection right after it, until fn returns false or an event is later
+	// than until (0: none); it returns the projection as of the last event folded.
+	FoldUser(ctx context.Context, uid string, until int64, fn func(events.Entry, events.View) bool) (events.View, error)
+}
+
+// Paging bounds of a history request.
+const (
+	DefaultHistoryLimit = 100
+	MaxHistoryLimit     = 1000
+)
+
+var eventTypes = []events.Type{events.UserCreated, events.UserApproved, events.SessionCreated, events.SessionRenewed,
+	events.SessionEnded, events.AttrCreated, events.AttrUpdated, events.AttrSet, events.AttrDeleted}
+
+// HistoryFilter selects events of a user's history.
+type HistoryFilter struct {
+	SessionID    string   // only this session's events ("": all)
+	Name         string   // only events on this attribute ("": all); of SessionID's when set, else of the user's
+	Since, Until int64    // Unix ns; 0: unbounded
+	Types        []string // only these types (none: all)
+	After        uint64   // events after this sequence (paging)
+}
+
+// Match reports whether an entry passes the filter.
+func (f *HistoryFilter) Match(e events.Entry) bool {
+	ev := e.Event
+	if ev == nil || e.Seq <= f.After || f.Since != 0 && ev.Time < f.Since || f.Until != 0 && ev.Time > f.Until {
+		return false
+	}
+	if len(f.Types) > 0 && !slices.Contains(f.Types, string(ev.Type)) {
+		return false
+	}
+	if f.SessionID != "" && ev.SessionID != f.SessionID {
+		return false
+	}
+	if f.Name != "" {
+		if ev.SessionID != f.SessionID {
+			return false // a user attribute's history has no session attributes, and back
+		}
+		return slices.ContainsFunc(ev.Attrs, func(it events.AttrItem) bool { return it.Name == f.Name })
+	}
+	return true
+}
+
+// HistoryEvent is how one entry of the history is shown: time, type, actor, app, remote
+// address, cid, the decision and the change. after is the projection right after the
+// event. A value that the event stored encrypted shows as encrypted unless keys is
+// given and decrypt is true; one sealed in the log only because the update kept the
+// attribute's setting (Inherit) but stored plain shows as the plain value it became.
+func HistoryEvent(e events.Entry, after events.View, keys *sealed.Keyring, decrypt bool) map[string]any {
+	ev := e.Event
+	out := map[string]any{"seq": e.Seq, "id": ev.ID, "time": formatTime(ev.Time), "type": string(ev.Type),
+		"user_id": ev.UserID, "decision": "accepted"}
+	if e.Decision.Code != "" {
+		out["decision"], out["code"] = "rejected", string(e.Decision.Code)
+	}
+	for k, v := range map[string]string{"actor": ev.Actor, "actor_session": ev.ActorSession, "app": ev.App,
+		"remote_addr": ev.RemoteAddr, "user_agent": ev.UserAgent, "cid": ev.CID, "session_id": ev.SessionID} {
+		if v != "" {
+			out[k] = v
+		}
+	}
+	switch ev.Type {
+	case events.UserCreated:
+		if ev.User != nil {
+			out["username"], out["is_super_user"] = ev.User.Username, ev.User.SuperUser
+		}
+	case events.SessionCreated, events.SessionRenewed:
+		out["expiration_time"] = formatTime(ev.ExpiresAt)
+	}
+	if len(ev.Attrs) > 0 {
+		changes := make([]map[string]any, len(ev.Attrs))
+		for i, it := range ev.Attrs {
+			c := map[string]any{"name": it.Name}
+			if ev.Type != events.AttrDeleted {
+				if it.ExpiresAt != 0 {
+					c["expiration_time"] = formatTime(it.ExpiresAt)
+				}
+				switch it.Enc {
+				case events.Plain:
+					c["value"] = json.RawMessage(it.Value)
+				case events.Encrypted, events.Inherit:
+					c["value_encrypted"] = true
+					storedPlain := false
+					if it.Enc == events.Inherit && e.Decision.Code == "" && after != nil {
+						a := after.Attr(events.AttrKey(ev.UserID, ev.SessionID, it.Name))
+						storedPlain = a != nil && a.Seq == e.Seq && !a.Encrypted
+					}
+					if (decrypt || storedPlain) && keys != nil {
+						if plain, err := keys.Open(it.Value, sealed.AAD(ev.UserID, ev.SessionID, it.Name)); err == nil {
+							c["value"], c["value_encrypted"] = json.RawMessage(plain), false
+						}
+					}
+				}
+			}
+			changes[i] = c
+		}
+		out["changes"] = changes
+	}
+	return out
+}
+
+// AttrsAt shows the attributes a view holds under a user (sid "") or a session that are
+// live at t, as get shows them.
+func AttrsAt(v events.View, uid, sid string, t int64, keys *sealed.Keyring, decrypt bool) (map[string]any, error) {
+	prefix := events.AttrPrefix(uid, sid)
+	out := map[string]any{}
+	for _, k := range v.AttrKeys(prefix) {
+		a := v.Attr(k)
+		if !a.Live(t) {
+			continue
+		}
+		name, err := events.AttrNameFromKey(prefix, k)
+		if err != nil {
+			return nil, err
+		}
+		if out[name], err = attrView(keys, uid, sid, name, a, decrypt); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// parseTime reads an RFC 3339 time field (empty: 0).
+func parseTime(field, s string) (int64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return 0, events.Errorf(events.CodeInvalidInput, "%s must be an RFC 3339 time", field)
+	}
+	return t.UnixNano(), nil
+}
+
+// historyTarget authenticates the caller and finds whose history it asks for: its own,
+// or (a super-user) anyone's; and which session, from session_id or target_ust.
+func (s *Service) historyTarget(ctx context.Context, req *Request) (c *caller, uid, sid string, err error) {
+	ust := req.UST
+	if ust == "" {
+		ust = req.CurrentUST
+	}
+	if !req.Has("ust") && !req.Has("current_ust") {
+		return nil, "", "", badRequest("missing field ust")
+	}
+	if c, err = s.authenticate(ctx, ust); err != nil {
+		return nil, "", "", err
+	}
+	uid = c.user.UserID
+	if req.UserID != "" && req.UserID != uid {
+		if !c.user.SuperUser {
+			return nil, "", "", events.Errorf(events.CodeNotAllowed, "another user's history")
+		}
+		uid = req.UserID
+	}
+	sid = req.SessionID
+	if req.TargetUST != "" {
+		sid = events.SessionID(req.TargetUST)
+	}
+	if req.typeErr != nil {
+		return nil, "", "", req.typeErr
+	}
+	return c, uid, sid, nil
+}
+
+func (s *Service) history(ctx context.Context, req *Request) (map[string]any, error) {
+	_, uid, sid, err := s.historyTarget(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	f := HistoryFilter{SessionID: sid, Types: req.Types}
+	if req.Name != nil {
+		if err := ValidateName(*req.Name); err != nil {
+			return nil, err
+		}
+		f.Name = *req.Name
+	}
+	for _, t := range req.Types {
+		if !slices.Contains(eventTypes, events.Type(t)) {
+			return nil, events.Errorf(events.CodeInvalidInput, "unknown event type %q", t)
+		}
+	}
+	if f.Since, err = parseTime("since", req.Since); err != nil {
+		return nil, err
+	}
+	if f.Until, err = parseTime("until", req.Until); err != nil {
+		return nil, err
+	}
+	limit := int64(DefaultHistoryLimit)
+	if req.Limit != nil {
+		limit = *req.Limit
+	}
+	if limit < 1 || limit > MaxHistoryLimit {
+		return nil, events.Errorf(events.CodeInvalidInput, "limit is 1 to %d", MaxHistoryLimit)
+	}
+	if req.After != nil {
+		if *req.After < 0 {
+			return nil, events.Errorf(events.CodeInvalidInput, "after is a sequence, not negative")
+		}
+		f.After = uint64(*req.After)
+	}
+	decrypt := req.Decrypt != nil && *req.Decrypt
+	list := []map[string]any{}
+	more := false
+	_, err = s.cfg.History.FoldUser(ctx, uid, f.Until, func(e events.Entry, after events.View) bool {
+		if !f.Match(e) {
+			return true
+		}
+		if int64(len(list)) == limit {
+			more = true
+			return false
+		}
+		list = append(list, HistoryEvent(e, after, s.cfg.Keyring, decrypt))
+		return true
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]any{"events": list}
+	if more {
+		out["next"] = list[len(list)-1]["seq"]
+	}
+	return out, nil
+}
+
+func (s *Service) historyAt(ctx context.Context, req *Request) (map[string]any, error) {
+	if err := require(req, "at"); err != nil {
+		return nil, err
+	}
+	_, uid, sid, err := s.historyTarget(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	at, err := parseTime("at", req.At)
+	if err != nil {
+		return nil, err
+	}
+	view, err := s.cfg.History.FoldUser(ctx, uid, at, nil)
+	if err != nil {
+		return nil, err
+	}
+	if sid != "" {
+		if ss := view.Session(sid); !ss.Live(at) || ss.UserID != uid {
+			return nil, events.Errorf(events.CodeNoSession, "no such session at that time")
+		}
+	}
+	result, err := AttrsAt(view, uid, sid, at, s.cfg.Keyring, req.Decrypt == nil || *req.Decrypt)
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"at": formatTime(at), "result": result}, nil
+}
+
+// sealedText is how an encrypted value reads when not decrypted: its sealed bytes in
+// base64, as a JSON string.
+func sealedText(v []byte) json.RawMessage {
+	b, _ := json.Marshal(base64.StdEncoding.EncodeToString(v))
+	return b
+}
