@@ -233,3 +233,24 @@ func toJSON(v any) string {
 	b, _ := jsonMarshal(v)
 	return string(b)
 }
+
+func TestHistoryCommandPrintsATableOrJSON(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	u, _ := f.alice.User(ctx)
+	expectCode(t, u.Attr.Create(ctx, "theme", "dark"), nil2)
+	expectCode(t, u.Attr.Update(ctx, "nope", 1), events.CodeNoAttr)
+	code, out := runCmd(t, "history", "--user", "alice", "--nats-url", f.srv.ClientURL())
+	if code != 0 || !strings.Contains(out, "DECISION") || !strings.Contains(out, `theme="dark"`) || !strings.Contains(out, "rejected E009002") {
+		t.Fatalf("table: exit %d\n%s", code, out)
+	}
+	code, out = runCmd(t, "history", "--user", f.aliceID, "--attr", "theme", "--json", "--nats-url", f.srv.ClientURL())
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if code != 0 || len(lines) != 1 || !strings.Contains(lines[0], `"type":"attr.created"`) {
+		t.Fatalf("json: exit %d\n%s", code, out)
+	}
+	code, out = runCmd(t, "history", "--user", "alice", "--at", time.Now().Format(time.RFC3339Nano), "--nats-url", f.srv.ClientURL())
+	if code != 0 || !strings.Contains(out, "theme") || !strings.Contains(out, `"dark"`) {
+		t.Fatalf("--at: exit %d\n%s", code, out)
+	}
+}

@@ -29,6 +29,10 @@ const usage = `usage:
   attrd serve [flags]                       run the service
   attrd user create --username U [--super-user] [--nats-url URL]
                                             create a user; the password is read from stdin
+  attrd history --user U [--attr NAME | --session ID] [--since T] [--until T] [--types T,…] [--json] [--decrypt]
+  attrd history --user U --at T [--session ID]
+                                            a user's events with their decisions, or the
+                                            attributes as they were at time T
   attrd replay --into PREFIX | --verify [--nats-url URL]
                                             rebuild the projection from the log into fresh
                                             buckets, or compare a rebuild with the live one
@@ -52,6 +56,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr *os
 		err = bench(ctx, args[1:], stdout)
 	case "replay":
 		err = replayCmd(ctx, args[1:], stdout, stderr)
+	case "history":
+		err = historyCmd(ctx, args[1:], stdout)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -1,0 +1,204 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/api"
+	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/sealed"
+	"github.com/attrd/attrd/projector"
+)
+
+// historyCmd is `attrd history`: a user's (or a session's, or an attribute's) events
+// with their decisions, or (--at) the attributes as they were at a time. It reads the
+// log through NATS as attrd itself: an operator's tool.
+func historyCmd(ctx context.Context, args []string, stdout *os.File) error {
+	fs := flag.NewFlagSet("history", flag.ContinueOnError)
+	user := fs.String("user", "", "user id or username (required)")
+	attr := fs.String("attr", "", "only this attribute (of --session's session when given)")
+	session := fs.String("session", "", "only this session (its id, as history shows it)")
+	since := fs.String("since", "", "only events at or after this RFC 3339 time")
+	until := fs.String("until", "", "only events at or before this RFC 3339 time")
+	types := fs.String("types", "", "only these event types, comma-separated")
+	at := fs.String("at", "", "show the attributes as they were at this RFC 3339 time instead")
+	asJSON := fs.Bool("json", false, "one JSON object a line instead of a table")
+	decrypt := fs.Bool("decrypt", false, "show encrypted values (needs the key file)")
+	url := fs.String("nats-url", env("ATTRD_NATS_URL", "nats://"+env("ATTRD_NATS_ADDR", "127.0.0.1:4222")), "the NATS of attrd (ATTRD_NATS_URL)")
+	keyFile := fs.String("encryption-key-file", env("ATTRD_ENCRYPTION_KEY_FILE", filepath.Join(env("ATTRD_DATA_DIR", "./attrd-data"), "encryption.key")), "the key file (ATTRD_ENCRYPTION_KEY_FILE)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *user == "" {
+		return errors.New("--user is required")
+	}
+	nc, err := nats.Connect(*url, nats.Name("attrd-history"))
+	if err != nil {
+		return fmt.Errorf("connect to %s: %w", *url, err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	keys, err := sealed.LoadKeyFile(*keyFile)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	var opener projector.Opener
+	if keys != nil {
+		opener = keys
+	}
+	uid, err := resolveUser(ctx, js, *user)
+	if err != nil {
+		return err
+	}
+	log := projector.NewLog(js, opener)
+	if *at != "" {
+		t, err := time.Parse(time.RFC3339Nano, *at)
+		if err != nil {
+			return fmt.Errorf("--at: %w", err)
+		}
+		view, err := log.FoldUser(ctx, uid, t.UnixNano(), nil)
+		if err != nil {
+			return err
+		}
+		attrs, err := api.AttrsAt(view, uid, *session, t.UnixNano(), keys, *decrypt)
+		if err != nil {
+			return err
+		}
+		return printAttrs(stdout, attrs, *asJSON)
+	}
+	f := api.HistoryFilter{SessionID: *session, Name: *attr}
+	if *types != "" {
+		f.Types = strings.Split(*types, ",")
+	}
+	for _, p := range []struct {
+		s   string
+		dst *int64
+	}{{*since, &f.Since}, {*until, &f.Until}} {
+		if p.s != "" {
+			t, err := time.Parse(time.RFC3339Nano, p.s)
+			if err != nil {
+				return fmt.Errorf("bad time %q: %w", p.s, err)
+			}
+			*p.dst = t.UnixNano()
+		}
+	}
+	var rows []map[string]any
+	_, err = log.FoldUser(ctx, uid, f.Until, func(e events.Entry, after events.View) bool {
+		if f.Match(e) {
+			rows = append(rows, api.HistoryEvent(e, after, keys, *decrypt))
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	return printEvents(stdout, rows, *asJSON)
+}
+
+// resolveUser takes a user id or a username.
+func resolveUser(ctx context.Context, js jetstream.JetStream, user string) (string, error) {
+	kv, err := js.KeyValue(ctx, events.DefaultBucket)
+	if err != nil {
+		return "", err
+	}
+	if e, err := kv.Get(ctx, events.UsernameKey(user)); err == nil {
+		var r events.UsernameRecord
+		if err := events.Unmarshal(e.Value(), &r); err == nil {
+			return r.UserID, nil
+		}
+	}
+	return user, nil
+}
+
+func printEvents(w io.Writer, rows []map[string]any, asJSON bool) error {
+	if asJSON {
+		enc := json.NewEncoder(w)
+		for _, r := range rows {
+			if err := enc.Encode(r); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SEQ\tTIME\tTYPE\tACTOR\tAPP\tADDRESS\tDECISION\tCHANGE")
+	for _, r := range rows {
+		decision := r["decision"].(string)
+		if c, ok := r["code"]; ok {
+			decision += " " + c.(string)
+		}
+		fmt.Fprintf(tw, "%v\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r["seq"], r["time"], r["type"], str(r["actor"]), str(r["app"]),
+			str(r["remote_addr"]), decision, change(r))
+	}
+	return tw.Flush()
+}
+
+func str(v any) string {
+	if s, ok := v.(string); ok {
+		return s
+	}
+	return "-"
+}
+
+// change summarises what an event changes, for the table.
+func change(r map[string]any) string {
+	var parts []string
+	if chs, ok := r["changes"].([]map[string]any); ok {
+		for _, c := range chs {
+			p := c["name"].(string)
+			switch {
+			case c["value_encrypted"] == true:
+				p += "=<encrypted>"
+			case c["value"] != nil:
+				b, _ := json.Marshal(c["value"])
+				p += "=" + string(b)
+			}
+			if e, ok := c["expiration_time"]; ok {
+				p += " until " + e.(string)
+			}
+			parts = append(parts, p)
+		}
+	}
+	if u, ok := r["username"]; ok {
+		parts = append(parts, "username "+u.(string))
+	}
+	if e, ok := r["expiration_time"]; ok {
+		parts = append(parts, "until "+e.(string))
+	}
+	return strings.Join(parts, ", ")
+}
+
+func printAttrs(w io.Writer, attrs map[string]any, asJSON bool) error {
+	if asJSON {
+		return json.NewEncoder(w).Encode(attrs)
+	}
+	names := make([]string, 0, len(attrs))
+	for n := range attrs {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tVALUE\tENCRYPTED\tCREATED\tMODIFIED\tEXPIRES")
+	for _, n := range names {
+		a := attrs[n].(map[string]any)
+		b, _ := json.Marshal(a["value"])
+		fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%s\t%s\n", n, b, a["is_encrypted"], a["creation_time"], a["last_modified"], a["expiration_time"])
+	}
+	return tw.Flush()
+}
