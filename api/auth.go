@@ -108,7 +108,7 @@ func (s *Service) authenticate(ctx context.Context, ust string) (*caller, error)
 func (c *caller) event(t events.Type, m Meta) *events.Event {
 	ev := &events.Event{Type: t, CID: m.CID, App: m.App, RemoteAddr: m.RemoteAddr, UserAgent: m.UserAgent}
 	if c != nil {
-		ev.Actor, ev.ActorSession = c.user.UserID, c.sid
+		ev.Actor, ev.ActorSession, ev.ActorName = c.user.UserID, c.sid, c.user.Username
 	}
 	return ev
 }

@@ -76,7 +76,7 @@ func HistoryEvent(e events.Entry, after events.View, keys *sealed.Keyring, decry
 	if e.Decision.Code != "" {
 		out["decision"], out["code"] = "rejected", string(e.Decision.Code)
 	}
-	for k, v := range map[string]string{"actor": ev.Actor, "actor_session": ev.ActorSession, "app": ev.App,
+	for k, v := range map[string]string{"actor": ev.Actor, "actor_name": ev.ActorName, "actor_session": ev.ActorSession, "app": ev.App,
 		"remote_addr": ev.RemoteAddr, "user_agent": ev.UserAgent, "cid": ev.CID, "session_id": ev.SessionID} {
 		if v != "" {
 			out[k] = v

@@ -231,7 +231,7 @@ func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]
 	}
 	ust := NewUST()
 	ev := (*caller)(nil).event(events.SessionCreated, *m)
-	ev.UserID, ev.SessionID = u.UserID, events.SessionID(ust)
+	ev.UserID, ev.SessionID, ev.ActorName = u.UserID, events.SessionID(ust), u.Username
 	ev.Time = time.Now().UnixNano()
 	ev.ExpiresAt = ev.Time + int64(s.cfg.SessionTTL)
 	if _, err := s.apply(ctx, ev); err != nil {
@@ -255,6 +255,9 @@ func (s *Service) logout(ctx context.Context, req *Request, m *Meta) (map[string
 	}
 	ev := &events.Event{Type: events.SessionEnded, UserID: sess.UserID, SessionID: sid, Actor: sess.UserID,
 		ActorSession: sid, CID: m.CID, App: m.App, RemoteAddr: m.RemoteAddr, UserAgent: m.UserAgent}
+	if u, err := s.readUser(ctx, sess.UserID); err == nil && u != nil {
+		ev.ActorName = u.Username
+	}
 	if req.RequestID != "" {
 		ev.RequestKey = events.RequestKey(sess.UserID, req.RequestID)
 	}

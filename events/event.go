@@ -27,8 +27,11 @@ const (
 )
 
 // SchemaVersion is the version written into new events (header Attrd-Event-Version and
-// field "v"). Decode upgrades every older version it knows to this one.
-const SchemaVersion = 1
+// field "v"). Decode upgrades every older version it knows to this one:
+//
+//	1  the first released format
+//	2  adds actor_name, the acting user's username, for audits
+const SchemaVersion = 2
 
 // Headers carried by event messages.
 const (
@@ -85,8 +88,9 @@ type Event struct {
 	UserID    string `msgpack:"uid"`           // whose data: the target user
 	SessionID string `msgpack:"sid,omitempty"` // the target session, for session events and session attributes
 
-	Actor        string `msgpack:"actor,omitempty"` // the caller's user id ("" for the system)
-	ActorSession string `msgpack:"asid,omitempty"`  // the caller's session id
+	Actor        string `msgpack:"actor,omitempty"`      // the caller's user id ("" for the system)
+	ActorSession string `msgpack:"asid,omitempty"`       // the caller's session id
+	ActorName    string `msgpack:"actor_name,omitempty"` // the caller's username (version 2)
 	App          string `msgpack:"app,omitempty"`
 	RemoteAddr   string `msgpack:"addr,omitempty"`
 	UserAgent    string `msgpack:"ua,omitempty"`
@@ -125,13 +129,18 @@ func Decode(data []byte) (*Event, error) {
 	return &e, nil
 }
 
-// upgrade turns an event of an older schema version into the current one. Version 1 is
-// the first; the switch is where later versions add their conversions.
+// upgrade turns an event of an older schema version into the current one, one version
+// at a time, so that every released event replays.
 func upgrade(e *Event) error {
-	switch e.Version {
-	case SchemaVersion:
-		return nil
-	default:
+	if e.Version < 1 || e.Version > SchemaVersion {
 		return fmt.Errorf("event %s: unknown schema version %d", e.ID, e.Version)
 	}
+	for e.Version < SchemaVersion {
+		switch e.Version {
+		case 1:
+			// Version 1 did not record the actor's username: it stays unknown ("").
+		}
+		e.Version++
+	}
+	return nil
 }

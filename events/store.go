@@ -51,6 +51,9 @@ func (c StoreConfig) StreamConfig() jetstream.StreamConfig {
 	if c.MaxBytes > 0 {
 		sc.MaxBytes = c.MaxBytes
 	}
+	if c.MaxAge > 0 && c.DedupWindow > c.MaxAge {
+		sc.Duplicates = c.MaxAge // the server refuses a window longer than the history
+	}
 	return sc
 }
 

@@ -2,6 +2,7 @@ package projector
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -79,9 +80,23 @@ func (l *Log) fold(st State, seq uint64, subject string, data []byte) events.Ent
 	return e
 }
 
+// ErrTruncated is returned by FoldAll when the log no longer starts at its first event:
+// retention (--history-max-age, --history-max-bytes) removed the oldest, and a fold
+// would miss their effects.
+var ErrTruncated = errors.New("the log no longer holds its oldest events (history retention): it cannot rebuild the projection")
+
 // FoldAll folds the whole log into m, in order, calling fn (if not nil) with every
 // entry; it is what a rebuild and a verification start from.
 func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) error {
+	stream, err := l.js.Stream(ctx, events.StreamName)
+	if err != nil {
+		return err
+	}
+	if info, err := stream.Info(ctx); err != nil {
+		return err
+	} else if info.State.FirstSeq > 1 {
+		return fmt.Errorf("%w (it starts at sequence %d)", ErrTruncated, info.State.FirstSeq)
+	}
 	st := m.State()
 	return l.read(ctx, nil, func(seq uint64, subject string, data []byte) bool {
 		e := l.fold(st, seq, subject, data)

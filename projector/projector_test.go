@@ -12,6 +12,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/attrd/attrd/deploy/embedded"
 	"github.com/attrd/attrd/events"
@@ -425,5 +426,78 @@ func TestSecondProjectorOnOnePartitionStops(t *testing.T) {
 	// compare-and-set, or a key that another writer wrote.
 	if err == nil || !strings.Contains(err.Error(), "intent record") && !strings.Contains(err.Error(), "another writer") {
 		t.Fatalf("stopped with %v, want a lost compare-and-set", err)
+	}
+}
+
+// TestOlderSchemaVersionsStillReplay publishes events exactly as schema version 1 wrote
+// them (a msgpack map without the fields version 2 added), and one of an unknown future
+// version: the v1 events fold, live and in a replay; the unknown one is refused and the
+// projector goes on.
+func TestOlderSchemaVersionsStillReplay(t *testing.T) {
+	en := mustEnv(t)
+	uid, sid := events.NewID(), events.SessionID("ust")
+	now := time.Now().UnixNano()
+	v1 := []map[string]any{
+		{"id": events.NewID(), "type": "user.created", "v": 1, "ts": now, "uid": uid,
+			"user": map[string]any{"username": "old", "pwhash": "x", "approved": true}},
+		{"id": events.NewID(), "type": "session.created", "v": 1, "ts": now + 1, "uid": uid, "sid": sid, "exp": now + int64(time.Hour)},
+		{"id": events.NewID(), "type": "attr.created", "v": 1, "ts": now + 2, "uid": uid, "actor": uid, "asid": sid,
+			"attrs": []map[string]any{{"n": "kept", "val": []byte(`"from v1"`)}}},
+		{"id": events.NewID(), "type": "attr.updated", "v": 99, "ts": now + 3, "uid": uid, "actor": uid, "asid": sid,
+			"attrs": []map[string]any{{"n": "kept", "val": []byte(`"from the future"`)}}},
+	}
+	var last uint64
+	for _, m := range v1 {
+		data, err := msgpack.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		msg := nats.NewMsg(events.EventsPrefix + "." + uid + ".user")
+		if m["type"] != "user.created" {
+			msg.Subject = events.EventsPrefix + "." + uid + ".attr"
+		}
+		if m["type"] == "session.created" {
+			msg.Subject = events.EventsPrefix + "." + uid + ".session." + sid
+		}
+		msg.Data = data
+		msg.Header.Set(events.HeaderVersion, fmt.Sprint(m["v"]))
+		ack, err := en.js.PublishMsg(context.Background(), msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = ack.Sequence
+	}
+	var live []events.Decision
+	p, stop := en.run(t, projector.Config{Bucket: en.store.Bucket, OnDecision: func(d events.Decision) { live = append(live, d) }})
+	waitApplied(t, p, last)
+	stop()
+	codes := []events.Code{"", "", "", events.CodeInvalidInput}
+	for i, d := range live {
+		if d.Code != codes[i] {
+			t.Fatalf("event %d (v%v): %q, want %q", i+1, v1[i]["v"], d.Code, codes[i])
+		}
+	}
+	e, err := en.kv.Get(context.Background(), events.AttrKey(uid, "", "kept"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var a events.AttrRecord
+	if events.Unmarshal(e.Value(), &a) != nil || string(a.Value) != `"from v1"` {
+		t.Fatalf("the v1 attribute: %s", e.Value())
+	}
+	m := projector.NewMemory()
+	var replayed []events.Decision
+	if err := projector.NewLog(en.js, nil).FoldAll(context.Background(), m, func(e events.Entry) {
+		replayed = append(replayed, e.Decision)
+		if e.Event != nil && e.Event.Version != events.SchemaVersion {
+			t.Errorf("event %d not upgraded: version %d", e.Seq, e.Event.Version)
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range live {
+		if replayed[i].Code != live[i].Code {
+			t.Fatalf("replay of event %d: %q, live %q", i+1, replayed[i].Code, live[i].Code)
+		}
 	}
 }

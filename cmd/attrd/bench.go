@@ -33,9 +33,13 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	dur := fs.Duration("duration", 3*time.Second, "how long each measurement runs")
 	concs := fs.String("conc", "1,16,64,256", "comma-separated concurrencies")
+	replayEvents := fs.Int("replay", 0, "instead, measure replay over a log of this many events")
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the attrd measurements to this file")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *replayEvents > 0 {
+		return benchReplay(ctx, *replayEvents, stdout)
 	}
 	var levels []int
 	for _, c := range strings.Split(*concs, ",") {

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -97,6 +98,15 @@ func env(name, def string) string {
 	return def
 }
 
+func envInt(name string, def int64) int64 {
+	if v, ok := os.LookupEnv(name); ok {
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+			return n
+		}
+	}
+	return def
+}
+
 func envDuration(name string, def time.Duration) time.Duration {
 	if v, ok := os.LookupEnv(name); ok {
 		if d, err := time.ParseDuration(v); err == nil {
@@ -120,6 +130,8 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs.StringVar(&cfg.KeyFile, "encryption-key-file", env("ATTRD_ENCRYPTION_KEY_FILE", ""), "encryption key file (ATTRD_ENCRYPTION_KEY_FILE)")
 	fs.DurationVar(&cfg.DedupWindow, "dedup-window", envDuration("ATTRD_DEDUP_WINDOW", 2*time.Minute), "how long a request id is remembered (ATTRD_DEDUP_WINDOW)")
 	fs.DurationVar(&cfg.DecisionTimeout, "decision-timeout", envDuration("ATTRD_DECISION_TIMEOUT", 5*time.Second), "wait for a write's decision before answering E008004 (ATTRD_DECISION_TIMEOUT)")
+	fs.DurationVar(&cfg.HistoryMaxAge, "history-max-age", envDuration("ATTRD_HISTORY_MAX_AGE", 0), "drop events older than this from the log; 0 keeps all (ATTRD_HISTORY_MAX_AGE)")
+	fs.Int64Var(&cfg.HistoryMaxBytes, "history-max-bytes", envInt("ATTRD_HISTORY_MAX_BYTES", 0), "drop the oldest events beyond this size; 0 is no limit (ATTRD_HISTORY_MAX_BYTES)")
 	level := fs.String("log-level", env("ATTRD_LOG_LEVEL", "info"), "debug, info, warn or error (ATTRD_LOG_LEVEL)")
 	if err := fs.Parse(args); err != nil {
 		return err

@@ -226,3 +226,28 @@ func bucketRecords(t *testing.T, js jetstream.JetStream, bucket string) map[stri
 	}
 	return out
 }
+
+// TestRetentionDropsOldEventsButNotTheProjection: with a maximum age the log forgets
+// old events; the live projection keeps everything, and a rebuild refuses to run on a
+// log that lost its beginning.
+func TestRetentionDropsOldEventsButNotTheProjection(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.HistoryMaxAge = time.Second })
+	ctx := ctxT(t)
+	u, _ := f.alice.User(ctx)
+	expectCode(t, u.Attr.Create(ctx, "old", 1), nil2)
+	time.Sleep(2500 * time.Millisecond) // retention test: the events must age out
+	expectCode(t, u.Attr.Create(ctx, "new", 1), nil2)
+	js, _ := jetstream.New(f.srv.apiConn)
+	st, _ := js.Stream(ctx, events.StreamName)
+	info, err := st.Info(ctx)
+	if err != nil || info.State.FirstSeq <= 1 {
+		t.Fatalf("no event aged out: %+v %v", info.State, err)
+	}
+	if got, err := u.Attr.Get(ctx, "old"); err != nil || !got.Found {
+		t.Fatalf("the projection lost an attribute whose events aged out: %+v %v", got, err)
+	}
+	code, out := runCmd(t, "replay", "--verify", "--nats-url", f.srv.ClientURL())
+	if code == 0 || !strings.Contains(out, "retention") {
+		t.Fatalf("verify on a truncated log: exit %d\n%s", code, out)
+	}
+}

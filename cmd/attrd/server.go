@@ -39,6 +39,8 @@ type Config struct {
 	AdminUsername   string
 	AdminPassword   string
 	DedupWindow     time.Duration
+	HistoryMaxAge   time.Duration // 0: keep every event
+	HistoryMaxBytes int64         // 0: no limit
 	DecisionTimeout time.Duration
 	Password        api.PasswordParams
 	Logger          *slog.Logger
@@ -138,6 +140,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if cfg.DedupWindow > 0 {
 		store.DedupWindow = cfg.DedupWindow
 	}
+	store.MaxAge, store.MaxBytes = cfg.HistoryMaxAge, cfg.HistoryMaxBytes
 	if _, _, err := events.EnsureStore(ctx, js, store); err != nil {
 		return nil, err
 	}
