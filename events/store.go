@@ -107,3 +107,17 @@ func KVStream(bucket string) string { return "KV_" + bucket }
 // KVSubject is the subject of a key in a bucket. The projector publishes to it directly:
 // KV Update and Put cannot carry a per-message TTL and would drop one.
 func KVSubject(bucket, key string) string { return "$KV." + bucket + "." + key }
+
+// AwaitAcks waits for every publish in futs to be acknowledged; the first error wins.
+func AwaitAcks(ctx context.Context, futs []jetstream.PubAckFuture) error {
+	for _, f := range futs {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}

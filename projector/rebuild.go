@@ -45,17 +45,9 @@ func Write(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory
 	now := time.Now().UnixNano()
 	futs := make([]jetstream.PubAckFuture, 0, 4096)
 	flush := func() error {
-		for _, f := range futs {
-			select {
-			case <-f.Ok():
-			case err := <-f.Err():
-				return err
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		}
+		err := events.AwaitAcks(ctx, futs)
 		futs = futs[:0]
-		return nil
+		return err
 	}
 	done := 0
 	for key, rec := range recs {

@@ -114,18 +114,10 @@ func appendSynthetic(ctx context.Context, js jetstream.JetStream, n int) error {
 			return err
 		}
 		if futs = append(futs, f); len(futs) == 4096 {
-			for _, f := range futs {
-				select {
-				case <-f.Ok():
-				case err := <-f.Err():
-					return err
-				case <-ctx.Done():
-					return ctx.Err()
-				}
-			}
+			err = events.AwaitAcks(ctx, futs)
 			futs = futs[:0]
 		}
-		return nil
+		return err
 	}
 	ts := now.UnixNano()
 	count := 0
@@ -166,12 +158,5 @@ func appendSynthetic(ctx context.Context, js jetstream.JetStream, n int) error {
 		}
 		count++
 	}
-	for _, f := range futs {
-		select {
-		case <-f.Ok():
-		case err := <-f.Err():
-			return err
-		}
-	}
-	return nil
+	return events.AwaitAcks(ctx, futs)
 }

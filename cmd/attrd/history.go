@@ -8,25 +8,22 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/events"
-	"github.com/attrd/attrd/events/sealed"
 	"github.com/attrd/attrd/projector"
 )
 
 // historyCmd is `attrd history`: a user's (or a session's, or an attribute's) events
 // with their decisions, or (--at) the attributes as they were at a time. It reads the
 // log through NATS as attrd itself: an operator's tool.
-func historyCmd(ctx context.Context, args []string, stdout *os.File) error {
+func historyCmd(ctx context.Context, args []string, stdout, stderr *os.File) error {
 	fs := flag.NewFlagSet("history", flag.ContinueOnError)
 	user := fs.String("user", "", "user id or username (required)")
 	attr := fs.String("attr", "", "only this attribute (of --session's session when given)")
@@ -37,36 +34,27 @@ func historyCmd(ctx context.Context, args []string, stdout *os.File) error {
 	at := fs.String("at", "", "show the attributes as they were at this RFC 3339 time instead")
 	asJSON := fs.Bool("json", false, "one JSON object a line instead of a table")
 	decrypt := fs.Bool("decrypt", false, "show encrypted values (needs the key file)")
-	url := fs.String("nats-url", env("ATTRD_NATS_URL", "nats://"+env("ATTRD_NATS_ADDR", "127.0.0.1:4222")), "the NATS of attrd (ATTRD_NATS_URL)")
-	keyFile := fs.String("encryption-key-file", env("ATTRD_ENCRYPTION_KEY_FILE", filepath.Join(env("ATTRD_DATA_DIR", "./attrd-data"), "encryption.key")), "the key file (ATTRD_ENCRYPTION_KEY_FILE)")
+	tool := addToolFlags(fs, true)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *user == "" {
 		return errors.New("--user is required")
 	}
-	nc, err := nats.Connect(*url, nats.Name("attrd-history"))
+	nc, js, err := tool.connect("attrd-history")
 	if err != nil {
-		return fmt.Errorf("connect to %s: %w", *url, err)
+		return err
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc)
+	keys, err := tool.keys(stderr)
 	if err != nil {
 		return err
-	}
-	keys, err := sealed.LoadKeyFile(*keyFile)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	var opener projector.Opener
-	if keys != nil {
-		opener = keys
 	}
 	uid, err := resolveUser(ctx, js, *user)
 	if err != nil {
 		return err
 	}
-	log := projector.NewLog(js, opener)
+	log := projector.NewLog(js, opener(keys))
 	if *at != "" {
 		t, err := time.Parse(time.RFC3339Nano, *at)
 		if err != nil {

@@ -58,7 +58,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr *os
 	case "replay":
 		err = replayCmd(ctx, args[1:], stdout, stderr)
 	case "history":
-		err = historyCmd(ctx, args[1:], stdout)
+		err = historyCmd(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -7,15 +7,12 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/events"
-	"github.com/attrd/attrd/events/sealed"
 	"github.com/attrd/attrd/projector"
 )
 
@@ -28,32 +25,24 @@ func replayCmd(ctx context.Context, args []string, stdout, stderr *os.File) erro
 	fs := flag.NewFlagSet("replay", flag.ContinueOnError)
 	into := fs.String("into", "", "rebuild into the fresh bucket <PREFIX>"+events.DefaultBucket)
 	verify := fs.Bool("verify", false, "compare a rebuild with the live projection; exit 1 on any difference")
-	url := fs.String("nats-url", env("ATTRD_NATS_URL", "nats://"+env("ATTRD_NATS_ADDR", "127.0.0.1:4222")), "the NATS of attrd (ATTRD_NATS_URL)")
-	keyFile := fs.String("encryption-key-file", env("ATTRD_ENCRYPTION_KEY_FILE", filepath.Join(env("ATTRD_DATA_DIR", "./attrd-data"), "encryption.key")), "the key file, to fold updates that kept an attribute's encryption (ATTRD_ENCRYPTION_KEY_FILE)")
+	tool := addToolFlags(fs, true)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if (*into == "") == !*verify {
 		return errors.New("give one of --into PREFIX or --verify")
 	}
-	nc, err := nats.Connect(*url, nats.Name("attrd-replay"))
+	nc, js, err := tool.connect("attrd-replay")
 	if err != nil {
-		return fmt.Errorf("connect to %s: %w", *url, err)
+		return err
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc)
+	// The keys open values sealed only because an update kept the attribute's setting.
+	keys, err := tool.keys(stderr)
 	if err != nil {
 		return err
 	}
-	var opener projector.Opener
-	if keys, err := sealed.LoadKeyFile(*keyFile); err == nil {
-		opener = keys
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return err
-	} else {
-		fmt.Fprintf(stderr, "attrd replay: no key file at %s: updates that kept an attribute's encryption will not fold\n", *keyFile)
-	}
-	r := replayer{js: js, log: projector.NewLog(js, opener), out: stdout, progress: newProgress(stderr)}
+	r := replayer{js: js, log: projector.NewLog(js, opener(keys)), out: stdout, progress: newProgress(stderr)}
 	if *verify {
 		return r.verify(ctx, events.DefaultBucket)
 	}

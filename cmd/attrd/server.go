@@ -144,11 +144,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if _, _, err := events.EnsureStore(ctx, js, store); err != nil {
 		return nil, err
 	}
-	var opener projector.Opener
-	if keys != nil {
-		opener = keys
-	}
-	if s.proj, err = projector.New(s.prjConn, projector.Config{Bucket: store.Bucket, Opener: opener, Replies: true,
+	if s.proj, err = projector.New(s.prjConn, projector.Config{Bucket: store.Bucket, Opener: opener(keys), Replies: true,
 		DecisionTTL: store.DedupWindow, Logger: log, Hooks: cfg.ProjectorHooks, OnDecision: cfg.OnDecision}); err != nil {
 		return nil, err
 	}
@@ -170,7 +166,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	}
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
 		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log,
-		History: projector.NewLog(apiJS, opener)}); err != nil {
+		History: projector.NewLog(apiJS, opener(keys))}); err != nil {
 		return nil, err
 	}
 	if s.natsAPI, err = natsapi.Start(s.apiConn, s.svc, log); err != nil {

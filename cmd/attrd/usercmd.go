@@ -11,7 +11,6 @@ import (
 	"os"
 	"strings"
 
-	"github.com/nats-io/nats.go"
 
 	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/events"
@@ -26,7 +25,7 @@ func userCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	fs := flag.NewFlagSet("user create", flag.ContinueOnError)
 	username := fs.String("username", "", "the new user's username")
 	super := fs.Bool("super-user", false, "make the user a super-user")
-	url := fs.String("nats-url", env("ATTRD_NATS_URL", "nats://"+env("ATTRD_NATS_ADDR", "127.0.0.1:4222")), "the running attrd's NATS (ATTRD_NATS_URL)")
+	tool := addToolFlags(fs, false)
 	if err := fs.Parse(args[1:]); err != nil {
 		return err
 	}
@@ -41,9 +40,9 @@ func userCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	if password == "" {
 		return errors.New("no password on stdin")
 	}
-	nc, err := nats.Connect(*url, nats.Name("attrd-cli"))
+	nc, _, err := tool.connect("attrd-cli")
 	if err != nil {
-		return fmt.Errorf("connect to %s: %w", *url, err)
+		return err
 	}
 	defer nc.Close()
 	svc, err := api.New(ctx, nc, api.Config{Logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
