@@ -18,16 +18,22 @@ import (
 	"github.com/attrd/attrd/projector"
 )
 
-// runCmd runs the attrd command line and returns its exit status and output.
+// runCmd runs the attrd command line and returns its exit status and its standard
+// output, followed by its standard error when it failed.
 func runCmd(t *testing.T, args ...string) (int, string) {
 	t.Helper()
-	out, err := os.CreateTemp(t.TempDir(), "out")
-	if err != nil {
-		t.Fatal(err)
+	out, err1 := os.CreateTemp(t.TempDir(), "out")
+	errf, err2 := os.CreateTemp(t.TempDir(), "err")
+	if err1 != nil || err2 != nil {
+		t.Fatal(err1, err2)
 	}
-	code := run(context.Background(), args, strings.NewReader(""), out, out)
-	b, _ := os.ReadFile(out.Name())
-	return code, string(b)
+	code := run(context.Background(), args, strings.NewReader(""), out, errf)
+	o, _ := os.ReadFile(out.Name())
+	if code != 0 {
+		e, _ := os.ReadFile(errf.Name())
+		o = append(o, e...)
+	}
+	return code, string(o)
 }
 
 // randomTraffic drives the API with random operations from several users and sessions:

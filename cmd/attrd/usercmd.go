@@ -11,7 +11,6 @@ import (
 	"os"
 	"strings"
 
-
 	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/events"
 )
