@@ -190,14 +190,14 @@ func (s *Service) commit(ctx context.Context, ev *events.Event) (events.Decision
 		// stream refuse it, no decision comes and the caller hears "outcome unknown".
 		msg.Header.Set(nats.MsgIdHdr, ev.ID)
 		if err := s.nc.PublishMsg(msg); err != nil {
-			return events.Decision{}, fmt.Errorf("append event: %w", err)
+			return events.Decision{}, appendError(err)
 		}
 	} else {
 		// Nats-Msg-Id de-duplicates within the stream's window: a retry with the same
 		// request id is acked as a duplicate and appends nothing.
 		fut, err := s.js.PublishMsgAsync(msg, jetstream.WithMsgID(ev.RequestKey), jetstream.WithExpectStream(events.StreamName))
 		if err != nil {
-			return events.Decision{}, fmt.Errorf("append event: %w", err)
+			return events.Decision{}, appendError(err)
 		}
 		okc, errc = fut.Ok(), fut.Err()
 	}
@@ -222,6 +222,15 @@ func (s *Service) commit(ctx context.Context, ev *events.Event) (events.Decision
 			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "gave up waiting for event %s: %v", ev.ID, ctx.Err())
 		}
 	}
+}
+
+// appendError explains a failed append: an event over the server's maximum payload is
+// the caller's (too much in one request); anything else is internal.
+func appendError(err error) error {
+	if errors.Is(err, nats.ErrMaxPayload) {
+		return events.Errorf(events.CodeInvalidInput, "the request is too large for one event: %v", err)
+	}
+	return fmt.Errorf("append event: %w", err)
 }
 
 // recorded returns the decision kept for a request key, waiting for it if the first

@@ -341,23 +341,60 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 		return err
 	}
 
+	decisions := make([]events.Decision, len(items))
+	for start := 0; start < len(items); {
+		end := p.foldChunk(items, decisions, start)
+		if err := p.commit(ctx, items[start:end], decisions[start:end]); err != nil {
+			return err
+		}
+		start = end
+	}
+	if len(p.view.entries) > p.cfg.MaxCacheEntries {
+		p.view.reset()
+	}
+	return nil
+}
+
+// Bytes of the intent record per changed key and per event, at most (a key of 191
+// escaped bytes and a record without its value; a decision).
+const (
+	intentBytesPerKey   = 800
+	intentBytesPerEvent = 100
+)
+
+// foldChunk folds items from start on and returns where the chunk ends: where its intent
+// record would pass half the connection's maximum payload (with at least one event in
+// it), or at the end. A recorded batch being recovered is never cut.
+func (p *Projector) foldChunk(items []item, decisions []events.Decision, start int) int {
+	limit := int(p.nc.MaxPayload() / 2)
+	i := start
+	for i < len(items) {
+		it := items[i]
+		switch {
+		case it.bad != nil:
+			p.log.Warn("event rejected: unreadable", "seq", it.seq, "err", it.bad)
+			decisions[i] = events.Decision{Seq: it.seq, Code: events.CodeInvalidInput}
+		default:
+			decisions[i] = Fold(p.view, it.seq, it.ev, p.cfg.Opener, p.recordedDecision(it.seq))
+		}
+		i++
+		size := len(p.view.dirty)*intentBytesPerKey + (i-start)*intentBytesPerEvent
+		if size > limit && (p.recover == nil || it.seq >= p.recover.Last) {
+			break
+		}
+	}
+	return i
+}
+
+// commit writes a folded chunk (intent record, keys, kept decisions), sends its
+// decisions and acks it.
+func (p *Projector) commit(ctx context.Context, items []item, decisions []events.Decision) error {
 	first, last := items[0].seq, items[len(items)-1].seq
 	p.batches.Add(1)
 	p.events.Add(uint64(len(items)))
-	decisions := make([]events.Decision, len(items))
-	for i, it := range items {
-		forced := p.recordedDecision(it.seq)
-		if it.bad != nil {
-			p.log.Warn("event rejected: unreadable", "seq", it.seq, "err", it.bad)
-			decisions[i] = events.Decision{Seq: it.seq, Code: events.CodeInvalidInput}
-			continue
-		}
-		decisions[i] = Fold(p.view, it.seq, it.ev, p.cfg.Opener, forced)
-	}
 	if p.recover != nil && last >= p.recover.Last {
 		p.recover = nil
 	}
-
 	if err := p.hook(p.cfg.Hooks.BeforeCheckpoint, first, last); err != nil {
 		return err
 	}
@@ -372,13 +409,10 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 		return err
 	}
 	p.applied.Store(last)
-	// AckAll: one ack covers the whole batch. Losing it is harmless: a redelivered
-	// event at or below Applied is skipped.
-	if err := batch[len(batch)-1].Ack(); err != nil {
+	// AckAll: one ack covers the chunk. Losing it is harmless: a redelivered event at or
+	// below Applied is skipped.
+	if err := items[len(items)-1].msg.Ack(); err != nil {
 		p.log.Warn("ack failed", "seq", last, "err", err)
-	}
-	if len(p.view.entries) > p.cfg.MaxCacheEntries {
-		p.view.reset()
 	}
 	return nil
 }

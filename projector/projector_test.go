@@ -27,9 +27,12 @@ type env struct {
 	store events.StoreConfig
 }
 
-func mustEnv(t *testing.T) *env {
+func mustEnv(t *testing.T) *env { return mustEnvWith(t, embedded.Options{}) }
+
+func mustEnvWith(t *testing.T, o embedded.Options) *env {
 	t.Helper()
-	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir()})
+	o.DataDir = t.TempDir()
+	ns, err := embedded.Start(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -500,4 +503,38 @@ func TestOlderSchemaVersionsStillReplay(t *testing.T) {
 			t.Fatalf("replay of event %d: %q, live %q", i+1, replayed[i].Code, live[i].Code)
 		}
 	}
+}
+
+// TestBatchesAreCutSoThatIntentRecordsFitTheMaxPayload: on a server that takes messages
+// of 256 KiB at most, many 300-item events arrive together; folded as one batch their
+// intent record would be far larger, so the projector cuts the batch.
+func TestBatchesAreCutSoThatIntentRecordsFitTheMaxPayload(t *testing.T) {
+	en := mustEnvWith(t, embedded.Options{MaxPayload: 256 << 10})
+	g := newGen()
+	alice := g.user("alice")
+	evs := []*events.Event{alice, g.login(alice.UserID)}
+	for i := 0; i < 30; i++ {
+		names := make([]string, 300)
+		for j := range names {
+			names[j] = fmt.Sprintf("batch-%02d-item-%03d-%s", i, j, strings.Repeat("x", 40))
+		}
+		evs = append(evs, g.attr(events.AttrCreated, alice.UserID, "", names...))
+	}
+	last := en.publish(t, evs...)
+	var got []events.Decision
+	p, stop := en.run(t, projector.Config{Bucket: en.store.Bucket, OnDecision: func(d events.Decision) { got = append(got, d) }})
+	waitApplied(t, p, last)
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range got {
+		if d.Code != "" {
+			t.Fatalf("event %d refused: %s", d.Seq, d.Code)
+		}
+	}
+	if batches, _ := p.Stats(); batches < 10 {
+		t.Fatalf("%d batches for 32 events of up to 300 keys under a 256 KiB payload", batches)
+	}
+	_, want := reference(evs, 1)
+	sameRecords(t, bucketRecords(t, en.js, en.store.Bucket), want)
 }

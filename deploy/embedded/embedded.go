@@ -23,6 +23,9 @@ type Options struct {
 	Addr string
 	// Logger receives the server's warnings and errors; nil discards them.
 	Logger *slog.Logger
+	// MaxPayload is the largest message (default 8 MiB: large batches make large
+	// intent records).
+	MaxPayload int32
 }
 
 // Start starts a server and waits until it accepts connections. A JetStream that
@@ -51,8 +54,10 @@ func Start(o Options) (*server.Server, error) {
 		JetStream:  true,
 		StoreDir:   filepath.Join(o.DataDir),
 		NoSigs:     true,
-		// Checkpoints of large batches can exceed the 1 MiB default.
-		MaxPayload: 8 << 20,
+		MaxPayload: o.MaxPayload,
+	}
+	if opts.MaxPayload == 0 {
+		opts.MaxPayload = 8 << 20
 	}
 	ns, err := server.NewServer(opts)
 	if err != nil {
