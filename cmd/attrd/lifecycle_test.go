@@ -69,3 +69,34 @@ func TestShutdownAnswersRequestsInFlight(t *testing.T) {
 		t.Fatalf("the request in flight during shutdown got %v, want its ok", err)
 	}
 }
+
+// TestAProjectorCrashIsSurvivedAndTheWaitingRequestGetsItsAnswer: the projector stops
+// after writing a batch but before answering; the server starts it again, it recovers
+// the batch from its intent record and answers the request still waiting.
+func TestAProjectorCrashIsSurvivedAndTheWaitingRequestGetsItsAnswer(t *testing.T) {
+	var armed, crashed atomic.Bool
+	hooks := projector.Hooks{AfterWrites: func(first, last uint64) error {
+		if armed.Load() && crashed.CompareAndSwap(false, true) {
+			return errTest
+		}
+		return nil
+	}}
+	f := newFixture(t, func(c *Config) { c.ProjectorHooks = hooks })
+	ctx := ctxT(t)
+	u, _ := f.alice.User(ctx)
+	armed.Store(true)
+	start := time.Now()
+	expectCode(t, u.Attr.Create(ctx, "survivor", 1), nil2)
+	if !crashed.Load() {
+		t.Fatal("the projector did not crash: the test tests nothing")
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("the answer took %v: it came from the timeout, not the restarted projector", d)
+	}
+	// Applied once: a second create is refused, and the history has one accepted create.
+	expectCode(t, u.Attr.Create(ctx, "survivor", 2), events.CodeAttrExists)
+	evs, _ := historyOf(t, f, f.alice.UST, map[string]any{"name": "survivor"})
+	if len(evs) != 2 || evs[0]["decision"] != "accepted" || evs[1]["code"] != "E009001" {
+		t.Fatalf("history after the crash: %v", evs)
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -63,14 +64,15 @@ type Server struct {
 	ns      *server.Server
 	apiConn *nats.Conn
 	prjConn *nats.Conn
-	proj    *projector.Projector
+	proj    atomic.Pointer[projector.Projector]
+	prjUp   atomic.Bool
 	svc     *api.Service
 	natsAPI *natsapi.Server
 	httpSrv *http.Server
 	httpLn  net.Listener
 
 	prjCancel context.CancelFunc
-	prjDone   chan error
+	prjDone   chan struct{}
 	closeOnce sync.Once
 }
 
@@ -89,7 +91,7 @@ func (s *Server) HTTPAddr() string { return s.httpLn.Addr().String() }
 func (s *Server) Service() *api.Service { return s.svc }
 
 // Projector returns the projector.
-func (s *Server) Projector() *projector.Projector { return s.proj }
+func (s *Server) Projector() *projector.Projector { return s.proj.Load() }
 
 // Start runs attrd until Close.
 func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
@@ -97,7 +99,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	s := &Server{cfg: cfg, log: log, prjDone: make(chan error, 1)}
+	s := &Server{cfg: cfg, log: log, prjDone: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			s.Close()
@@ -144,18 +146,17 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if _, _, err := events.EnsureStore(ctx, js, store); err != nil {
 		return nil, err
 	}
-	if s.proj, err = projector.New(s.prjConn, projector.Config{Bucket: store.Bucket, Opener: opener(keys), Replies: true,
-		DecisionTTL: store.DedupWindow, Logger: log, Hooks: cfg.ProjectorHooks, OnDecision: cfg.OnDecision}); err != nil {
-		return nil, err
-	}
+	pcfg := projector.Config{Bucket: store.Bucket, Opener: opener(keys), Replies: true, DecisionTTL: store.DedupWindow,
+		Logger: log, Hooks: cfg.ProjectorHooks, OnDecision: cfg.OnDecision}
 	pctx, cancel := context.WithCancel(context.Background())
 	s.prjCancel = cancel
-	go func() { s.prjDone <- s.proj.Run(pctx) }()
+	first := make(chan error, 1)
+	go s.superviseProjector(pctx, pcfg, first)
 	select {
-	case <-s.proj.Ready():
-	case err := <-s.prjDone:
-		s.prjDone <- err
-		return nil, fmt.Errorf("projector: %w", err)
+	case err := <-first:
+		if err != nil {
+			return nil, fmt.Errorf("projector: %w", err)
+		}
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -193,6 +194,51 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	}()
 	log.Info("attrd serving", "nats", url, "http", s.HTTPAddr(), "apps", strings.Join(s.svc.Config().Apps, ","))
 	return s, nil
+}
+
+// superviseProjector runs the projector until ctx ends. The first run's outcome goes to
+// first (nil once it is ready). Afterwards, a projector that stops with an error (a
+// lost connection, a second writer) is logged and started again after a pause that
+// grows to 10s; each new run recovers from the intent record. /healthz answers 503
+// while none runs.
+func (s *Server) superviseProjector(ctx context.Context, cfg projector.Config, first chan<- error) {
+	defer close(s.prjDone)
+	const minPause, maxPause = 100 * time.Millisecond, 10 * time.Second
+	pause := minPause
+	for {
+		p, err := projector.New(s.prjConn, cfg)
+		if err == nil {
+			s.proj.Store(p)
+			done := make(chan error, 1)
+			go func() { done <- p.Run(ctx) }()
+			select {
+			case <-p.Ready():
+				s.prjUp.Store(true)
+				if first != nil {
+					first <- nil
+					first = nil
+				}
+				pause = minPause
+				err = <-done
+			case err = <-done:
+			}
+			s.prjUp.Store(false)
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if first != nil {
+			first <- err
+			return
+		}
+		s.log.Error("projector stopped; starting it again", "err", err, "pause", pause)
+		select {
+		case <-time.After(pause):
+		case <-ctx.Done():
+			return
+		}
+		pause = min(2*pause, maxPause)
+	}
 }
 
 // keyring loads the encryption key file. On the embedded default with no key file
@@ -238,12 +284,7 @@ func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/", rest.Handler(s.svc, rest.Config{CORSOrigins: s.cfg.CORSOrigins, Logger: s.log}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		ready := false
-		select {
-		case <-s.proj.Ready():
-			ready = s.apiConn.IsConnected() && s.prjConn.IsConnected()
-		default:
-		}
+		ready := s.prjUp.Load() && s.apiConn.IsConnected() && s.prjConn.IsConnected()
 		w.Header().Set("Content-Type", "application/json")
 		if !ready {
 			w.WriteHeader(http.StatusServiceUnavailable)
@@ -273,9 +314,7 @@ func (s *Server) Close() error {
 		}
 		if s.prjCancel != nil {
 			s.prjCancel()
-			if err := <-s.prjDone; err != nil {
-				errs = append(errs, fmt.Errorf("projector: %w", err))
-			}
+			<-s.prjDone
 		}
 		for _, nc := range []*nats.Conn{s.apiConn, s.prjConn} {
 			if nc != nil {
