@@ -36,29 +36,73 @@ func runCmd(t *testing.T, args ...string) (int, string) {
 	return code, string(o)
 }
 
-// randomTraffic drives the API with random operations from several users and sessions:
+// randomTraffic creates three users and drives the API with random operations from several users and sessions:
 // creates, updates of present and missing names, sets, deletes, expiries, batches,
 // encryption, logouts, renewals, and retries with the same request id. It returns how
 // many operations were answered.
 func randomTraffic(t *testing.T, f *fixture, n int, seed uint64) int {
 	t.Helper()
+	for i := 0; i < 3; i++ {
+		if _, err := f.admin.CreateUser(ctxT(t), fmt.Sprintf("user%d", i), "pw", false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return trafficWorker(t, f, n, seed)
+}
+
+// concurrentTraffic runs workers trafficWorkers at once, on the same users and names.
+func concurrentTraffic(t *testing.T, f *fixture, workers, n int, seed uint64) int {
+	t.Helper()
+	for i := 0; i < 3; i++ {
+		if _, err := f.admin.CreateUser(ctxT(t), fmt.Sprintf("user%d", i), "pw", false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var wg sync.WaitGroup
+	answered := make([]int, workers)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			answered[w] = trafficWorker(t, f, n, seed+uint64(w)*1000)
+		}()
+	}
+	wg.Wait()
+	total := 0
+	for _, a := range answered {
+		total += a
+	}
+	return total
+}
+
+// trafficWorker logs in its own sessions of the users (user0..2 must exist) and sends n
+// random operations.
+func trafficWorker(t *testing.T, f *fixture, n int, seed uint64) int {
 	ctx := ctxT(t)
 	rng := rand.New(rand.NewPCG(seed, seed+1))
 	type login struct {
 		s        *client.Session
 		user, pw string
 	}
+	// It may run off the test's goroutine: errors are t.Errorf and a return, never Fatal.
 	var sessions []login
+	logIn := func(user, pw string) *client.Session {
+		s, err := f.c.Login(ctx, user, pw)
+		if err != nil {
+			t.Errorf("login %s: %v", user, err)
+		}
+		return s
+	}
 	for i := 0; i < 3; i++ {
 		name := fmt.Sprintf("user%d", i)
-		if _, err := f.admin.CreateUser(ctx, name, "pw", false); err != nil {
-			t.Fatal(err)
-		}
 		for j := 0; j < 2; j++ {
-			sessions = append(sessions, login{mustLogin(t, f.c, name, "pw"), name, "pw"})
+			sessions = append(sessions, login{logIn(name, "pw"), name, "pw"})
 		}
 	}
-	sessions = append(sessions, login{f.admin, "admin", adminPassword}, login{f.alice, "alice", "alice-pw"})
+	sessions = append(sessions, login{f.admin, "admin", adminPassword}, login{logIn("alice", "alice-pw"), "alice", "alice-pw"})
+	if t.Failed() {
+		return 0
+	}
 	names := []string{"a", "b", "c.d", "e f", "ü"}
 	pick := func() string { return names[rng.IntN(len(names))] }
 	answered := 0
@@ -105,7 +149,9 @@ func randomTraffic(t *testing.T, f *fixture, n int, seed uint64) int {
 		case 10:
 			if rng.IntN(5) == 0 && li.user != "admin" {
 				if err = s.Logout(ctx); err == nil {
-					li.s = mustLogin(t, f.c, li.user, li.pw) // and a new session
+					if li.s = logIn(li.user, li.pw); li.s == nil { // and a new session
+						return answered
+					}
 				}
 			}
 		case 11:
@@ -115,7 +161,8 @@ func randomTraffic(t *testing.T, f *fixture, n int, seed uint64) int {
 		case "", events.CodeAttrExists, events.CodeNoAttr, events.CodeNoSession, events.CodeNotAllowed, events.CodeInvalidInput:
 			answered++
 		default:
-			t.Fatalf("operation %d: %v", i, err)
+			t.Errorf("operation %d: %v", i, err)
+			return answered
 		}
 	}
 	return answered
@@ -132,7 +179,7 @@ func TestLongRandomTrafficReplaysToTheSameProjectionAndDecisions(t *testing.T) {
 		c.DataDir = dir
 		c.OnDecision = func(d events.Decision) { mu.Lock(); live[d.Seq] = d; mu.Unlock() }
 	})
-	n := randomTraffic(t, f, 4000, 7)
+	n := concurrentTraffic(t, f, 4, 1000, 7)
 	t.Logf("%d operations answered", n)
 
 	js, _ := jetstream.New(f.srv.apiConn)
