@@ -515,10 +515,16 @@ func (s *Service) writeAttrs(ctx context.Context, t *target, verb string, req *R
 		switch {
 		case seal:
 			ai.Enc = events.Encrypted
-		case it.Encrypt == nil && verb != VerbCreate:
+		case it.Encrypt == nil && verb != VerbCreate && s.cfg.Keyring != nil:
 			// Update and set without encrypt keep the attribute's setting, which only
 			// the projector knows for sure: the value enters the log sealed either way.
 			ai.Enc, seal = events.Inherit, true
+		case it.Encrypt == nil && verb != VerbCreate:
+			// No key ring: nothing can become encrypted (encrypt:true is refused), so the
+			// attribute's current record says whether keeping its setting is possible.
+			if err := s.refuseIfEncrypted(ctx, t, it.Name); err != nil {
+				return err
+			}
 		}
 		if seal {
 			if s.cfg.Keyring == nil {
@@ -532,6 +538,19 @@ func (s *Service) writeAttrs(ctx context.Context, t *target, verb string, req *R
 	}
 	_, err = s.apply(ctx, ev)
 	return err
+}
+
+// refuseIfEncrypted refuses a write that would keep an attribute encrypted when there
+// is no key to seal its new value with.
+func (s *Service) refuseIfEncrypted(ctx context.Context, t *target, name string) error {
+	r, err := s.read(ctx, events.AttrKey(t.uid, t.sid, name))
+	if err != nil {
+		return err
+	}
+	if a, ok := r.(*events.AttrRecord); ok && a.Encrypted && a.Live(time.Now().UnixNano()) {
+		return events.Errorf(events.CodeInvalidInput, "%q is encrypted and encryption is not configured", name)
+	}
+	return nil
 }
 
 // attrView is one attribute as a get answers it.

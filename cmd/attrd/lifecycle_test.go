@@ -1,12 +1,16 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/attrd/attrd/api/client"
+	"github.com/attrd/attrd/deploy/embedded"
 	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/sealed"
 	"github.com/attrd/attrd/projector"
 )
 
@@ -99,4 +103,44 @@ func TestAProjectorCrashIsSurvivedAndTheWaitingRequestGetsItsAnswer(t *testing.T
 	if len(evs) != 2 || evs[0]["decision"] != "accepted" || evs[1]["code"] != "E009001" {
 		t.Fatalf("history after the crash: %v", evs)
 	}
+}
+
+// TestServesOnAnExistingNATSServer: with --nats-url attrd embeds nothing; with no key
+// file there, encrypt:true is refused rather than stored plain.
+func TestServesOnAnExistingNATSServer(t *testing.T) {
+	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	s := mustStart(t, func(c *Config) { c.NATSURL, c.Replicas = ns.ClientURL(), 1 })
+	if s.ns != nil {
+		t.Fatal("attrd embedded a server although given --nats-url")
+	}
+	sess := mustLogin(t, mustClient(t, s), "admin", adminPassword)
+	u, _ := sess.User(ctxT(t))
+	expectCode(t, u.Attr.Create(ctxT(t), "plain", 1), nil2)
+	expectCode(t, u.Attr.Update(ctxT(t), "plain", 2), nil2) // keeps "plain" plain: no key needed
+	expectCode(t, u.Attr.Set(ctxT(t), "new", 1), nil2)
+	expectCode(t, u.Attr.Create(ctxT(t), "secret", 1, client.Encrypt(true)), events.CodeInvalidInput)
+	if _, err := os.Stat(filepath.Join(s.cfg.DataDir, "encryption.key")); err == nil {
+		t.Fatal("a key was generated for an external NATS")
+	}
+	s.Close()
+
+	// An attribute encrypted while a key was configured cannot be updated without one:
+	// keeping it encrypted needs the key, and storing it plain would break its setting.
+	keyFile := filepath.Join(t.TempDir(), "key")
+	if err := sealed.GenerateKeyFile(keyFile); err != nil {
+		t.Fatal(err)
+	}
+	withKey := mustStart(t, func(c *Config) { c.NATSURL, c.Replicas, c.KeyFile = ns.ClientURL(), 1, keyFile })
+	sess = mustLogin(t, mustClient(t, withKey), "admin", adminPassword)
+	u, _ = sess.User(ctxT(t))
+	expectCode(t, u.Attr.Create(ctxT(t), "secret", 1, client.Encrypt(true)), nil2)
+	withKey.Close()
+	keyless := mustStart(t, func(c *Config) { c.NATSURL, c.Replicas = ns.ClientURL(), 1 })
+	u = mustClient(t, keyless).Resume(sess.UST).UserByID(u.ID)
+	expectCode(t, u.Attr.Update(ctxT(t), "secret", 2), events.CodeInvalidInput)
+	expectCode(t, u.Attr.Update(ctxT(t), "secret", 2, client.Encrypt(false)), nil2) // an explicit choice is fine
 }

@@ -124,6 +124,7 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", env("ATTRD_HTTP_ADDR", "127.0.0.1:17010"), "HTTP listen address (ATTRD_HTTP_ADDR)")
 	fs.StringVar(&cfg.NATSAddr, "nats-addr", env("ATTRD_NATS_ADDR", "127.0.0.1:4222"), "embedded NATS server's client address (ATTRD_NATS_ADDR)")
 	fs.StringVar(&cfg.NATSURL, "nats-url", env("ATTRD_NATS_URL", ""), "use this NATS server instead of the embedded one (ATTRD_NATS_URL)")
+	fs.IntVar(&cfg.Replicas, "replicas", int(envInt("ATTRD_REPLICAS", 3)), "replicas of the stream and bucket on --nats-url (ATTRD_REPLICAS)")
 	fs.StringVar(&apps, "apps", env("ATTRD_APPS", "CRM"), "comma-separated applications accepted as current_app (ATTRD_APPS)")
 	fs.StringVar(&origins, "cors-origins", env("ATTRD_CORS_ORIGINS", ""), "comma-separated origins browsers may call from; * for any, without credentials (ATTRD_CORS_ORIGINS)")
 	fs.DurationVar(&cfg.SessionTTL, "session-ttl", envDuration("ATTRD_SESSION_TTL", 60*time.Minute), "session lifetime (ATTRD_SESSION_TTL)")

@@ -33,6 +33,7 @@ type Config struct {
 	HTTPAddr        string
 	NATSAddr        string // embedded server's client listener
 	NATSURL         string // an existing NATS server instead of the embedded one
+	Replicas        int    // of the stream and the bucket on NATSURL (default 3)
 	Apps            []string
 	CORSOrigins     []string
 	SessionTTL      time.Duration
@@ -106,7 +107,10 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 		}
 	}()
 	url := cfg.NATSURL
-	replicas := 3
+	replicas := cfg.Replicas
+	if replicas <= 0 {
+		replicas = 3
+	}
 	if url == "" {
 		replicas = 1
 		if s.ns, err = embedded.Start(embedded.Options{DataDir: filepath.Join(cfg.DataDir, "nats"), Addr: cfg.NATSAddr, Logger: log}); err != nil {
