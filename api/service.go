@@ -57,7 +57,7 @@ type Service struct {
 	sub   *nats.Subscription
 
 	mu      sync.Mutex
-	waiting map[string]chan events.Decision
+	waiting map[string][]chan events.Decision // by event id; two retries of one request share it
 
 	sessions *sessionCache
 	stop     context.CancelFunc
@@ -101,7 +101,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		return nil, fmt.Errorf("projection bucket %s: %w", cfg.Bucket, err)
 	}
 	s := &Service{cfg: cfg, nc: nc, js: js, kv: kv, log: cfg.Logger,
-		inbox: nats.NewInbox(), waiting: map[string]chan events.Decision{},
+		inbox: nats.NewInbox(), waiting: map[string][]chan events.Decision{},
 		sessions: newSessionCache(5*time.Second, 100_000)}
 	wctx, stop := context.WithCancel(context.Background())
 	s.stop = stop
@@ -142,7 +142,7 @@ func (s *Service) onDecisions(m *nats.Msg) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, d := range ds {
-		if ch := s.waiting[d.EventID]; ch != nil {
+		for _, ch := range s.waiting[d.EventID] {
 			select {
 			case ch <- d:
 			default:
@@ -155,7 +155,10 @@ func (s *Service) onDecisions(m *nats.Msg) {
 // decision that does not come within DecisionTimeout is ErrOutcomeUnknown: the event
 // may still apply, and its request id finds out.
 func (s *Service) commit(ctx context.Context, ev *events.Event) (events.Decision, error) {
-	ev.ID = events.NewID()
+	ev.ID = ev.RequestKey // a retry's event has the same id
+	if ev.ID == "" {
+		ev.ID = events.NewID()
+	}
 	ev.Version = events.SchemaVersion
 	if ev.Time == 0 {
 		ev.Time = time.Now().UnixNano()
@@ -171,12 +174,17 @@ func (s *Service) commit(ctx context.Context, ev *events.Event) (events.Decision
 
 	ch := make(chan events.Decision, 1)
 	s.mu.Lock()
-	s.waiting[ev.ID] = ch
+	s.waiting[ev.ID] = append(s.waiting[ev.ID], ch)
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
-		delete(s.waiting, ev.ID)
-		s.mu.Unlock()
+		defer s.mu.Unlock()
+		rest := slices.DeleteFunc(s.waiting[ev.ID], func(c chan events.Decision) bool { return c == ch })
+		if len(rest) == 0 {
+			delete(s.waiting, ev.ID)
+		} else {
+			s.waiting[ev.ID] = rest
+		}
 	}()
 
 	timer := time.NewTimer(s.cfg.DecisionTimeout)
@@ -185,17 +193,17 @@ func (s *Service) commit(ctx context.Context, ev *events.Event) (events.Decision
 	var errc <-chan error
 	if ev.RequestKey == "" {
 		// Without a request id the decision is the acknowledgement: the event is
-		// published with no reply subject, so the server sends no PubAck, and its
-		// Nats-Msg-Id (the event's fresh ULID) only guards against a resend. Should the
-		// stream refuse it, no decision comes and the caller hears "outcome unknown".
+		// published with no reply subject, so the server sends no PubAck. Its
+		// Nats-Msg-Id is the event's ULID, as for every event. Should the stream refuse
+		// it, no decision comes and the caller hears "outcome unknown".
 		msg.Header.Set(nats.MsgIdHdr, ev.ID)
 		if err := s.nc.PublishMsg(msg); err != nil {
 			return events.Decision{}, appendError(err)
 		}
 	} else {
-		// Nats-Msg-Id de-duplicates within the stream's window: a retry with the same
-		// request id is acked as a duplicate and appends nothing.
-		fut, err := s.js.PublishMsgAsync(msg, jetstream.WithMsgID(ev.RequestKey), jetstream.WithExpectStream(events.StreamName))
+		// Nats-Msg-Id (the event id, derived from the request id) de-duplicates within
+		// the stream's window: a retry is acked as a duplicate and appends nothing.
+		fut, err := s.js.PublishMsgAsync(msg, jetstream.WithMsgID(ev.ID), jetstream.WithExpectStream(events.StreamName))
 		if err != nil {
 			return events.Decision{}, appendError(err)
 		}

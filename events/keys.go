@@ -2,6 +2,8 @@ package events
 
 import (
 	"crypto/sha256"
+
+	"github.com/oklog/ulid/v2"
 	"encoding/hex"
 	"fmt"
 	"strings"
@@ -81,11 +83,15 @@ func SessionID(ust string) string {
 	return hex.EncodeToString(h[:16])
 }
 
-// RequestKey returns the de-duplication key of a caller's request id, scoped to the
-// caller so that two callers' ids never collide.
+// RequestKey returns the id of the event of a request that carries a request id: a
+// ULID-form value derived from the caller (scope) and the request id, so that a retry's
+// event has the same id, hence the same Nats-Msg-Id, and the stream drops it. Its time
+// bits are not a time. Callers' ids never collide: the scope is part of the hash.
 func RequestKey(scope, requestID string) string {
 	h := sha256.Sum256([]byte(scope + "\x00" + requestID))
-	return hex.EncodeToString(h[:20])
+	var id ulid.ULID
+	copy(id[:], h[:16])
+	return id.String()
 }
 
 // EncodeName turns any string into a KV key token: ASCII letters, digits, '-' and '_'

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/oklog/ulid/v2"
 
 	"github.com/attrd/attrd/api/client"
 	"github.com/attrd/attrd/events"
@@ -302,5 +303,41 @@ func TestRetentionDropsOldEventsButNotTheProjection(t *testing.T) {
 	code, out := runCmd(t, "replay", "--verify", "--nats-url", f.srv.ClientURL())
 	if code == 0 || !strings.Contains(out, "retention") {
 		t.Fatalf("verify on a truncated log: exit %d\n%s", code, out)
+	}
+}
+
+// TestEveryEventCarriesItsTypeVersionAndULIDAsNatsMsgID checks the contract's event
+// headers on every message of the log, requests with a request id included.
+func TestEveryEventCarriesItsTypeVersionAndULIDAsNatsMsgID(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	u, _ := f.alice.User(ctx)
+	expectCode(t, u.Attr.Create(ctx, "a", 1, client.RequestID("r1")), nil2)
+	expectCode(t, u.Attr.Create(ctx, "a", 1, client.RequestID("r1")), nil2) // a retry: appends nothing
+	expectCode(t, u.Attr.Set(ctx, "b", 1), nil2)
+	js, _ := jetstream.New(f.srv.apiConn)
+	st, _ := js.Stream(ctx, events.StreamName)
+	info, _ := st.Info(ctx)
+	ids := map[string]bool{}
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq; seq++ {
+		m, err := st.GetMsg(ctx, seq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ev, err := events.Decode(m.Data)
+		if err != nil {
+			t.Fatalf("seq %d: %v", seq, err)
+		}
+		if m.Header.Get("Nats-Msg-Id") != ev.ID || m.Header.Get(events.HeaderType) != string(ev.Type) ||
+			m.Header.Get(events.HeaderVersion) != fmt.Sprint(events.SchemaVersion) {
+			t.Fatalf("seq %d (%s): headers %v, id %s", seq, ev.Type, m.Header, ev.ID)
+		}
+		if _, err := ulid.ParseStrict(ev.ID); err != nil || ids[ev.ID] {
+			t.Fatalf("seq %d: id %q is not a fresh ULID (%v)", seq, ev.ID, err)
+		}
+		ids[ev.ID] = true
+	}
+	if len(ids) < 5 {
+		t.Fatalf("only %d events in the log", len(ids))
 	}
 }
