@@ -50,8 +50,8 @@ type Request struct {
 // Has reports whether the body had the field, whatever its value.
 func (r *Request) Has(field string) bool { return r.present[field] }
 
-// MaxBodyBytes is the largest request body read.
-const MaxBodyBytes = 1 << 20
+// DefaultMaxBodyBytes is the largest request body read, unless configured.
+const DefaultMaxBodyBytes = 1 << 20
 
 // wire is a request body as sent: every field raw, so that its type can be checked.
 // A field absent from the body is nil; JSON null is "null".
@@ -82,13 +82,10 @@ type wire struct {
 	Limit       json.RawMessage `json:"limit"`
 }
 
-// ParseJSON reads a JSON request body. Malformed or truncated JSON, trailing data, or a
-// body that is not an object is CodeBadRequest; a body over MaxBodyBytes is
-// CodeInvalidInput.
+// ParseJSON reads a JSON request body (its size checked by the transport, see
+// Service.CheckBodySize). Malformed or truncated JSON, trailing data, or a body that is
+// not an object is CodeBadRequest.
 func ParseJSON(body []byte) (*Request, error) {
-	if len(body) > MaxBodyBytes {
-		return nil, events.Errorf(events.CodeInvalidInput, "body of %d bytes is over the limit of %d", len(body), MaxBodyBytes)
-	}
 	body = bytes.TrimSpace(body)
 	if len(body) == 0 {
 		body = []byte("{}")
@@ -168,9 +165,6 @@ func unquote(raw json.RawMessage) (string, bool) {
 // ParseMsgpack reads a msgpack request body (a map with string keys) by way of its JSON
 // equivalent, so both encodings obey the same rules.
 func ParseMsgpack(body []byte) (*Request, error) {
-	if len(body) > MaxBodyBytes {
-		return nil, events.Errorf(events.CodeInvalidInput, "body of %d bytes is over the limit of %d", len(body), MaxBodyBytes)
-	}
 	var v map[string]any
 	if err := msgpack.Unmarshal(body, &v); err != nil {
 		return nil, events.Errorf(events.CodeBadRequest, "malformed msgpack: %v", err)
@@ -273,6 +267,7 @@ type Item struct {
 type Limits struct {
 	MaxValueBytes int // encoded JSON of one value (default 64 KiB)
 	MaxItems      int // items of one request (default 1000)
+	MaxBodyBytes  int // a request body (default 1 MiB)
 }
 
 // MaxNameBytes is the longest attribute name.

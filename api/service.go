@@ -83,6 +83,9 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if cfg.Limits.MaxItems <= 0 {
 		cfg.Limits.MaxItems = 1000
 	}
+	if cfg.Limits.MaxBodyBytes <= 0 {
+		cfg.Limits.MaxBodyBytes = DefaultMaxBodyBytes
+	}
 	if cfg.Password == (PasswordParams{}) {
 		cfg.Password = DefaultPasswordParams
 	}
@@ -128,6 +131,15 @@ func (s *Service) Config() Config { return s.cfg }
 func (s *Service) Close() error {
 	s.stop()
 	return s.sub.Unsubscribe()
+}
+
+// CheckBodySize refuses a request body over the limit (E008002); transports call it, or
+// bound their reads by Config().Limits.MaxBodyBytes, before parsing.
+func (s *Service) CheckBodySize(n int) error {
+	if n > s.cfg.Limits.MaxBodyBytes {
+		return events.Errorf(events.CodeInvalidInput, "the body has %d bytes, the limit is %d", n, s.cfg.Limits.MaxBodyBytes)
+	}
+	return nil
 }
 
 // AppAllowed reports whether app is a configured application.

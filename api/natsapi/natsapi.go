@@ -98,10 +98,12 @@ func (s *Server) handle(op api.Op, r micro.Request) {
 	m := api.Meta{CID: events.NewID(), RequestID: r.Headers().Get(nats.MsgIdHdr)}
 	isMsgpack := r.Headers().Get("Content-Type") == ContentTypeMsgpack
 	var req *api.Request
-	var err error
-	if isMsgpack {
+	err := s.api.CheckBodySize(len(r.Data()))
+	switch {
+	case err != nil:
+	case isMsgpack:
 		req, err = api.ParseMsgpack(r.Data())
-	} else {
+	default:
 		req, err = api.ParseJSON(r.Data())
 	}
 	var rep api.Reply

@@ -197,7 +197,7 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
 	if host, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
 		m.RemoteAddr = host
 	}
-	body, err := readBody(w, r)
+	body, err := readBody(w, r, h.svc.Config().Limits.MaxBodyBytes)
 	if err != nil {
 		rep := api.ErrorReply(m.CID, err)
 		if events.CodeOf(err) == events.CodeInvalidInput {
@@ -224,13 +224,13 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
 	writeReply(w, h.svc.Handle(r.Context(), op, req, m))
 }
 
-// readBody reads at most api.MaxBodyBytes; a larger body is refused without being read
+// readBody reads at most limit bytes; a larger body is refused without being read
 // whole.
-func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
-	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, api.MaxBodyBytes))
+func readBody(w http.ResponseWriter, r *http.Request, limit int) ([]byte, error) {
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, int64(limit)))
 	var tooBig *http.MaxBytesError
 	if errors.As(err, &tooBig) {
-		return nil, events.Errorf(events.CodeInvalidInput, "the body is over %d bytes", api.MaxBodyBytes)
+		return nil, events.Errorf(events.CodeInvalidInput, "the body is over %d bytes", limit)
 	}
 	if err != nil {
 		return nil, events.Errorf(events.CodeBadRequest, "read body: %v", err)

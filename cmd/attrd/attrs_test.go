@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/api/client"
 	"github.com/attrd/attrd/events"
 )
@@ -327,4 +328,19 @@ func TestStrictTypesAreE008002(t *testing.T) {
 	if subStatus(body) != "E008002" {
 		t.Fatalf("decrypt not a boolean: %v", body)
 	}
+}
+
+func TestLimitsAreConfigurable(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.Limits = api.Limits{MaxValueBytes: 10, MaxItems: 2, MaxBodyBytes: 4096} })
+	ctx := ctxT(t)
+	u, _ := f.alice.User(ctx)
+	expectCode(t, u.Attr.Create(ctx, "a", "123456"), nil2)
+	expectCode(t, u.Attr.Create(ctx, "b", "1234567890"), events.CodeInvalidInput)
+	expectCode(t, u.Attr.CreateMany(ctx, []client.Item{{Name: "c", Value: 1}, {Name: "d", Value: 1}, {Name: "e", Value: 1}}), events.CodeInvalidInput)
+	_, body := raw(t, f.srv, "user.attr.get", []byte(`{"current_app":"CRM","ust":"`+f.alice.UST+`","name":"`+strings.Repeat("x", 5000)+`"}`), nil)
+	if subStatus(body) != "E008002" {
+		t.Fatalf("a body over the configured limit: %v", body)
+	}
+	st, _, rb := httpDo(t, f.srv, "GET", "/zato/sso/user/attr", `{"current_app":"CRM","name":"`+strings.Repeat("x", 5000)+`"}`, nil)
+	refused(t, st, rb, 413, "E008002")
 }

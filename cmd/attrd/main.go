@@ -133,6 +133,9 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs.DurationVar(&cfg.DecisionTimeout, "decision-timeout", envDuration("ATTRD_DECISION_TIMEOUT", 5*time.Second), "wait for a write's decision before answering E008004 (ATTRD_DECISION_TIMEOUT)")
 	fs.DurationVar(&cfg.HistoryMaxAge, "history-max-age", envDuration("ATTRD_HISTORY_MAX_AGE", 0), "drop events older than this from the log; 0 keeps all (ATTRD_HISTORY_MAX_AGE)")
 	fs.Int64Var(&cfg.HistoryMaxBytes, "history-max-bytes", envInt("ATTRD_HISTORY_MAX_BYTES", 0), "drop the oldest events beyond this size; 0 is no limit (ATTRD_HISTORY_MAX_BYTES)")
+	fs.IntVar(&cfg.Limits.MaxValueBytes, "max-value-bytes", int(envInt("ATTRD_MAX_VALUE_BYTES", 64<<10)), "largest value, as encoded JSON (ATTRD_MAX_VALUE_BYTES)")
+	fs.IntVar(&cfg.Limits.MaxItems, "max-items", int(envInt("ATTRD_MAX_ITEMS", 1000)), "most items in one request (ATTRD_MAX_ITEMS)")
+	fs.IntVar(&cfg.Limits.MaxBodyBytes, "max-body-bytes", int(envInt("ATTRD_MAX_BODY_BYTES", 1<<20)), "largest request body (ATTRD_MAX_BODY_BYTES)")
 	level := fs.String("log-level", env("ATTRD_LOG_LEVEL", "info"), "debug, info, warn or error (ATTRD_LOG_LEVEL)")
 	if err := fs.Parse(args); err != nil {
 		return err

@@ -50,6 +50,8 @@ type Config struct {
 	OnDecision func(events.Decision)
 	// ProjectorHooks let tests slow down or stop the projector between steps.
 	ProjectorHooks projector.Hooks
+	// Limits bound values, items and bodies (zero: the contract's defaults).
+	Limits api.Limits
 	// HTTPReadHeaderTimeout bounds how long a client may take to send its headers
 	// (default 5s).
 	HTTPReadHeaderTimeout time.Duration
@@ -170,7 +172,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 		return nil, err
 	}
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
-		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log,
+		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log, Limits: cfg.Limits,
 		History: projector.NewLog(apiJS, opener(keys))}); err != nil {
 		return nil, err
 	}
