@@ -3,9 +3,9 @@ package events
 import (
 	"crypto/sha256"
 
-	"github.com/oklog/ulid/v2"
 	"encoding/hex"
 	"fmt"
+	"github.com/oklog/ulid/v2"
 	"strings"
 )
 
