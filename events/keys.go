@@ -2,11 +2,11 @@ package events
 
 import (
 	"crypto/sha256"
-
 	"encoding/hex"
 	"fmt"
-	"github.com/oklog/ulid/v2"
 	"strings"
+
+	"github.com/oklog/ulid/v2"
 )
 
 // Stream and subject layout. Every event about one user (their sessions and session
