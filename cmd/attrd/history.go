@@ -41,15 +41,11 @@ func historyCmd(ctx context.Context, args []string, stdout, stderr *os.File) err
 	if *user == "" {
 		return errors.New("--user is required")
 	}
-	nc, js, err := tool.connect("attrd-history")
+	nc, js, keys, err := tool.open("attrd-history", stderr)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	keys, err := tool.keys(stderr)
-	if err != nil {
-		return err
-	}
 	uid, err := resolveUser(ctx, js, *user)
 	if err != nil {
 		return err

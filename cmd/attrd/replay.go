@@ -32,16 +32,12 @@ func replayCmd(ctx context.Context, args []string, stdout, stderr *os.File) erro
 	if (*into == "") == !*verify {
 		return errors.New("give one of --into PREFIX or --verify")
 	}
-	nc, js, err := tool.connect("attrd-replay")
+	// The keys open values sealed only because an update kept the attribute's setting.
+	nc, js, keys, err := tool.open("attrd-replay", stderr)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	// The keys open values sealed only because an update kept the attribute's setting.
-	keys, err := tool.keys(stderr)
-	if err != nil {
-		return err
-	}
 	r := replayer{js: js, log: projector.NewLog(js, opener(keys)), out: stdout, progress: newProgress(stderr)}
 	if *verify {
 		return r.verify(ctx, events.DefaultBucket)

@@ -48,6 +48,20 @@ func (t toolFlags) connect(name string) (*nats.Conn, jetstream.JetStream, error)
 	return nc, js, nil
 }
 
+// open connects and loads the key file (see keys).
+func (t toolFlags) open(name string, w io.Writer) (*nats.Conn, jetstream.JetStream, *sealed.Keyring, error) {
+	nc, js, err := t.connect(name)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	keys, err := t.keys(w)
+	if err != nil {
+		nc.Close()
+		return nil, nil, nil, err
+	}
+	return nc, js, keys, nil
+}
+
 // keys loads the key file; a missing one is nil keys and a notice on w.
 func (t toolFlags) keys(w io.Writer) (*sealed.Keyring, error) {
 	keys, err := sealed.LoadKeyFile(*t.keyFile)
