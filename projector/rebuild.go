@@ -14,7 +14,7 @@ import (
 	"github.com/attrd/attrd/events"
 )
 
-// Records returns m's records by key.
+// recs returns m's records by key.
 func (m *Memory) recs() map[string]any {
 	out := make(map[string]any, len(m.v.entries))
 	for k, e := range m.v.entries {

@@ -57,17 +57,18 @@ func (m *Memory) State() State { return m.v }
 // Records returns the msgpack encoding of every present record, by key.
 func (m *Memory) Records() map[string][]byte {
 	out := map[string][]byte{}
-	for k, e := range m.v.entries {
-		if e.rec != nil {
-			b, err := events.Marshal(e.rec)
-			if err != nil {
-				panic(err)
-			}
-			out[k] = b
+	for k, rec := range m.recs() {
+		b, err := events.Marshal(rec)
+		if err != nil {
+			panic(err) // records are plain structs
 		}
+		out[k] = b
 	}
 	return out
 }
+
+// Len returns how many keys hold a record.
+func (m *Memory) Len() int { return len(m.recs()) }
 
 // reset empties the cache (between batches only: it forgets nothing unwritten).
 func (v *view) reset() {

@@ -87,7 +87,7 @@ func benchReplay(ctx context.Context, n int, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	keys := len(m.Records())
+	keys := m.Len()
 	if err := projector.Write(ctx, js, store.Bucket, m, last, nil); err != nil {
 		return err
 	}

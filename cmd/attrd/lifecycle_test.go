@@ -37,7 +37,7 @@ func TestLateDecisionIsOutcomeUnknownAndTheRequestIDLearnsIt(t *testing.T) {
 	}
 	slow.Store(false)
 	time.Sleep(800 * time.Millisecond) // let the slow batches finish (the point is their lateness)
-	expectCode(t, u.Attr.Create(ctx, "late", 1, client.RequestID("late-1")), nil2)
+	expectCode(t, u.Attr.Create(ctx, "late", 1, client.RequestID("late-1")), noError)
 	if ok, _ := u.Attr.Exists(ctx, "late"); !ok {
 		t.Fatal("the change whose outcome was unknown did not apply")
 	}
@@ -90,7 +90,7 @@ func TestAProjectorCrashIsSurvivedAndTheWaitingRequestGetsItsAnswer(t *testing.T
 	u, _ := f.alice.User(ctx)
 	armed.Store(true)
 	start := time.Now()
-	expectCode(t, u.Attr.Create(ctx, "survivor", 1), nil2)
+	expectCode(t, u.Attr.Create(ctx, "survivor", 1), noError)
 	if !crashed.Load() {
 		t.Fatal("the projector did not crash: the test tests nothing")
 	}
@@ -119,9 +119,9 @@ func TestServesOnAnExistingNATSServer(t *testing.T) {
 	}
 	sess := mustLogin(t, mustClient(t, s), "admin", adminPassword)
 	u, _ := sess.User(ctxT(t))
-	expectCode(t, u.Attr.Create(ctxT(t), "plain", 1), nil2)
-	expectCode(t, u.Attr.Update(ctxT(t), "plain", 2), nil2) // keeps "plain" plain: no key needed
-	expectCode(t, u.Attr.Set(ctxT(t), "new", 1), nil2)
+	expectCode(t, u.Attr.Create(ctxT(t), "plain", 1), noError)
+	expectCode(t, u.Attr.Update(ctxT(t), "plain", 2), noError) // keeps "plain" plain: no key needed
+	expectCode(t, u.Attr.Set(ctxT(t), "new", 1), noError)
 	expectCode(t, u.Attr.Create(ctxT(t), "secret", 1, client.Encrypt(true)), events.CodeInvalidInput)
 	if _, err := os.Stat(filepath.Join(s.cfg.DataDir, "encryption.key")); err == nil {
 		t.Fatal("a key was generated for an external NATS")
@@ -137,10 +137,10 @@ func TestServesOnAnExistingNATSServer(t *testing.T) {
 	withKey := mustStart(t, func(c *Config) { c.NATSURL, c.Replicas, c.KeyFile = ns.ClientURL(), 1, keyFile })
 	sess = mustLogin(t, mustClient(t, withKey), "admin", adminPassword)
 	u, _ = sess.User(ctxT(t))
-	expectCode(t, u.Attr.Create(ctxT(t), "secret", 1, client.Encrypt(true)), nil2)
+	expectCode(t, u.Attr.Create(ctxT(t), "secret", 1, client.Encrypt(true)), noError)
 	withKey.Close()
 	keyless := mustStart(t, func(c *Config) { c.NATSURL, c.Replicas = ns.ClientURL(), 1 })
 	u = mustClient(t, keyless).Resume(sess.UST).UserByID(u.ID)
 	expectCode(t, u.Attr.Update(ctxT(t), "secret", 2), events.CodeInvalidInput)
-	expectCode(t, u.Attr.Update(ctxT(t), "secret", 2, client.Encrypt(false)), nil2) // an explicit choice is fine
+	expectCode(t, u.Attr.Update(ctxT(t), "secret", 2, client.Encrypt(false)), noError) // an explicit choice is fine
 }

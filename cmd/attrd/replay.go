@@ -79,7 +79,7 @@ func (r *replayer) into(ctx context.Context, bucket string) error {
 	if err != nil {
 		return err
 	}
-	r.progress.start("write", uint64(len(m.Records())))
+	r.progress.start("write", uint64(m.Len()))
 	err = projector.Write(ctx, r.js, bucket, m, last, func(done, total int) { r.progress.update(uint64(done)) })
 	r.progress.done()
 	if err != nil {

@@ -26,7 +26,7 @@ func TestEncryptedValuesReadPlainOrAsCiphertextAndPlaintextIsNowhereOnDisk(t *te
 	u, _ := f.alice.User(ctx)
 	const secret = "plaintext-needle-7c1f9a"
 	const secret2 = "second-needle-b83e1d"
-	expectCode(t, u.Attr.Create(ctx, "card", secret, client.Encrypt(true)), nil2)
+	expectCode(t, u.Attr.Create(ctx, "card", secret, client.Encrypt(true)), noError)
 	got, err := u.Attr.Get(ctx, "card")
 	if err != nil || !got.IsEncrypted || string(got.Value) != `"`+secret+`"` {
 		t.Fatalf("decrypting get: %+v %v", got, err)
@@ -40,19 +40,19 @@ func TestEncryptedValuesReadPlainOrAsCiphertextAndPlaintextIsNowhereOnDisk(t *te
 		t.Fatalf("decrypt:false did not return base64 ciphertext: %q", b64)
 	}
 	// Update without encrypt keeps the setting: the new value is sealed too.
-	expectCode(t, u.Attr.Update(ctx, "card", secret2), nil2)
+	expectCode(t, u.Attr.Update(ctx, "card", secret2), noError)
 	if got, _ := u.Attr.Get(ctx, "card"); !got.IsEncrypted || string(got.Value) != `"`+secret2+`"` {
 		t.Fatalf("update without encrypt: %+v", got)
 	}
 	// A batch of encrypted values through set and update_many.
-	expectCode(t, u.Attr.SetMany(ctx, []client.Item{{Name: "s1", Value: secret, Encrypt: client.Bool(true)}}), nil2)
+	expectCode(t, u.Attr.SetMany(ctx, []client.Item{{Name: "s1", Value: secret, Encrypt: client.Bool(true)}}), noError)
 	// encrypt:false re-stores plain, and the flag follows.
-	expectCode(t, u.Attr.Update(ctx, "s1", "now-plain", client.Encrypt(false)), nil2)
+	expectCode(t, u.Attr.Update(ctx, "s1", "now-plain", client.Encrypt(false)), noError)
 	if got, _ := u.Attr.Get(ctx, "s1", client.Decrypt(false)); got.IsEncrypted || string(got.Value) != `"now-plain"` {
 		t.Fatalf("update with encrypt:false: %+v", got)
 	}
 	sa := f.alice.SessionAttr(f.alice.UST)
-	expectCode(t, sa.Create(ctx, "sess-secret", secret2, client.Encrypt(true)), nil2)
+	expectCode(t, sa.Create(ctx, "sess-secret", secret2, client.Encrypt(true)), noError)
 
 	f.srv.Close() // flush everything to disk
 	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
@@ -94,7 +94,7 @@ func TestCallersReachOnlyTheirOwnAttributesUnlessSuperUser(t *testing.T) {
 	expectCode(t, onBob.Delete(ctx, "x"), events.CodeNotAllowed)
 
 	// The super-user reaches bob's, and an unknown user id is E005001.
-	expectCode(t, f.admin.UserByID(bobID).Attr.Create(ctx, "by-admin", 1), nil2)
+	expectCode(t, f.admin.UserByID(bobID).Attr.Create(ctx, "by-admin", 1), noError)
 	bu, _ := bob.User(ctx)
 	if ok, _ := bu.Attr.Exists(ctx, "by-admin"); !ok {
 		t.Fatal("the super-user's write is not bob's attribute")
@@ -103,10 +103,10 @@ func TestCallersReachOnlyTheirOwnAttributesUnlessSuperUser(t *testing.T) {
 
 	// Session attributes: alice on bob's session is E005001; the super-user may.
 	expectCode(t, f.alice.SessionAttr(bob.UST).Create(ctx, "x", 1), events.CodeNotAllowed)
-	expectCode(t, f.admin.SessionAttr(bob.UST).Create(ctx, "x", 1), nil2)
+	expectCode(t, f.admin.SessionAttr(bob.UST).Create(ctx, "x", 1), noError)
 	// A regular user reaches the sessions of their own user.
 	alice2 := mustLogin(t, f.c, "alice", "alice-pw")
-	expectCode(t, alice2.SessionAttr(f.alice.UST).Create(ctx, "from-other-session", 1), nil2)
+	expectCode(t, alice2.SessionAttr(f.alice.UST).Create(ctx, "from-other-session", 1), noError)
 	// Unknown target or current session: E007001.
 	expectCode(t, f.alice.SessionAttr("no-such-ust").Create(ctx, "x", 1), events.CodeNoSession)
 	expectCode(t, f.c.Resume("no-such-ust").SessionAttr(f.alice.UST).Create(ctx, "x", 1), events.CodeNoSession)
@@ -119,9 +119,9 @@ func TestSessionAttributesEndWithTheSession(t *testing.T) {
 	ctx := ctxT(t)
 	other := mustLogin(t, f.c, "alice", "alice-pw")
 	sa := f.alice.SessionAttr(f.alice.UST)
-	expectCode(t, sa.Create(ctx, "cart", []int{1, 2}), nil2)
-	expectCode(t, other.SessionAttr(other.UST).Create(ctx, "cart", "other session"), nil2)
-	expectCode(t, f.alice.Logout(ctx), nil2)
+	expectCode(t, sa.Create(ctx, "cart", []int{1, 2}), noError)
+	expectCode(t, other.SessionAttr(other.UST).Create(ctx, "cart", "other session"), noError)
+	expectCode(t, f.alice.Logout(ctx), noError)
 	// The logged-out session's attributes are gone: reached through another session.
 	_, err := other.SessionAttr(f.alice.UST).Get(ctx, "cart")
 	expectCode(t, err, events.CodeNoSession)
@@ -141,7 +141,7 @@ func TestSessionAttributesNeverOutliveTheirSessionUnlessRenewed(t *testing.T) {
 	f := newFixture(t, func(c *Config) { c.SessionTTL = 3 * time.Second })
 	ctx := ctxT(t)
 	sa := f.alice.SessionAttr(f.alice.UST)
-	expectCode(t, sa.Create(ctx, "long", 1, client.Expiration(time.Hour)), nil2)
+	expectCode(t, sa.Create(ctx, "long", 1, client.Expiration(time.Hour)), noError)
 	kv := mustKV(t, f.srv)
 	key := events.AttrKey(f.aliceID, events.SessionID(f.alice.UST), "long")
 	ttl := func() string {
@@ -181,24 +181,24 @@ func TestRepeatedRequestIDReturnsTheFirstOutcomeAndAppendsNothing(t *testing.T) 
 		}
 		return si.State.Msgs
 	}
-	expectCode(t, u.Attr.Create(ctx, "x", 1, client.RequestID("r-1")), nil2)
+	expectCode(t, u.Attr.Create(ctx, "x", 1, client.RequestID("r-1")), noError)
 	n := count()
 	// The same request again: the first outcome (ok), and nothing appended, even though
 	// a second create would now be E009001.
-	expectCode(t, u.Attr.Create(ctx, "x", 1, client.RequestID("r-1")), nil2)
+	expectCode(t, u.Attr.Create(ctx, "x", 1, client.RequestID("r-1")), noError)
 	if count() != n {
 		t.Fatalf("a repeated request id appended an event: %d -> %d", n, count())
 	}
 	// Errors are replayed too.
 	expectCode(t, u.Attr.Update(ctx, "y", 1, client.RequestID("r-2")), events.CodeNoAttr)
-	expectCode(t, u.Attr.Create(ctx, "y", 1), nil2)
+	expectCode(t, u.Attr.Create(ctx, "y", 1), noError)
 	expectCode(t, u.Attr.Update(ctx, "y", 2, client.RequestID("r-2")), events.CodeNoAttr)
 	// The same id from another caller is another request.
 	bob, _ := f.admin.CreateUser(ctx, "bob", "pw", false)
 	_ = bob
 	b := mustLogin(t, f.c, "bob", "pw")
 	bu, _ := b.User(ctx)
-	expectCode(t, bu.Attr.Create(ctx, "x", 1, client.RequestID("r-1")), nil2)
+	expectCode(t, bu.Attr.Create(ctx, "x", 1, client.RequestID("r-1")), noError)
 	if ok, _ := bu.Attr.Exists(ctx, "x"); !ok {
 		t.Fatal("another caller's request with the same id was not applied")
 	}
@@ -218,7 +218,7 @@ func TestRepeatedRequestIDSurvivesARestart(t *testing.T) {
 	f.srv.Close()
 	s2 := mustStart(t, func(c *Config) { c.DataDir = dir })
 	u2 := mustClient(t, s2).Resume(f.alice.UST).UserByID(f.aliceID)
-	expectCode(t, u2.Attr.Create(ctxT(t), "missing", 1), nil2)
+	expectCode(t, u2.Attr.Create(ctxT(t), "missing", 1), noError)
 	expectCode(t, u2.Attr.Update(ctxT(t), "missing", 2, client.RequestID("r-9")), events.CodeNoAttr)
 }
 
@@ -249,7 +249,7 @@ func TestBadInputGetsAClearErrorAndTheServiceStaysUp(t *testing.T) {
 	}
 	// Still serving.
 	u, _ := f.alice.User(ctxT(t))
-	expectCode(t, u.Attr.Create(ctxT(t), "after", 1), nil2)
+	expectCode(t, u.Attr.Create(ctxT(t), "after", 1), noError)
 }
 
 func TestMsgpackRequestGetsAMsgpackReply(t *testing.T) {
@@ -287,7 +287,7 @@ func TestRequestsOnOneEndpointAreHandledConcurrently(t *testing.T) {
 	f := newFixture(t, func(c *Config) { c.ProjectorHooks = slow })
 	ctx := ctxT(t)
 	u, _ := f.alice.User(ctx)
-	expectCode(t, u.Attr.Create(ctx, "c", 0), nil2)
+	expectCode(t, u.Attr.Create(ctx, "c", 0), noError)
 	start := time.Now()
 	var wg sync.WaitGroup
 	errs := make(chan error, 20)
@@ -301,7 +301,7 @@ func TestRequestsOnOneEndpointAreHandledConcurrently(t *testing.T) {
 	wg.Wait()
 	close(errs)
 	for err := range errs {
-		expectCode(t, err, nil2)
+		expectCode(t, err, noError)
 	}
 	if d := time.Since(start); d > time.Second {
 		t.Fatalf("20 updates took %v: handled one at a time", d)

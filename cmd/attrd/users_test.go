@@ -105,11 +105,11 @@ func TestLogoutIsAlwaysOKAndEndsTheSession(t *testing.T) {
 	expectCode(t, err, events.CodeNoSession)
 	u := f.admin.UserByID(f.aliceID)
 	_, err = u.Attr.Names(ctx) // the user lives on; only the session ended
-	expectCode(t, err, nil2)
+	expectCode(t, err, noError)
 }
 
-// nil2 is the empty code, for expectCode on success.
-const nil2 events.Code = ""
+// noError is the empty code: expectCode(t, err, noError) wants success.
+const noError events.Code = ""
 
 func TestWhoAmIAnswersTheSessionsUser(t *testing.T) {
 	f := newFixture(t, nil)
@@ -137,8 +137,8 @@ func TestOnlySuperUsersCreateAndApproveUsers(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Zato clients create, then approve: approving an approved user is ok.
-	expectCode(t, f.admin.ApproveUser(ctx, bob), nil2)
-	expectCode(t, f.admin.ApproveUser(ctx, bob), nil2)
+	expectCode(t, f.admin.ApproveUser(ctx, bob), noError)
+	expectCode(t, f.admin.ApproveUser(ctx, bob), noError)
 	expectCode(t, f.admin.ApproveUser(ctx, "01NOSUCHUSER000000000000000"), events.CodeNotAllowed)
 	b := mustLogin(t, f.c, "bob", "bob-pw")
 	if u, _ := b.User(ctx); !u.IsSuperUser {
