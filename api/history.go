@@ -170,12 +170,16 @@ func (s *Service) historyTarget(ctx context.Context, req *Request) (c *caller, u
 	}
 	uid = c.user.UserID
 	if req.UserID != "" && req.UserID != uid {
-		if !c.user.SuperUser {
-			return nil, "", "", events.Errorf(events.CodeNotAllowed, "another user's history")
+		// A user id goes into a subject filter: only a well-formed one (no wildcards).
+		if !c.user.SuperUser || !events.ValidUserID(req.UserID) {
+			return nil, "", "", events.Errorf(events.CodeNotAllowed, "another user's history, or no such user")
 		}
 		uid = req.UserID
 	}
 	sid = req.SessionID
+	if sid != "" && !events.ValidSessionID(sid) {
+		return nil, "", "", events.Errorf(events.CodeInvalidInput, "session_id is 32 hex digits")
+	}
 	if req.TargetUST != "" {
 		sid = events.SessionID(req.TargetUST)
 	}

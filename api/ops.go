@@ -331,6 +331,9 @@ func (s *Service) approveUser(ctx context.Context, req *Request, m *Meta) (map[s
 	ev := c.event(events.UserApproved, *m)
 	ev.UserID = req.UserID
 	ev.RequestKey = c.requestKey(req.RequestID)
+	if !events.ValidUserID(req.UserID) {
+		return nil, events.Errorf(events.CodeNotAllowed, "no such user")
+	}
 	if u, err := s.readUser(ctx, req.UserID); err != nil || u == nil {
 		if err == nil {
 			err = events.Errorf(events.CodeNotAllowed, "no such user")
@@ -435,8 +438,8 @@ func (s *Service) resolve(ctx context.Context, session bool, req *Request) (*tar
 	}
 	t := &target{c: c, uid: c.user.UserID}
 	if req.UserID != "" && req.UserID != c.user.UserID {
-		if !c.user.SuperUser {
-			return nil, events.Errorf(events.CodeNotAllowed, "another user's attributes")
+		if !c.user.SuperUser || !events.ValidUserID(req.UserID) {
+			return nil, events.Errorf(events.CodeNotAllowed, "another user's attributes, or no such user")
 		}
 		u, err := s.readUser(ctx, req.UserID)
 		if err != nil {

@@ -83,6 +83,22 @@ func SessionID(ust string) string {
 	return hex.EncodeToString(h[:16])
 }
 
+// ValidUserID reports whether s can be a user id: a ULID, which is also safe in keys
+// and subjects (no dots, no wildcards).
+func ValidUserID(s string) bool {
+	_, err := ulid.ParseStrict(s)
+	return err == nil
+}
+
+// ValidSessionID reports whether s can be a session id (see SessionID).
+func ValidSessionID(s string) bool {
+	if len(s) != 32 {
+		return false
+	}
+	_, err := hex.DecodeString(s)
+	return err == nil && strings.ToLower(s) == s
+}
+
 // RequestKey returns the id of the event of a request that carries a request id: a
 // ULID-form value derived from the caller (scope) and the request id, so that a retry's
 // event has the same id, hence the same Nats-Msg-Id, and the stream drops it. Its time

@@ -307,3 +307,27 @@ func TestRequestsOnOneEndpointAreHandledConcurrently(t *testing.T) {
 		t.Fatalf("20 updates took %v: handled one at a time", d)
 	}
 }
+
+// TestMalformedIDsAreRefusedNotFailed: a user_id or session_id goes into keys and
+// subjects; one that is not an id is E005001 (or E008002), never a 500 or a wildcard.
+func TestMalformedIDsAreRefusedNotFailed(t *testing.T) {
+	f := newFixture(t, nil)
+	for _, id := range []string{"*", ">", "a.b", "../x", "a b", "01ABC", strings.Repeat("Z", 26)} {
+		_, body := rawJSON(t, f.srv, "user.attr.create", map[string]any{"ust": f.admin.UST, "current_app": "CRM", "user_id": id, "name": "x", "value": 1})
+		if subStatus(body) != "E005001" {
+			t.Fatalf("attr create for user_id %q: %v", id, body)
+		}
+		_, body = rawJSON(t, f.srv, "user.approve", map[string]any{"ust": f.admin.UST, "current_app": "CRM", "user_id": id})
+		if subStatus(body) != "E005001" {
+			t.Fatalf("approve %q: %v", id, body)
+		}
+		_, body = rawJSON(t, f.srv, "history.list", map[string]any{"ust": f.admin.UST, "current_app": "CRM", "user_id": id})
+		if subStatus(body) != "E005001" {
+			t.Fatalf("history of %q: %v", id, body)
+		}
+	}
+	_, body := rawJSON(t, f.srv, "history.list", map[string]any{"ust": f.admin.UST, "current_app": "CRM", "session_id": "*"})
+	if subStatus(body) != "E008002" {
+		t.Fatalf("history of session *: %v", body)
+	}
+}
