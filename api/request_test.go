@@ -111,3 +111,27 @@ func TestPasswordsHashWithArgon2idAndCheck(t *testing.T) {
 		t.Fatal("hashes must be salted")
 	}
 }
+
+// FuzzParseJSON: whatever the body, parsing and reading its items and names returns
+// an error or a request, and never panics.
+func FuzzParseJSON(f *testing.F) {
+	for _, s := range []string{`{}`, `{"name":"a","value":1}`, `{"data":[{"name":"a","value":{"x":[1,2]}},"b"]}`,
+		`{"expiration":-1,"encrypt":"x"}`, `{"types":["a"],"limit":5}`, `[`, `{"name":"\u0000"}`} {
+		f.Add([]byte(s))
+	}
+	lim := Limits{MaxValueBytes: 64, MaxItems: 10}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		r, err := ParseJSON(body)
+		if err != nil {
+			if c := events.CodeOf(err); c != events.CodeBadRequest && c != events.CodeInvalidInput {
+				t.Fatalf("error code %q", c)
+			}
+			return
+		}
+		r.items(lim)
+		r.names(lim)
+		if _, err := ParseMsgpack(body); err != nil && events.CodeOf(err) == events.CodeInternal {
+			t.Fatalf("msgpack: %v", err)
+		}
+	})
+}
