@@ -136,13 +136,14 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		for r := 0; r < rounds; r++ {
 			raw.add(measure(ctx, n, *dur/time.Duration(rounds), rawOp))
 			echo.add(measure(ctx, n, *dur/time.Duration(rounds)/2, echoOp))
+			// The profile covers the attrd rounds (and, between them, the others').
 			if err := profile(*cpuprofile, r == 0); err != nil {
 				return err
 			}
 			att.add(measure(ctx, n, *dur/time.Duration(rounds), attrdOp))
-			if r == 0 && *cpuprofile != "" {
-				pprof.StopCPUProfile()
-			}
+		}
+		if *cpuprofile != "" {
+			pprof.StopCPUProfile()
 		}
 		raw.finish()
 		att.finish()
