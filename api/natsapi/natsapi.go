@@ -61,7 +61,6 @@ func Start(nc *nats.Conn, a *api.Service, log *slog.Logger) (*Server, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{nc: nc, svc: svc, api: a, log: log, sem: make(chan struct{}, a.Config().MaxInFlight), ctx: ctx, stop: cancel}
 	for _, op := range api.Ops() {
-		op := op
 		name := strings.ReplaceAll(string(op), ".", "-")
 		err := svc.AddEndpoint(name, micro.HandlerFunc(func(r micro.Request) { s.dispatch(op, r) }),
 			micro.WithEndpointSubject(Subject(op)),
