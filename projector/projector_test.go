@@ -538,3 +538,37 @@ func TestBatchesAreCutSoThatIntentRecordsFitTheMaxPayload(t *testing.T) {
 	_, want := reference(evs, 1)
 	sameRecords(t, bucketRecords(t, en.js, en.store.Bucket), want)
 }
+
+// TestAProjectorGoesOnFromARebuiltBucket: a rebuild writes an intent record with nothing
+// pending; a projector started on that bucket folds only the events after it.
+func TestAProjectorGoesOnFromARebuiltBucket(t *testing.T) {
+	en := mustEnv(t)
+	g := newGen()
+	evs := scenario(g)
+	last := en.publish(t, evs...)
+	store := en.store
+	store.Bucket = "rebuilt"
+	if _, err := events.EnsureBucket(context.Background(), en.js, store); err != nil {
+		t.Fatal(err)
+	}
+	m := projector.NewMemory()
+	log := projector.NewLog(en.js, nil)
+	if err := log.FoldAll(context.Background(), m, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := projector.Write(context.Background(), en.js, "rebuilt", m, last, nil); err != nil {
+		t.Fatal(err)
+	}
+	uid := evs[0].UserID
+	more := []*events.Event{g.attr(events.AttrCreated, uid, "", "a"), g.attr(events.AttrCreated, uid, "", "fresh")}
+	last = en.publish(t, more...)
+	var got []events.Decision
+	p, stop := en.run(t, projector.Config{Bucket: "rebuilt", Durable: "rebuilt", OnDecision: func(d events.Decision) { got = append(got, d) }})
+	waitApplied(t, p, last)
+	stop()
+	if len(got) != 2 || got[0].Code != events.CodeAttrExists || got[1].Code != "" {
+		t.Fatalf("decisions on the rebuilt bucket: %+v (want only the two new events: E009001, accepted)", got)
+	}
+	_, want := reference(append(evs, more...), 1)
+	sameRecords(t, bucketRecords(t, en.js, "rebuilt"), want)
+}
