@@ -49,7 +49,7 @@ func UserSubjects(userID string) string { return EventsPrefix + "." + userID + "
 //	s.<sid>                      SessionRecord
 //	a.<uid>.u.<enc(name)>        AttrRecord of a user attribute
 //	a.<uid>.s.<sid>.<enc(name)>  AttrRecord of a session attribute
-//	d.<request key>              Decision kept for retries (TTL: the de-duplication window)
+//	d.<event id>                 Decision of a request with a request id, kept for its retries
 //	p.<partition>                the projector's intent record (Checkpoint)
 func UserKey(uid string) string             { return "u." + uid }
 func UsernameKey(username string) string    { return "n." + EncodeName(username) }
