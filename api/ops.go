@@ -42,8 +42,10 @@ const (
 // Verbs lists the attribute verbs.
 var Verbs = []string{VerbCreate, VerbUpdate, VerbSet, VerbGet, VerbDelete, VerbExists, VerbNames}
 
-// UserAttrOp and SessionAttrOp name the attribute operations.
-func UserAttrOp(verb string) Op    { return Op("user.attr." + verb) }
+// UserAttrOp names an operation on user attributes.
+func UserAttrOp(verb string) Op { return Op("user.attr." + verb) }
+
+// SessionAttrOp names an operation on session attributes.
 func SessionAttrOp(verb string) Op { return Op("session.attr." + verb) }
 
 // Ops lists every operation.

@@ -51,10 +51,18 @@ func UserSubjects(userID string) string { return EventsPrefix + "." + userID + "
 //	a.<uid>.s.<sid>.<enc(name)>  AttrRecord of a session attribute
 //	d.<event id>                 Decision of a request with a request id, kept for its retries
 //	p.<partition>                the projector's intent record (Checkpoint)
-func UserKey(uid string) string             { return "u." + uid }
-func UsernameKey(username string) string    { return "n." + EncodeName(username) }
-func SessionKey(sid string) string          { return "s." + sid }
-func DecisionKey(requestKey string) string  { return "d." + requestKey }
+func UserKey(uid string) string { return "u." + uid }
+
+// UsernameKey is the key of the username index entry.
+func UsernameKey(username string) string { return "n." + EncodeName(username) }
+
+// SessionKey is the key of a session.
+func SessionKey(sid string) string { return "s." + sid }
+
+// DecisionKey is the key of a decision kept for retries.
+func DecisionKey(eventID string) string { return "d." + eventID }
+
+// CheckpointKey is the key of a partition's intent record.
 func CheckpointKey(partition string) string { return "p." + partition }
 
 // AttrPrefix is the key prefix of a user's attributes (sid "") or of one session's.

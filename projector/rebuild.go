@@ -99,6 +99,7 @@ type Difference struct {
 	Replay any // nil: missing from the replay
 }
 
+// String says what differs, for a report.
 func (d Difference) String() string {
 	switch {
 	case d.Live == nil:
