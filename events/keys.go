@@ -51,6 +51,8 @@ func UserSubjects(userID string) string { return EventsPrefix + "." + userID + "
 //	a.<uid>.s.<sid>.<enc(name)>  AttrRecord of a session attribute
 //	d.<event id>                 Decision of a request with a request id, kept for its retries
 //	p.<partition>                the projector's intent record (Checkpoint)
+//
+// UserKey is the key of a user.
 func UserKey(uid string) string { return "u." + uid }
 
 // UsernameKey is the key of the username index entry.
