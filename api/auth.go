@@ -83,8 +83,11 @@ func (s *Service) authenticate(ctx context.Context, ust string) (*caller, error)
 		return nil, events.Errorf(events.CodeNoSession, "no session token")
 	}
 	sid := events.SessionID(ust)
+	now := time.Now().UnixNano()
 	sess, u, ok := s.sessions.get(sid)
-	if !ok {
+	// The cache answers only "live": a cached session that looks ended may have been
+	// renewed by another instance a moment ago, so KV decides before a refusal.
+	if !ok || !sess.Live(now) {
 		var err error
 		if sess, err = s.readSession(ctx, sid); err != nil {
 			return nil, err
@@ -98,7 +101,7 @@ func (s *Service) authenticate(ctx context.Context, ust string) (*caller, error)
 			s.sessions.put(sid, sess, u)
 		}
 	}
-	if !sess.Live(time.Now().UnixNano()) || u == nil || !u.Approved {
+	if !sess.Live(now) || u == nil || !u.Approved {
 		return nil, events.Errorf(events.CodeNoSession, "no such session")
 	}
 	return &caller{sid: sid, session: sess, user: u}, nil
