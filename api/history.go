@@ -158,23 +158,8 @@ func parseTime(field, s string) (int64, error) {
 // historyTarget authenticates the caller and finds whose history it asks for: its own,
 // or (a super-user) anyone's; and which session, from session_id or target_ust.
 func (s *Service) historyTarget(ctx context.Context, req *Request) (c *caller, uid, sid string, err error) {
-	ust := req.UST
-	if ust == "" {
-		ust = req.CurrentUST
-	}
-	if !req.Has("ust") && !req.Has("current_ust") {
-		return nil, "", "", badRequest("missing field ust")
-	}
-	if c, err = s.authenticate(ctx, ust); err != nil {
+	if c, uid, err = s.userCaller(ctx, req); err != nil {
 		return nil, "", "", err
-	}
-	uid = c.user.UserID
-	if req.UserID != "" && req.UserID != uid {
-		// A user id goes into a subject filter: only a well-formed one (no wildcards).
-		if !c.user.SuperUser || !events.ValidUserID(req.UserID) {
-			return nil, "", "", events.Errorf(events.CodeNotAllowed, "another user's history, or no such user")
-		}
-		uid = req.UserID
 	}
 	sid = req.SessionID
 	if sid != "" && !events.ValidSessionID(sid) {

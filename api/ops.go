@@ -427,32 +427,45 @@ func (s *Service) resolve(ctx context.Context, session bool, req *Request) (*tar
 		}
 		return &target{c: c, uid: ts.UserID, sid: sid}, nil
 	}
-	ust := req.UST
-	if ust == "" {
-		ust = req.CurrentUST
-	}
-	if !req.Has("ust") && !req.Has("current_ust") {
-		return nil, badRequest("missing field ust")
-	}
-	c, err := s.authenticate(ctx, ust)
+	c, uid, err := s.userCaller(ctx, req)
 	if err != nil {
 		return nil, err
 	}
-	t := &target{c: c, uid: c.user.UserID}
-	if req.UserID != "" && req.UserID != c.user.UserID {
-		if !c.user.SuperUser || !events.ValidUserID(req.UserID) {
-			return nil, events.Errorf(events.CodeNotAllowed, "another user's attributes, or no such user")
-		}
-		u, err := s.readUser(ctx, req.UserID)
+	if uid != c.user.UserID {
+		u, err := s.readUser(ctx, uid)
 		if err != nil {
 			return nil, err
 		}
 		if u == nil {
 			return nil, events.Errorf(events.CodeNotAllowed, "no such user")
 		}
-		t.uid = u.UserID
 	}
-	return t, nil
+	return &target{c: c, uid: uid}, nil
+}
+
+// userCaller authenticates the caller of a user endpoint (ust, or its synonym
+// current_ust) and returns whose data it asks for: its own, or, for a super-user, the
+// user_id it names. A user id goes into keys and subject filters, so only a well-formed
+// one is taken (no dots, no wildcards).
+func (s *Service) userCaller(ctx context.Context, req *Request) (*caller, string, error) {
+	if !req.Has("ust") && !req.Has("current_ust") {
+		return nil, "", badRequest("missing field ust")
+	}
+	ust := req.UST
+	if ust == "" {
+		ust = req.CurrentUST
+	}
+	c, err := s.authenticate(ctx, ust)
+	if err != nil {
+		return nil, "", err
+	}
+	if req.UserID == "" || req.UserID == c.user.UserID {
+		return c, c.user.UserID, nil
+	}
+	if !c.user.SuperUser || !events.ValidUserID(req.UserID) {
+		return nil, "", events.Errorf(events.CodeNotAllowed, "another user's data, or no such user")
+	}
+	return c, req.UserID, nil
 }
 
 func (s *Service) attr(ctx context.Context, session bool, verb string, req *Request, m *Meta) (map[string]any, error) {
