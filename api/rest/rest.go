@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -206,13 +207,7 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
 		writeReply(w, rep)
 		return
 	}
-	if r.Method == http.MethodGet || r.Method == http.MethodDelete {
-		if body, err = withQuery(body, r); err != nil {
-			writeReply(w, api.ErrorReply(m.CID, err))
-			return
-		}
-	}
-	if body, err = withBearer(body, r, op); err != nil {
+	if body, err = browserFields(body, r, op); err != nil {
 		writeReply(w, api.ErrorReply(m.CID, err))
 		return
 	}
@@ -250,12 +245,17 @@ func fields(body []byte) (map[string]json.RawMessage, error) {
 	return f, nil
 }
 
-// withQuery adds the query string's fields to the body's, for browsers: one name is a
-// single-item call, a repeated name is data; decrypt and encrypt take true/false,
-// expiration, after and limit an integer; types is a list. A field in the body wins.
-func withQuery(body []byte, r *http.Request) ([]byte, error) {
-	q := r.URL.Query()
-	if len(q) == 0 {
+// browserFields adds to the body's fields what a browser sends elsewhere: the query
+// string (GET and DELETE) and a bearer token. A field in the body wins. Without either
+// the body is left as it is.
+func browserFields(body []byte, r *http.Request, op api.Op) ([]byte, error) {
+	var q url.Values
+	if r.Method == http.MethodGet || r.Method == http.MethodDelete {
+		q = r.URL.Query()
+	}
+	token, bearer := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	bearer = bearer && token != ""
+	if len(q) == 0 && !bearer {
 		return body, nil
 	}
 	f, err := fields(body)
@@ -268,6 +268,23 @@ func withQuery(body []byte, r *http.Request) ([]byte, error) {
 			f[k] = b
 		}
 	}
+	addQuery(set, q)
+	if bearer {
+		// The caller's UST: ust on user endpoints, current_ust on session attribute ones.
+		if strings.HasPrefix(string(op), "session.attr.") {
+			set("current_ust", token)
+		} else {
+			set("ust", token)
+		}
+	}
+	return json.Marshal(f)
+}
+
+// addQuery sets the query string's fields: one name is a single-item call, a repeated
+// name is data; decrypt and encrypt take true/false, expiration, after and limit an
+// integer; types is a list. A value of the wrong form is passed on as a string, which
+// the strict parser calls invalid input.
+func addQuery(set func(string, any), q url.Values) {
 	for k, vs := range q {
 		switch k {
 		case "name":
@@ -277,10 +294,10 @@ func withQuery(body []byte, r *http.Request) ([]byte, error) {
 				set("data", vs)
 			}
 		case "decrypt", "encrypt":
-			if b, err := strconv.ParseBool(vs[0]); err == nil && (vs[0] == "true" || vs[0] == "false") {
-				set(k, b)
+			if vs[0] == "true" || vs[0] == "false" {
+				set(k, vs[0] == "true")
 			} else {
-				set(k, vs[0]) // a string: the strict parser calls it invalid input
+				set(k, vs[0])
 			}
 		case "expiration", "after", "limit":
 			if n, err := strconv.ParseInt(vs[0], 10, 64); err == nil {
@@ -294,29 +311,6 @@ func withQuery(body []byte, r *http.Request) ([]byte, error) {
 			set(k, vs[0])
 		}
 	}
-	return json.Marshal(f)
-}
-
-// withBearer fills the caller's UST from Authorization: Bearer: ust on user endpoints,
-// current_ust on session attribute endpoints. A UST in the body wins.
-func withBearer(body []byte, r *http.Request, op api.Op) ([]byte, error) {
-	auth := r.Header.Get("Authorization")
-	token, ok := strings.CutPrefix(auth, "Bearer ")
-	if !ok || token == "" {
-		return body, nil
-	}
-	f, err := fields(body)
-	if err != nil {
-		return nil, err
-	}
-	field := "ust"
-	if strings.HasPrefix(string(op), "session.attr.") {
-		field = "current_ust"
-	}
-	if _, has := f[field]; !has {
-		f[field], _ = json.Marshal(token)
-	}
-	return json.Marshal(f)
 }
 
 func writeReply(w http.ResponseWriter, rep api.Reply) {
