@@ -23,8 +23,9 @@ type Log struct {
 func NewLog(js jetstream.JetStream, opener Opener) *Log { return &Log{js: js, opener: opener} }
 
 // read calls fn with every message on the filters (all: none) in log order, up to the
-// log's end when the read began; fn returns false to stop.
-func (l *Log) read(ctx context.Context, filters []string, fn func(seq uint64, subject string, data []byte) bool) error {
+// log's end when the read began; fn returns false to stop. whole asks for the log from
+// its first event: a log cut by retention is then ErrTruncated.
+func (l *Log) read(ctx context.Context, filters []string, whole bool, fn func(seq uint64, subject string, data []byte) bool) error {
 	st, err := l.js.Stream(ctx, events.StreamName)
 	if err != nil {
 		return fmt.Errorf("event stream: %w", err)
@@ -36,6 +37,9 @@ func (l *Log) read(ctx context.Context, filters []string, fn func(seq uint64, su
 	info, err := st.Info(ctx, opts...)
 	if err != nil {
 		return err
+	}
+	if whole && info.State.FirstSeq > 1 {
+		return fmt.Errorf("%w (it starts at sequence %d)", ErrTruncated, info.State.FirstSeq)
 	}
 	end := info.State.LastSeq
 	if info.State.Msgs == 0 || len(filters) > 0 && len(info.State.Subjects) == 0 {
@@ -88,17 +92,8 @@ var ErrTruncated = errors.New("the log no longer holds its oldest events (histor
 // FoldAll folds the whole log into m, in order, calling fn (if not nil) with every
 // entry; it is what a rebuild and a verification start from.
 func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) error {
-	stream, err := l.js.Stream(ctx, events.StreamName)
-	if err != nil {
-		return err
-	}
-	if info, err := stream.Info(ctx); err != nil {
-		return err
-	} else if info.State.FirstSeq > 1 {
-		return fmt.Errorf("%w (it starts at sequence %d)", ErrTruncated, info.State.FirstSeq)
-	}
 	st := m.State()
-	return l.read(ctx, nil, func(seq uint64, subject string, data []byte) bool {
+	return l.read(ctx, nil, true, func(seq uint64, subject string, data []byte) bool {
 		e := l.fold(st, seq, subject, data)
 		if fn != nil {
 			fn(e)
@@ -134,7 +129,7 @@ func (l *Log) FoldUser(ctx context.Context, uid string, until int64, fn func(eve
 	m := NewMemory()
 	own := events.UserSubjects(uid)
 	actors := map[string]bool{}
-	err := l.read(ctx, []string{own}, func(seq uint64, subject string, data []byte) bool {
+	err := l.read(ctx, []string{own}, false, func(seq uint64, subject string, data []byte) bool {
 		if ev, err := events.Decode(data); err == nil && ev.Actor != "" && ev.Actor != uid {
 			actors[events.EventsPrefix+"."+ev.Actor+".user"] = true
 			actors[events.EventsPrefix+"."+ev.Actor+".session."+ev.ActorSession] = true
@@ -150,7 +145,7 @@ func (l *Log) FoldUser(ctx context.Context, uid string, until int64, fn func(eve
 	}
 	prefix := strings.TrimSuffix(own, ">")
 	st := m.State()
-	err = l.read(ctx, filters, func(seq uint64, subject string, data []byte) bool {
+	err = l.read(ctx, filters, false, func(seq uint64, subject string, data []byte) bool {
 		mine := strings.HasPrefix(subject, prefix)
 		if until != 0 && mine {
 			if ev, err := events.Decode(data); err == nil && ev.Time > until {

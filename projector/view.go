@@ -68,7 +68,15 @@ func (m *Memory) Records() map[string][]byte {
 }
 
 // Len returns how many keys hold a record.
-func (m *Memory) Len() int { return len(m.recs()) }
+func (m *Memory) Len() int {
+	n := 0
+	for _, e := range m.v.entries {
+		if e.rec != nil {
+			n++
+		}
+	}
+	return n
+}
 
 // reset empties the cache (between batches only: it forgets nothing unwritten).
 func (v *view) reset() {
