@@ -1,0 +1,201 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/attrd/attrd/events"
+)
+
+// Op names an operation. The NATS subject of an operation is "attrd." + Op.
+type Op string
+
+// Operations on users and sessions.
+const (
+	OpLogin        Op = "user.login"
+	OpLogout       Op = "user.logout"
+	OpWhoAmI       Op = "user.get"
+	OpUserCreate   Op = "user.create"
+	OpUserApprove  Op = "user.approve"
+	OpSessionRenew Op = "session.renew"
+)
+
+// Attribute verbs.
+const (
+	VerbCreate = "create"
+	VerbUpdate = "update"
+	VerbSet    = "set"
+	VerbGet    = "get"
+	VerbDelete = "delete"
+	VerbExists = "exists"
+	VerbNames  = "names"
+)
+
+// Verbs lists the attribute verbs.
+var Verbs = []string{VerbCreate, VerbUpdate, VerbSet, VerbGet, VerbDelete, VerbExists, VerbNames}
+
+// UserAttrOp names an operation on user attributes.
+func UserAttrOp(verb string) Op { return Op("user.attr." + verb) }
+
+// SessionAttrOp names an operation on session attributes.
+func SessionAttrOp(verb string) Op { return Op("session.attr." + verb) }
+
+// Ops lists every operation.
+func Ops() []Op {
+	ops := []Op{OpLogin, OpLogout, OpWhoAmI, OpUserCreate, OpUserApprove, OpSessionRenew, OpHistory, OpHistoryAt}
+	for _, v := range Verbs {
+		ops = append(ops, UserAttrOp(v), SessionAttrOp(v))
+	}
+	return ops
+}
+
+// Meta is what a transport knows of a request besides its body.
+type Meta struct {
+	CID        string // the correlation id, a ULID
+	App        string // filled from the body
+	RemoteAddr string
+	UserAgent  string
+	RequestID  string // from a transport header (Idempotency-Key, Nats-Msg-Id)
+}
+
+// Reply is an operation's answer: the HTTP status REST gives it and the JSON body.
+type Reply struct {
+	Status int
+	Code   events.Code // "" when ok
+	Body   map[string]any
+}
+
+// NeverExpires is how "no expiry" is written.
+const NeverExpires = "9999-12-31T00:00:00Z"
+
+// Handle runs op. Every error becomes the contract's reply; nothing panics out of it.
+func (s *Service) Handle(ctx context.Context, op Op, req *Request, m Meta) (rep Reply) {
+	if m.CID == "" {
+		m.CID = events.NewID()
+	}
+	defer func() {
+		if p := recover(); p != nil {
+			s.log.Error("request panicked", "cid", m.CID, "op", op, "panic", fmt.Sprint(p))
+			rep = ErrorReply(m.CID, fmt.Errorf("panic: %v", p))
+		}
+	}()
+	out, err := s.handle(ctx, op, req, &m)
+	if err != nil {
+		if c := events.CodeOf(err); c == events.CodeInternal {
+			s.log.Error("request failed", "cid", m.CID, "op", op, "err", err)
+		} else {
+			s.log.Debug("request refused", "cid", m.CID, "op", op, "code", c, "err", err)
+		}
+		return ErrorReply(m.CID, err)
+	}
+	if out == nil {
+		out = map[string]any{}
+	}
+	out["cid"] = m.CID
+	out["status"] = "ok"
+	return Reply{Status: 200, Body: out}
+}
+
+// ErrorReply maps an error to the contract's status and body; every transport uses it.
+func ErrorReply(cid string, err error) Reply {
+	code := events.CodeOf(err)
+	switch code {
+	case events.CodeBadRequest:
+		return Reply{Status: 400, Code: code, Body: map[string]any{"result": "Error", "cid": cid, "details": "Bad request"}}
+	case events.CodeInternal:
+		return Reply{Status: 500, Code: code, Body: map[string]any{"result": "Error", "cid": cid, "details": "Internal error"}}
+	}
+	status := 403
+	switch code {
+	case events.CodeBadApp:
+		status = 200
+	case events.CodeOutcomeUnknown:
+		status = 503
+	}
+	return Reply{Status: status, Code: code, Body: map[string]any{"cid": cid, "status": "error", "sub_status": []string{string(code)}}}
+}
+
+func badRequest(format string, args ...any) error {
+	return events.Errorf(events.CodeBadRequest, format, args...)
+}
+
+// require checks that the body has the fields; a missing one is the 400 reply.
+func require(req *Request, fields ...string) error {
+	for _, f := range fields {
+		if !req.Has(f) {
+			return badRequest("missing field %s", f)
+		}
+	}
+	return nil
+}
+
+func (s *Service) handle(ctx context.Context, op Op, req *Request, m *Meta) (map[string]any, error) {
+	if err := require(req, "current_app"); err != nil {
+		return nil, err
+	}
+	switch op {
+	case OpLogin:
+		if err := require(req, "username", "password"); err != nil {
+			return nil, err
+		}
+	case OpLogout, OpWhoAmI, OpSessionRenew:
+		if err := require(req, "ust"); err != nil {
+			return nil, err
+		}
+	case OpUserCreate:
+		if err := require(req, "ust", "username", "password"); err != nil {
+			return nil, err
+		}
+	case OpUserApprove:
+		if err := require(req, "ust", "user_id"); err != nil {
+			return nil, err
+		}
+	}
+	if !s.AppAllowed(req.CurrentApp) {
+		return nil, events.Errorf(events.CodeBadApp, "unknown application %q", req.CurrentApp)
+	}
+	m.App = req.CurrentApp
+	// remote_addr and user_agent in the body are the end user's, passed on by the
+	// calling service (as in Zato); they win over what the transport saw.
+	if req.RemoteAddr != "" {
+		m.RemoteAddr = req.RemoteAddr
+	}
+	if req.UserAgent != "" {
+		m.UserAgent = req.UserAgent
+	}
+	if req.RequestID == "" {
+		req.RequestID = m.RequestID
+	}
+	switch op {
+	case OpLogin:
+		return s.login(ctx, req, m)
+	case OpLogout:
+		return s.logout(ctx, req, m)
+	case OpWhoAmI:
+		return s.whoAmI(ctx, req)
+	case OpUserCreate:
+		return s.createUser(ctx, req, m)
+	case OpUserApprove:
+		return s.approveUser(ctx, req, m)
+	case OpSessionRenew:
+		return s.renew(ctx, req, m)
+	case OpHistory, OpHistoryAt:
+		if s.cfg.History == nil {
+			return nil, errors.New("history is not configured")
+		}
+		if op == OpHistory {
+			return s.history(ctx, req)
+		}
+		return s.historyAt(ctx, req)
+	}
+	for _, v := range Verbs {
+		switch op {
+		case UserAttrOp(v):
+			return s.attr(ctx, false, v, req, m)
+		case SessionAttrOp(v):
+			return s.attr(ctx, true, v, req, m)
+		}
+	}
+	return nil, badRequest("unknown operation %q", op)
+}

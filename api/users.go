@@ -1,0 +1,196 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/attrd/attrd/events"
+)
+
+func formatTime(t int64) string { return time.Unix(0, t).UTC().Format(time.RFC3339Nano) }
+
+func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]any, error) {
+	denied := events.Errorf(events.CodeNotAllowed, "wrong username or password")
+	if req.typeErr != nil || req.Username == "" || req.Password == "" {
+		return nil, denied
+	}
+	r, err := s.read(ctx, events.UsernameKey(req.Username))
+	if err != nil {
+		return nil, err
+	}
+	var u *events.UserRecord
+	if ur, ok := r.(*events.UsernameRecord); ok {
+		if u, err = s.readUser(ctx, ur.UserID); err != nil {
+			return nil, err
+		}
+	}
+	if u == nil {
+		CheckPassword(req.Password, dummyHash)
+		return nil, denied
+	}
+	if !CheckPassword(req.Password, u.PasswordHash) || !u.Approved {
+		return nil, denied
+	}
+	ust := NewUST()
+	ev := (*caller)(nil).event(events.SessionCreated, *m)
+	ev.UserID, ev.SessionID, ev.ActorName = u.UserID, events.SessionID(ust), u.Username
+	ev.Time = time.Now().UnixNano()
+	ev.ExpiresAt = ev.Time + int64(s.cfg.SessionTTL)
+	if _, err := s.apply(ctx, ev); err != nil {
+		if events.CodeOf(err) == events.CodeNotAllowed {
+			return nil, denied // not approved meanwhile
+		}
+		return nil, err
+	}
+	return map[string]any{"ust": ust, "expiration_time": formatTime(ev.ExpiresAt)}, nil
+}
+
+func (s *Service) logout(ctx context.Context, req *Request, m *Meta) (map[string]any, error) {
+	// Always ok, so that a token's validity does not leak.
+	if req.UST == "" {
+		return nil, nil
+	}
+	sid := events.SessionID(req.UST)
+	sess, err := s.readSession(ctx, sid)
+	if err != nil || sess == nil {
+		return nil, err
+	}
+	ev := &events.Event{Type: events.SessionEnded, UserID: sess.UserID, SessionID: sid, Actor: sess.UserID,
+		ActorSession: sid, CID: m.CID, App: m.App, RemoteAddr: m.RemoteAddr, UserAgent: m.UserAgent}
+	if u, err := s.readUser(ctx, sess.UserID); err == nil && u != nil {
+		ev.ActorName = u.Username
+	}
+	if req.RequestID != "" {
+		ev.RequestKey = events.RequestKey(sess.UserID, req.RequestID)
+	}
+	_, err = s.commit(ctx, ev)
+	s.sessions.forget(sid, "") // this instance stops honouring it at once
+	return nil, err
+}
+
+func (s *Service) whoAmI(ctx context.Context, req *Request) (map[string]any, error) {
+	c, err := s.authenticate(ctx, req.UST)
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"user_id": c.user.UserID, "username": c.user.Username,
+		"is_super_user": c.user.SuperUser, "creation_time": formatTime(c.user.Created)}, nil
+}
+
+// superUser authenticates a caller that must be a super-user.
+func (s *Service) superUser(ctx context.Context, ust string) (*caller, error) {
+	c, err := s.authenticate(ctx, ust)
+	if err != nil {
+		return nil, err
+	}
+	if !c.user.SuperUser {
+		return nil, events.Errorf(events.CodeNotAllowed, "a super-user is required")
+	}
+	return c, nil
+}
+
+func (s *Service) createUser(ctx context.Context, req *Request, m *Meta) (map[string]any, error) {
+	c, err := s.superUser(ctx, req.UST)
+	if err != nil {
+		return nil, err
+	}
+	if req.typeErr != nil {
+		return nil, req.typeErr
+	}
+	super := req.IsSuperUser != nil && *req.IsSuperUser
+	ev := c.event(events.UserCreated, *m)
+	ev.RequestKey = c.requestKey(req.RequestID)
+	d, err := s.newUser(ctx, ev, req.Username, req.Password, super)
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"user_id": d.UserID}, nil
+}
+
+// newUser appends user.created for ev's actor (nil actor: attrd itself). Users created
+// by a super-user (or by attrd) are approved.
+func (s *Service) newUser(ctx context.Context, ev *events.Event, username, password string, super bool) (events.Decision, error) {
+	if username == "" || len(username) > MaxNameBytes || ValidateName(username) != nil {
+		return events.Decision{}, events.Errorf(events.CodeInvalidInput, "a username has 1 to %d bytes and no control characters", MaxNameBytes)
+	}
+	if password == "" {
+		return events.Decision{}, events.Errorf(events.CodeInvalidInput, "the password is empty")
+	}
+	hash, err := HashPassword(password, s.cfg.Password)
+	if err != nil {
+		return events.Decision{}, err
+	}
+	ev.UserID = events.NewID()
+	ev.User = &events.UserData{Username: username, PasswordHash: hash, SuperUser: super, Approved: true}
+	return s.apply(ctx, ev)
+}
+
+func (s *Service) approveUser(ctx context.Context, req *Request, m *Meta) (map[string]any, error) {
+	c, err := s.superUser(ctx, req.UST)
+	if err != nil {
+		return nil, err
+	}
+	ev := c.event(events.UserApproved, *m)
+	ev.UserID = req.UserID
+	ev.RequestKey = c.requestKey(req.RequestID)
+	if !events.ValidUserID(req.UserID) {
+		return nil, events.Errorf(events.CodeNotAllowed, "no such user")
+	}
+	if u, err := s.readUser(ctx, req.UserID); err != nil || u == nil {
+		if err == nil {
+			err = events.Errorf(events.CodeNotAllowed, "no such user")
+		}
+		return nil, err
+	}
+	_, err = s.apply(ctx, ev)
+	return nil, err
+}
+
+func (s *Service) renew(ctx context.Context, req *Request, m *Meta) (map[string]any, error) {
+	c, err := s.authenticate(ctx, req.UST)
+	if err != nil {
+		return nil, err
+	}
+	ev := c.event(events.SessionRenewed, *m)
+	ev.UserID, ev.SessionID = c.user.UserID, c.sid
+	ev.RequestKey = c.requestKey(req.RequestID)
+	ev.Time = time.Now().UnixNano()
+	ev.ExpiresAt = ev.Time + int64(s.cfg.SessionTTL)
+	d, err := s.apply(ctx, ev)
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"expiration_time": formatTime(d.ExpiresAt)}, nil
+}
+
+// EnsureAdmin creates a super-user if there is no user at all. An empty password gets
+// a random one, which is returned. created is false when users exist already.
+func (s *Service) EnsureAdmin(ctx context.Context, username, password string) (created bool, pw string, err error) {
+	lister, err := s.kv.ListKeysFiltered(ctx, "u.>")
+	if err != nil {
+		return false, "", err
+	}
+	for range lister.Keys() {
+		_ = lister.Stop()
+		return false, "", nil
+	}
+	if password == "" {
+		password = NewUST()[:20]
+	}
+	if _, err := s.CreateUser(ctx, username, password, true); err != nil {
+		if errors.Is(err, events.ErrUsernameExists) {
+			return false, "", nil // another instance made it first
+		}
+		return false, "", err
+	}
+	return true, password, nil
+}
+
+// CreateUser creates an approved user as attrd itself (the operator's CLI, the first
+// super-user) and returns its id.
+func (s *Service) CreateUser(ctx context.Context, username, password string, super bool) (string, error) {
+	ev := &events.Event{Type: events.UserCreated, App: "attrd", CID: events.NewID()}
+	d, err := s.newUser(ctx, ev, username, password, super)
+	return d.UserID, err
+}

@@ -1,0 +1,154 @@
+package projector
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/attrd/attrd/events"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// item is one event of a batch.
+type item struct {
+	msg   jetstream.Msg
+	seq   uint64
+	ev    *events.Event
+	reply string
+	bad   error
+}
+
+// process folds one batch: decode, load, fold, write intent and keys, reply, ack.
+func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
+	items := make([]item, 0, len(batch))
+	var keys, prefixes []string
+	for _, m := range batch {
+		md, err := m.Metadata()
+		if err != nil {
+			return fmt.Errorf("event metadata: %w", err)
+		}
+		it := item{msg: m, seq: md.Sequence.Stream, reply: m.Headers().Get(events.HeaderReply)}
+		if it.seq <= p.Applied() {
+			continue // redelivered after it was folded
+		}
+		it.ev, it.bad = events.Decode(m.Data())
+		if it.bad == nil && events.Subject(it.ev) != m.Subject() {
+			it.bad = fmt.Errorf("event %s on subject %s, want %s", it.ev.ID, m.Subject(), events.Subject(it.ev))
+		}
+		if it.bad == nil {
+			k, pr := Keys(it.ev)
+			keys, prefixes = append(keys, k...), append(prefixes, pr...)
+		}
+		items = append(items, it)
+	}
+	if len(items) == 0 {
+		return batch[len(batch)-1].Ack()
+	}
+	if err := p.load.load(ctx, p.view, keys, prefixes); err != nil {
+		return err
+	}
+
+	decisions := make([]events.Decision, len(items))
+	for start := 0; start < len(items); {
+		end := p.foldChunk(items, decisions, start)
+		if err := p.commit(ctx, items[start:end], decisions[start:end]); err != nil {
+			return err
+		}
+		start = end
+	}
+	if len(p.view.entries) > p.cfg.MaxCacheEntries {
+		p.view.reset()
+	}
+	return nil
+}
+
+// Bytes of the intent record per changed key and per event, at most (a key of 191
+// escaped bytes and a record without its value; a decision).
+const (
+	intentBytesPerKey   = 800
+	intentBytesPerEvent = 100
+)
+
+// foldChunk folds items from start on and returns where the chunk ends: where its intent
+// record would pass half the connection's maximum payload (with at least one event in
+// it), or at the end. A recorded batch being recovered is never cut.
+func (p *Projector) foldChunk(items []item, decisions []events.Decision, start int) int {
+	limit := int(p.nc.MaxPayload() / 2)
+	i := start
+	for i < len(items) {
+		it := items[i]
+		switch {
+		case it.bad != nil:
+			p.log.Warn("event rejected: unreadable", "seq", it.seq, "err", it.bad)
+			decisions[i] = events.Decision{Seq: it.seq, Code: events.CodeInvalidInput}
+		default:
+			decisions[i] = Fold(p.view, it.seq, it.ev, p.cfg.Opener, p.recordedDecision(it.seq))
+		}
+		i++
+		size := len(p.view.dirty)*intentBytesPerKey + (i-start)*intentBytesPerEvent
+		if size > limit && (p.recover == nil || it.seq >= p.recover.Last) {
+			break
+		}
+	}
+	return i
+}
+
+// commit writes a folded chunk (intent record, keys, kept decisions), sends its
+// decisions and acks it.
+func (p *Projector) commit(ctx context.Context, items []item, decisions []events.Decision) error {
+	first, last := items[0].seq, items[len(items)-1].seq
+	p.batches.Add(1)
+	p.events.Add(uint64(len(items)))
+	if p.recover != nil && last >= p.recover.Last {
+		p.recover = nil
+	}
+	if err := p.hook(p.cfg.Hooks.BeforeCheckpoint, first, last); err != nil {
+		return err
+	}
+	if err := p.write(ctx, first, last, items, decisions); err != nil {
+		return err
+	}
+	if err := p.hook(p.cfg.Hooks.AfterWrites, first, last); err != nil {
+		return err
+	}
+	p.reply(items, decisions)
+	if err := p.hook(p.cfg.Hooks.BeforeAck, first, last); err != nil {
+		return err
+	}
+	p.applied.Store(last)
+	// AckAll: one ack covers the chunk. Losing it is harmless: a redelivered event at or
+	// below Applied is skipped.
+	if err := items[len(items)-1].msg.Ack(); err != nil {
+		p.log.Warn("ack failed", "seq", last, "err", err)
+	}
+	return nil
+}
+
+// reply hands the decisions to their observers and to the waiting attrd instances: one
+// message per instance per batch, whatever the batch's size.
+func (p *Projector) reply(items []item, decisions []events.Decision) {
+	byInbox := map[string][]events.Decision{}
+	for i, it := range items {
+		if p.cfg.OnDecision != nil {
+			p.cfg.OnDecision(decisions[i])
+		}
+		if p.cfg.Replies && it.reply != "" {
+			byInbox[it.reply] = append(byInbox[it.reply], decisions[i])
+		}
+	}
+	for inbox, ds := range byInbox {
+		data, err := events.Marshal(ds)
+		if err == nil {
+			err = p.nc.Publish(inbox, data)
+		}
+		if err != nil {
+			p.log.Warn("decisions not sent", "inbox", inbox, "err", err)
+		}
+	}
+}
+
+func (p *Projector) hook(h func(first, last uint64) error, first, last uint64) error {
+	if h == nil {
+		return nil
+	}
+	return h(first, last)
+}

@@ -1,0 +1,98 @@
+package projector
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/attrd/attrd/events"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// consumer (re)creates the projector's durable consumer at start. The intent record,
+// not the consumer, is the projector's position: starting the consumer there redelivers
+// the recorded batch at once instead of after AckWait. (A single projector per
+// partition; fail-over between projectors will use a pinned consumer instead.)
+func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start uint64) (jetstream.Consumer, error) {
+	if err := evs.DeleteConsumer(ctx, p.cfg.Durable); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return nil, fmt.Errorf("reset consumer: %w", err)
+	}
+	cfg := jetstream.ConsumerConfig{
+		Durable:       p.cfg.Durable,
+		AckPolicy:     jetstream.AckAllPolicy,
+		AckWait:       30 * time.Second,
+		MaxAckPending: 16 * p.cfg.MaxBatch,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+	}
+	if start > 1 {
+		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
+		cfg.OptStartSeq = start
+	}
+	c, err := evs.CreateConsumer(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("create consumer: %w", err)
+	}
+	return c, nil
+}
+
+// recoverState reads the intent record and prepares to fold its batch again. It returns
+// the first stream sequence to consume.
+func (p *Projector) recoverState(ctx context.Context) (uint64, error) {
+	key := events.CheckpointKey(p.cfg.Partition)
+	e, err := p.load.read(ctx, key)
+	if err != nil {
+		return 0, fmt.Errorf("read intent record: %w", err)
+	}
+	p.ckptRev = e.rev
+	ck, _ := e.rec.(*events.Checkpoint)
+	if ck == nil {
+		return 1, nil
+	}
+	if ck.First > ck.Last {
+		// Nothing pending (a bucket rebuilt by replay): go on after Last.
+		p.applied.Store(ck.Last)
+		return ck.First, nil
+	}
+	p.recover = ck
+	p.applied.Store(ck.First - 1)
+	// The recorded states are the truth for these keys; their revisions and any attribute
+	// values left out of the record come from KV.
+	keys := make([]string, len(ck.Before))
+	for i, ks := range ck.Before {
+		keys[i] = ks.Key
+	}
+	if err := p.load.load(ctx, p.view, keys, nil); err != nil {
+		return 0, err
+	}
+	for _, ks := range ck.Before {
+		var rec any
+		if ks.Data != nil {
+			if rec, err = events.DecodeRecord(ks.Key, ks.Data); err != nil {
+				return 0, err
+			}
+		}
+		if a, ok := rec.(*events.AttrRecord); ok {
+			if cur, ok := p.view.get(ks.Key).(*events.AttrRecord); ok {
+				a.Value = cur.Value
+			}
+		}
+		p.view.set(ks.Key, rec, false)
+	}
+	// Prefix scans are not trusted across the recorded states: scan again on demand.
+	p.view.scanned = map[string]bool{}
+	p.log.Info("projector recovering batch", "first", ck.First, "last", ck.Last)
+	return ck.First, nil
+}
+
+func (p *Projector) recordedDecision(seq uint64) *events.Code {
+	if p.recover == nil || seq < p.recover.First || seq > p.recover.Last {
+		return nil
+	}
+	for i := range p.recover.Decisions {
+		if p.recover.Decisions[i].Seq == seq {
+			return &p.recover.Decisions[i].Code
+		}
+	}
+	return nil
+}
