@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"math"
 	"time"
 
 	"github.com/attrd/attrd/events"
@@ -141,6 +142,11 @@ func (s *Service) writeAttrs(ctx context.Context, t *target, verb string, req *R
 	for i, it := range items {
 		ai := events.AttrItem{Name: it.Name, Value: it.Value}
 		if it.Expiration != nil && *it.Expiration > 0 {
+			// Seconds become an absolute time in nanoseconds: one that int64 cannot hold
+			// would wrap into the past and destroy the attribute.
+			if *it.Expiration > (math.MaxInt64-ev.Time)/int64(time.Second) {
+				return events.Errorf(events.CodeInvalidInput, "the expiration of %q (%d s) is too far away", it.Name, *it.Expiration)
+			}
 			ai.ExpiresAt = ev.Time + *it.Expiration*int64(time.Second)
 		}
 		seal := it.Encrypt != nil && *it.Encrypt

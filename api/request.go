@@ -3,11 +3,10 @@ package api
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strconv"
 	"unicode/utf8"
-
-	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/attrd/attrd/events"
 )
@@ -82,10 +81,28 @@ type wire struct {
 	Limit       json.RawMessage `json:"limit"`
 }
 
-// ParseJSON reads a JSON request body (its size checked by the transport, see
-// Service.CheckBodySize). Malformed or truncated JSON, trailing data, or a body that is
-// not an object is CodeBadRequest.
-func ParseJSON(body []byte) (*Request, error) {
+// ParseJSON reads a JSON request body with the default nesting bound (transports use
+// Service.ParseBody, which applies the configured limits).
+func ParseJSON(body []byte) (*Request, error) { return parseJSON(body, DefaultMaxDepth) }
+
+// ParseMsgpack reads a msgpack request body with the default nesting bound.
+func ParseMsgpack(body []byte) (*Request, error) { return parseMsgpack(body, DefaultMaxDepth) }
+
+// ParseBody reads a request body as a transport received it: over the size limit is
+// E008002; msgpack or JSON, nested deeper than the limit allows, malformed, truncated,
+// followed by trailing data or not an object is CodeBadRequest.
+func (s *Service) ParseBody(body []byte, isMsgpack bool) (*Request, error) {
+	if err := s.CheckBodySize(len(body)); err != nil {
+		return nil, err
+	}
+	if isMsgpack {
+		return parseMsgpack(body, s.cfg.Limits.MaxDepth)
+	}
+	return parseJSON(body, s.cfg.Limits.MaxDepth)
+}
+
+// parseJSON reads a JSON request body whose values nest at most maxDepth deep.
+func parseJSON(body []byte, maxDepth int) (*Request, error) {
 	body = bytes.TrimSpace(body)
 	if len(body) == 0 {
 		body = []byte("{}")
@@ -93,12 +110,22 @@ func ParseJSON(body []byte) (*Request, error) {
 	if body[0] != '{' {
 		return nil, events.Errorf(events.CodeBadRequest, "the body is not a JSON object")
 	}
+	// Bound the nesting before any decoder sees the body: encoding/json would recurse
+	// 10,000 levels deep, and a value that deep is nobody's attribute.
+	if _, err := jsonDepth(body, maxDepth+bodyDepthSlack); err != nil {
+		return nil, events.Errorf(events.CodeBadRequest, "the body nests more than %d levels deep", maxDepth+bodyDepthSlack)
+	}
 	var w wire
 	// json.Unmarshal rejects malformed and truncated JSON and anything after the value.
 	if err := json.Unmarshal(body, &w); err != nil {
 		return nil, events.Errorf(events.CodeBadRequest, "malformed JSON: %v", err)
 	}
 	r := &Request{present: map[string]bool{}}
+	if !utf8.Valid(body) {
+		// encoding/json would quietly turn invalid bytes into U+FFFD in some fields and
+		// keep them raw in others (values are kept as sent): refuse them everywhere.
+		r.fail("strings must be valid UTF-8")
+	}
 	r.CurrentApp = r.str("current_app", w.CurrentApp)
 	r.UST = r.str("ust", w.UST)
 	r.CurrentUST = r.str("current_ust", w.CurrentUST)
@@ -162,18 +189,18 @@ func unquote(raw json.RawMessage) (string, bool) {
 	return s, true
 }
 
-// ParseMsgpack reads a msgpack request body (a map with string keys) by way of its JSON
-// equivalent, so both encodings obey the same rules.
-func ParseMsgpack(body []byte) (*Request, error) {
-	var v map[string]any
-	if err := msgpack.Unmarshal(body, &v); err != nil {
+// parseMsgpack reads a msgpack request body (a map with string keys) by way of its JSON
+// equivalent, so both encodings obey the same rules. The conversion is iterative and
+// bounds the nesting as it goes: no body can exhaust the stack or the memory.
+func parseMsgpack(body []byte, maxDepth int) (*Request, error) {
+	js, err := msgpackToJSON(body, maxDepth+bodyDepthSlack)
+	if errors.Is(err, errTooDeep) {
+		return nil, events.Errorf(events.CodeBadRequest, "the body nests more than %d levels deep", maxDepth+bodyDepthSlack)
+	}
+	if err != nil {
 		return nil, events.Errorf(events.CodeBadRequest, "malformed msgpack: %v", err)
 	}
-	js, err := json.Marshal(v)
-	if err != nil {
-		return nil, events.Errorf(events.CodeBadRequest, "msgpack body has no JSON form: %v", err)
-	}
-	return ParseJSON(js)
+	return parseJSON(js, maxDepth)
 }
 
 func (r *Request) fail(format string, args ...any) {
@@ -268,6 +295,7 @@ type Limits struct {
 	MaxValueBytes int // encoded JSON of one value (default 64 KiB)
 	MaxItems      int // items of one request (default 1000)
 	MaxBodyBytes  int // a request body (default 1 MiB)
+	MaxDepth      int // nesting of one value (default DefaultMaxDepth)
 }
 
 // MaxNameBytes is the longest attribute name.
@@ -315,6 +343,10 @@ func (r *Request) items(lim Limits) ([]Item, error) {
 	if len(items) == 0 {
 		return nil, events.Errorf(events.CodeInvalidInput, "data is empty")
 	}
+	maxDepth := lim.MaxDepth
+	if maxDepth <= 0 {
+		maxDepth = DefaultMaxDepth
+	}
 	seen := make(map[string]bool, len(items))
 	for i := range items {
 		it := &items[i]
@@ -330,6 +362,9 @@ func (r *Request) items(lim Limits) ([]Item, error) {
 		}
 		if len(it.Value) > lim.MaxValueBytes {
 			return nil, events.Errorf(events.CodeInvalidInput, "the value of %q has %d bytes, the limit is %d", it.Name, len(it.Value), lim.MaxValueBytes)
+		}
+		if _, err := jsonDepth(it.Value, maxDepth); err != nil {
+			return nil, events.Errorf(events.CodeInvalidInput, "the value of %q nests more than %d levels deep", it.Name, maxDepth)
 		}
 		if it.Expiration == nil {
 			it.Expiration = r.Expiration

@@ -86,6 +86,9 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if cfg.Limits.MaxBodyBytes <= 0 {
 		cfg.Limits.MaxBodyBytes = DefaultMaxBodyBytes
 	}
+	if cfg.Limits.MaxDepth <= 0 {
+		cfg.Limits.MaxDepth = DefaultMaxDepth
+	}
 	if cfg.Password == (PasswordParams{}) {
 		cfg.Password = DefaultPasswordParams
 	}

@@ -96,15 +96,7 @@ func (s *Server) dispatch(op api.Op, r micro.Request) {
 func (s *Server) handle(op api.Op, r micro.Request) {
 	m := api.Meta{CID: events.NewID(), RequestID: r.Headers().Get(nats.MsgIdHdr)}
 	isMsgpack := r.Headers().Get("Content-Type") == ContentTypeMsgpack
-	var req *api.Request
-	err := s.api.CheckBodySize(len(r.Data()))
-	switch {
-	case err != nil:
-	case isMsgpack:
-		req, err = api.ParseMsgpack(r.Data())
-	default:
-		req, err = api.ParseJSON(r.Data())
-	}
+	req, err := s.api.ParseBody(r.Data(), isMsgpack)
 	var rep api.Reply
 	if err != nil {
 		rep = api.ErrorReply(m.CID, err)

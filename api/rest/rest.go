@@ -211,7 +211,7 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
 		writeReply(w, api.ErrorReply(m.CID, err))
 		return
 	}
-	req, err := api.ParseJSON(body)
+	req, err := h.svc.ParseBody(body, false)
 	if err != nil {
 		writeReply(w, api.ErrorReply(m.CID, err))
 		return
