@@ -109,7 +109,7 @@ func (s *Service) authenticate(ctx context.Context, ust string) (*caller, error)
 
 // event returns an event acted by c with the request's metadata.
 func (c *caller) event(t events.Type, m Meta) *events.Event {
-	ev := &events.Event{Type: t, CID: m.CID, App: m.App, RemoteAddr: m.RemoteAddr, UserAgent: m.UserAgent}
+	ev := &events.Event{Type: t, CID: m.CID, App: m.App, RemoteAddr: m.RemoteAddr, UserAgent: m.UserAgent, Fingerprint: m.Fingerprint}
 	if c != nil {
 		ev.Actor, ev.ActorSession, ev.ActorName = c.user.UserID, c.sid, c.user.Username
 	}

@@ -57,6 +57,9 @@ type Meta struct {
 	RemoteAddr string
 	UserAgent  string
 	RequestID  string // from a transport header (Idempotency-Key, Nats-Msg-Id)
+	// Fingerprint identifies the request (operation, target, body) when it has a
+	// request id; Handle fills it.
+	Fingerprint string
 }
 
 // Reply is an operation's answer: the HTTP status REST gives it and the JSON body.
@@ -166,6 +169,15 @@ func (s *Service) handle(ctx context.Context, op Op, req *Request, m *Meta) (map
 	}
 	if req.RequestID == "" {
 		req.RequestID = m.RequestID
+	}
+	switch op {
+	case OpLogin, OpLogout:
+		// Each login is a new session and a logout always ends the session it names:
+		// neither is a retryable request.
+		req.RequestID = ""
+	}
+	if req.RequestID != "" {
+		m.Fingerprint = req.fingerprint(op)
 	}
 	switch op {
 	case OpLogin:

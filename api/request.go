@@ -2,6 +2,8 @@ package api
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -280,6 +282,40 @@ func compact(raw json.RawMessage) json.RawMessage {
 		return raw
 	}
 	return b.Bytes()
+}
+
+// fingerprint identifies a request by what makes it the same request: its operation,
+// its target and the fields that say what to do. The caller's token is left out (the
+// request key already scopes a request id to its user), and so is a new user's
+// password (a hash of it would be stored in the log; a retry with another password is
+// taken as the same request).
+func (r *Request) fingerprint(op Op) string {
+	h := sha256.New()
+	put := func(name string, v []byte) {
+		fmt.Fprintf(h, "%s=%d:", name, len(v))
+		h.Write(v)
+	}
+	put("op", []byte(op))
+	put("user_id", []byte(r.UserID))
+	put("target", []byte(events.SessionID(r.TargetUST)))
+	if r.Name != nil {
+		put("name", []byte(*r.Name))
+	}
+	put("value", r.Value)
+	for _, d := range r.Data {
+		put("data", compact(d))
+	}
+	if r.Expiration != nil {
+		put("expiration", strconv.AppendInt(nil, *r.Expiration, 10))
+	}
+	if r.Encrypt != nil {
+		put("encrypt", strconv.AppendBool(nil, *r.Encrypt))
+	}
+	if r.IsSuperUser != nil {
+		put("is_super_user", strconv.AppendBool(nil, *r.IsSuperUser))
+	}
+	put("username", []byte(r.Username))
+	return base64.RawURLEncoding.EncodeToString(h.Sum(nil)[:16])
 }
 
 // Item is one attribute of a write: name, value and its own options.

@@ -168,8 +168,19 @@ func (s *Service) onDecisions(m *nats.Msg) {
 
 // commit appends ev to the log and waits for the projector's decision on it. A
 // decision that does not come within DecisionTimeout is ErrOutcomeUnknown: the event
-// may still apply, and its request id finds out.
+// may still apply, and its request id finds out. A decision made for another request
+// that used the same request id (another fingerprint) is not this request's: E008002.
 func (s *Service) commit(ctx context.Context, ev *events.Event) (events.Decision, error) {
+	d, err := s.appendAndWait(ctx, ev)
+	if err == nil && ev.RequestKey != "" && d.Fingerprint != ev.Fingerprint {
+		return events.Decision{}, events.Errorf(events.CodeInvalidInput, "the request id was used for a different request")
+	}
+	return d, err
+}
+
+// appendAndWait appends ev and waits for its decision, or for the decision kept for its
+// request key when the stream says the event is a duplicate.
+func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.Decision, error) {
 	ev.ID = ev.RequestKey // a retry's event has the same id
 	if ev.ID == "" {
 		ev.ID = events.NewID()

@@ -61,9 +61,6 @@ func (s *Service) logout(ctx context.Context, req *Request, m *Meta) (map[string
 	if u, err := s.readUser(ctx, sess.UserID); err == nil && u != nil {
 		ev.ActorName = u.Username
 	}
-	if req.RequestID != "" {
-		ev.RequestKey = events.RequestKey(sess.UserID, req.RequestID)
-	}
 	_, err = s.commit(ctx, ev)
 	s.sessions.forget(sid, "") // this instance stops honouring it at once
 	return nil, err

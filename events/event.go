@@ -98,6 +98,10 @@ type Event struct {
 	// RequestKey is set when the caller gave a request id: the event's Nats-Msg-Id, and
 	// the key under which its decision is kept for retries.
 	RequestKey string `msgpack:"rk,omitempty"`
+	// Fingerprint identifies the request behind a request key (its operation, target
+	// and body, see api): a retry has the same, another request reusing the request id
+	// does not, and is refused instead of answered with this event's outcome.
+	Fingerprint string `msgpack:"fp,omitempty"`
 
 	User      *UserData  `msgpack:"user,omitempty"` // user.created
 	ExpiresAt int64      `msgpack:"exp,omitempty"`  // session.created, session.renewed

@@ -63,6 +63,8 @@ type Decision struct {
 	// Result fields of the request, repeated so that a retry can answer as the first did.
 	UserID    string `msgpack:"uid,omitempty"`
 	ExpiresAt int64  `msgpack:"exp,omitempty"`
+	// Fingerprint is the event's, so that a retry can be told from a reuse.
+	Fingerprint string `msgpack:"fp,omitempty"`
 }
 
 // Checkpoint is the projector's intent record, written before the KV writes of every

@@ -26,7 +26,7 @@ type Opener interface {
 // When forced is not nil the decision is not made again: it is *forced (a decision
 // recorded before a crash), and an accepted event's effects are applied.
 func Fold(st State, seq uint64, ev *events.Event, open Opener, forced *events.Code) events.Decision {
-	d := events.Decision{Seq: seq, EventID: ev.ID, UserID: ev.UserID, ExpiresAt: ev.ExpiresAt}
+	d := events.Decision{Seq: seq, EventID: ev.ID, UserID: ev.UserID, ExpiresAt: ev.ExpiresAt, Fingerprint: ev.Fingerprint}
 	var plan []func()
 	d.Code, plan = decide(st, seq, ev, open)
 	if forced != nil {
