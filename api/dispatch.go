@@ -54,8 +54,13 @@ func Ops() []Op {
 type Meta struct {
 	CID        string // the correlation id, a ULID
 	App        string // filled from the body
-	RemoteAddr string
+	RemoteAddr string // the end user's address, as the transport saw it
 	UserAgent  string
+	// BodyAudit lets remote_addr and user_agent in the body win over RemoteAddr and
+	// UserAgent: a service on NATS reports its end user's. Over REST the caller is the
+	// end user, so the connection and its headers are the truth and the body's fields
+	// are ignored.
+	BodyAudit bool
 	RequestID  string // from a transport header (Idempotency-Key, Nats-Msg-Id)
 	// Fingerprint identifies the request (operation, target, body) when it has a
 	// request id; Handle fills it.
@@ -159,13 +164,22 @@ func (s *Service) handle(ctx context.Context, op Op, req *Request, m *Meta) (map
 		return nil, events.Errorf(events.CodeBadApp, "unknown application %q", req.CurrentApp)
 	}
 	m.App = req.CurrentApp
-	// remote_addr and user_agent in the body are the end user's, passed on by the
-	// calling service (as in Zato); they win over what the transport saw.
-	if req.RemoteAddr != "" {
-		m.RemoteAddr = req.RemoteAddr
-	}
-	if req.UserAgent != "" {
-		m.UserAgent = req.UserAgent
+	if m.BodyAudit {
+		// remote_addr and user_agent in the body are the end user's, passed on by the
+		// calling service (as in Zato); they win over what the transport saw. They end
+		// up in the audit history, so they must be plain text of a sane length.
+		if err := validAuditField("remote_addr", req.RemoteAddr, MaxRemoteAddrBytes); err != nil {
+			return nil, err
+		}
+		if err := validAuditField("user_agent", req.UserAgent, MaxUserAgentBytes); err != nil {
+			return nil, err
+		}
+		if req.RemoteAddr != "" {
+			m.RemoteAddr = req.RemoteAddr
+		}
+		if req.UserAgent != "" {
+			m.UserAgent = req.UserAgent
+		}
 	}
 	if req.RequestID == "" {
 		req.RequestID = m.RequestID

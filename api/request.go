@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"unicode/utf8"
 
 	"github.com/attrd/attrd/events"
@@ -332,6 +333,46 @@ type Limits struct {
 	MaxItems      int // items of one request (default 1000)
 	MaxBodyBytes  int // a request body (default 1 MiB)
 	MaxDepth      int // nesting of one value (default DefaultMaxDepth)
+}
+
+// Bounds of the audit fields a service reports for its end user.
+const (
+	MaxRemoteAddrBytes = 256
+	MaxUserAgentBytes  = 512
+)
+
+// validAuditField refuses an audit field that is too long or holds control characters
+// (they could forge lines or colours in a terminal that shows the history).
+func validAuditField(field, v string, max int) error {
+	if len(v) > max {
+		return events.Errorf(events.CodeInvalidInput, "%s has %d bytes, the limit is %d", field, len(v), max)
+	}
+	if !utf8.ValidString(v) || strings.IndexFunc(v, isControl) >= 0 {
+		return events.Errorf(events.CodeInvalidInput, "%s must be text without control characters", field)
+	}
+	return nil
+}
+
+// isControl reports C0 and C1 control characters and DEL.
+func isControl(r rune) bool { return r < 0x20 || r >= 0x7f && r < 0xa0 }
+
+// CleanAuditField makes a value the transport read (a header) fit the audit history:
+// control characters become U+FFFD, invalid UTF-8 too, and it is cut to max bytes.
+func CleanAuditField(v string, max int) string {
+	v = strings.ToValidUTF8(v, "\uFFFD")
+	v = strings.Map(func(r rune) rune {
+		if isControl(r) {
+			return utf8.RuneError
+		}
+		return r
+	}, v)
+	if len(v) > max {
+		v = v[:max]
+		for !utf8.ValidString(v) {
+			v = v[:len(v)-1]
+		}
+	}
+	return v
 }
 
 // MaxNameBytes is the longest attribute name.

@@ -29,6 +29,9 @@ type Config struct {
 	Apps []string
 	// SessionTTL is how long a session lives after login or renew (default 60m).
 	SessionTTL time.Duration
+	// SessionMaxLifetime is how long after its login a session ends, however often it
+	// is renewed (default 24h).
+	SessionMaxLifetime time.Duration
 	// DecisionTimeout is how long a write waits for its decision before answering
 	// "outcome unknown" (default 5s).
 	DecisionTimeout time.Duration
@@ -38,6 +41,11 @@ type Config struct {
 	Keyring *sealed.Keyring
 	// Password is the argon2id cost of new password hashes.
 	Password PasswordParams
+	// PasswordConcurrency bounds password hashes computed at once (default: half the
+	// cores); PasswordQueue more may wait up to PasswordWait, the rest are refused.
+	PasswordConcurrency int
+	PasswordQueue       int
+	PasswordWait        time.Duration
 	// History reads the log for history and point-in-time queries; nil refuses them.
 	History HistorySource
 	// MaxInFlight bounds requests handled at once (default 4096).
@@ -60,6 +68,7 @@ type Service struct {
 	waiting map[string][]chan events.Decision // by event id; two retries of one request share it
 
 	sessions *sessionCache
+	hashes   *hashGate
 	stop     context.CancelFunc
 }
 
@@ -73,6 +82,18 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	}
 	if cfg.SessionTTL <= 0 {
 		cfg.SessionTTL = 60 * time.Minute
+	}
+	if cfg.SessionMaxLifetime <= 0 {
+		cfg.SessionMaxLifetime = 24 * time.Hour
+	}
+	if cfg.PasswordConcurrency <= 0 {
+		cfg.PasswordConcurrency = DefaultPasswordConcurrency
+	}
+	if cfg.PasswordQueue <= 0 {
+		cfg.PasswordQueue = DefaultPasswordQueue
+	}
+	if cfg.PasswordWait <= 0 {
+		cfg.PasswordWait = DefaultPasswordWait
 	}
 	if cfg.DecisionTimeout <= 0 {
 		cfg.DecisionTimeout = 5 * time.Second
@@ -108,7 +129,8 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	}
 	s := &Service{cfg: cfg, nc: nc, js: js, kv: kv, log: cfg.Logger,
 		inbox: nats.NewInbox(), waiting: map[string][]chan events.Decision{},
-		sessions: newSessionCache(5*time.Second, 100_000)}
+		sessions: newSessionCache(5*time.Second, 100_000),
+		hashes:   newHashGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait)}
 	wctx, stop := context.WithCancel(context.Background())
 	s.stop = stop
 	if err := s.sessions.watch(wctx, kv); err != nil {

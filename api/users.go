@@ -25,18 +25,22 @@ func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]
 			return nil, err
 		}
 	}
-	if u == nil {
-		CheckPassword(req.Password, dummyHash)
-		return nil, denied
+	hash := dummyHash // an unknown user costs as much as a wrong password
+	if u != nil {
+		hash = u.PasswordHash
 	}
-	if !CheckPassword(req.Password, u.PasswordHash) || !u.Approved {
+	good, err := s.checkPassword(ctx, req.Password, hash)
+	if err != nil {
+		return nil, err
+	}
+	if u == nil || !good || !u.Approved {
 		return nil, denied
 	}
 	ust := NewUST()
 	ev := (*caller)(nil).event(events.SessionCreated, *m)
 	ev.UserID, ev.SessionID, ev.ActorName = u.UserID, events.SessionID(ust), u.Username
 	ev.Time = time.Now().UnixNano()
-	ev.ExpiresAt = ev.Time + int64(s.cfg.SessionTTL)
+	ev.ExpiresAt = ev.Time + int64(min(s.cfg.SessionTTL, s.cfg.SessionMaxLifetime))
 	if _, err := s.apply(ctx, ev); err != nil {
 		if events.CodeOf(err) == events.CodeNotAllowed {
 			return nil, denied // not approved meanwhile
@@ -114,7 +118,7 @@ func (s *Service) newUser(ctx context.Context, ev *events.Event, username, passw
 	if password == "" {
 		return events.Decision{}, events.Errorf(events.CodeInvalidInput, "the password is empty")
 	}
-	hash, err := HashPassword(password, s.cfg.Password)
+	hash, err := s.hashPassword(ctx, password)
 	if err != nil {
 		return events.Decision{}, err
 	}
@@ -153,7 +157,12 @@ func (s *Service) renew(ctx context.Context, req *Request, m *Meta) (map[string]
 	ev.UserID, ev.SessionID = c.user.UserID, c.sid
 	ev.RequestKey = c.requestKey(req.RequestID)
 	ev.Time = time.Now().UnixNano()
-	ev.ExpiresAt = ev.Time + int64(s.cfg.SessionTTL)
+	// Never past the session's absolute lifetime: a renewal that cannot extend it
+	// answers the end it has and appends nothing.
+	ev.ExpiresAt = min(ev.Time+int64(s.cfg.SessionTTL), c.session.Created+int64(s.cfg.SessionMaxLifetime))
+	if ev.ExpiresAt <= c.session.ExpiresAt {
+		return map[string]any{"expiration_time": formatTime(c.session.ExpiresAt)}, nil
+	}
 	d, err := s.apply(ctx, ev)
 	if err != nil {
 		return nil, err

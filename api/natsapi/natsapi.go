@@ -29,6 +29,12 @@ const SubjectPrefix = "attrd"
 // ContentTypeMsgpack marks a msgpack body.
 const ContentTypeMsgpack = "application/msgpack"
 
+// What one endpoint may hold queued in the client before it drops requests.
+const (
+	pendingMsgs  = 65536
+	pendingBytes = 32 << 20
+)
+
 // Server is the running NATS request API.
 type Server struct {
 	nc   *nats.Conn
@@ -64,9 +70,10 @@ func Start(nc *nats.Conn, a *api.Service, log *slog.Logger) (*Server, error) {
 		name := strings.ReplaceAll(string(op), ".", "-")
 		err := svc.AddEndpoint(name, micro.HandlerFunc(func(r micro.Request) { s.dispatch(op, r) }),
 			micro.WithEndpointSubject(Subject(op)),
-			// Pending limits off: requests queue in the client rather than being dropped
-			// as a slow consumer while the semaphore is full.
-			micro.WithEndpointPendingLimits(-1, -1))
+			// Requests queue in the client while the semaphore is full, up to a bound:
+			// beyond it the client drops them (a slow consumer; their senders time
+			// out) rather than hold unbounded memory for a flood.
+			micro.WithEndpointPendingLimits(pendingMsgs, pendingBytes))
 		if err != nil {
 			_ = svc.Stop()
 			cancel()
@@ -94,7 +101,7 @@ func (s *Server) dispatch(op api.Op, r micro.Request) {
 }
 
 func (s *Server) handle(op api.Op, r micro.Request) {
-	m := api.Meta{CID: events.NewID(), RequestID: r.Headers().Get(nats.MsgIdHdr)}
+	m := api.Meta{CID: events.NewID(), RequestID: r.Headers().Get(nats.MsgIdHdr), BodyAudit: true}
 	isMsgpack := r.Headers().Get("Content-Type") == ContentTypeMsgpack
 	req, err := s.api.ParseBody(r.Data(), isMsgpack)
 	var rep api.Reply

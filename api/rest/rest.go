@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"slices"
 	"strconv"
@@ -74,6 +75,9 @@ type Config struct {
 	// Logger receives one line per request: method, path, status, duration, cid. Never
 	// the query string, a header's value or a body: they hold tokens and values.
 	Logger *slog.Logger
+	// TrustedProxies are the networks of reverse proxies whose X-Forwarded-For names
+	// the client; from anyone else the header is ignored.
+	TrustedProxies []netip.Prefix
 }
 
 // Handler serves the REST API, /openapi.json included.
@@ -81,7 +85,7 @@ func Handler(svc *api.Service, cfg Config) http.Handler {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	h := &handler{svc: svc, cfg: cfg}
+	h := &handler{svc: svc, cfg: cfg, slots: make(chan struct{}, svc.Config().MaxInFlight)}
 	mux := http.NewServeMux()
 	for _, rt := range Routes() {
 		mux.HandleFunc(rt.Method+" "+rt.Path, func(w http.ResponseWriter, r *http.Request) { h.serve(w, r, rt.Op) })
@@ -116,9 +120,13 @@ func (s *statusOnly) Write(b []byte) (int, error) { return len(b), nil }
 func (s *statusOnly) WriteHeader(code int)        { s.status = code }
 
 type handler struct {
-	svc *api.Service
-	cfg Config
+	svc   *api.Service
+	cfg   Config
+	slots chan struct{} // requests handled at once
 }
+
+// slotWait is how long a request waits for a slot before it is refused as busy.
+const slotWait = 2 * time.Second
 
 // statusWriter remembers the status for the access log.
 type statusWriter struct {
@@ -191,12 +199,25 @@ func (h *handler) cors(w http.ResponseWriter, r *http.Request) bool {
 }
 
 func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
-	m := api.Meta{CID: events.NewID(), UserAgent: r.UserAgent(), RequestID: r.Header.Get("Idempotency-Key")}
+	// The caller is the end user: its address comes from the connection (or a trusted
+	// proxy's X-Forwarded-For) and its user agent from the header; remote_addr and
+	// user_agent in the body are ignored (Meta.BodyAudit is false).
+	m := api.Meta{CID: events.NewID(), UserAgent: api.CleanAuditField(r.UserAgent(), api.MaxUserAgentBytes),
+		RequestID: r.Header.Get("Idempotency-Key"), RemoteAddr: ClientAddr(r, h.cfg.TrustedProxies)}
 	if sw, ok := w.(*statusWriter); ok {
 		sw.cid = m.CID
 	}
-	if host, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
-		m.RemoteAddr = host
+	// At most MaxInFlight requests (and their bodies) at once, as over NATS.
+	timer := time.NewTimer(slotWait)
+	defer timer.Stop()
+	select {
+	case h.slots <- struct{}{}:
+		defer func() { <-h.slots }()
+	case <-timer.C:
+		writeReply(w, api.ErrorReply(m.CID, events.Errorf(events.CodeOutcomeUnknown, "busy: too many requests at once; nothing was done, try again")))
+		return
+	case <-r.Context().Done():
+		return
 	}
 	body, err := readBody(w, r, h.svc.Config().Limits.MaxBodyBytes)
 	if err != nil {
@@ -320,7 +341,43 @@ func writeReply(w http.ResponseWriter, rep api.Reply) {
 		b, _ = json.Marshal(rep.Body)
 	}
 	w.Header().Set("Content-Type", "application/json")
+	if rep.Status == http.StatusServiceUnavailable {
+		w.Header().Set("Retry-After", "1")
+	}
 	w.WriteHeader(rep.Status)
 	w.Write(b)
 	w.Write([]byte("\n"))
+}
+
+// ClientAddr is the address of the client behind r: the connection's peer, or, when
+// that peer is a trusted proxy, the right-most address in X-Forwarded-For that is not
+// itself a trusted proxy (the left-most entries are whatever the client claimed).
+func ClientAddr(r *http.Request, trusted []netip.Prefix) string {
+	peer, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		host, _, _ := net.SplitHostPort(r.RemoteAddr)
+		return api.CleanAuditField(host, api.MaxRemoteAddrBytes)
+	}
+	addr := peer.Addr().Unmap()
+	isTrusted := func(a netip.Addr) bool {
+		return slices.ContainsFunc(trusted, func(p netip.Prefix) bool { return p.Contains(a) })
+	}
+	if !isTrusted(addr) {
+		return addr.String()
+	}
+	var hops []string
+	for _, h := range r.Header.Values("X-Forwarded-For") {
+		hops = append(hops, strings.Split(h, ",")...)
+	}
+	for i := len(hops) - 1; i >= 0; i-- {
+		a, err := netip.ParseAddr(strings.TrimSpace(hops[i]))
+		if err != nil {
+			break // not an address: nothing left of it can be trusted
+		}
+		addr = a.Unmap()
+		if !isTrusted(addr) {
+			break
+		}
+	}
+	return addr.String()
 }

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -127,8 +128,10 @@ func printEvents(w io.Writer, rows []map[string]any, asJSON bool) error {
 		if c, ok := r["code"]; ok {
 			decision += " " + c.(string)
 		}
-		fmt.Fprintf(tw, "%v\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r["seq"], r["time"], r["type"], str(r["actor"]), str(r["app"]),
-			str(r["remote_addr"]), decision, change(r))
+		// Every field is escaped: actors, apps, addresses and values come from clients,
+		// and a tab, newline or ANSI escape must not forge a row or colour the terminal.
+		fmt.Fprintf(tw, "%v\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r["seq"], esc(str(r["time"])), esc(str(r["type"])), esc(str(r["actor"])),
+			esc(str(r["app"])), esc(str(r["remote_addr"])), esc(decision), esc(change(r)))
 	}
 	return tw.Flush()
 }
@@ -182,7 +185,26 @@ func printAttrs(w io.Writer, attrs map[string]any, asJSON bool) error {
 	for _, n := range names {
 		a := attrs[n].(map[string]any)
 		b, _ := json.Marshal(a["value"])
-		fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%s\t%s\n", n, b, a["is_encrypted"], a["creation_time"], a["last_modified"], a["expiration_time"])
+		fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%s\t%s\n", esc(n), esc(string(b)), a["is_encrypted"], a["creation_time"], a["last_modified"], a["expiration_time"])
 	}
 	return tw.Flush()
+}
+
+// esc makes a field safe for a terminal table: control characters (C0, DEL, C1, so tab,
+// newline and ANSI escapes too) and invalid UTF-8 become \xNN escapes.
+func esc(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, n := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && n == 1, r < 0x20, r >= 0x7f && r < 0xa0:
+			for _, c := range []byte(s[i : i+n]) {
+				fmt.Fprintf(&b, "\\x%02x", c)
+			}
+		default:
+			b.WriteString(s[i : i+n])
+		}
+		i += n
+	}
+	return b.String()
 }

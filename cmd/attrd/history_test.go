@@ -34,7 +34,8 @@ func TestHistoryShowsEveryEventWithItsDecisionAndChange(t *testing.T) {
 	u, _ := f.alice.User(ctx)
 	expectCode(t, u.Attr.Create(ctx, "a", 1), noError)
 	expectCode(t, u.Attr.Create(ctx, "a", 2), events.CodeAttrExists)
-	// Over REST, with a remote address and a user agent to find in the history.
+	// Over REST, with a user agent to find in the history; the address is the
+	// connection's (a remote_addr in the body is the caller's claim, and ignored).
 	st, _, b := httpDo(t, f.srv, "PATCH", "/zato/sso/user/attr", map[string]any{"ust": f.alice.UST, "current_app": "CRM",
 		"name": "a", "value": "two", "expiration": 60, "remote_addr": "192.0.2.7"}, map[string]string{"User-Agent": "probe/1"})
 	ok(t, st, b)
@@ -67,7 +68,7 @@ func TestHistoryShowsEveryEventWithItsDecisionAndChange(t *testing.T) {
 		}
 	}
 	upd := evs[2]
-	if upd["cid"] != restCID || upd["remote_addr"] != "192.0.2.7" || upd["user_agent"] != "probe/1" || upd["actor"] != f.aliceID {
+	if upd["cid"] != restCID || upd["remote_addr"] != "127.0.0.1" || upd["user_agent"] != "probe/1" || upd["actor"] != f.aliceID {
 		t.Fatalf("the update's metadata: %v (cid %s)", upd, restCID)
 	}
 	ch := upd["changes"].([]any)[0].(map[string]any)

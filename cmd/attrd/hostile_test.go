@@ -6,14 +6,23 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"os"
+	"runtime"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/api/client"
+	"github.com/attrd/attrd/api/rest"
 	"github.com/attrd/attrd/events"
 )
 
@@ -161,5 +170,214 @@ func TestLogoutIgnoresRequestIDs(t *testing.T) {
 // jsonValid reports whether b is one valid JSON value.
 func jsonValid(b []byte) bool { return json.Valid(bytes.TrimSpace(b)) }
 
-var _ = strings.Repeat
-var _ = http.StatusOK
+func TestAuditFieldsCannotBeForgedOverRESTNorHoldControlCharactersOverNATS(t *testing.T) {
+	f := newFixture(t, func(c *Config) {
+		c.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+	})
+	forged := "1.2.3.4\tuser.created\troot\n\x1b[31m"
+	st, _, b := httpDo(t, f.srv, "PUT", "/zato/sso/user/attr", map[string]any{"ust": f.alice.UST, "current_app": "CRM",
+		"name": "r", "value": 1, "remote_addr": forged, "user_agent": forged},
+		map[string]string{"User-Agent": "agent\tone", "X-Forwarded-For": "203.0.113.9"})
+	ok(t, st, b)
+	// Over NATS the body's fields are the end user's, but only as plain text.
+	_, out := rawJSON(t, f.srv, "user.attr.set", map[string]any{"ust": f.alice.UST, "current_app": "CRM",
+		"name": "n", "value": 1, "remote_addr": forged})
+	if subStatus(out) != string(events.CodeInvalidInput) {
+		t.Fatalf("control characters in remote_addr over NATS: %v", out)
+	}
+	_, out = rawJSON(t, f.srv, "user.attr.set", map[string]any{"ust": f.alice.UST, "current_app": "CRM",
+		"name": "n", "value": 1, "user_agent": strings.Repeat("x", 513)})
+	if subStatus(out) != string(events.CodeInvalidInput) {
+		t.Fatalf("a 513-byte user_agent over NATS: %v", out)
+	}
+	_, out = rawJSON(t, f.srv, "user.attr.set", map[string]any{"ust": f.alice.UST, "current_app": "CRM",
+		"name": "n", "value": 1, "remote_addr": "198.51.100.4", "user_agent": "svc-end-user/2"})
+	if out["status"] != "ok" {
+		t.Fatalf("plain audit fields over NATS: %v", out)
+	}
+	evs, _ := historyOf(t, f, f.alice.UST, map[string]any{"types": []string{"attr.set"}})
+	if len(evs) != 2 {
+		t.Fatalf("want 2 accepted sets in the history: %v", evs)
+	}
+	if evs[0]["remote_addr"] != "127.0.0.1" || evs[0]["user_agent"] != "agent\uFFFDone" {
+		t.Fatalf("over REST the connection and the header are the truth: %v", evs[0])
+	}
+	if evs[1]["remote_addr"] != "198.51.100.4" || evs[1]["user_agent"] != "svc-end-user/2" {
+		t.Fatalf("over NATS the body's fields: %v", evs[1])
+	}
+	code, table := runCmd(t, "history", "--user", "alice", "--nats-url", f.srv.ClientURL())
+	if code != 0 || strings.Contains(table, "\x1b") || strings.Count(table, "\n") != 1+len(mustHistory(t, f)) {
+		t.Fatalf("table: exit %d\n%q", code, table)
+	}
+}
+
+func mustHistory(t *testing.T, f *fixture) []map[string]any {
+	evs, out := historyOf(t, f, f.alice.UST, nil)
+	if out["status"] != "ok" {
+		t.Fatal(out)
+	}
+	return evs
+}
+
+func TestXForwardedForIsBelievedOnlyFromTrustedProxies(t *testing.T) {
+	req := func(peer, xff string) *http.Request {
+		r := httptest.NewRequest("GET", "/", nil)
+		r.RemoteAddr = peer
+		if xff != "" {
+			r.Header.Set("X-Forwarded-For", xff)
+		}
+		return r
+	}
+	trusted := []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+	for _, c := range []struct{ peer, xff, want string }{
+		{"192.0.2.1:5000", "203.0.113.9", "192.0.2.1"},                     // not a proxy: header ignored
+		{"10.1.1.1:5000", "203.0.113.9", "203.0.113.9"},                    // a proxy: its client
+		{"10.1.1.1:5000", "6.6.6.6, 203.0.113.9, 10.2.2.2", "203.0.113.9"}, // the right-most untrusted hop
+		{"10.1.1.1:5000", "garbage", "10.1.1.1"},                           // nothing to believe
+		{"10.1.1.1:5000", "", "10.1.1.1"},
+		{"[::ffff:192.0.2.1]:1", "", "192.0.2.1"},
+	} {
+		if got := rest.ClientAddr(req(c.peer, c.xff), trusted); got != c.want {
+			t.Fatalf("peer %s, X-Forwarded-For %q: %s, want %s", c.peer, c.xff, got, c.want)
+		}
+	}
+}
+
+func TestHistoryTableEscapesControlCharacters(t *testing.T) {
+	for in, want := range map[string]string{"plain ü": "plain ü", "a\tb\nc": `a\x09b\x0ac`, "\x1b[31mred": `\x1b[31mred`,
+		"\xff": `\xff`, "c1\u0085": `c1\xc2\x85`} {
+		if got := esc(in); got != want {
+			t.Fatalf("esc(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestSessionsCannotBeRenewedPastTheirMaximumLifetime(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.SessionTTL, c.SessionMaxLifetime = 2*time.Second, 3*time.Second })
+	ctx := ctxT(t)
+	s := mustLogin(t, f.c, "alice", "alice-pw")
+	_, out := rawJSON(t, f.srv, "user.login", map[string]any{"username": "alice", "password": "alice-pw", "current_app": "CRM"})
+	loginEnd, _ := time.Parse(time.RFC3339Nano, out["expiration_time"].(string))
+	s = f.c.Resume(out["ust"].(string))
+	time.Sleep(1500 * time.Millisecond)
+	end, err := s.Renew(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := loginEnd.Add(time.Second); !end.Equal(want) {
+		t.Fatalf("renewed until %s, want the cap %s (login + 3s)", end, want)
+	}
+	// Renewing again cannot go further.
+	if again, err := s.Renew(ctx); err != nil || !again.Equal(end) {
+		t.Fatalf("second renewal: %s %v, want %s", again, err, end)
+	}
+	time.Sleep(time.Until(end) + 100*time.Millisecond)
+	if _, err := s.User(ctx); events.CodeOf(err) != events.CodeNoSession {
+		t.Fatalf("the session outlived its maximum lifetime: %v", err)
+	}
+}
+
+// rssBytes is this process's resident set size.
+func rssBytes(t *testing.T) int64 {
+	b, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		t.Skip("no /proc/self/statm")
+	}
+	var size, rss int64
+	fmt.Sscan(string(b), &size, &rss)
+	return rss * int64(os.Getpagesize())
+}
+
+func TestConcurrentLoginsAreBoundedAndOthersKeepTheirLatency(t *testing.T) {
+	f := newFixture(t, func(c *Config) {
+		c.Password = api.DefaultPasswordParams // the real 19 MiB argon2id
+		c.PasswordConcurrency = 1
+	})
+	ctx := ctxT(t)
+	u := mustSession(t, f)
+	runtime.GC()
+	base := rssBytes(t)
+	var peak atomic.Int64
+	stop := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			if r := rssBytes(t); r > peak.Load() {
+				peak.Store(r)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}()
+	nc, err := nats.Connect(f.srv.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	const viaNATS, viaREST = 300, 200
+	var wg sync.WaitGroup
+	var denied, busy, other atomic.Int64
+	count := func(status int, body map[string]any) {
+		switch {
+		case subStatus(body) == string(events.CodeNotAllowed):
+			denied.Add(1)
+		case subStatus(body) == string(events.CodeOutcomeUnknown) && (status == 0 || status == 503):
+			busy.Add(1)
+		default:
+			other.Add(1)
+		}
+	}
+	login, _ := json.Marshal(map[string]any{"username": "alice", "password": "wrong", "current_app": "CRM"})
+	for i := 0; i < viaNATS; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rep, err := nc.Request("attrd.user.login", login, 20*time.Second)
+			if err != nil {
+				other.Add(1)
+				return
+			}
+			var body map[string]any
+			json.Unmarshal(rep.Data, &body)
+			count(0, body)
+		}()
+	}
+	for i := 0; i < viaREST; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, _, body := httpDo(t, f.srv, "POST", "/zato/sso/user/login", login, nil)
+			count(st, body)
+		}()
+	}
+	// Meanwhile other requests keep their latency.
+	for i := 0; i < 5; i++ {
+		start := time.Now()
+		if _, err := f.admin.User(ctx); err != nil {
+			t.Fatalf("who-am-I during the flood: %v", err)
+		}
+		if err := u.Attr.Set(ctx, "during", i); err != nil {
+			t.Fatalf("a write during the flood: %v", err)
+		}
+		if d := time.Since(start); d > 2*time.Second {
+			t.Fatalf("a who-am-I and a write took %s during the login flood", d)
+		}
+	}
+	wg.Wait()
+	close(stop)
+	<-sampled
+	if other.Load() != 0 || denied.Load()+busy.Load() != viaNATS+viaREST {
+		t.Fatalf("answers: %d denied, %d busy, %d other", denied.Load(), busy.Load(), other.Load())
+	}
+	if busy.Load() == 0 {
+		t.Fatal("no login was refused as busy: nothing bounds the hashing")
+	}
+	if grew := peak.Load() - base; grew > 1<<30 {
+		t.Fatalf("RSS grew by %d MiB during %d concurrent logins", grew>>20, viaNATS+viaREST)
+	}
+	t.Logf("%d denied, %d busy; RSS grew by at most %d MiB", denied.Load(), busy.Load(), (peak.Load()-base)>>20)
+}

@@ -12,12 +12,15 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/attrd/attrd/api"
 )
 
 func main() {
@@ -119,7 +122,7 @@ func envDuration(name string, def time.Duration) time.Duration {
 func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	var cfg Config
-	var apps, origins string
+	var apps, origins, proxies string
 	fs.StringVar(&cfg.DataDir, "data-dir", env("ATTRD_DATA_DIR", "./attrd-data"), "data directory of the embedded NATS server and the generated key (ATTRD_DATA_DIR)")
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", env("ATTRD_HTTP_ADDR", "127.0.0.1:17010"), "HTTP listen address (ATTRD_HTTP_ADDR)")
 	fs.StringVar(&cfg.NATSAddr, "nats-addr", env("ATTRD_NATS_ADDR", "127.0.0.1:4222"), "embedded NATS server's client address (ATTRD_NATS_ADDR)")
@@ -128,6 +131,9 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs.StringVar(&apps, "apps", env("ATTRD_APPS", "CRM"), "comma-separated applications accepted as current_app (ATTRD_APPS)")
 	fs.StringVar(&origins, "cors-origins", env("ATTRD_CORS_ORIGINS", ""), "comma-separated origins browsers may call from; * for any, without credentials (ATTRD_CORS_ORIGINS)")
 	fs.DurationVar(&cfg.SessionTTL, "session-ttl", envDuration("ATTRD_SESSION_TTL", 60*time.Minute), "session lifetime (ATTRD_SESSION_TTL)")
+	fs.DurationVar(&cfg.SessionMaxLifetime, "session-max-lifetime", envDuration("ATTRD_SESSION_MAX_LIFETIME", 24*time.Hour), "a session ends this long after its login, however often renewed (ATTRD_SESSION_MAX_LIFETIME)")
+	fs.IntVar(&cfg.PasswordConcurrency, "password-concurrency", int(envInt("ATTRD_PASSWORD_CONCURRENCY", int64(api.DefaultPasswordConcurrency))), "password hashes computed at once; more wait briefly, then get E008004 (ATTRD_PASSWORD_CONCURRENCY)")
+	fs.StringVar(&proxies, "trusted-proxies", env("ATTRD_TRUSTED_PROXIES", ""), "comma-separated CIDRs of reverse proxies whose X-Forwarded-For is believed (ATTRD_TRUSTED_PROXIES)")
 	fs.StringVar(&cfg.KeyFile, "encryption-key-file", env("ATTRD_ENCRYPTION_KEY_FILE", ""), "encryption key file (ATTRD_ENCRYPTION_KEY_FILE)")
 	fs.DurationVar(&cfg.DedupWindow, "dedup-window", envDuration("ATTRD_DEDUP_WINDOW", 2*time.Minute), "how long a request id is remembered (ATTRD_DEDUP_WINDOW)")
 	fs.DurationVar(&cfg.DecisionTimeout, "decision-timeout", envDuration("ATTRD_DECISION_TIMEOUT", 5*time.Second), "wait for a write's decision before answering E008004 (ATTRD_DECISION_TIMEOUT)")
@@ -141,6 +147,18 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 		return err
 	}
 	cfg.Apps, cfg.CORSOrigins = list(apps), list(origins)
+	for _, p := range list(proxies) {
+		pfx, err := netip.ParsePrefix(p)
+		if err != nil {
+			if a, aerr := netip.ParseAddr(p); aerr == nil {
+				pfx, err = a.Prefix(a.BitLen())
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("--trusted-proxies: %q is not a CIDR or an address", p)
+		}
+		cfg.TrustedProxies = append(cfg.TrustedProxies, pfx)
+	}
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(*level)); err != nil {
 		return fmt.Errorf("--log-level: %w", err)

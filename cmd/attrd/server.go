@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -29,23 +30,29 @@ import (
 
 // Config is everything `attrd serve` is configured with.
 type Config struct {
-	DataDir         string
-	HTTPAddr        string
-	NATSAddr        string // embedded server's client listener
-	NATSURL         string // an existing NATS server instead of the embedded one
-	Replicas        int    // of the stream and the bucket on NATSURL (default 3)
-	Apps            []string
-	CORSOrigins     []string
-	SessionTTL      time.Duration
-	KeyFile         string
-	AdminUsername   string
-	AdminPassword   string
-	DedupWindow     time.Duration
-	HistoryMaxAge   time.Duration // 0: keep every event
-	HistoryMaxBytes int64         // 0: no limit
-	DecisionTimeout time.Duration
-	Password        api.PasswordParams
-	Logger          *slog.Logger
+	DataDir     string
+	HTTPAddr    string
+	NATSAddr    string // embedded server's client listener
+	NATSURL     string // an existing NATS server instead of the embedded one
+	Replicas    int    // of the stream and the bucket on NATSURL (default 3)
+	Apps        []string
+	CORSOrigins []string
+	SessionTTL  time.Duration
+	// SessionMaxLifetime caps a session however often it is renewed (default 24h).
+	SessionMaxLifetime time.Duration
+	// TrustedProxies may name the client in X-Forwarded-For.
+	TrustedProxies []netip.Prefix
+	// PasswordConcurrency bounds password hashes at once (default: half the cores).
+	PasswordConcurrency int
+	KeyFile             string
+	AdminUsername       string
+	AdminPassword       string
+	DedupWindow         time.Duration
+	HistoryMaxAge       time.Duration // 0: keep every event
+	HistoryMaxBytes     int64         // 0: no limit
+	DecisionTimeout     time.Duration
+	Password            api.PasswordParams
+	Logger              *slog.Logger
 	// OnDecision sees every decision of the live projector (tests).
 	OnDecision func(events.Decision)
 	// ProjectorHooks let tests slow down or stop the projector between steps.
@@ -172,6 +179,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 		return nil, err
 	}
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
+		SessionMaxLifetime: cfg.SessionMaxLifetime, PasswordConcurrency: cfg.PasswordConcurrency,
 		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log, Limits: cfg.Limits,
 		History: projector.NewLog(apiJS, opener(keys))}); err != nil {
 		return nil, err
@@ -288,7 +296,7 @@ func (s *Server) bootstrap(ctx context.Context, log *slog.Logger) error {
 
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("/", rest.Handler(s.svc, rest.Config{CORSOrigins: s.cfg.CORSOrigins, Logger: s.log}))
+	mux.Handle("/", rest.Handler(s.svc, rest.Config{CORSOrigins: s.cfg.CORSOrigins, Logger: s.log, TrustedProxies: s.cfg.TrustedProxies}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		ready := s.prjUp.Load() && s.apiConn.IsConnected() && s.prjConn.IsConnected()
 		w.Header().Set("Content-Type", "application/json")
