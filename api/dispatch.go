@@ -61,7 +61,7 @@ type Meta struct {
 	// end user, so the connection and its headers are the truth and the body's fields
 	// are ignored.
 	BodyAudit bool
-	RequestID  string // from a transport header (Idempotency-Key, Nats-Msg-Id)
+	RequestID string // from a transport header (Idempotency-Key, Nats-Msg-Id)
 	// Fingerprint identifies the request (operation, target, body) when it has a
 	// request id; Handle fills it.
 	Fingerprint string
