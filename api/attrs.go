@@ -138,6 +138,12 @@ func (s *Service) writeAttrs(ctx context.Context, t *target, verb string, req *R
 	}
 	ev := t.event(eventOfVerb[verb], *m, req)
 	ev.Time = time.Now().UnixNano()
+	if verb != VerbUpdate {
+		ev.Cap = s.cfg.Limits.MaxAttrsPerUser
+		if t.sid != "" {
+			ev.Cap = s.cfg.Limits.MaxAttrsPerSession
+		}
+	}
 	ev.Attrs = make([]events.AttrItem, len(items))
 	for i, it := range items {
 		ai := events.AttrItem{Name: it.Name, Value: it.Value}

@@ -333,7 +333,18 @@ type Limits struct {
 	MaxItems      int // items of one request (default 1000)
 	MaxBodyBytes  int // a request body (default 1 MiB)
 	MaxDepth      int // nesting of one value (default DefaultMaxDepth)
+	// What one owner may hold (0: the defaults below; negative: no cap).
+	MaxAttrsPerUser    int
+	MaxAttrsPerSession int
+	MaxSessionsPerUser int
 }
+
+// Default caps on what one owner may hold.
+const (
+	DefaultMaxAttrsPerUser    = 10_000
+	DefaultMaxAttrsPerSession = 1_000
+	DefaultMaxSessionsPerUser = 1_000
+)
 
 // Bounds of the audit fields a service reports for its end user.
 const (

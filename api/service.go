@@ -110,6 +110,18 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if cfg.Limits.MaxDepth <= 0 {
 		cfg.Limits.MaxDepth = DefaultMaxDepth
 	}
+	for _, c := range []struct {
+		v   *int
+		def int
+	}{{&cfg.Limits.MaxAttrsPerUser, DefaultMaxAttrsPerUser}, {&cfg.Limits.MaxAttrsPerSession, DefaultMaxAttrsPerSession},
+		{&cfg.Limits.MaxSessionsPerUser, DefaultMaxSessionsPerUser}} {
+		switch {
+		case *c.v == 0:
+			*c.v = c.def
+		case *c.v < 0:
+			*c.v = 0 // no cap
+		}
+	}
 	if cfg.Password == (PasswordParams{}) {
 		cfg.Password = DefaultPasswordParams
 	}

@@ -41,9 +41,13 @@ func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]
 	ev.UserID, ev.SessionID, ev.ActorName = u.UserID, events.SessionID(ust), u.Username
 	ev.Time = time.Now().UnixNano()
 	ev.ExpiresAt = ev.Time + int64(min(s.cfg.SessionTTL, s.cfg.SessionMaxLifetime))
+	ev.Cap = s.cfg.Limits.MaxSessionsPerUser
 	if _, err := s.apply(ctx, ev); err != nil {
-		if events.CodeOf(err) == events.CodeNotAllowed {
+		switch events.CodeOf(err) {
+		case events.CodeNotAllowed:
 			return nil, denied // not approved meanwhile
+		case events.CodeInvalidInput:
+			return nil, events.Errorf(events.CodeInvalidInput, "the user has %d live sessions, the most allowed: log out of one first", ev.Cap)
 		}
 		return nil, err
 	}

@@ -103,6 +103,12 @@ type Event struct {
 	// does not, and is refused instead of answered with this event's outcome.
 	Fingerprint string `msgpack:"fp,omitempty"`
 
+	// Cap is what one owner may hold, as configured when the request was accepted: for
+	// attr.created and attr.set the live attributes of the target (user or session),
+	// for session.created the user's live sessions. 0: no cap. Carried in the event so
+	// that a replay decides as the live fold did, whatever the replaying configuration.
+	Cap int `msgpack:"cap,omitempty"`
+
 	User      *UserData  `msgpack:"user,omitempty"` // user.created
 	ExpiresAt int64      `msgpack:"exp,omitempty"`  // session.created, session.renewed
 	Attrs     []AttrItem `msgpack:"attrs,omitempty"`

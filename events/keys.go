@@ -49,6 +49,7 @@ func UserSubjects(userID string) string { return EventsPrefix + "." + userID + "
 //	s.<sid>                      SessionRecord
 //	a.<uid>.u.<enc(name)>        AttrRecord of a user attribute
 //	a.<uid>.s.<sid>.<enc(name)>  AttrRecord of a session attribute
+//	x.<uid>.<sid>                SessionRefRecord: a user's live sessions, to count them
 //	d.<event id>                 Decision of a request with a request id, kept for its retries
 //	p.<partition>                the projector's intent record (Checkpoint)
 //
@@ -60,6 +61,12 @@ func UsernameKey(username string) string { return "n." + EncodeName(username) }
 
 // SessionKey is the key of a session.
 func SessionKey(sid string) string { return "s." + sid }
+
+// SessionIndexPrefix is the key prefix of a user's session index.
+func SessionIndexPrefix(uid string) string { return "x." + uid + "." }
+
+// SessionIndexKey is the key of one session in its user's session index.
+func SessionIndexKey(uid, sid string) string { return SessionIndexPrefix(uid) + sid }
 
 // DecisionKey is the key of a decision kept for retries.
 func DecisionKey(eventID string) string { return "d." + eventID }

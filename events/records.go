@@ -40,6 +40,13 @@ type SessionRecord struct {
 // Live reports whether the session is live at t (Unix nanoseconds).
 func (s *SessionRecord) Live(t int64) bool { return s != nil && s.ExpiresAt > t }
 
+// SessionRefRecord lists a session under its user (key x.<uid>.<sid>), so that the
+// fold can count a user's live sessions; it lives as long as the session.
+type SessionRefRecord struct {
+	ExpiresAt int64  `msgpack:"exp"`
+	Seq       uint64 `msgpack:"seq"`
+}
+
 // AttrRecord is one attribute (key a.…). ExpiresAt 0 means never.
 type AttrRecord struct {
 	Value     []byte `msgpack:"val"` // JSON text, or sealed when Encrypted
@@ -103,6 +110,8 @@ func DecodeRecord(key string, data []byte) (any, error) {
 		rec = &SessionRecord{}
 	case len(key) > 2 && key[:2] == "a.":
 		rec = &AttrRecord{}
+	case len(key) > 2 && key[:2] == "x.":
+		rec = &SessionRefRecord{}
 	case len(key) > 2 && key[:2] == "d.":
 		rec = &Decision{}
 	case len(key) > 2 && key[:2] == "p.":

@@ -49,8 +49,11 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 
 	decisions := make([]events.Decision, len(items))
 	for start := 0; start < len(items); {
-		end := p.foldChunk(items, decisions, start)
-		if err := p.commit(ctx, items[start:end], decisions[start:end]); err != nil {
+		end, intent, err := p.foldCommittable(items, decisions, start)
+		if err != nil {
+			return err
+		}
+		if err := p.commit(ctx, items[start:end], decisions[start:end], intent); err != nil {
 			return err
 		}
 		start = end
@@ -68,14 +71,51 @@ const (
 	intentBytesPerEvent = 100
 )
 
-// foldChunk folds items from start on and returns where the chunk ends: where its intent
-// record would pass half the connection's maximum payload (with at least one event in
-// it), or at the end. A recorded batch being recovered is never cut.
-func (p *Projector) foldChunk(items []item, decisions []events.Decision, start int) int {
+// foldCommittable folds the next chunk from start on and returns where it ends and its
+// encoded intent record. A chunk whose intent record would not fit in one message is
+// taken back and folded again as its first event alone; an event whose effects alone
+// cannot be recorded is rejected (E008002) with an error in the log, so that no event
+// can stop the fold by failing to commit again and again.
+func (p *Projector) foldCommittable(items []item, decisions []events.Decision, start int) (int, []byte, error) {
+	limit := int(p.nc.MaxPayload()) - intentHeadroom
+	end := p.foldChunk(items, decisions, start, len(items))
+	intent, err := p.intent(items[start:end], decisions[start:end])
+	if err != nil || len(intent) <= limit {
+		return end, intent, err
+	}
+	p.view.rollback()
+	if end-start > 1 {
+		end = p.foldChunk(items, decisions, start, start+1)
+		if intent, err = p.intent(items[start:end], decisions[start:end]); err != nil || len(intent) <= limit {
+			return end, intent, err
+		}
+		p.view.rollback()
+	}
+	it := items[start]
+	p.log.Error("event rejected: its effects do not fit in an intent record", "seq", it.seq, "event", it.ev.ID,
+		"bytes", len(intent), "max_payload", p.nc.MaxPayload())
+	decisions[start] = events.Decision{Seq: it.seq, EventID: it.ev.ID, UserID: it.ev.UserID, Fingerprint: it.ev.Fingerprint,
+		Code: events.CodeInvalidInput}
+	intent, err = p.intent(items[start:end], decisions[start:end])
+	return end, intent, err
+}
+
+// intentHeadroom is what a message needs besides the intent record: subject, headers.
+const intentHeadroom = 4096
+
+// foldChunk folds items from start up to stop and returns where the chunk ends: where
+// its intent record would pass half the connection's maximum payload (with at least
+// one event in it), or at stop. A recorded batch being recovered is never cut.
+func (p *Projector) foldChunk(items []item, decisions []events.Decision, start, stop int) int {
 	limit := int(p.nc.MaxPayload() / 2)
+	size := func(events int) int { return len(p.view.before)*intentBytesPerKey + events*intentBytesPerEvent }
 	i := start
-	for i < len(items) {
+	for i < stop {
 		it := items[i]
+		recovering := p.recover != nil && it.seq <= p.recover.Last
+		if i > start && !recovering && it.ev != nil && size(i-start)+(len(it.ev.Attrs)+4)*intentBytesPerKey > limit {
+			break // this event's own effects would take the record past the limit
+		}
 		switch {
 		case it.bad != nil:
 			p.log.Warn("event rejected: unreadable", "seq", it.seq, "err", it.bad)
@@ -84,8 +124,7 @@ func (p *Projector) foldChunk(items []item, decisions []events.Decision, start i
 			decisions[i] = Fold(p.view, it.seq, it.ev, p.cfg.Opener, p.recordedDecision(it.seq))
 		}
 		i++
-		size := len(p.view.dirty)*intentBytesPerKey + (i-start)*intentBytesPerEvent
-		if size > limit && (p.recover == nil || it.seq >= p.recover.Last) {
+		if size(i-start) > limit && (p.recover == nil || it.seq >= p.recover.Last) {
 			break
 		}
 	}
@@ -94,7 +133,7 @@ func (p *Projector) foldChunk(items []item, decisions []events.Decision, start i
 
 // commit writes a folded chunk (intent record, keys, kept decisions), sends its
 // decisions and acks it.
-func (p *Projector) commit(ctx context.Context, items []item, decisions []events.Decision) error {
+func (p *Projector) commit(ctx context.Context, items []item, decisions []events.Decision, intent []byte) error {
 	first, last := items[0].seq, items[len(items)-1].seq
 	p.batches.Add(1)
 	p.events.Add(uint64(len(items)))
@@ -104,7 +143,7 @@ func (p *Projector) commit(ctx context.Context, items []item, decisions []events
 	if err := p.hook(p.cfg.Hooks.BeforeCheckpoint, first, last); err != nil {
 		return err
 	}
-	if err := p.write(ctx, first, last, items, decisions); err != nil {
+	if err := p.write(ctx, first, last, items, decisions, intent); err != nil {
 		return err
 	}
 	if err := p.hook(p.cfg.Hooks.AfterWrites, first, last); err != nil {

@@ -1,6 +1,9 @@
 package projector
 
 import (
+	"fmt"
+	"log/slog"
+
 	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/events/sealed"
 )
@@ -10,8 +13,17 @@ import (
 type State interface {
 	events.View
 	Username(name string) *events.UsernameRecord
+	// Record returns any key's record (nil: absent).
+	Record(key string) any
+	// Keys lists the keys under an attribute or session-index prefix that hold a record.
+	Keys(prefix string) []string
 	Put(key string, rec any)
 	Delete(key string)
+	// Rewrite writes a key again (rec nil: deletes it) as part of a bulk effect that
+	// folding the event again reaches from any partial application: a renewal
+	// rewriting its session's attributes unchanged, a logout deleting them. Its prior
+	// state need not be recorded for recovery, so such effects have no size limit.
+	Rewrite(key string, rec any)
 }
 
 // Opener opens sealed values; the fold needs it for Inherit items that turn out plain.
@@ -25,10 +37,10 @@ type Opener interface {
 //
 // When forced is not nil the decision is not made again: it is *forced (a decision
 // recorded before a crash), and an accepted event's effects are applied.
-func Fold(st State, seq uint64, ev *events.Event, open Opener, forced *events.Code) events.Decision {
-	d := events.Decision{Seq: seq, EventID: ev.ID, UserID: ev.UserID, ExpiresAt: ev.ExpiresAt, Fingerprint: ev.Fingerprint}
+func Fold(st State, seq uint64, ev *events.Event, open Opener, forced *events.Code) (d events.Decision) {
+	d = events.Decision{Seq: seq, EventID: ev.ID, UserID: ev.UserID, ExpiresAt: ev.ExpiresAt, Fingerprint: ev.Fingerprint}
 	var plan []func()
-	d.Code, plan = decide(st, seq, ev, open)
+	d.Code, plan = safeDecide(st, seq, ev, open)
 	if forced != nil {
 		if *forced == "" && d.Code != "" {
 			// Recorded as accepted, but the state the decision was made against is not
@@ -43,6 +55,49 @@ func Fold(st State, seq uint64, ev *events.Event, open Opener, forced *events.Co
 		}
 	}
 	return d
+}
+
+// safeDecide is decide, with a panic (a bug that a crafted event reaches) turned into
+// a rejection: the fold goes on, and a replay makes the same decision.
+func safeDecide(st State, seq uint64, ev *events.Event, open Opener) (code events.Code, plan []func()) {
+	defer func() {
+		if p := recover(); p != nil {
+			slog.Error("event rejected: the fold panicked on it", "seq", seq, "event", ev.ID, "panic", fmt.Sprint(p))
+			code, plan = events.CodeInvalidInput, nil
+		}
+	}()
+	return decide(st, seq, ev, open)
+}
+
+// liveUnder counts the records under prefix live at t, stopping at limit.
+func liveUnder(st State, prefix string, t int64, limit int) int {
+	n := 0
+	for _, k := range st.Keys(prefix) {
+		live := false
+		switch r := st.Record(k).(type) {
+		case *events.AttrRecord:
+			live = r.Live(t)
+		case *events.SessionRefRecord:
+			live = r != nil && r.ExpiresAt > t
+		}
+		if live {
+			if n++; n >= limit {
+				break
+			}
+		}
+	}
+	return n
+}
+
+// overCap reports whether adding adds records under prefix would pass cap (0: none).
+func overCap(st State, prefix string, t int64, cap, adds int) bool {
+	if cap <= 0 || adds == 0 {
+		return false
+	}
+	if len(st.Keys(prefix))+adds <= cap {
+		return false // no need to check which are live
+	}
+	return liveUnder(st, prefix, t, cap)+adds > cap
 }
 
 // decide checks ev and returns its code and, when accepted, the mutations to apply.
@@ -86,9 +141,15 @@ func decide(st State, seq uint64, ev *events.Event, open Opener) (events.Code, [
 		if st.Session(ev.SessionID) != nil {
 			return events.CodeInvalidInput, nil
 		}
+		if overCap(st, events.SessionIndexPrefix(ev.UserID), t, ev.Cap, 1) {
+			return events.CodeInvalidInput, nil // too many live sessions
+		}
 		s := &events.SessionRecord{UserID: ev.UserID, Created: t, ExpiresAt: ev.ExpiresAt, App: ev.App,
 			RemoteAddr: ev.RemoteAddr, UserAgent: ev.UserAgent, Seq: seq}
-		return "", []func(){func() { st.Put(events.SessionKey(ev.SessionID), s) }}
+		return "", []func(){func() {
+			st.Put(events.SessionKey(ev.SessionID), s)
+			st.Put(events.SessionIndexKey(ev.UserID, ev.SessionID), &events.SessionRefRecord{ExpiresAt: s.ExpiresAt, Seq: seq})
+		}}
 
 	case events.SessionRenewed:
 		s := st.Session(ev.SessionID)
@@ -99,11 +160,12 @@ func decide(st State, seq uint64, ev *events.Event, open Opener) (events.Code, [
 		ns.ExpiresAt, ns.Seq = ev.ExpiresAt, seq
 		return "", []func(){func() {
 			st.Put(events.SessionKey(ev.SessionID), &ns)
+			st.Put(events.SessionIndexKey(ev.UserID, ev.SessionID), &events.SessionRefRecord{ExpiresAt: ns.ExpiresAt, Seq: seq})
 			// The session's attributes are written again so that their TTL, capped at the
 			// session's end, follows the new end. Their records do not change.
 			for _, k := range st.AttrKeys(events.AttrPrefix(ev.UserID, ev.SessionID)) {
 				if a := st.Attr(k); a != nil {
-					st.Put(k, a)
+					st.Rewrite(k, a)
 				}
 			}
 		}}
@@ -130,6 +192,17 @@ func decide(st State, seq uint64, ev *events.Event, open Opener) (events.Code, [
 // decideAttrs decides an attribute event whose caller is authorized: all items or none.
 func decideAttrs(st State, seq uint64, ev *events.Event, open Opener) (events.Code, []func()) {
 	t := ev.Time
+	if ev.Type == events.AttrCreated || ev.Type == events.AttrSet {
+		adds := 0
+		for _, it := range ev.Attrs {
+			if !st.Attr(events.AttrKey(ev.UserID, ev.SessionID, it.Name)).Live(t) {
+				adds++
+			}
+		}
+		if overCap(st, events.AttrPrefix(ev.UserID, ev.SessionID), t, ev.Cap, adds) {
+			return events.CodeInvalidInput, nil // the owner would hold too many attributes
+		}
+	}
 	plan := make([]func(), 0, len(ev.Attrs))
 	for _, it := range ev.Attrs {
 		key := events.AttrKey(ev.UserID, ev.SessionID, it.Name)
@@ -212,9 +285,12 @@ func effectsAnyway(st State, seq uint64, ev *events.Event, open Opener) []func()
 // endSession removes a session and its attributes.
 func endSession(st State, uid, sid string) {
 	for _, k := range st.AttrKeys(events.AttrPrefix(uid, sid)) {
-		st.Delete(k)
+		st.Rewrite(k, nil)
 	}
 	st.Delete(events.SessionKey(sid))
+	if st.Record(events.SessionIndexKey(uid, sid)) != nil {
+		st.Delete(events.SessionIndexKey(uid, sid))
+	}
 }
 
 // authorizeActor checks that the caller's session is live and is the caller's.
@@ -295,11 +371,17 @@ func Keys(ev *events.Event) (keys []string, prefixes []string) {
 	case events.UserApproved:
 		add(events.UserKey(ev.UserID))
 	case events.SessionCreated:
-		add(events.UserKey(ev.UserID), events.SessionKey(ev.SessionID))
+		add(events.UserKey(ev.UserID), events.SessionKey(ev.SessionID), events.SessionIndexKey(ev.UserID, ev.SessionID))
+		if ev.Cap > 0 {
+			prefixes = append(prefixes, events.SessionIndexPrefix(ev.UserID))
+		}
 	case events.SessionRenewed, events.SessionEnded:
-		add(events.SessionKey(ev.SessionID))
+		add(events.SessionKey(ev.SessionID), events.SessionIndexKey(ev.UserID, ev.SessionID))
 		prefixes = append(prefixes, events.AttrPrefix(ev.UserID, ev.SessionID))
 	default:
+		if ev.Cap > 0 && (ev.Type == events.AttrCreated || ev.Type == events.AttrSet) {
+			prefixes = append(prefixes, events.AttrPrefix(ev.UserID, ev.SessionID))
+		}
 		add(events.UserKey(ev.UserID))
 		if ev.SessionID != "" {
 			add(events.SessionKey(ev.SessionID))

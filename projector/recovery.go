@@ -77,7 +77,7 @@ func (p *Projector) recoverState(ctx context.Context) (uint64, error) {
 				a.Value = cur.Value
 			}
 		}
-		p.view.set(ks.Key, rec, false)
+		p.view.set(ks.Key, rec, loaded)
 	}
 	// Prefix scans are not trusted across the recorded states: scan again on demand.
 	p.view.scanned = map[string]bool{}

@@ -24,15 +24,28 @@ type entry struct {
 // (handled when a write conflicts).
 //
 // Within a batch it records which keys changed (dirty) and their state before the
-// batch (before), which go into the intent record.
+// batch (before), which go into the intent record; keys only rewritten by a bulk
+// effect (rewritten) are written but not recorded. undo keeps every touched entry as
+// it was before the chunk, so that a chunk that cannot be committed is taken back.
 type view struct {
 	untracked bool // an in-memory fold: no batches, nothing to record
 	entries   map[string]*entry
-	children  map[string]map[string]struct{} // attribute prefix -> keys with a record
-	scanned   map[string]bool                // attribute prefixes loaded whole
+	children  map[string]map[string]struct{} // attribute or index prefix -> keys with a record
+	scanned   map[string]bool                // prefixes loaded whole
 	dirty     []string
-	before    map[string][]byte // encoded pre-batch record of each dirty key; nil: absent
+	before    map[string][]byte // encoded pre-batch record of each recorded dirty key; nil: absent
+	rewritten map[string]bool   // dirty keys not recorded
+	undo      map[string]*entry // entries as they were before the chunk (nil: no entry)
 }
+
+// change is how set treats a key.
+type change int
+
+const (
+	loaded    change = iota // read from KV: not a change
+	changed                 // a fold's change: written, its prior state recorded
+	rewritten               // a bulk effect's rewrite: written, not recorded
+)
 
 func newView() *view {
 	v := &view{}
@@ -84,7 +97,34 @@ func (v *view) reset() {
 	v.children = map[string]map[string]struct{}{}
 	v.scanned = map[string]bool{}
 	v.before = map[string][]byte{}
+	v.rewritten = map[string]bool{}
+	v.undo = map[string]*entry{}
 	v.dirty = nil
+}
+
+// committed forgets the chunk's bookkeeping once its writes are stored.
+func (v *view) committed() {
+	v.dirty = v.dirty[:0]
+	clear(v.before)
+	clear(v.rewritten)
+	clear(v.undo)
+}
+
+// rollback takes back every change since the last commit (nothing of it was written).
+func (v *view) rollback() {
+	for key, old := range v.undo {
+		var rec any
+		if old != nil {
+			rec = old.rec
+		}
+		v.set(key, rec, loaded)
+		if old == nil {
+			delete(v.entries, key)
+		} else {
+			v.entries[key].rev = old.rev
+		}
+	}
+	v.committed()
 }
 
 func (v *view) get(key string) any {
@@ -114,6 +154,10 @@ func (v *view) Attr(key string) *events.AttrRecord {
 	return r
 }
 
+func (v *view) Record(key string) any { return v.get(key) }
+
+func (v *view) Keys(prefix string) []string { return v.AttrKeys(prefix) }
+
 func (v *view) AttrKeys(prefix string) []string {
 	keys := make([]string, 0, len(v.children[prefix]))
 	for k := range v.children[prefix] {
@@ -122,20 +166,42 @@ func (v *view) AttrKeys(prefix string) []string {
 	return keys
 }
 
-func (v *view) Put(key string, rec any) { v.set(key, rec, true) }
-func (v *view) Delete(key string)       { v.set(key, nil, true) }
+func (v *view) Put(key string, rec any)     { v.set(key, rec, changed) }
+func (v *view) Delete(key string)           { v.set(key, nil, changed) }
+func (v *view) Rewrite(key string, rec any) { v.set(key, rec, rewritten) }
 
-// set changes a key; track marks it dirty (a fold's change) rather than loaded.
-func (v *view) set(key string, rec any, track bool) {
+// set changes a key: loaded from KV, or a fold's change or rewrite (then dirty).
+func (v *view) set(key string, rec any, how change) {
 	e := v.entries[key]
+	if how != loaded && !v.untracked {
+		if _, kept := v.undo[key]; !kept {
+			var old *entry
+			if e != nil {
+				c := *e
+				old = &c
+			}
+			v.undo[key] = old
+		}
+	}
 	if e == nil {
 		e = &entry{}
 		v.entries[key] = e
 	}
-	if track && !v.untracked {
-		if _, seen := v.before[key]; !seen {
-			v.dirty = append(v.dirty, key)
+	if how != loaded && !v.untracked {
+		_, recorded := v.before[key]
+		switch {
+		case recorded:
+		case how == changed:
+			if !v.rewritten[key] {
+				v.dirty = append(v.dirty, key)
+			}
+			// Recorded from its first real change: a rewrite before it left the record
+			// as it was (or deleted it, which folding again does too).
+			delete(v.rewritten, key)
 			v.before[key] = encodeBefore(e.rec)
+		case !v.rewritten[key]:
+			v.dirty = append(v.dirty, key)
+			v.rewritten[key] = true
 		}
 	}
 	e.rec = rec
@@ -171,10 +237,10 @@ func encodeBefore(rec any) []byte {
 	return b
 }
 
-// attrPrefixOf returns an attribute key's prefix: everything up to its last dot
-// (encoded names contain no dots).
+// attrPrefixOf returns an attribute or session-index key's prefix: everything up to its
+// last dot (encoded names and session ids contain no dots).
 func attrPrefixOf(key string) (string, bool) {
-	if !strings.HasPrefix(key, "a.") {
+	if !strings.HasPrefix(key, "a.") && !strings.HasPrefix(key, "x.") {
 		return "", false
 	}
 	i := strings.LastIndexByte(key, '.')
@@ -242,7 +308,7 @@ func (l *loader) load(ctx context.Context, v *view, keys, prefixes []string) err
 	}
 	for i, k := range missing {
 		v.entries[k] = &entry{rev: got[i].rev}
-		v.set(k, got[i].rec, false)
+		v.set(k, got[i].rec, loaded)
 	}
 	return nil
 }

@@ -12,17 +12,26 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
+// intent encodes the intent record of a folded chunk: its sequences, decisions, and
+// the state before the chunk of every recorded key (rewritten keys are not recorded).
+func (p *Projector) intent(items []item, decisions []events.Decision) ([]byte, error) {
+	ck := &events.Checkpoint{First: items[0].seq, Last: items[len(items)-1].seq, Decisions: decisions,
+		Before: make([]events.KeyState, 0, len(p.view.before))}
+	for _, k := range p.view.dirty {
+		if b, ok := p.view.before[k]; ok {
+			ck.Before = append(ck.Before, events.KeyState{Key: k, Data: b})
+		}
+	}
+	return events.Marshal(ck)
+}
+
+// writeWindow bounds the writes awaiting their acks, below the publisher's own limit
+// (a renewal or a logout may write thousands of keys).
+const writeWindow = 4096
+
 // write stores the intent record, then every changed key, then the decisions kept for
 // retries, and waits until all are stored.
-func (p *Projector) write(ctx context.Context, first, last uint64, items []item, decisions []events.Decision) error {
-	ck := &events.Checkpoint{First: first, Last: last, Decisions: decisions, Before: make([]events.KeyState, 0, len(p.view.dirty))}
-	for _, k := range p.view.dirty {
-		ck.Before = append(ck.Before, events.KeyState{Key: k, Data: p.view.before[k]})
-	}
-	ckData, err := events.Marshal(ck)
-	if err != nil {
-		return err
-	}
+func (p *Projector) write(ctx context.Context, first, last uint64, items []item, decisions []events.Decision, ckData []byte) error {
 	// The intent record goes first, with compare-and-set on its own last revision: two
 	// projectors writing one partition is a conflict here, and stops the second.
 	ckFut, err := p.publish(events.CheckpointKey(p.cfg.Partition), ckData, p.ckptRev, 0, true)
@@ -45,8 +54,29 @@ func (p *Projector) write(ctx context.Context, first, last uint64, items []item,
 		fut jetstream.PubAckFuture
 	}
 	now := time.Now().UnixNano()
-	writes := make([]pending, 0, len(p.view.dirty)+len(items))
+	writes := make([]pending, 0, min(len(p.view.dirty)+len(items), writeWindow))
+	settle := func() error {
+		for _, w := range writes {
+			ack, err := p.wait(ctx, w.fut)
+			if err != nil && w.key != "" && isConflict(err) {
+				ack, err = p.rewrite(ctx, w.key, now)
+			}
+			if err != nil {
+				return fmt.Errorf("write %s: %w", w.key, err)
+			}
+			if w.key != "" && ack != nil {
+				p.view.entries[w.key].rev = ack.Sequence
+			}
+		}
+		writes = writes[:0]
+		return nil
+	}
 	for _, k := range p.view.dirty {
+		if len(writes) == writeWindow {
+			if err := settle(); err != nil {
+				return err
+			}
+		}
 		f, err := p.writeKey(k, now)
 		if err != nil {
 			return err
@@ -58,6 +88,11 @@ func (p *Projector) write(ctx context.Context, first, last uint64, items []item,
 	for i, it := range items {
 		if it.ev == nil || it.ev.RequestKey == "" {
 			continue
+		}
+		if len(writes) == writeWindow {
+			if err := settle(); err != nil {
+				return err
+			}
 		}
 		data, _ := events.Marshal(&decisions[i])
 		// Kept exactly as long as the stream remembers the request id (plus a margin),
@@ -74,20 +109,10 @@ func (p *Projector) write(ctx context.Context, first, last uint64, items []item,
 			return err
 		}
 	}
-	for _, w := range writes {
-		ack, err := p.wait(ctx, w.fut)
-		if err != nil && w.key != "" && isConflict(err) {
-			ack, err = p.rewrite(ctx, w.key, now)
-		}
-		if err != nil {
-			return fmt.Errorf("write %s: %w", w.key, err)
-		}
-		if w.key != "" && ack != nil {
-			p.view.entries[w.key].rev = ack.Sequence
-		}
+	if err := settle(); err != nil {
+		return err
 	}
-	p.view.dirty = p.view.dirty[:0]
-	clear(p.view.before)
+	p.view.committed()
 	return nil
 }
 
@@ -131,6 +156,8 @@ func TTL(key string, rec any, session func(sid string) *events.SessionRecord, no
 	var until int64
 	switch r := rec.(type) {
 	case *events.SessionRecord:
+		until = r.ExpiresAt
+	case *events.SessionRefRecord:
 		until = r.ExpiresAt
 	case *events.AttrRecord:
 		until = r.ExpiresAt

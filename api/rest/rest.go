@@ -85,7 +85,11 @@ func Handler(svc *api.Service, cfg Config) http.Handler {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	h := &handler{svc: svc, cfg: cfg, slots: make(chan struct{}, svc.Config().MaxInFlight)}
+	inFlight := 4096
+	if svc != nil {
+		inFlight = svc.Config().MaxInFlight
+	}
+	h := &handler{svc: svc, cfg: cfg, slots: make(chan struct{}, inFlight)}
 	mux := http.NewServeMux()
 	for _, rt := range Routes() {
 		mux.HandleFunc(rt.Method+" "+rt.Path, func(w http.ResponseWriter, r *http.Request) { h.serve(w, r, rt.Op) })

@@ -142,6 +142,10 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs.IntVar(&cfg.Limits.MaxValueBytes, "max-value-bytes", int(envInt("ATTRD_MAX_VALUE_BYTES", 64<<10)), "largest value, as encoded JSON (ATTRD_MAX_VALUE_BYTES)")
 	fs.IntVar(&cfg.Limits.MaxItems, "max-items", int(envInt("ATTRD_MAX_ITEMS", 1000)), "most items in one request (ATTRD_MAX_ITEMS)")
 	fs.IntVar(&cfg.Limits.MaxBodyBytes, "max-body-bytes", int(envInt("ATTRD_MAX_BODY_BYTES", 1<<20)), "largest request body (ATTRD_MAX_BODY_BYTES)")
+	fs.IntVar(&cfg.Limits.MaxDepth, "max-depth", int(envInt("ATTRD_MAX_DEPTH", api.DefaultMaxDepth)), "deepest nesting of a value (ATTRD_MAX_DEPTH)")
+	fs.IntVar(&cfg.Limits.MaxAttrsPerUser, "max-attrs-per-user", int(envInt("ATTRD_MAX_ATTRS_PER_USER", api.DefaultMaxAttrsPerUser)), "live attributes one user may hold; -1: no cap (ATTRD_MAX_ATTRS_PER_USER)")
+	fs.IntVar(&cfg.Limits.MaxAttrsPerSession, "max-attrs-per-session", int(envInt("ATTRD_MAX_ATTRS_PER_SESSION", api.DefaultMaxAttrsPerSession)), "live attributes one session may hold; -1: no cap (ATTRD_MAX_ATTRS_PER_SESSION)")
+	fs.IntVar(&cfg.Limits.MaxSessionsPerUser, "max-sessions-per-user", int(envInt("ATTRD_MAX_SESSIONS_PER_USER", api.DefaultMaxSessionsPerUser)), "live sessions one user may hold; -1: no cap (ATTRD_MAX_SESSIONS_PER_USER)")
 	level := fs.String("log-level", env("ATTRD_LOG_LEVEL", "info"), "debug, info, warn or error (ATTRD_LOG_LEVEL)")
 	if err := fs.Parse(args); err != nil {
 		return err
