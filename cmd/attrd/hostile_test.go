@@ -381,3 +381,67 @@ func TestConcurrentLoginsAreBoundedAndOthersKeepTheirLatency(t *testing.T) {
 	}
 	t.Logf("%d denied, %d busy; RSS grew by at most %d MiB", denied.Load(), busy.Load(), (peak.Load()-base)>>20)
 }
+
+func TestWhatOneOwnerMayHoldIsCapped(t *testing.T) {
+	f := newFixture(t, func(c *Config) {
+		c.Limits = api.Limits{MaxAttrsPerUser: 3, MaxAttrsPerSession: 2, MaxSessionsPerUser: 3}
+	})
+	ctx := ctxT(t)
+	u := mustSession(t, f)
+	expectCode(t, u.Attr.CreateMany(ctx, []client.Item{{Name: "a", Value: 1}, {Name: "b", Value: 1}}), noError)
+	// One more fits, two more do not (all or nothing), and set of a new name counts.
+	expectCode(t, u.Attr.CreateMany(ctx, []client.Item{{Name: "c", Value: 1}, {Name: "d", Value: 1}}), events.CodeInvalidInput)
+	expectCode(t, u.Attr.Set(ctx, "c", 1), noError)
+	expectCode(t, u.Attr.Set(ctx, "d", 1), events.CodeInvalidInput)
+	// Updating and setting what exists is not adding.
+	expectCode(t, u.Attr.Set(ctx, "c", 2), noError)
+	expectCode(t, u.Attr.Update(ctx, "a", 2), noError)
+	// Deleting frees a place; an expired attribute holds none.
+	expectCode(t, u.Attr.Delete(ctx, "b"), noError)
+	expectCode(t, u.Attr.Create(ctx, "short", 1, client.Expiration(time.Second)), noError)
+	time.Sleep(1100 * time.Millisecond)
+	expectCode(t, u.Attr.Create(ctx, "d", 1), noError)
+	// Sessions: each counts on its own.
+	sa := f.alice.SessionAttr(f.alice.UST)
+	expectCode(t, sa.CreateMany(ctx, []client.Item{{Name: "x", Value: 1}, {Name: "y", Value: 1}}), noError)
+	expectCode(t, sa.Create(ctx, "z", 1), events.CodeInvalidInput)
+	// Live sessions per user: alice has one; two more fit, a fourth does not, a logout frees one.
+	s2 := mustLogin(t, f.c, "alice", "alice-pw")
+	mustLogin(t, f.c, "alice", "alice-pw")
+	if _, err := f.c.Login(ctx, "alice", "alice-pw"); events.CodeOf(err) != events.CodeInvalidInput {
+		t.Fatalf("a fourth live session: %v, want E008002", err)
+	}
+	expectCode(t, s2.Logout(ctx), noError)
+	mustLogin(t, f.c, "alice", "alice-pw")
+	// Other users are not affected.
+	au, _ := f.admin.User(ctx)
+	expectCode(t, au.Attr.CreateMany(ctx, []client.Item{{Name: "a", Value: 1}, {Name: "b", Value: 1}, {Name: "c", Value: 1}}), noError)
+}
+
+// TestAUserWithAHugeSessionCannotStopOtherUsersWrites is the poison event of old: a
+// regular user fills its session with thousands of attributes under long names (no
+// cap configured), then renews it and logs out. Every other user's writes go on.
+func TestAUserWithAHugeSessionCannotStopOtherUsersWrites(t *testing.T) {
+	if testing.Short() {
+		t.Skip("writes 15,000 attributes")
+	}
+	f := newFixture(t, func(c *Config) { c.Limits = api.Limits{MaxAttrsPerSession: -1} })
+	ctx := ctxT(t)
+	sa := f.alice.SessionAttr(f.alice.UST)
+	for b := 0; b < 15; b++ {
+		items := make([]client.Item, 1000)
+		for i := range items {
+			items[i] = client.Item{Name: fmt.Sprintf("%02d-%03d-%s", b, i, strings.Repeat("n", 184)), Value: i}
+		}
+		expectCode(t, sa.SetMany(ctx, items), noError)
+	}
+	if _, err := f.alice.Renew(ctx); err != nil {
+		t.Fatalf("renewing the huge session: %v", err)
+	}
+	stillServes(t, f)
+	expectCode(t, f.alice.Logout(ctx), noError)
+	stillServes(t, f)
+	if _, err := f.c.Login(ctx, "alice", "alice-pw"); err != nil {
+		t.Fatalf("logins after the logout: %v", err)
+	}
+}
