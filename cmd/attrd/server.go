@@ -81,6 +81,7 @@ type Server struct {
 	httpSrv *http.Server
 	httpLn  net.Listener
 
+	ready     *readiness
 	prjCancel context.CancelFunc
 	prjDone   chan struct{}
 	closeOnce sync.Once
@@ -190,6 +191,15 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if err := s.bootstrap(ctx, log); err != nil {
 		return nil, err
 	}
+	s.ready = newReadiness(apiJS, func() (uint64, bool) {
+		p := s.proj.Load()
+		if p == nil || !s.prjUp.Load() {
+			return 0, false
+		}
+		return p.Applied(), true
+	}, s.apiConn, s.prjConn)
+	s.ready.check(ctx)
+	go s.ready.run(pctx)
 	if s.httpLn, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
 		return nil, fmt.Errorf("http listen: %w", err)
 	}
@@ -297,16 +307,9 @@ func (s *Server) bootstrap(ctx context.Context, log *slog.Logger) error {
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/", rest.Handler(s.svc, rest.Config{CORSOrigins: s.cfg.CORSOrigins, Logger: s.log, TrustedProxies: s.cfg.TrustedProxies}))
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		ready := s.prjUp.Load() && s.apiConn.IsConnected() && s.prjConn.IsConnected()
-		w.Header().Set("Content-Type", "application/json")
-		if !ready {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintln(w, `{"status":"starting"}`)
-			return
-		}
-		fmt.Fprintln(w, `{"status":"ok"}`)
-	})
+	mux.HandleFunc("GET /livez", serveLive)
+	mux.HandleFunc("GET /readyz", s.ready.serveReady)
+	mux.HandleFunc("GET /healthz", s.ready.serveReady) // the older name of /readyz
 	return mux
 }
 
