@@ -111,11 +111,7 @@ func (s *Service) attr(ctx context.Context, session bool, verb string, req *Requ
 	case VerbGet, VerbExists:
 		return s.readAttrs(ctx, t, verb, req)
 	case VerbNames:
-		names, err := s.names(ctx, t)
-		if err != nil {
-			return nil, err
-		}
-		return map[string]any{"result": names}, nil
+		return s.names(ctx, t, req)
 	}
 	return nil, badRequest("unknown verb %q", verb)
 }

@@ -204,6 +204,9 @@ func (s *Service) history(ctx context.Context, req *Request) (map[string]any, er
 	if limit < 1 || limit > MaxHistoryLimit {
 		return nil, events.Errorf(events.CodeInvalidInput, "limit is 1 to %d", MaxHistoryLimit)
 	}
+	if req.AfterName != "" {
+		return nil, events.Errorf(events.CodeInvalidInput, "after is a sequence, a whole number")
+	}
 	if req.After != nil {
 		if *req.After < 0 {
 			return nil, events.Errorf(events.CodeInvalidInput, "after is a sequence, not negative")
@@ -213,7 +216,8 @@ func (s *Service) history(ctx context.Context, req *Request) (map[string]any, er
 	decrypt := req.Decrypt != nil && *req.Decrypt
 	list := []map[string]any{}
 	more := false
-	_, err = s.cfg.History.FoldUser(ctx, uid, f.Until, func(e events.Entry, after events.View) bool {
+	size, max := 0, s.maxReply()-1024
+	err = s.foldHistory(ctx, uid, f.Until, func(e events.Entry, after events.View) bool {
 		if !f.Match(e) {
 			return true
 		}
@@ -221,11 +225,23 @@ func (s *Service) history(ctx context.Context, req *Request) (map[string]any, er
 			more = true
 			return false
 		}
-		list = append(list, HistoryEvent(e, after, s.cfg.Keyring, decrypt))
+		he := HistoryEvent(e, after, s.cfg.Keyring, decrypt)
+		b, _ := json.Marshal(he)
+		if size += len(b) + 1; size > max {
+			if len(list) == 0 {
+				return false // one event over the reply bound: refused below
+			}
+			more = true // the page ends where the reply bound is
+			return false
+		}
+		list = append(list, he)
 		return true
 	})
 	if err != nil {
 		return nil, err
+	}
+	if size > max && len(list) == 0 {
+		return nil, events.Errorf(events.CodeInvalidInput, "one event of this history is over the reply limit of %d bytes", max)
 	}
 	out := map[string]any{"events": list}
 	if more {
@@ -246,7 +262,8 @@ func (s *Service) historyAt(ctx context.Context, req *Request) (map[string]any, 
 	if err != nil {
 		return nil, err
 	}
-	view, err := s.cfg.History.FoldUser(ctx, uid, at, nil)
+	var view events.View
+	err = s.foldHistory(ctx, uid, at, nil, &view)
 	if err != nil {
 		return nil, err
 	}
@@ -259,7 +276,38 @@ func (s *Service) historyAt(ctx context.Context, req *Request) (map[string]any, 
 	if err != nil {
 		return nil, err
 	}
-	return map[string]any{"at": formatTime(at), "result": result}, nil
+	out := map[string]any{"at": formatTime(at), "result": result}
+	if b, _ := json.Marshal(out); len(b) > s.maxReply()-1024 {
+		return nil, events.Errorf(events.CodeInvalidInput, "the attributes at that time take %d bytes, over the reply limit of %d", len(b), s.maxReply()-1024)
+	}
+	return out, nil
+}
+
+// foldHistory folds a user's history within the history bounds: at most
+// HistoryConcurrency folds at once (others wait up to two seconds, then are refused as
+// busy), each within HistoryTimeout (then E008002: the history is too long to fold per
+// request). The view reached goes to view, if not nil.
+func (s *Service) foldHistory(ctx context.Context, uid string, until int64, fn func(events.Entry, events.View) bool, view ...*events.View) error {
+	timer := time.NewTimer(2 * time.Second)
+	defer timer.Stop()
+	select {
+	case s.historySlots <- struct{}{}:
+		defer func() { <-s.historySlots }()
+	case <-timer.C:
+		return errBusy("history requests")
+	case <-ctx.Done():
+		return errBusy("history requests")
+	}
+	hctx, cancel := context.WithTimeout(ctx, s.cfg.HistoryTimeout)
+	defer cancel()
+	v, err := s.cfg.History.FoldUser(hctx, uid, until, fn)
+	if err != nil && hctx.Err() != nil && ctx.Err() == nil {
+		return events.Errorf(events.CodeInvalidInput, "this history takes longer than %s to read: narrow it, or use the operator's attrd history", s.cfg.HistoryTimeout)
+	}
+	if len(view) > 0 {
+		*view[0] = v
+	}
+	return err
 }
 
 // sealedText is how an encrypted value reads when not decrypted: its sealed bytes in

@@ -5,8 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/attrd/attrd/events"
@@ -44,7 +48,7 @@ func (s *Service) readAttrs(ctx context.Context, t *target, verb string, req *Re
 	if err != nil {
 		return nil, err
 	}
-	recs, err := s.getAttrs(ctx, t, names)
+	recs, err := s.getAttrs(ctx, events.AttrPrefix(t.uid, t.sid), names, s.maxReply())
 	if err != nil {
 		return nil, err
 	}
@@ -78,22 +82,29 @@ func (s *Service) readAttrs(ctx context.Context, t *target, verb string, req *Re
 	return map[string]any{"result": result}, nil
 }
 
-// getAttrs reads the named attributes, keeping only the live ones.
-func (s *Service) getAttrs(ctx context.Context, t *target, names []string) (map[string]*events.AttrRecord, error) {
+// getAttrs reads the named attributes under prefix, keeping only the live ones. Once
+// the values read pass maxBytes (0: no bound) it stops and refuses with E008002: the
+// reply would be more than any transport carries.
+func (s *Service) getAttrs(ctx context.Context, prefix string, names []string, maxBytes int) (map[string]*events.AttrRecord, error) {
 	now := time.Now().UnixNano()
 	out := make(map[string]*events.AttrRecord, len(names))
 	var mu sync.Mutex
 	var wg sync.WaitGroup
+	var size atomic.Int64
 	errs := make([]error, len(names))
 	sem := make(chan struct{}, 16)
 	for i, n := range names {
+		if maxBytes > 0 && size.Load() > int64(maxBytes) {
+			break
+		}
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			r, err := s.read(ctx, events.AttrKey(t.uid, t.sid, n))
+			r, err := s.read(ctx, prefix+events.EncodeName(n))
 			if a, ok := r.(*events.AttrRecord); ok && a.Live(now) {
+				size.Add(int64(len(a.Value) + len(n) + 200))
 				mu.Lock()
 				out[n] = a
 				mu.Unlock()
@@ -102,39 +113,117 @@ func (s *Service) getAttrs(ctx context.Context, t *target, names []string) (map[
 		}()
 	}
 	wg.Wait()
+	if maxBytes > 0 && size.Load() > int64(maxBytes) {
+		return nil, events.Errorf(events.CodeInvalidInput, "the reply would pass %d bytes: ask for fewer names", maxBytes)
+	}
 	return out, errors.Join(errs...)
 }
 
-// names lists the live attribute names of the target, sorted byte-wise.
-func (s *Service) names(ctx context.Context, t *target) ([]string, error) {
-	prefix := events.AttrPrefix(t.uid, t.sid)
-	wctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	w, err := s.kv.WatchFiltered(wctx, []string{prefix + ">"}, jetstream.IgnoreDeletes())
-	if err != nil {
-		return nil, err
-	}
-	defer w.Stop()
+// listNames lists the live attribute names under prefix, unsorted. It reads the keys'
+// last messages headers only (names and expiry, never the values) through a
+// short-lived pull consumer, so its cost grows with the number of keys, which the
+// per-owner caps bound, and not with their values.
+func (s *Service) listNames(ctx context.Context, prefix string) ([]string, error) {
 	now := time.Now().UnixNano()
+	subject := events.KVSubject(s.cfg.Bucket, prefix)
+	cons, err := s.kvStream.CreateConsumer(ctx, jetstream.ConsumerConfig{
+		FilterSubject: subject + ">", DeliverPolicy: jetstream.DeliverLastPerSubjectPolicy,
+		AckPolicy: jetstream.AckNonePolicy, HeadersOnly: true, MemoryStorage: true,
+		InactiveThreshold: 30 * time.Second, // gone soon even if the delete below is lost
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", prefix, err)
+	}
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		defer cancel()
+		_ = s.kvStream.DeleteConsumer(dctx, cons.CachedInfo().Name)
+	}()
+	pending := cons.CachedInfo().NumPending
 	names := []string{}
-	seen := map[string]bool{} // a key may be listed twice while it is being written
-	for e := range w.Updates() {
-		if e == nil {
-			break
-		}
-		var a events.AttrRecord
-		if err := events.Unmarshal(e.Value(), &a); err != nil || !a.Live(now) {
-			continue
-		}
-		n, err := events.AttrNameFromKey(prefix, e.Key())
+	var legacy []string // records written before their expiry was in a header
+	for pending > 0 {
+		batch, err := cons.Fetch(int(min(pending, 1000)), jetstream.FetchMaxWait(5*time.Second))
 		if err != nil {
 			return nil, err
 		}
-		if !seen[n] {
-			seen[n] = true
+		got := 0
+		for m := range batch.Messages() {
+			got++
+			md, err := m.Metadata()
+			if err != nil {
+				return nil, err
+			}
+			pending = md.NumPending
+			h := m.Headers()
+			if h.Get("KV-Operation") != "" || h.Get(jetstream.MarkerReasonHeader) != "" {
+				continue // deleted, or expired by the server
+			}
+			name, err := events.AttrNameFromKey(prefix, strings.TrimPrefix(m.Subject(), subject[:len(subject)-len(prefix)]))
+			if err != nil {
+				return nil, err
+			}
+			exp, err := strconv.ParseInt(h.Get(events.HeaderExpires), 10, 64)
+			switch {
+			case err != nil:
+				legacy = append(legacy, name)
+			case exp == 0 || exp > now:
+				names = append(names, name)
+			}
+		}
+		if err := batch.Error(); err != nil {
+			return nil, err
+		}
+		if got == 0 {
+			break
+		}
+	}
+	if len(legacy) > 0 {
+		recs, err := s.getAttrs(ctx, prefix, legacy, 0)
+		if err != nil {
+			return nil, err
+		}
+		for n := range recs {
 			names = append(names, n)
 		}
 	}
-	sort.Strings(names)
 	return names, nil
+}
+
+// names answers a names request: every live name, sorted byte-wise, or a page of them
+// (limit and after, a name) with next when more follow. An unpaged listing whose reply
+// would pass the reply limit is refused with E008002, and asks for paging.
+func (s *Service) names(ctx context.Context, t *target, req *Request) (map[string]any, error) {
+	if req.Limit != nil && *req.Limit < 1 {
+		return nil, events.Errorf(events.CodeInvalidInput, "limit must be 1 or more")
+	}
+	all, err := s.listNames(ctx, events.AttrPrefix(t.uid, t.sid))
+	if err != nil {
+		return nil, err
+	}
+	sort.Strings(all)
+	page := all
+	if req.AfterName != "" {
+		i, _ := slices.BinarySearch(page, req.AfterName)
+		if i < len(page) && page[i] == req.AfterName {
+			i++
+		}
+		page = page[i:]
+	}
+	more := false
+	if req.Limit != nil && int64(len(page)) > *req.Limit {
+		page, more = page[:*req.Limit], true
+	}
+	size := 0
+	for _, n := range page {
+		size += len(n) + 3
+	}
+	if max := s.maxReply(); size > max {
+		return nil, events.Errorf(events.CodeInvalidInput, "%d names take %d bytes, over the reply limit of %d: page with limit and after", len(page), size, max)
+	}
+	out := map[string]any{"result": page}
+	if more {
+		out["next"] = page[len(page)-1]
+	}
+	return out, nil
 }

@@ -42,7 +42,8 @@ type Request struct {
 	Until     string
 	At        string
 	Types     []string
-	After     *int64
+	After     *int64 // history: a sequence
+	AfterName string // names: the last name of the previous page
 	Limit     *int64
 
 	present map[string]bool
@@ -166,7 +167,11 @@ func parseJSON(body []byte, maxDepth int) (*Request, error) {
 	r.Since = r.str("since", w.Since)
 	r.Until = r.str("until", w.Until)
 	r.At = r.str("at", w.At)
-	r.After = r.integer("after", w.After)
+	if len(w.After) > 0 && w.After[0] == '"' {
+		r.AfterName = r.str("after", w.After) // names page after a name
+	} else {
+		r.After = r.integer("after", w.After)
+	}
 	r.Limit = r.integer("limit", w.Limit)
 	if w.Types != nil {
 		r.present["types"] = true
@@ -333,6 +338,7 @@ type Limits struct {
 	MaxItems      int // items of one request (default 1000)
 	MaxBodyBytes  int // a request body (default 1 MiB)
 	MaxDepth      int // nesting of one value (default DefaultMaxDepth)
+	MaxReplyBytes int // a reply (default 4 MiB, and never more than NATS carries)
 	// What one owner may hold (0: the defaults below; negative: no cap).
 	MaxAttrsPerUser    int
 	MaxAttrsPerSession int

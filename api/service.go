@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"slices"
 	"sync"
 	"time"
@@ -48,6 +49,10 @@ type Config struct {
 	PasswordWait        time.Duration
 	// History reads the log for history and point-in-time queries; nil refuses them.
 	History HistorySource
+	// HistoryConcurrency bounds history folds at once (default: half the cores), and
+	// HistoryTimeout each one's time (default 30s).
+	HistoryConcurrency int
+	HistoryTimeout     time.Duration
 	// MaxInFlight bounds requests handled at once (default 4096).
 	MaxInFlight int
 	// Logger; nil uses slog.Default().
@@ -56,20 +61,24 @@ type Config struct {
 
 // Service runs attrd's operations for the transports.
 type Service struct {
-	cfg   Config
-	nc    *nats.Conn
-	js    jetstream.JetStream
-	kv    jetstream.KeyValue
-	log   *slog.Logger
-	inbox string
-	sub   *nats.Subscription
+	cfg Config
+	nc  *nats.Conn
+	js  jetstream.JetStream
+	kv  jetstream.KeyValue
+	// kvStream is the bucket's stream, for listings that read headers only.
+	kvStream jetstream.Stream
+	log      *slog.Logger
+	inbox    string
+	sub      *nats.Subscription
 
 	mu      sync.Mutex
 	waiting map[string][]chan events.Decision // by event id; two retries of one request share it
 
 	sessions *sessionCache
 	hashes   *hashGate
-	stop     context.CancelFunc
+	// historySlots bounds history folds at once.
+	historySlots chan struct{}
+	stop         context.CancelFunc
 }
 
 // New returns a Service on nc. The bucket and the event stream must exist.
@@ -107,6 +116,9 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if cfg.Limits.MaxBodyBytes <= 0 {
 		cfg.Limits.MaxBodyBytes = DefaultMaxBodyBytes
 	}
+	if cfg.Limits.MaxReplyBytes <= 0 {
+		cfg.Limits.MaxReplyBytes = DefaultMaxReplyBytes
+	}
 	if cfg.Limits.MaxDepth <= 0 {
 		cfg.Limits.MaxDepth = DefaultMaxDepth
 	}
@@ -125,6 +137,12 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if cfg.Password == (PasswordParams{}) {
 		cfg.Password = DefaultPasswordParams
 	}
+	if cfg.HistoryConcurrency <= 0 {
+		cfg.HistoryConcurrency = max(1, runtime.NumCPU()/2)
+	}
+	if cfg.HistoryTimeout <= 0 {
+		cfg.HistoryTimeout = 30 * time.Second
+	}
 	if cfg.MaxInFlight <= 0 {
 		cfg.MaxInFlight = 4096
 	}
@@ -139,10 +157,15 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if err != nil {
 		return nil, fmt.Errorf("projection bucket %s: %w", cfg.Bucket, err)
 	}
-	s := &Service{cfg: cfg, nc: nc, js: js, kv: kv, log: cfg.Logger,
+	kvStream, err := js.Stream(ctx, events.KVStream(cfg.Bucket))
+	if err != nil {
+		return nil, fmt.Errorf("projection bucket %s: %w", cfg.Bucket, err)
+	}
+	s := &Service{cfg: cfg, nc: nc, js: js, kv: kv, kvStream: kvStream, log: cfg.Logger,
 		inbox: nats.NewInbox(), waiting: map[string][]chan events.Decision{},
-		sessions: newSessionCache(5*time.Second, 100_000),
-		hashes:   newHashGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait)}
+		sessions:     newSessionCache(5*time.Second, 100_000),
+		hashes:       newHashGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait),
+		historySlots: make(chan struct{}, cfg.HistoryConcurrency)}
 	wctx, stop := context.WithCancel(context.Background())
 	s.stop = stop
 	if err := s.sessions.watch(wctx, kv); err != nil {
@@ -175,6 +198,24 @@ func (s *Service) Close() error {
 func (s *Service) CheckBodySize(n int) error {
 	if n > s.cfg.Limits.MaxBodyBytes {
 		return events.Errorf(events.CodeInvalidInput, "the body has %d bytes, the limit is %d", n, s.cfg.Limits.MaxBodyBytes)
+	}
+	return nil
+}
+
+// DefaultMaxReplyBytes bounds a reply unless configured.
+const DefaultMaxReplyBytes = 4 << 20
+
+// maxReply is the largest reply: the configured bound, and never more than the NATS
+// server carries in one message (less room for headers).
+func (s *Service) maxReply() int {
+	return int(min(int64(s.cfg.Limits.MaxReplyBytes), s.nc.MaxPayload()-16<<10))
+}
+
+// CheckReplySize refuses a reply body over the reply bound (E008002): a transport calls
+// it on the encoded reply, the last guard against an answer nobody could receive.
+func (s *Service) CheckReplySize(n int) error {
+	if max := s.maxReply(); n > max {
+		return events.Errorf(events.CodeInvalidInput, "the reply has %d bytes, over the limit of %d: ask for less", n, max)
 	}
 	return nil
 }

@@ -2,6 +2,7 @@ package events
 
 import (
 	"fmt"
+	"strconv"
 
 	"github.com/vmihailenco/msgpack/v5"
 )
@@ -123,4 +124,17 @@ func DecodeRecord(key string, data []byte) (any, error) {
 		return nil, fmt.Errorf("decode %s: %w", key, err)
 	}
 	return rec, nil
+}
+
+// HeaderExpires carries an attribute record's expiry (Unix nanoseconds, "0": never) on
+// its KV message, so that a listing can read names and liveness from headers alone,
+// without the values.
+const HeaderExpires = "Attrd-Exp"
+
+// RecordHeaders returns the headers a record's KV message carries (nil: none).
+func RecordHeaders(rec any) map[string][]string {
+	if a, ok := rec.(*AttrRecord); ok {
+		return map[string][]string{HeaderExpires: {strconv.FormatInt(a.ExpiresAt, 10)}}
+	}
+	return nil
 }

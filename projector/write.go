@@ -142,7 +142,8 @@ func (p *Projector) writeKey(key string, now int64) (jetstream.PubAckFuture, err
 		}
 		return p.publishDelete(key, e.rev)
 	}
-	return p.publish(key, data, e.rev, ttl, true)
+	f, err := p.publishMsg(&nats.Msg{Subject: events.KVSubject(p.cfg.Bucket, key), Data: data, Header: events.RecordHeaders(e.rec)}, e.rev, ttl, true)
+	return f, err
 }
 
 func (p *Projector) ttl(key string, rec any, now int64) (time.Duration, bool) {
@@ -190,7 +191,14 @@ func TTL(key string, rec any, session func(sid string) *events.SessionRecord, no
 // publishes what kv.Update would, plus the TTL: Nats-Expected-Last-Subject-Sequence is
 // the compare-and-set (0: the key must have no message), Nats-TTL the expiry.
 func (p *Projector) publish(key string, data []byte, rev uint64, ttl time.Duration, cas bool) (jetstream.PubAckFuture, error) {
-	m := &nats.Msg{Subject: events.KVSubject(p.cfg.Bucket, key), Data: data, Header: nats.Header{}}
+	return p.publishMsg(&nats.Msg{Subject: events.KVSubject(p.cfg.Bucket, key), Data: data}, rev, ttl, cas)
+}
+
+// publishMsg is publish for a message with headers of its own.
+func (p *Projector) publishMsg(m *nats.Msg, rev uint64, ttl time.Duration, cas bool) (jetstream.PubAckFuture, error) {
+	if m.Header == nil {
+		m.Header = nats.Header{}
+	}
 	opts := []jetstream.PublishOpt{}
 	if cas {
 		opts = append(opts, jetstream.WithExpectLastSequencePerSubject(rev))

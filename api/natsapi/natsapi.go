@@ -111,6 +111,12 @@ func (s *Server) handle(op api.Op, r micro.Request) {
 		rep = s.api.Handle(s.ctx, op, req, m)
 	}
 	body, ctype, err := encode(rep.Body, isMsgpack)
+	if err == nil {
+		if cerr := s.api.CheckReplySize(len(body)); cerr != nil {
+			rep = api.ErrorReply(m.CID, cerr)
+			body, ctype, err = encode(rep.Body, isMsgpack)
+		}
+	}
 	if err != nil {
 		s.log.Error("encode reply", "cid", m.CID, "err", err)
 		rep = api.ErrorReply(m.CID, err)

@@ -10,6 +10,7 @@ import (
 	_ "embed"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -241,7 +242,7 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
 		writeReply(w, api.ErrorReply(m.CID, err))
 		return
 	}
-	writeReply(w, h.svc.Handle(r.Context(), op, req, m))
+	writeReplyChecked(w, h.svc.Handle(r.Context(), op, req, m), h.svc.CheckReplySize)
 }
 
 // readBody reads at most limit bytes; a larger body is refused without being read
@@ -338,8 +339,18 @@ func addQuery(set func(string, any), q url.Values) {
 	}
 }
 
-func writeReply(w http.ResponseWriter, rep api.Reply) {
+func writeReply(w http.ResponseWriter, rep api.Reply) { writeReplyChecked(w, rep, nil) }
+
+// writeReplyChecked writes a reply whose encoded body check accepts (nil: any); one it
+// refuses is replaced by that refusal.
+func writeReplyChecked(w http.ResponseWriter, rep api.Reply, check func(int) error) {
 	b, err := json.Marshal(rep.Body)
+	if err == nil && check != nil {
+		if cerr := check(len(b)); cerr != nil {
+			rep = api.ErrorReply(fmt.Sprint(rep.Body["cid"]), cerr)
+			b, err = json.Marshal(rep.Body)
+		}
+	}
 	if err != nil {
 		rep = api.ErrorReply(events.NewID(), err)
 		b, _ = json.Marshal(rep.Body)

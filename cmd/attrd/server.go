@@ -74,6 +74,9 @@ type Server struct {
 	ns      *server.Server
 	apiConn *nats.Conn
 	prjConn *nats.Conn
+	// histConn reads the log for history requests, so that a large read never queues
+	// other requests' traffic behind it on the API's connection.
+	histConn *nats.Conn
 	proj    atomic.Pointer[projector.Projector]
 	prjUp   atomic.Bool
 	svc     *api.Service
@@ -147,6 +150,9 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if s.apiConn, err = connect("attrd-api"); err != nil {
 		return nil, fmt.Errorf("connect to NATS at %s: %w", url, err)
 	}
+	if s.histConn, err = connect("attrd-history"); err != nil {
+		return nil, fmt.Errorf("connect to NATS at %s: %w", url, err)
+	}
 	js, err := jetstream.New(s.prjConn)
 	if err != nil {
 		return nil, err
@@ -179,10 +185,14 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
+	histJS, err := jetstream.New(s.histConn)
+	if err != nil {
+		return nil, err
+	}
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
 		SessionMaxLifetime: cfg.SessionMaxLifetime, PasswordConcurrency: cfg.PasswordConcurrency,
 		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log, Limits: cfg.Limits,
-		History: projector.NewLog(apiJS, opener(keys))}); err != nil {
+		History: projector.NewLog(histJS, opener(keys))}); err != nil {
 		return nil, err
 	}
 	if s.natsAPI, err = natsapi.Start(s.apiConn, s.svc, log); err != nil {
@@ -333,7 +343,7 @@ func (s *Server) Close() error {
 			s.prjCancel()
 			<-s.prjDone
 		}
-		for _, nc := range []*nats.Conn{s.apiConn, s.prjConn} {
+		for _, nc := range []*nats.Conn{s.apiConn, s.prjConn, s.histConn} {
 			if nc != nil {
 				nc.Close()
 			}
