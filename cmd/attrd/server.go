@@ -77,12 +77,12 @@ type Server struct {
 	// histConn reads the log for history requests, so that a large read never queues
 	// other requests' traffic behind it on the API's connection.
 	histConn *nats.Conn
-	proj    atomic.Pointer[projector.Projector]
-	prjUp   atomic.Bool
-	svc     *api.Service
-	natsAPI *natsapi.Server
-	httpSrv *http.Server
-	httpLn  net.Listener
+	proj     atomic.Pointer[projector.Projector]
+	prjUp    atomic.Bool
+	svc      *api.Service
+	natsAPI  *natsapi.Server
+	httpSrv  *http.Server
+	httpLn   net.Listener
 
 	ready     *readiness
 	prjCancel context.CancelFunc
