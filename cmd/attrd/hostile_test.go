@@ -445,3 +445,162 @@ func TestAUserWithAHugeSessionCannotStopOtherUsersWrites(t *testing.T) {
 		t.Fatalf("logins after the logout: %v", err)
 	}
 }
+
+func TestNamesArePagedAndListOnlyLiveNames(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.Limits = api.Limits{MaxReplyBytes: 64 << 10} })
+	ctx := ctxT(t)
+	u := mustSession(t, f)
+	want := map[string]bool{}
+	for b := 0; b < 2; b++ {
+		items := make([]client.Item, 500)
+		for i := range items {
+			items[i] = client.Item{Name: fmt.Sprintf("%d-%03d-%s", b, i, strings.Repeat("ü", 80)), Value: i}
+			want[items[i].Name] = true
+		}
+		expectCode(t, u.Attr.SetMany(ctx, items), noError)
+	}
+	expectCode(t, u.Attr.Create(ctx, "gone", 1, client.Expiration(time.Second)), noError)
+	expectCode(t, u.Attr.Create(ctx, "deleted", 1), noError)
+	expectCode(t, u.Attr.Delete(ctx, "deleted"), noError)
+	time.Sleep(1100 * time.Millisecond)
+	// 1,000 names of ~165 bytes do not fit in 64 KiB: the unpaged form is refused.
+	_, out := rawJSON(t, f.srv, "user.attr.names", map[string]any{"ust": f.alice.UST, "current_app": "CRM"})
+	if subStatus(out) != string(events.CodeInvalidInput) {
+		t.Fatalf("an unpaged listing over the reply limit: %v", out)
+	}
+	got := map[string]bool{}
+	after := ""
+	for pages := 0; ; pages++ {
+		body := map[string]any{"ust": f.alice.UST, "current_app": "CRM", "limit": 300}
+		if after != "" {
+			body["after"] = after
+		}
+		_, out := rawJSON(t, f.srv, "user.attr.names", body)
+		if out["status"] != "ok" || pages > 10 {
+			t.Fatalf("page %d: %v", pages, out)
+		}
+		var prev string
+		for _, n := range out["result"].([]any) {
+			s := n.(string)
+			if s <= prev || got[s] {
+				t.Fatalf("page %d is not sorted or repeats %q", pages, s)
+			}
+			prev, got[s] = s, true
+		}
+		next, more := out["next"].(string)
+		if !more {
+			break
+		}
+		after = next
+	}
+	if len(got) != len(want) {
+		t.Fatalf("paged names: %d, want %d (no expired, no deleted)", len(got), len(want))
+	}
+	for n := range want {
+		if !got[n] {
+			t.Fatalf("%q missing from the pages", n)
+		}
+	}
+	// A small listing still comes whole, as Zato clients expect.
+	b := mustLogin(t, f.c, "admin", adminPassword)
+	bu, _ := b.User(ctx)
+	expectCode(t, bu.Attr.Create(ctx, "one", 1), noError)
+	if names, err := bu.Attr.Names(ctx); err != nil || len(names) != 1 || names[0] != "one" {
+		t.Fatalf("a small listing: %v %v", names, err)
+	}
+}
+
+func TestGetAndHistoryRepliesStayUnderTheReplyLimit(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.Limits = api.Limits{MaxReplyBytes: 256 << 10} })
+	ctx := ctxT(t)
+	u := mustSession(t, f)
+	big := strings.Repeat("v", 60<<10)
+	var names []string
+	for i := 0; i < 8; i++ {
+		names = append(names, fmt.Sprintf("big-%d", i))
+		expectCode(t, u.Attr.Create(ctx, names[i], big), noError)
+	}
+	_, out := rawJSON(t, f.srv, "user.attr.get", map[string]any{"ust": f.alice.UST, "current_app": "CRM", "data": names})
+	if subStatus(out) != string(events.CodeInvalidInput) {
+		t.Fatalf("a get of 8 x 60 KiB under a 256 KiB reply limit: %v", out)
+	}
+	_, out = rawJSON(t, f.srv, "user.attr.get", map[string]any{"ust": f.alice.UST, "current_app": "CRM", "data": names[:3]})
+	if out["status"] != "ok" {
+		t.Fatalf("three of them fit: %v", out)
+	}
+	// The history pages by bytes even when the limit asks for more events.
+	evs, out := historyOf(t, f, f.alice.UST, map[string]any{"limit": 1000, "types": []string{"attr.created"}})
+	if len(evs) == 0 || len(evs) >= 8 || out["next"] == nil {
+		t.Fatalf("history of 8 x 60 KiB events under 256 KiB: %d events, next %v", len(evs), out["next"])
+	}
+	_, out = rawJSON(t, f.srv, "history.at", map[string]any{"ust": f.alice.UST, "current_app": "CRM", "at": time.Now().Format(time.RFC3339Nano)})
+	if subStatus(out) != string(events.CodeInvalidInput) {
+		t.Fatalf("history.at over the reply limit: %v", out)
+	}
+	stillServes(t, f)
+}
+
+// TestLargeHistoriesInParallelDoNotFailOtherUsers: many history reads of a large history
+// at once are bounded (some are refused as busy) and other users' writes go on.
+func TestLargeHistoriesInParallelDoNotFailOtherUsers(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a large history")
+	}
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	u := mustSession(t, f)
+	val := strings.Repeat("x", 1000)
+	for b := 0; b < 3; b++ {
+		items := make([]client.Item, 1000)
+		for i := range items {
+			items[i] = client.Item{Name: fmt.Sprintf("%d-%d", b, i), Value: val}
+		}
+		expectCode(t, u.Attr.SetMany(ctx, items), noError)
+	}
+	var wg sync.WaitGroup
+	var okN, busyN, otherN atomic.Int64
+	at := time.Now().Format(time.RFC3339Nano)
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			b, _ := json.Marshal(map[string]any{"ust": f.alice.UST, "current_app": "CRM", "at": at})
+			nc, err := nats.Connect(f.srv.ClientURL())
+			if err != nil {
+				otherN.Add(1)
+				return
+			}
+			defer nc.Close()
+			rep, err := nc.Request("attrd.history.at", b, 30*time.Second)
+			if err != nil {
+				otherN.Add(1)
+				return
+			}
+			var out map[string]any
+			json.Unmarshal(rep.Data, &out)
+			switch {
+			case out["status"] == "ok":
+				okN.Add(1)
+			case subStatus(out) == string(events.CodeOutcomeUnknown):
+				busyN.Add(1)
+			default:
+				otherN.Add(1)
+			}
+		}()
+	}
+	au, _ := f.admin.User(ctx)
+	for i := 0; i < 10; i++ {
+		start := time.Now()
+		if err := au.Attr.Set(ctx, "meanwhile", i); err != nil {
+			t.Fatalf("another user's write during the history reads: %v", err)
+		}
+		if d := time.Since(start); d > 2*time.Second {
+			t.Fatalf("another user's write took %s", d)
+		}
+	}
+	wg.Wait()
+	if otherN.Load() != 0 || okN.Load() == 0 {
+		t.Fatalf("history reads: %d ok, %d busy, %d failed", okN.Load(), busyN.Load(), otherN.Load())
+	}
+	t.Logf("history reads: %d ok, %d busy", okN.Load(), busyN.Load())
+}

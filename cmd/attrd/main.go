@@ -146,6 +146,8 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs.IntVar(&cfg.Limits.MaxAttrsPerUser, "max-attrs-per-user", int(envInt("ATTRD_MAX_ATTRS_PER_USER", api.DefaultMaxAttrsPerUser)), "live attributes one user may hold; -1: no cap (ATTRD_MAX_ATTRS_PER_USER)")
 	fs.IntVar(&cfg.Limits.MaxAttrsPerSession, "max-attrs-per-session", int(envInt("ATTRD_MAX_ATTRS_PER_SESSION", api.DefaultMaxAttrsPerSession)), "live attributes one session may hold; -1: no cap (ATTRD_MAX_ATTRS_PER_SESSION)")
 	fs.IntVar(&cfg.Limits.MaxSessionsPerUser, "max-sessions-per-user", int(envInt("ATTRD_MAX_SESSIONS_PER_USER", api.DefaultMaxSessionsPerUser)), "live sessions one user may hold; -1: no cap (ATTRD_MAX_SESSIONS_PER_USER)")
+	fs.IntVar(&cfg.Limits.MaxReplyBytes, "max-reply-bytes", int(envInt("ATTRD_MAX_REPLY_BYTES", api.DefaultMaxReplyBytes)), "largest reply; bigger listings are paged or refused (ATTRD_MAX_REPLY_BYTES)")
+	fs.DurationVar(&cfg.HistoryTimeout, "history-timeout", envDuration("ATTRD_HISTORY_TIMEOUT", 30*time.Second), "longest a history request may read the log (ATTRD_HISTORY_TIMEOUT)")
 	level := fs.String("log-level", env("ATTRD_LOG_LEVEL", "info"), "debug, info, warn or error (ATTRD_LOG_LEVEL)")
 	if err := fs.Parse(args); err != nil {
 		return err

@@ -44,15 +44,17 @@ type Config struct {
 	TrustedProxies []netip.Prefix
 	// PasswordConcurrency bounds password hashes at once (default: half the cores).
 	PasswordConcurrency int
-	KeyFile             string
-	AdminUsername       string
-	AdminPassword       string
-	DedupWindow         time.Duration
-	HistoryMaxAge       time.Duration // 0: keep every event
-	HistoryMaxBytes     int64         // 0: no limit
-	DecisionTimeout     time.Duration
-	Password            api.PasswordParams
-	Logger              *slog.Logger
+	// HistoryTimeout bounds one history request's read of the log (default 30s).
+	HistoryTimeout  time.Duration
+	KeyFile         string
+	AdminUsername   string
+	AdminPassword   string
+	DedupWindow     time.Duration
+	HistoryMaxAge   time.Duration // 0: keep every event
+	HistoryMaxBytes int64         // 0: no limit
+	DecisionTimeout time.Duration
+	Password        api.PasswordParams
+	Logger          *slog.Logger
 	// OnDecision sees every decision of the live projector (tests).
 	OnDecision func(events.Decision)
 	// ProjectorHooks let tests slow down or stop the projector between steps.
@@ -190,7 +192,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 		return nil, err
 	}
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
-		SessionMaxLifetime: cfg.SessionMaxLifetime, PasswordConcurrency: cfg.PasswordConcurrency,
+		SessionMaxLifetime: cfg.SessionMaxLifetime, PasswordConcurrency: cfg.PasswordConcurrency, HistoryTimeout: cfg.HistoryTimeout,
 		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log, Limits: cfg.Limits,
 		History: projector.NewLog(histJS, opener(keys))}); err != nil {
 		return nil, err
