@@ -392,6 +392,9 @@ func CleanAuditField(v string, max int) string {
 	return v
 }
 
+// MaxPasswordBytes is the longest password.
+const MaxPasswordBytes = 1024
+
 // MaxNameBytes is the longest attribute name.
 const MaxNameBytes = 191
 

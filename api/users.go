@@ -12,7 +12,8 @@ func formatTime(t int64) string { return time.Unix(0, t).UTC().Format(time.RFC33
 
 func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]any, error) {
 	denied := events.Errorf(events.CodeNotAllowed, "wrong username or password")
-	if req.typeErr != nil || req.Username == "" || req.Password == "" {
+	// No password this long was ever set: refused before any lookup or hashing.
+	if req.typeErr != nil || req.Username == "" || req.Password == "" || len(req.Password) > MaxPasswordBytes || len(req.Username) > MaxNameBytes {
 		return nil, denied
 	}
 	r, err := s.read(ctx, events.UsernameKey(req.Username))
@@ -119,8 +120,8 @@ func (s *Service) newUser(ctx context.Context, ev *events.Event, username, passw
 	if username == "" || len(username) > MaxNameBytes || ValidateName(username) != nil {
 		return events.Decision{}, events.Errorf(events.CodeInvalidInput, "a username has 1 to %d bytes and no control characters", MaxNameBytes)
 	}
-	if password == "" {
-		return events.Decision{}, events.Errorf(events.CodeInvalidInput, "the password is empty")
+	if password == "" || len(password) > MaxPasswordBytes {
+		return events.Decision{}, events.Errorf(events.CodeInvalidInput, "a password has 1 to %d bytes", MaxPasswordBytes)
 	}
 	hash, err := s.hashPassword(ctx, password)
 	if err != nil {
