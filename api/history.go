@@ -20,9 +20,10 @@ const (
 // HistorySource folds the log for one user (projector.Log is one).
 type HistorySource interface {
 	// FoldUser calls fn with each of the user's events in log order, with its decision
-	// and the projection right after it, until fn returns false or an event is later
-	// than until (0: none); it returns the projection as of the last event folded.
-	FoldUser(ctx context.Context, uid string, until int64, fn func(events.Entry, events.View) bool) (events.View, error)
+	// and the projection right after it, until fn returns false; with hasAt it stops
+	// after the last of the user's events, in log order, whose time is at or before at.
+	// It returns the projection as of the last event folded.
+	FoldUser(ctx context.Context, uid string, at int64, hasAt bool, fn func(events.Entry, events.View) bool) (events.View, error)
 }
 
 // Paging bounds of a history request.
@@ -34,19 +35,34 @@ const (
 var eventTypes = []events.Type{events.UserCreated, events.UserApproved, events.SessionCreated, events.SessionRenewed,
 	events.SessionEnded, events.AttrCreated, events.AttrUpdated, events.AttrSet, events.AttrDeleted}
 
+// CheckEventTypes refuses a type filter naming an unknown event type (E008002).
+func CheckEventTypes(types []string) error {
+	for _, t := range types {
+		if !slices.Contains(eventTypes, events.Type(t)) {
+			return events.Errorf(events.CodeInvalidInput, "unknown event type %q", t)
+		}
+	}
+	return nil
+}
+
 // HistoryFilter selects events of a user's history.
 type HistoryFilter struct {
-	SessionID    string   // only this session's events ("": all)
-	Name         string   // only events on this attribute ("": all); of SessionID's when set, else of the user's
-	Since, Until int64    // Unix ns; 0: unbounded
-	Types        []string // only these types (none: all)
-	After        uint64   // events after this sequence (paging)
+	SessionID string // only this session's events ("": all)
+	Name      string // only events on this attribute ("": all); of SessionID's when set, else of the user's
+	// Since and Until bound the events' times (Unix ns), each only when its Has… is set:
+	// a given time is that time, 1970 included. Times are the appending instance's
+	// clock, not monotonic in log order: the bounds filter every event, they do not
+	// stop the reading.
+	Since, Until       int64
+	HasSince, HasUntil bool
+	Types              []string // only these types (none: all)
+	After              uint64   // events after this sequence (paging)
 }
 
 // Match reports whether an entry passes the filter.
 func (f *HistoryFilter) Match(e events.Entry) bool {
 	ev := e.Event
-	if ev == nil || e.Seq <= f.After || f.Since != 0 && ev.Time < f.Since || f.Until != 0 && ev.Time > f.Until {
+	if ev == nil || e.Seq <= f.After || f.HasSince && ev.Time < f.Since || f.HasUntil && ev.Time > f.Until {
 		return false
 	}
 	if len(f.Types) > 0 && !slices.Contains(f.Types, string(ev.Type)) {
@@ -123,8 +139,14 @@ func HistoryEvent(e events.Entry, after events.View, keys *sealed.Keyring, decry
 }
 
 // AttrsAt shows the attributes a view holds under a user (sid "") or a session that are
-// live at t, as get shows them.
+// live at t, as get shows them. A session that was not the user's live session at t is
+// E007001.
 func AttrsAt(v events.View, uid, sid string, t int64, keys *sealed.Keyring, decrypt bool) (map[string]any, error) {
+	if sid != "" {
+		if ss := v.Session(sid); !ss.Live(t) || ss.UserID != uid {
+			return nil, events.Errorf(events.CodeNoSession, "no such session at that time")
+		}
+	}
 	prefix := events.AttrPrefix(uid, sid)
 	out := map[string]any{}
 	for _, k := range v.AttrKeys(prefix) {
@@ -143,16 +165,26 @@ func AttrsAt(v events.View, uid, sid string, t int64, keys *sealed.Keyring, decr
 	return out, nil
 }
 
-// parseTime reads an RFC 3339 time field (empty: 0).
-func parseTime(field, s string) (int64, error) {
-	if s == "" {
-		return 0, nil
-	}
+// ParseTime reads an RFC 3339 time as Unix nanoseconds: one that int64 nanoseconds
+// cannot hold (before 1678, after 2261) is E008002 as well as one that does not parse.
+func ParseTime(field, s string) (int64, error) {
 	t, err := time.Parse(time.RFC3339Nano, s)
 	if err != nil {
 		return 0, events.Errorf(events.CodeInvalidInput, "%s must be an RFC 3339 time", field)
 	}
+	if y := t.Year(); y < 1678 || y > 2261 {
+		return 0, events.Errorf(events.CodeInvalidInput, "%s is out of range (years 1678 to 2261)", field)
+	}
 	return t.UnixNano(), nil
+}
+
+// optionalTime reads an optional time field: absent or empty is no bound.
+func optionalTime(field, s string) (int64, bool, error) {
+	if s == "" {
+		return 0, false, nil
+	}
+	t, err := ParseTime(field, s)
+	return t, err == nil, err
 }
 
 // historyTarget authenticates the caller and finds whose history it asks for: its own,
@@ -186,15 +218,13 @@ func (s *Service) history(ctx context.Context, req *Request) (map[string]any, er
 		}
 		f.Name = *req.Name
 	}
-	for _, t := range req.Types {
-		if !slices.Contains(eventTypes, events.Type(t)) {
-			return nil, events.Errorf(events.CodeInvalidInput, "unknown event type %q", t)
-		}
-	}
-	if f.Since, err = parseTime("since", req.Since); err != nil {
+	if err := CheckEventTypes(req.Types); err != nil {
 		return nil, err
 	}
-	if f.Until, err = parseTime("until", req.Until); err != nil {
+	if f.Since, f.HasSince, err = optionalTime("since", req.Since); err != nil {
+		return nil, err
+	}
+	if f.Until, f.HasUntil, err = optionalTime("until", req.Until); err != nil {
 		return nil, err
 	}
 	limit := int64(DefaultHistoryLimit)
@@ -217,7 +247,7 @@ func (s *Service) history(ctx context.Context, req *Request) (map[string]any, er
 	list := []map[string]any{}
 	more := false
 	size, max := 0, s.maxReply()-1024
-	err = s.foldHistory(ctx, uid, f.Until, func(e events.Entry, after events.View) bool {
+	err = s.foldHistory(ctx, uid, 0, false, func(e events.Entry, after events.View) bool {
 		if !f.Match(e) {
 			return true
 		}
@@ -258,19 +288,14 @@ func (s *Service) historyAt(ctx context.Context, req *Request) (map[string]any, 
 	if err != nil {
 		return nil, err
 	}
-	at, err := parseTime("at", req.At)
+	at, err := ParseTime("at", req.At) // required: empty is no time
 	if err != nil {
 		return nil, err
 	}
 	var view events.View
-	err = s.foldHistory(ctx, uid, at, nil, &view)
+	err = s.foldHistory(ctx, uid, at, true, nil, &view)
 	if err != nil {
 		return nil, err
-	}
-	if sid != "" {
-		if ss := view.Session(sid); !ss.Live(at) || ss.UserID != uid {
-			return nil, events.Errorf(events.CodeNoSession, "no such session at that time")
-		}
 	}
 	result, err := AttrsAt(view, uid, sid, at, s.cfg.Keyring, req.Decrypt == nil || *req.Decrypt)
 	if err != nil {
@@ -287,7 +312,7 @@ func (s *Service) historyAt(ctx context.Context, req *Request) (map[string]any, 
 // HistoryConcurrency folds at once (others wait up to two seconds, then are refused as
 // busy), each within HistoryTimeout (then E008002: the history is too long to fold per
 // request). The view reached goes to view, if not nil.
-func (s *Service) foldHistory(ctx context.Context, uid string, until int64, fn func(events.Entry, events.View) bool, view ...*events.View) error {
+func (s *Service) foldHistory(ctx context.Context, uid string, at int64, hasAt bool, fn func(events.Entry, events.View) bool, view ...*events.View) error {
 	timer := time.NewTimer(2 * time.Second)
 	defer timer.Stop()
 	select {
@@ -300,7 +325,7 @@ func (s *Service) foldHistory(ctx context.Context, uid string, until int64, fn f
 	}
 	hctx, cancel := context.WithTimeout(ctx, s.cfg.HistoryTimeout)
 	defer cancel()
-	v, err := s.cfg.History.FoldUser(hctx, uid, until, fn)
+	v, err := s.cfg.History.FoldUser(hctx, uid, at, hasAt, fn)
 	if err != nil && hctx.Err() != nil && ctx.Err() == nil {
 		return events.Errorf(events.CodeInvalidInput, "this history takes longer than %s to read: narrow it, or use the operator's attrd history", s.cfg.HistoryTimeout)
 	}

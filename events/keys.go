@@ -39,6 +39,25 @@ func Subject(e *Event) string {
 	}
 }
 
+// DecisionSubject is where the projector records the rejections of a user's events,
+// under the user's own prefix: one filter gives the user's events and their recorded
+// decisions. Accepted events have no such message (the common case costs nothing).
+func DecisionSubject(userID string) string { return EventsPrefix + "." + userID + ".decision" }
+
+// IsDecisionSubject reports whether a subject of the event stream holds recorded
+// decisions rather than an event.
+func IsDecisionSubject(subject string) bool { return strings.HasSuffix(subject, ".decision") }
+
+// UserOfSubject returns the user id token of an event stream subject ("" if none).
+func UserOfSubject(subject string) string {
+	rest, ok := strings.CutPrefix(subject, EventsPrefix+".")
+	if !ok {
+		return ""
+	}
+	uid, _, _ := strings.Cut(rest, ".")
+	return uid
+}
+
 // UserSubjects is the filter for all events about one user.
 func UserSubjects(userID string) string { return EventsPrefix + "." + userID + ".>" }
 
@@ -52,6 +71,7 @@ func UserSubjects(userID string) string { return EventsPrefix + "." + userID + "
 //	x.<uid>.<sid>                SessionRefRecord: a user's live sessions, to count them
 //	d.<event id>                 Decision of a request with a request id, kept for its retries
 //	p.<partition>                the projector's intent record (Checkpoint)
+//	r.<partition>                RecordingRecord: from which sequence decisions are recorded
 //
 // UserKey is the key of a user.
 func UserKey(uid string) string { return "u." + uid }
@@ -70,6 +90,9 @@ func SessionIndexKey(uid, sid string) string { return SessionIndexPrefix(uid) + 
 
 // DecisionKey is the key of a decision kept for retries.
 func DecisionKey(eventID string) string { return "d." + eventID }
+
+// RecordingKey is the key of a partition's RecordingRecord.
+func RecordingKey(partition string) string { return "r." + partition }
 
 // CheckpointKey is the key of a partition's intent record.
 func CheckpointKey(partition string) string { return "p." + partition }

@@ -86,6 +86,14 @@ type Checkpoint struct {
 	Before    []KeyState `msgpack:"before"`
 }
 
+// RecordingRecord says from which stream sequence on the projector records decisions:
+// every event at or after Since that was rejected has a message on its user's
+// DecisionSubject, and every other one was accepted. Events before Since (folded by an
+// older attrd) have their decisions recomputed.
+type RecordingRecord struct {
+	Since uint64 `msgpack:"since"`
+}
+
 // KeyState is one key's state in a Checkpoint: Data is the record's msgpack (nil: absent).
 type KeyState struct {
 	Key  string `msgpack:"k"`
@@ -117,6 +125,8 @@ func DecodeRecord(key string, data []byte) (any, error) {
 		rec = &Decision{}
 	case len(key) > 2 && key[:2] == "p.":
 		rec = &Checkpoint{}
+	case len(key) > 2 && key[:2] == "r.":
+		rec = &RecordingRecord{}
 	default:
 		return nil, fmt.Errorf("unknown projection key %q", key)
 	}

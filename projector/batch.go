@@ -30,6 +30,9 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 		if it.seq <= p.Applied() {
 			continue // redelivered after it was folded
 		}
+		if events.IsDecisionSubject(m.Subject()) {
+			continue // a decision this projector recorded: not an event
+		}
 		it.ev, it.bad = events.Decode(m.Data())
 		if it.bad == nil && events.Subject(it.ev) != m.Subject() {
 			it.bad = fmt.Errorf("event %s on subject %s, want %s", it.ev.ID, m.Subject(), events.Subject(it.ev))
@@ -41,7 +44,7 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 		items = append(items, it)
 	}
 	if len(items) == 0 {
-		return batch[len(batch)-1].Ack()
+		return p.passTail(batch)
 	}
 	if err := p.load.load(ctx, p.view, keys, prefixes); err != nil {
 		return err
@@ -61,7 +64,19 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 	if len(p.view.entries) > p.cfg.MaxCacheEntries {
 		p.view.reset()
 	}
-	return nil
+	return p.passTail(batch)
+}
+
+// passTail moves Applied over recorded decisions that end a batch, once every event
+// before them is folded, so that the projector's position reaches the log's end.
+func (p *Projector) passTail(batch []jetstream.Msg) error {
+	last := batch[len(batch)-1]
+	md, err := last.Metadata()
+	if err != nil || md.Sequence.Stream <= p.Applied() {
+		return err
+	}
+	p.applied.Store(md.Sequence.Stream)
+	return last.Ack()
 }
 
 // Bytes of the intent record per changed key and per event, at most (a key of 191

@@ -16,11 +16,14 @@ import (
 type Log struct {
 	js     jetstream.JetStream
 	opener Opener
+	bucket string
 }
 
 // NewLog returns a reader of the event log; opener opens sealed Inherit values (nil
 // rejects them, as the projector would).
-func NewLog(js jetstream.JetStream, opener Opener) *Log { return &Log{js: js, opener: opener} }
+func NewLog(js jetstream.JetStream, opener Opener) *Log {
+	return &Log{js: js, opener: opener, bucket: events.DefaultBucket}
+}
 
 // read calls fn with every message on the filters (all: none) in log order, up to the
 // log's end when the read began; fn returns false to stop. whole asks for the log from
@@ -71,8 +74,9 @@ func (l *Log) read(ctx context.Context, filters []string, whole bool, fn func(se
 	}
 }
 
-// fold decodes and folds one message into st, as the projector would.
-func (l *Log) fold(st State, seq uint64, subject string, data []byte) events.Entry {
+// fold decodes and folds one message into st, as the projector would; forced, if not
+// nil, is the decision the projector recorded for it.
+func (l *Log) fold(st State, seq uint64, subject string, data []byte, forced *events.Code) events.Entry {
 	e := events.Entry{Seq: seq, Subject: subject}
 	ev, err := events.Decode(data)
 	if err != nil || events.Subject(ev) != subject {
@@ -80,7 +84,7 @@ func (l *Log) fold(st State, seq uint64, subject string, data []byte) events.Ent
 		return e
 	}
 	e.Event = ev
-	e.Decision = Fold(st, seq, ev, l.opener, nil)
+	e.Decision = Fold(st, seq, ev, l.opener, forced)
 	return e
 }
 
@@ -90,16 +94,51 @@ func (l *Log) fold(st State, seq uint64, subject string, data []byte) events.Ent
 var ErrTruncated = errors.New("the log no longer holds its oldest events (history retention): it cannot rebuild the projection")
 
 // FoldAll folds the whole log into m, in order, calling fn (if not nil) with every
-// entry; it is what a rebuild and a verification start from.
+// entry; it is what a rebuild and a verification start from. Decisions are made again
+// (that is the point of a replay); the ones the projector recorded go to
+// m.Recorded, for a verification to compare.
 func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) error {
 	st := m.State()
+	rec, err := l.recording(ctx)
+	if err != nil {
+		return err
+	}
+	m.since = rec.Since
+	m.Recorded = map[uint64]events.Code{}
 	return l.read(ctx, nil, true, func(seq uint64, subject string, data []byte) bool {
-		e := l.fold(st, seq, subject, data)
+		if events.IsDecisionSubject(subject) {
+			var d events.Decision
+			if events.Unmarshal(data, &d) == nil {
+				if _, seen := m.Recorded[d.Seq]; !seen {
+					m.Recorded[d.Seq] = d.Code
+				}
+			}
+			return true
+		}
+		e := l.fold(st, seq, subject, data, nil)
 		if fn != nil {
 			fn(e)
 		}
 		return true
 	})
+}
+
+// recording reads from which sequence the projector records decisions (Since 0: it
+// records none, an older attrd folded everything).
+func (l *Log) recording(ctx context.Context) (events.RecordingRecord, error) {
+	var r events.RecordingRecord
+	kv, err := l.js.KeyValue(ctx, l.bucket)
+	if err != nil {
+		return r, fmt.Errorf("projection bucket %s: %w", l.bucket, err)
+	}
+	e, err := kv.Get(ctx, events.RecordingKey("0"))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return r, nil
+	}
+	if err != nil {
+		return r, err
+	}
+	return r, events.Unmarshal(e.Value(), &r)
 }
 
 // Last returns the log's last sequence and its number of events.
@@ -115,22 +154,49 @@ func (l *Log) Last(ctx context.Context) (last, count uint64, err error) {
 	return info.State.LastSeq, info.State.Msgs, nil
 }
 
-// FoldUser folds what decides one user's events, in log order, and calls fn with each
-// of the user's events (under events.UserSubjects) and the projection right after it,
-// until fn returns false or an event's time is after until (0: no limit). It returns the state reached: the user's
-// projection as of the last event folded.
+// FoldUser folds one user's history in log order and calls fn with each of the user's
+// events (under events.UserSubjects), its decision, and the user's projection right
+// after it, until fn returns false. With at (hasAt), it stops after the last of the
+// user's events, in log order, whose time is at or before at: the state it returns is
+// then the user's projection as of that point of the log. It returns the state
+// reached.
 //
-// A user's events depend on the user's own earlier events and, when someone else acted
-// (a super-user), on that actor's user record and session. So the log is read twice:
-// once for the actors, then for the user's events together with the actors' user and
-// session lifecycle events. (Folding only these, a user.created refused because another
-// user had the username would be found accepted: such an id never existed anyway.)
-func (l *Log) FoldUser(ctx context.Context, uid string, until int64, fn func(events.Entry, events.View) bool) (events.View, error) {
+// The decision shown is the one the projector made: from the sequence the projector
+// started recording on (RecordingRecord), a rejected event has its decision recorded
+// on the user's decision subject and every other event was accepted, and the fold
+// applies each event as decided. Events before that sequence are decided again: they
+// depend on the user's own earlier events and, when someone else acted (a
+// super-user), on that actor's user record and session, so the actors' lifecycle
+// events are folded too. (For those older events, an actor made valid by a chain of
+// other users' events may be found invalid.)
+func (l *Log) FoldUser(ctx context.Context, uid string, at int64, hasAt bool, fn func(events.Entry, events.View) bool) (events.View, error) {
 	m := NewMemory()
+	rec, err := l.recording(ctx)
+	if err != nil {
+		return nil, err
+	}
 	own := events.UserSubjects(uid)
 	actors := map[string]bool{}
-	err := l.read(ctx, []string{own}, false, func(seq uint64, subject string, data []byte) bool {
-		if ev, err := events.Decode(data); err == nil && ev.Actor != "" && ev.Actor != uid {
+	recorded := map[uint64]events.Code{}
+	var stop uint64 // with at: the last own event at or before it
+	err = l.read(ctx, []string{own}, false, func(seq uint64, subject string, data []byte) bool {
+		if events.IsDecisionSubject(subject) {
+			var d events.Decision
+			if events.Unmarshal(data, &d) == nil {
+				if _, seen := recorded[d.Seq]; !seen {
+					recorded[d.Seq] = d.Code
+				}
+			}
+			return true
+		}
+		ev, err := events.Decode(data)
+		if err != nil {
+			return true
+		}
+		if !hasAt || ev.Time <= at {
+			stop = seq
+		}
+		if (rec.Since == 0 || seq < rec.Since) && ev.Actor != "" && ev.Actor != uid {
 			actors[events.EventsPrefix+"."+ev.Actor+".user"] = true
 			actors[events.EventsPrefix+"."+ev.Actor+".session."+ev.ActorSession] = true
 		}
@@ -139,21 +205,32 @@ func (l *Log) FoldUser(ctx context.Context, uid string, until int64, fn func(eve
 	if err != nil {
 		return nil, err
 	}
+	if hasAt && stop == 0 {
+		return m.State(), nil // nothing of the user's at or before at
+	}
 	filters := []string{own}
 	for f := range actors {
 		filters = append(filters, f)
 	}
 	prefix := strings.TrimSuffix(own, ">")
 	st := m.State()
+	accepted := events.Code("")
 	err = l.read(ctx, filters, false, func(seq uint64, subject string, data []byte) bool {
-		mine := strings.HasPrefix(subject, prefix)
-		if until != 0 && mine {
-			if ev, err := events.Decode(data); err == nil && ev.Time > until {
-				return false
+		if hasAt && seq > stop {
+			return false
+		}
+		if events.IsDecisionSubject(subject) {
+			return true
+		}
+		var forced *events.Code
+		if rec.Since != 0 && seq >= rec.Since {
+			forced = &accepted
+			if c, ok := recorded[seq]; ok {
+				forced = &c
 			}
 		}
-		e := l.fold(st, seq, subject, data)
-		if mine && fn != nil {
+		e := l.fold(st, seq, subject, data, forced)
+		if strings.HasPrefix(subject, prefix) && fn != nil {
 			return fn(e, st)
 		}
 		return true

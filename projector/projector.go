@@ -141,6 +141,9 @@ func (p *Projector) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := p.startRecording(ctx, start); err != nil {
+		return err
+	}
 	var end uint64
 	if p.cfg.StopAtEnd {
 		info, err := evs.Info(ctx)

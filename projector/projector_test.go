@@ -159,7 +159,7 @@ func waitApplied(t *testing.T, p *projector.Projector, seq uint64) {
 	}
 }
 
-// bucketRecords returns every record in a bucket but the intent records.
+// bucketRecords returns every record in a bucket but the intent and recording records.
 func bucketRecords(t *testing.T, js jetstream.JetStream, bucket string) map[string][]byte {
 	t.Helper()
 	ctx := context.Background()
@@ -177,7 +177,7 @@ func bucketRecords(t *testing.T, js jetstream.JetStream, bucket string) map[stri
 		if e == nil {
 			break
 		}
-		if !strings.HasPrefix(e.Key(), "p.") {
+		if !strings.HasPrefix(e.Key(), "p.") && !strings.HasPrefix(e.Key(), "r.") {
 			out[e.Key()] = e.Value()
 		}
 	}

@@ -82,6 +82,13 @@ func Write(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory
 	if err := flush(); err != nil {
 		return err
 	}
+	if m.since > 0 {
+		// The rebuilt bucket reads the same log, with the same recorded decisions.
+		rec, _ := events.Marshal(&events.RecordingRecord{Since: m.since})
+		if _, err := js.PublishMsg(ctx, &nats.Msg{Subject: events.KVSubject(bucket, events.RecordingKey("0")), Data: rec}); err != nil {
+			return err
+		}
+	}
 	ck, _ := events.Marshal(&events.Checkpoint{First: last + 1, Last: last})
 	if _, err := js.PublishMsg(ctx, &nats.Msg{Subject: events.KVSubject(bucket, events.CheckpointKey("0")), Data: ck}); err != nil {
 		return err
@@ -172,7 +179,7 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 
 // projected reports whether a key is part of the projection proper.
 func projected(key string) bool {
-	return !strings.HasPrefix(key, "p.") && !strings.HasPrefix(key, "d.")
+	return !strings.HasPrefix(key, "p.") && !strings.HasPrefix(key, "d.") && !strings.HasPrefix(key, "r.")
 }
 
 func sameRecord(a, b any) bool {

@@ -96,3 +96,29 @@ func (p *Projector) recordedDecision(seq uint64) *events.Code {
 	}
 	return nil
 }
+
+// startRecording notes, once per bucket, the first sequence whose decisions this
+// projector records (events before it were folded by an attrd that did not record
+// them). The key is written only if absent: a conflict means it is there already.
+func (p *Projector) startRecording(ctx context.Context, start uint64) error {
+	key := events.RecordingKey(p.cfg.Partition)
+	e, err := p.load.read(ctx, key)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", key, err)
+	}
+	if e.rec != nil {
+		return nil
+	}
+	data, err := events.Marshal(&events.RecordingRecord{Since: start})
+	if err != nil {
+		return err
+	}
+	f, err := p.publish(key, data, e.rev, 0, true)
+	if err == nil {
+		_, err = p.wait(ctx, f)
+	}
+	if err != nil && !isConflict(err) {
+		return fmt.Errorf("write %s: %w", key, err)
+	}
+	return nil
+}

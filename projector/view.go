@@ -62,7 +62,17 @@ func NewMemory() *Memory {
 }
 
 // Memory is an in-memory projection.
-type Memory struct{ v *view }
+type Memory struct {
+	v *view
+	// Recorded holds, after FoldAll, the decisions the projector recorded (rejections),
+	// by sequence: a verification compares them with the replay's.
+	Recorded map[uint64]events.Code
+	since    uint64 // from which sequence the live projector records decisions
+}
+
+// RecordedSince is the sequence from which the live projector records decisions (0:
+// none), as FoldAll found it.
+func (m *Memory) RecordedSince() uint64 { return m.since }
 
 // State returns the fold's view of m.
 func (m *Memory) State() State { return m.v }

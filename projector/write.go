@@ -86,6 +86,21 @@ func (p *Projector) write(ctx context.Context, first, last uint64, items []item,
 		}
 	}
 	for i, it := range items {
+		if decisions[i].Code == "" {
+			continue
+		}
+		if len(writes) == writeWindow {
+			if err := settle(); err != nil {
+				return err
+			}
+		}
+		f, err := p.recordRejection(it, decisions[i])
+		if err != nil {
+			return err
+		}
+		writes = append(writes, pending{"", f})
+	}
+	for i, it := range items {
 		if it.ev == nil || it.ev.RequestKey == "" {
 			continue
 		}
@@ -114,6 +129,24 @@ func (p *Projector) write(ctx context.Context, first, last uint64, items []item,
 	}
 	p.view.committed()
 	return nil
+}
+
+// recordRejection appends a rejected event's decision to the log, on its user's
+// decision subject, so that the history shows the decision that was made rather than
+// one recomputed from part of the log. Nats-Msg-Id is per sequence: a batch folded
+// again after a crash records it once (within the de-duplication window; readers take
+// the first of any repeats, which are equal).
+func (p *Projector) recordRejection(it item, d events.Decision) (jetstream.PubAckFuture, error) {
+	uid := events.UserOfSubject(it.msg.Subject())
+	if it.ev != nil {
+		uid = it.ev.UserID
+	}
+	data, err := events.Marshal(&d)
+	if err != nil {
+		return nil, err
+	}
+	m := &nats.Msg{Subject: events.DecisionSubject(uid), Data: data, Header: nats.Header{}}
+	return p.js.PublishMsgAsync(m, jetstream.WithMsgID(fmt.Sprintf("decision-%d", it.seq)), jetstream.WithExpectStream(events.StreamName))
 }
 
 // writeKey publishes a changed key's new state: its record with a TTL, or a delete.

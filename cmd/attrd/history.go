@@ -11,7 +11,6 @@ import (
 	"sort"
 	"strings"
 	"text/tabwriter"
-	"time"
 	"unicode/utf8"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -53,15 +52,15 @@ func historyCmd(ctx context.Context, args []string, stdout, stderr *os.File) err
 	}
 	log := projector.NewLog(js, opener(keys))
 	if *at != "" {
-		t, err := time.Parse(time.RFC3339Nano, *at)
-		if err != nil {
-			return fmt.Errorf("--at: %w", err)
-		}
-		view, err := log.FoldUser(ctx, uid, t.UnixNano(), nil)
+		t, err := api.ParseTime("--at", *at)
 		if err != nil {
 			return err
 		}
-		attrs, err := api.AttrsAt(view, uid, *session, t.UnixNano(), keys, *decrypt)
+		view, err := log.FoldUser(ctx, uid, t, true, nil)
+		if err != nil {
+			return err
+		}
+		attrs, err := api.AttrsAt(view, uid, *session, t, keys, *decrypt)
 		if err != nil {
 			return err
 		}
@@ -71,20 +70,24 @@ func historyCmd(ctx context.Context, args []string, stdout, stderr *os.File) err
 	if *types != "" {
 		f.Types = strings.Split(*types, ",")
 	}
+	if err := api.CheckEventTypes(f.Types); err != nil {
+		return fmt.Errorf("--types: %w", err)
+	}
 	for _, p := range []struct {
-		s   string
-		dst *int64
-	}{{*since, &f.Since}, {*until, &f.Until}} {
+		name, s string
+		dst     *int64
+		has     *bool
+	}{{"--since", *since, &f.Since, &f.HasSince}, {"--until", *until, &f.Until, &f.HasUntil}} {
 		if p.s != "" {
-			t, err := time.Parse(time.RFC3339Nano, p.s)
+			t, err := api.ParseTime(p.name, p.s)
 			if err != nil {
-				return fmt.Errorf("bad time %q: %w", p.s, err)
+				return err
 			}
-			*p.dst = t.UnixNano()
+			*p.dst, *p.has = t, true
 		}
 	}
 	var rows []map[string]any
-	_, err = log.FoldUser(ctx, uid, f.Until, func(e events.Entry, after events.View) bool {
+	_, err = log.FoldUser(ctx, uid, 0, false, func(e events.Entry, after events.View) bool {
 		if f.Match(e) {
 			rows = append(rows, api.HistoryEvent(e, after, keys, *decrypt))
 		}
