@@ -1,0 +1,241 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"reflect"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/attrd/attrd/events"
+)
+
+// auditor sends raw requests and remembers the live answer of each by its cid.
+type auditor struct {
+	t    *testing.T
+	nc   *nats.Conn
+	mu   sync.Mutex
+	live map[string]string // cid -> "" (ok) or the code
+}
+
+func newAuditor(t *testing.T, f *fixture) *auditor {
+	nc, err := nats.Connect(f.srv.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	return &auditor{t: t, nc: nc, live: map[string]string{}}
+}
+
+// do sends op and returns the reply; the outcome is kept under the reply's cid.
+func (a *auditor) do(op string, body map[string]any) map[string]any {
+	body["current_app"] = "CRM"
+	b, _ := json.Marshal(body)
+	rep, err := a.nc.Request("attrd."+op, b, 10*time.Second)
+	if err != nil {
+		a.t.Errorf("%s: %v", op, err)
+		return nil
+	}
+	var out map[string]any
+	json.Unmarshal(rep.Data, &out)
+	cid, _ := out["cid"].(string)
+	a.mu.Lock()
+	a.live[cid] = subStatus(out)
+	a.mu.Unlock()
+	return out
+}
+
+func (a *auditor) login(user, pw string) string {
+	out := a.do("user.login", map[string]any{"username": user, "password": pw})
+	ust, _ := out["ust"].(string)
+	if ust == "" {
+		a.t.Fatalf("login %s: %v", user, out)
+	}
+	return ust
+}
+
+// fullHistory reads a user's whole history as a super-user, every page.
+func fullHistory(t *testing.T, f *fixture, ust, uid string, extra map[string]any) []map[string]any {
+	var all []map[string]any
+	body := map[string]any{"user_id": uid, "limit": 1000}
+	for k, v := range extra {
+		body[k] = v
+	}
+	for {
+		evs, out := historyOf(t, f, ust, body)
+		if out["status"] != "ok" {
+			t.Fatalf("history of %s: %v", uid, out)
+		}
+		all = append(all, evs...)
+		next, ok := out["next"]
+		if !ok {
+			return all
+		}
+		body["after"] = next
+	}
+}
+
+// TestEveryDecisionInTheHistoryIsTheLiveAnswer: super-users created by super-users,
+// users created by them, logins, logouts, writes on others' attributes and concurrent
+// writers. Every event's decision in the history equals the answer its request got,
+// and the attributes at every instant equal what a read saw then.
+func TestEveryDecisionInTheHistoryIsTheLiveAnswer(t *testing.T) {
+	f := newFixture(t, nil)
+	a := newAuditor(t, f)
+	admin := a.login("admin", adminPassword)
+	bID := a.do("user.create", map[string]any{"ust": admin, "username": "bee", "password": "pw", "is_super_user": true})["user_id"].(string)
+	bee := a.login("bee", "pw")
+	cID := a.do("user.create", map[string]any{"ust": bee, "username": "cee", "password": "pw", "is_super_user": true})["user_id"].(string)
+	cee := a.login("cee", "pw")
+	dID := a.do("user.create", map[string]any{"ust": cee, "username": "dee", "password": "pw"})["user_id"].(string)
+	dee := a.login("dee", "pw")
+
+	// Sequential: after each write, the instant and alice's attributes as a read sees them.
+	type instant struct {
+		at    time.Time
+		attrs map[string]any
+	}
+	var instants []instant
+	snapshot := func() {
+		out := a.do("user.attr.names", map[string]any{"ust": admin, "user_id": f.aliceID})
+		names, _ := out["result"].([]any)
+		attrs := map[string]any{}
+		if len(names) > 0 {
+			got := a.do("user.attr.get", map[string]any{"ust": admin, "user_id": f.aliceID, "data": names})
+			for n, v := range got["result"].(map[string]any) {
+				attrs[n] = v.(map[string]any)["value"]
+			}
+		}
+		instants = append(instants, instant{time.Now(), attrs})
+	}
+	snapshot()
+	writers := []struct{ ust, uid string }{{cee, f.aliceID}, {dee, dID}, {bee, f.aliceID}, {f.alice.UST, f.aliceID}}
+	ops := []string{"create", "update", "set", "delete"}
+	rng := rand.New(rand.NewPCG(7, 7))
+	for i := 0; i < 60; i++ {
+		w := writers[rng.IntN(len(writers))]
+		body := map[string]any{"ust": w.ust, "user_id": w.uid, "name": fmt.Sprintf("n%d", rng.IntN(4)), "value": i}
+		a.do("user.attr."+ops[rng.IntN(len(ops))], body)
+		if w.uid == f.aliceID {
+			snapshot()
+		}
+	}
+	// A regular user on someone else's attributes is refused (before the log).
+	a.do("user.attr.set", map[string]any{"ust": dee, "user_id": f.aliceID, "name": "x", "value": 1})
+	// Logouts, and writes with the ended sessions.
+	a.do("user.logout", map[string]any{"ust": cee})
+	a.do("user.attr.set", map[string]any{"ust": cee, "user_id": f.aliceID, "name": "late", "value": 1})
+	// Concurrent writers on the same names.
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 25; i++ {
+				op := ops[(g+i)%len(ops)]
+				a.do("user.attr."+op, map[string]any{"ust": bee, "user_id": dID, "name": fmt.Sprintf("c%d", i%3), "value": g})
+			}
+		}()
+	}
+	wg.Wait()
+
+	checked := 0
+	for _, uid := range []string{f.aliceID, bID, cID, dID, f.adminID} {
+		for _, e := range fullHistory(t, f, admin, uid, nil) {
+			cid, _ := e["cid"].(string)
+			want, ok := a.live[cid]
+			if !ok {
+				continue // the fixture's own requests
+			}
+			got, _ := e["code"].(string)
+			if got != want {
+				t.Errorf("%s %v of %s: history %q, live %q", e["type"], e["seq"], uid, got, want)
+			}
+			checked++
+		}
+	}
+	if checked < 150 {
+		t.Fatalf("only %d events compared", checked)
+	}
+	for i, in := range instants {
+		_, out := rawJSON(t, f.srv, "history.at", map[string]any{"ust": admin, "current_app": "CRM", "user_id": f.aliceID,
+			"at": in.at.Format(time.RFC3339Nano)})
+		got := map[string]any{}
+		for n, v := range out["result"].(map[string]any) {
+			got[n] = v.(map[string]any)["value"]
+		}
+		if !reflect.DeepEqual(got, in.attrs) {
+			t.Fatalf("instant %d: history.at %v, live %v", i, got, in.attrs)
+		}
+	}
+}
+
+// TestTimeBoundsAreTimesAndFilterTheWholeLog: 1970 is a time like any other, at is
+// required and must be one, and until filters events out of order in the log rather
+// than stopping at the first later one.
+func TestTimeBoundsAreTimesAndFilterTheWholeLog(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	u := mustSession(t, f)
+	expectCode(t, u.Attr.Create(ctx, "a", 1), noError)
+	zero := "1970-01-01T00:00:00Z"
+	_, out := rawJSON(t, f.srv, "history.at", map[string]any{"ust": f.alice.UST, "current_app": "CRM", "at": zero})
+	if out["status"] != "ok" || len(out["result"].(map[string]any)) != 0 {
+		t.Fatalf("at 1970: %v, want no attributes", out)
+	}
+	evs, out := historyOf(t, f, f.alice.UST, map[string]any{"until": zero})
+	if out["status"] != "ok" || len(evs) != 0 {
+		t.Fatalf("until 1970: %v, want no events", out)
+	}
+	for _, at := range []string{"", "yesterday", "3000-01-01T00:00:00Z"} {
+		_, out := rawJSON(t, f.srv, "history.at", map[string]any{"ust": f.alice.UST, "current_app": "CRM", "at": at})
+		if subStatus(out) != string(events.CodeInvalidInput) {
+			t.Fatalf("at %q: %v, want E008002", at, out)
+		}
+	}
+	st, _, b := httpDo(t, f.srv, "GET", "/attrd/history/at?current_app=CRM&at=", nil, map[string]string{"Authorization": "Bearer " + f.alice.UST})
+	if st != 403 || subStatus(b) != string(events.CodeInvalidInput) {
+		t.Fatalf("?at= over REST: %d %v", st, b)
+	}
+
+	// Events whose times are out of log order, as two instances' clocks make them: an
+	// event stamped earlier than the one before it in the log.
+	now := time.Now()
+	early := now.Add(-time.Hour)
+	sid := events.SessionID(f.alice.UST)
+	publishEvent(t, f, &events.Event{Type: events.AttrSet, UserID: f.aliceID, Actor: f.aliceID, ActorSession: sid, Time: now.UnixNano(),
+		Attrs: []events.AttrItem{{Name: "late-stamp", Value: []byte("1")}}})
+	publishEvent(t, f, &events.Event{Type: events.AttrSet, UserID: f.aliceID, Actor: f.aliceID, ActorSession: sid, Time: early.UnixNano(),
+		Attrs: []events.AttrItem{{Name: "early-stamp", Value: []byte("2")}}})
+	until := now.Add(-time.Minute).Format(time.RFC3339Nano)
+	evs, _ = historyOf(t, f, f.alice.UST, map[string]any{"until": until, "types": []string{"attr.set"}})
+	if len(evs) != 1 || evs[0]["changes"].([]any)[0].(map[string]any)["name"] != "early-stamp" {
+		t.Fatalf("until between the two stamps: %v, want only the early-stamped event", evs)
+	}
+}
+
+// publishEvent appends an event as an instance would and waits until it is folded.
+func publishEvent(t *testing.T, f *fixture, ev *events.Event) {
+	t.Helper()
+	ev.ID, ev.Version, ev.App = events.NewID(), events.SchemaVersion, "CRM"
+	data, err := events.Encode(ev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, _ := f.srv.apiConn.JetStream()
+	ack, err := js.Publish(events.Subject(ev), data, nats.MsgId(ev.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for f.srv.Projector().Applied() < ack.Sequence {
+		if time.Now().After(deadline) {
+			t.Fatal("the event was not folded")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
