@@ -82,9 +82,10 @@ func (f *HistoryFilter) Match(e events.Entry) bool {
 
 // HistoryEvent is how one entry of the history is shown: time, type, actor, app, remote
 // address, cid, the decision and the change. after is the projection right after the
-// event. A value that the event stored encrypted shows as encrypted unless keys is
-// given and decrypt is true; one sealed in the log only because the update kept the
-// attribute's setting (Inherit) but stored plain shows as the plain value it became.
+// event. A value that the event stored encrypted shows as value_encrypted unless keys
+// is given and decrypt is true (then value and value_encrypted); one sealed in the log
+// only because the update kept the attribute's setting (Inherit) and plain shows as
+// its plain value, or as value_unavailable without the key.
 func HistoryEvent(e events.Entry, after events.View, keys *sealed.Keyring, decrypt bool) map[string]any {
 	ev := e.Event
 	out := map[string]any{"seq": e.Seq, "id": ev.ID, "time": formatTime(ev.Time), "type": string(ev.Type),
@@ -114,21 +115,30 @@ func HistoryEvent(e events.Entry, after events.View, keys *sealed.Keyring, decry
 				if it.ExpiresAt != 0 {
 					c["expiration_time"] = formatTime(it.ExpiresAt)
 				}
-				switch it.Enc {
-				case events.Plain:
+				encrypted := it.Enc == events.Encrypted
+				if it.Enc == events.Inherit && after != nil {
+					// Sealed in the log because the update kept the attribute's setting:
+					// encrypted if the attribute is (as stored by this event, or, for a
+					// rejected one, as it stood), plain otherwise.
+					a := after.Attr(events.AttrKey(ev.UserID, ev.SessionID, it.Name))
+					encrypted = a != nil && a.Encrypted
+				}
+				switch {
+				case it.Enc == events.Plain:
 					c["value"] = json.RawMessage(it.Value)
-				case events.Encrypted, events.Inherit:
+				case (decrypt || !encrypted) && keys != nil:
+					if plain, err := keys.Open(it.Value, sealed.AAD(ev.UserID, ev.SessionID, it.Name)); err == nil {
+						c["value"] = json.RawMessage(plain)
+					} else {
+						c["value_unavailable"] = true
+					}
+					if encrypted {
+						c["value_encrypted"] = true
+					}
+				case encrypted:
 					c["value_encrypted"] = true
-					storedPlain := false
-					if it.Enc == events.Inherit && e.Decision.Code == "" && after != nil {
-						a := after.Attr(events.AttrKey(ev.UserID, ev.SessionID, it.Name))
-						storedPlain = a != nil && a.Seq == e.Seq && !a.Encrypted
-					}
-					if (decrypt || storedPlain) && keys != nil {
-						if plain, err := keys.Open(it.Value, sealed.AAD(ev.UserID, ev.SessionID, it.Name)); err == nil {
-							c["value"], c["value_encrypted"] = json.RawMessage(plain), false
-						}
-					}
+				default:
+					c["value_unavailable"] = true // plain, sealed in the log, and no key here
 				}
 			}
 			changes[i] = c

@@ -26,6 +26,8 @@ func attrView(keys *sealed.Keyring, uid, sid, name string, a *events.AttrRecord,
 		out["expiration_time"] = formatTime(a.ExpiresAt)
 	}
 	switch {
+	case a.Unopened:
+		out["value_unavailable"] = true // plain, but sealed in the log and no key to open it
 	case !a.Encrypted:
 		out["value"] = json.RawMessage(a.Value)
 	case !decrypt:

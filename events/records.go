@@ -56,6 +56,10 @@ type AttrRecord struct {
 	Modified  int64  `msgpack:"mod"`
 	ExpiresAt int64  `msgpack:"exp,omitempty"`
 	Seq       uint64 `msgpack:"seq"`
+	// Unopened marks, in a reader's fold without the key file, a plain attribute whose
+	// value is still sealed (an update that kept the attribute's setting): the record is
+	// right but for its value, which only the key opens. Never stored.
+	Unopened bool `msgpack:"-"`
 }
 
 // Live reports whether the attribute is live at t (Unix nanoseconds).

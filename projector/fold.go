@@ -1,6 +1,7 @@
 package projector
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 
@@ -30,6 +31,19 @@ type State interface {
 type Opener interface {
 	Open(v, aad []byte) ([]byte, error)
 }
+
+// ErrNoKey is what NoKey answers.
+var ErrNoKey = errors.New("no key file: the value stays sealed")
+
+// NoKey is the opener of a reader without the key file (history, replay): an Inherit
+// item that turns out plain is kept sealed and marked Unopened, and is decided as with
+// the key, so that decisions and states do not depend on who reads them. The projector
+// itself never uses it: without keys it refuses such items.
+var NoKey Opener = noKey{}
+
+type noKey struct{}
+
+func (noKey) Open(v, aad []byte) ([]byte, error) { return nil, ErrNoKey }
 
 // Fold decides ev (stream sequence seq) against st and, if it is accepted, applies it.
 // The decision is a pure function of st and ev (the event's own time, never the clock),
@@ -253,6 +267,10 @@ func newAttr(ev *events.Event, it events.AttrItem, old *events.AttrRecord, seq u
 			return nil, events.CodeInvalidInput
 		}
 		plain, err := open.Open(it.Value, sealed.AAD(ev.UserID, ev.SessionID, it.Name))
+		if errors.Is(err, ErrNoKey) {
+			rec.Unopened = true // plain, but only the key would show it
+			break
+		}
 		if err != nil {
 			return nil, events.CodeInvalidInput
 		}

@@ -19,9 +19,12 @@ type Log struct {
 	bucket string
 }
 
-// NewLog returns a reader of the event log; opener opens sealed Inherit values (nil
-// rejects them, as the projector would).
+// NewLog returns a reader of the event log; opener opens sealed Inherit values (nil:
+// NoKey, the values stay sealed and every decision and state is as with the key).
 func NewLog(js jetstream.JetStream, opener Opener) *Log {
+	if opener == nil {
+		opener = NoKey // decide as with the key; values it would open stay sealed
+	}
 	return &Log{js: js, opener: opener, bucket: events.DefaultBucket}
 }
 

@@ -3,6 +3,8 @@ package projector
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -42,6 +44,11 @@ func Write(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory
 		return fmt.Errorf("bucket %s is not empty (%d messages): rebuild into a fresh one", bucket, info.State.Msgs)
 	}
 	recs := m.recs()
+	for k, r := range recs {
+		if a, ok := r.(*events.AttrRecord); ok && a.Unopened {
+			return fmt.Errorf("%s: %w", k, ErrNeedsKey)
+		}
+	}
 	now := time.Now().UnixNano()
 	futs := make([]jetstream.PubAckFuture, 0, 4096)
 	flush := func() error {
@@ -99,38 +106,86 @@ func Write(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory
 	return nil
 }
 
+// ErrNeedsKey refuses a rebuild without the key file of a log whose plain values an
+// update sealed (it kept the attribute's setting): only the key turns them back into
+// the plain values the projection holds.
+var ErrNeedsKey = errors.New("a plain value is sealed in the log and only the key file opens it: give --encryption-key-file")
+
 // Difference is one key on which a rebuilt projection and the live one disagree.
 type Difference struct {
 	Key    string
-	Live   any // nil: missing from the live projection
+	Live   any // nil: missing from the live projection (or unreadable, see LiveErr)
 	Replay any // nil: missing from the replay
+	// LiveErr says why the live record could not be read (it is a difference too).
+	LiveErr string
 }
 
-// String says what differs, for a report.
+// String says what differs, one line of JSON per side: values plain when they are,
+// sealed ones by their size, password hashes never.
 func (d Difference) String() string {
 	switch {
+	case d.LiveErr != "":
+		return fmt.Sprintf("%s: the live record is unreadable (%s); replay has %s", d.Key, d.LiveErr, recordJSON(d.Replay))
 	case d.Live == nil:
-		return fmt.Sprintf("%s: missing from the live projection; replay has %+v", d.Key, d.Replay)
+		return fmt.Sprintf("%s: missing from the live projection; replay has %s", d.Key, recordJSON(d.Replay))
 	case d.Replay == nil:
-		return fmt.Sprintf("%s: in the live projection only: %+v", d.Key, d.Live)
+		return fmt.Sprintf("%s: in the live projection only: %s", d.Key, recordJSON(d.Live))
 	}
-	return fmt.Sprintf("%s: live %+v, replay %+v", d.Key, d.Live, d.Replay)
+	return fmt.Sprintf("%s:\n  live   %s\n  replay %s", d.Key, recordJSON(d.Live), recordJSON(d.Replay))
+}
+
+// recordJSON shows a record as JSON for a report.
+func recordJSON(rec any) string {
+	ts := func(ns int64) any {
+		if ns == 0 {
+			return nil
+		}
+		return time.Unix(0, ns).UTC().Format(time.RFC3339Nano)
+	}
+	var v any = rec
+	switch r := rec.(type) {
+	case *events.AttrRecord:
+		m := map[string]any{"encrypted": r.Encrypted, "created": ts(r.Created), "modified": ts(r.Modified), "expires": ts(r.ExpiresAt), "seq": r.Seq}
+		switch {
+		case r.Unopened:
+			m["value"] = "(sealed in the log; no key to open it)"
+		case r.Encrypted || !json.Valid(r.Value):
+			m["value"] = fmt.Sprintf("(%d sealed bytes)", len(r.Value))
+		default:
+			m["value"] = json.RawMessage(r.Value)
+		}
+		v = m
+	case *events.UserRecord:
+		c := *r
+		c.PasswordHash = "(hash)"
+		v = c
+	case *events.SessionRecord:
+		v = map[string]any{"user_id": r.UserID, "created": ts(r.Created), "expires": ts(r.ExpiresAt), "app": r.App, "seq": r.Seq}
+	}
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Sprintf("%+v", rec)
+	}
+	return string(b)
 }
 
 // Diff compares m with the live records of bucket, leaving out what expired by now
 // (a replay may fold what the live projection has already let go) and the projector's
-// own keys (intent records, decisions kept for retries).
-func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory) ([]Difference, error) {
+// own keys (intent records, decisions kept for retries). Every difference is listed,
+// an unreadable live record included. unopened counts the plain values that could not
+// be compared without the key (the rest of their records was).
+func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory) (diffs []Difference, unopened int, err error) {
 	kv, err := js.KeyValue(ctx, bucket)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer w.Stop()
 	live := map[string]any{}
+	unreadable := map[string]string{}
 	for e := range w.Updates() {
 		if e == nil {
 			break
@@ -140,7 +195,8 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 		}
 		rec, err := events.DecodeRecord(e.Key(), e.Value())
 		if err != nil {
-			return nil, err
+			unreadable[e.Key()] = err.Error()
+			continue
 		}
 		live[e.Key()] = rec
 	}
@@ -154,15 +210,21 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 		return ok && rec != nil
 	}
 	replay := m.recs()
-	var diffs []Difference
 	for key, r := range replay {
 		if !alive(key, r, m.v.Session) {
+			continue
+		}
+		if msg, bad := unreadable[key]; bad {
+			diffs = append(diffs, Difference{Key: key, Replay: r, LiveErr: msg})
 			continue
 		}
 		l := live[key]
 		if l == nil || !alive(key, l, liveSession) {
 			diffs = append(diffs, Difference{Key: key, Replay: r})
 			continue
+		}
+		if a, ok := r.(*events.AttrRecord); ok && a.Unopened {
+			unopened++
 		}
 		if !sameRecord(l, r) {
 			diffs = append(diffs, Difference{Key: key, Live: l, Replay: r})
@@ -173,8 +235,13 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 			diffs = append(diffs, Difference{Key: key, Live: l})
 		}
 	}
+	for key, msg := range unreadable {
+		if _, ok := replay[key]; !ok {
+			diffs = append(diffs, Difference{Key: key, LiveErr: msg})
+		}
+	}
 	sort.Slice(diffs, func(i, j int) bool { return diffs[i].Key < diffs[j].Key })
-	return diffs, nil
+	return diffs, unopened, nil
 }
 
 // projected reports whether a key is part of the projection proper.
@@ -183,6 +250,16 @@ func projected(key string) bool {
 }
 
 func sameRecord(a, b any) bool {
+	if r, ok := b.(*events.AttrRecord); ok && r.Unopened {
+		// Without the key the replay knows all of this record but its value.
+		l, ok := a.(*events.AttrRecord)
+		if !ok {
+			return false
+		}
+		lc, rc := *l, *r
+		lc.Value, rc.Value, rc.Unopened = nil, nil, false
+		a, b = &lc, &rc
+	}
 	x, err1 := events.Marshal(a)
 	y, err2 := events.Marshal(b)
 	return err1 == nil && err2 == nil && bytes.Equal(x, y)

@@ -6,7 +6,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -52,21 +54,26 @@ type replayer struct {
 	progress *progress
 }
 
-// fold reads the whole log into memory, reporting progress.
-func (r *replayer) fold(ctx context.Context) (*projector.Memory, uint64, error) {
+// fold reads the whole log into memory, reporting progress. rejected holds the
+// replay's rejections, by sequence.
+func (r *replayer) fold(ctx context.Context) (m *projector.Memory, last uint64, rejected map[uint64]events.Code, err error) {
 	last, total, err := r.log.Last(ctx)
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, nil, err
 	}
-	m := projector.NewMemory()
+	m = projector.NewMemory()
+	rejected = map[uint64]events.Code{}
 	r.progress.start("fold", total)
 	var n uint64
 	err = r.log.FoldAll(ctx, m, func(e events.Entry) {
 		n++
+		if e.Decision.Code != "" {
+			rejected[e.Seq] = e.Decision.Code
+		}
 		r.progress.update(n)
 	})
 	r.progress.done()
-	return m, last, err
+	return m, last, rejected, err
 }
 
 func (r *replayer) into(ctx context.Context, bucket string) error {
@@ -75,7 +82,7 @@ func (r *replayer) into(ctx context.Context, bucket string) error {
 	if _, err := events.EnsureBucket(ctx, r.js, store); err != nil {
 		return err
 	}
-	m, last, err := r.fold(ctx)
+	m, last, _, err := r.fold(ctx)
 	if err != nil {
 		return err
 	}
@@ -90,23 +97,52 @@ func (r *replayer) into(ctx context.Context, bucket string) error {
 }
 
 func (r *replayer) verify(ctx context.Context, bucket string) error {
-	m, last, err := r.fold(ctx)
+	m, last, rejected, err := r.fold(ctx)
 	if err != nil {
 		return err
 	}
-	diffs, err := projector.Diff(ctx, r.js, bucket, m)
+	diffs, unopened, err := projector.Diff(ctx, r.js, bucket, m)
 	if err != nil {
 		return err
 	}
 	for _, d := range diffs {
 		fmt.Fprintln(r.out, d)
 	}
-	if len(diffs) > 0 {
-		fmt.Fprintf(r.out, "%d differences between the log up to sequence %d and bucket %s\n", len(diffs), last, bucket)
+	// The decisions the projector recorded must be the replay's too.
+	n := len(diffs)
+	if since := m.RecordedSince(); since > 0 {
+		seqs := map[uint64]bool{}
+		for s := range rejected {
+			seqs[s] = true
+		}
+		for s := range m.Recorded {
+			seqs[s] = true
+		}
+		sorted := slices.Sorted(maps.Keys(seqs))
+		for _, s := range sorted {
+			if s < since || s > last || rejected[s] == m.Recorded[s] {
+				continue
+			}
+			fmt.Fprintf(r.out, "event %d: the projector decided %s, the replay decides %s\n", s, decisionText(m.Recorded[s]), decisionText(rejected[s]))
+			n++
+		}
+	}
+	if unopened > 0 {
+		fmt.Fprintf(r.out, "%d plain values sealed in the log were not compared (no key file); the rest of their records were\n", unopened)
+	}
+	if n > 0 {
+		fmt.Fprintf(r.out, "%d differences between the log up to sequence %d and bucket %s\n", n, last, bucket)
 		return errDifferences
 	}
 	fmt.Fprintf(r.out, "the log up to sequence %d reproduces bucket %s\n", last, bucket)
 	return nil
+}
+
+func decisionText(c events.Code) string {
+	if c == "" {
+		return "accepted"
+	}
+	return "rejected " + string(c)
 }
 
 // progress reports a long step: a bar with rate and ETA on a terminal, a plain line

@@ -211,7 +211,7 @@ func TestLongRandomTrafficReplaysToTheSameProjectionAndDecisions(t *testing.T) {
 			t.Fatalf("no decision %q: the traffic does not exercise it (%v)", c, codes)
 		}
 	}
-	diffs, err := projector.Diff(ctxT(t), js, events.DefaultBucket, m)
+	diffs, _, err := projector.Diff(ctxT(t), js, events.DefaultBucket, m)
 	if err != nil {
 		t.Fatal(err)
 	}
