@@ -209,6 +209,22 @@ func (s *Service) historyTarget(ctx context.Context, req *Request) (c *caller, u
 	}
 	if req.TargetUST != "" {
 		sid = events.SessionID(req.TargetUST)
+		if req.UserID == "" {
+			// Whose session: a super-user may name another user's session by its UST
+			// alone. Only a live session tells its user; an ended one needs user_id.
+			ss, err := s.readSession(ctx, sid)
+			if err != nil {
+				return nil, "", "", err
+			}
+			if ss.Live(time.Now().UnixNano()) {
+				if ss.UserID != c.user.UserID && !c.user.SuperUser {
+					return nil, "", "", events.Errorf(events.CodeNotAllowed, "another user's session")
+				}
+				uid = ss.UserID
+			}
+			// An ended session is looked for among the caller's own (or user_id's)
+			// sessions; one that is not there is E007001, for history and history.at alike.
+		}
 	}
 	if req.typeErr != nil {
 		return nil, "", "", req.typeErr
@@ -256,8 +272,12 @@ func (s *Service) history(ctx context.Context, req *Request) (map[string]any, er
 	decrypt := req.Decrypt != nil && *req.Decrypt
 	list := []map[string]any{}
 	more := false
+	sawSession := sid == ""
 	size, max := 0, s.maxReply()-1024
 	err = s.foldHistory(ctx, uid, 0, false, func(e events.Entry, after events.View) bool {
+		if !sawSession && e.Event != nil && e.Event.Type == events.SessionCreated && e.Event.SessionID == sid {
+			sawSession = true
+		}
 		if !f.Match(e) {
 			return true
 		}
@@ -279,6 +299,9 @@ func (s *Service) history(ctx context.Context, req *Request) (map[string]any, er
 	})
 	if err != nil {
 		return nil, err
+	}
+	if !sawSession {
+		return nil, events.Errorf(events.CodeNoSession, "no such session of this user")
 	}
 	if size > max && len(list) == 0 {
 		return nil, events.Errorf(events.CodeInvalidInput, "one event of this history is over the reply limit of %d bytes", max)

@@ -39,7 +39,9 @@ func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]
 	}
 	ust := NewUST()
 	ev := (*caller)(nil).event(events.SessionCreated, *m)
-	ev.UserID, ev.SessionID, ev.ActorName = u.UserID, events.SessionID(ust), u.Username
+	// The user logs itself in: the actor is the user, in the session it opens.
+	ev.UserID, ev.SessionID = u.UserID, events.SessionID(ust)
+	ev.Actor, ev.ActorSession, ev.ActorName = u.UserID, ev.SessionID, u.Username
 	ev.Time = time.Now().UnixNano()
 	ev.ExpiresAt = ev.Time + int64(min(s.cfg.SessionTTL, s.cfg.SessionMaxLifetime))
 	ev.Cap = s.cfg.Limits.MaxSessionsPerUser

@@ -4,13 +4,16 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"path/filepath"
 	"reflect"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/attrd/attrd/api/client"
 	"github.com/attrd/attrd/events"
 )
 
@@ -237,5 +240,151 @@ func publishEvent(t *testing.T, f *fixture, ev *events.Event) {
 			t.Fatal("the event was not folded")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestReadersWithoutTheKeyFileGetTheSameDecisionsAndStates: a plain attribute updated
+// without encrypt is sealed in the log (its setting is kept). Without the key file the
+// history shows the update accepted and the value unavailable, history --at shows the
+// attribute as it is (not stale), replay --verify finds nothing wrong, and replay
+// --into refuses to build values it cannot open.
+func TestReadersWithoutTheKeyFileGetTheSameDecisionsAndStates(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	u := mustSession(t, f)
+	expectCode(t, u.Attr.Create(ctx, "plain", "v1"), noError)
+	expectCode(t, u.Attr.Update(ctx, "plain", "v2"), noError)
+	expectCode(t, u.Attr.Set(ctx, "plain", "v3"), noError)
+	expectCode(t, u.Attr.Update(ctx, "missing", "x"), events.CodeNoAttr)
+	noKey := "--encryption-key-file=" + filepath.Join(t.TempDir(), "absent.key")
+	url := "--nats-url=" + f.srv.ClientURL()
+	code, out := runCmd(t, "history", "--user", "alice", "--json", "--types", "attr.updated,attr.set", url, noKey)
+	if code != 0 {
+		t.Fatalf("history without the key: exit %d\n%s", code, out)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("want 3 events:\n%s", out)
+	}
+	for i, want := range []string{"accepted", "accepted", "rejected"} {
+		var e map[string]any
+		json.Unmarshal([]byte(lines[i]), &e)
+		ch := e["changes"].([]any)[0].(map[string]any)
+		if e["decision"] != want || ch["value_encrypted"] == true || ch["value_unavailable"] != true {
+			t.Fatalf("event %d without the key: %s", i, lines[i])
+		}
+	}
+	code, out = runCmd(t, "history", "--user", "alice", "--json", "--at", time.Now().Format(time.RFC3339Nano), url, noKey)
+	var at map[string]map[string]any
+	json.Unmarshal([]byte(out), &at)
+	p := at["plain"]
+	if code != 0 || p == nil || p["value_unavailable"] != true || p["is_encrypted"] != false {
+		t.Fatalf("--at without the key: exit %d\n%s", code, out)
+	}
+	code, out = runCmd(t, "replay", "--verify", url, noKey)
+	if code != 0 || !strings.Contains(out, "reproduces") || !strings.Contains(out, "not compared") {
+		t.Fatalf("verify without the key: exit %d\n%s", code, out)
+	}
+	code, out = runCmd(t, "replay", "--into", "nokey_", url, noKey)
+	if code == 0 || !strings.Contains(out, "--encryption-key-file") {
+		t.Fatalf("replay --into without the key: exit %d\n%s", code, out)
+	}
+	// With the key the values show.
+	withKey := "--encryption-key-file=" + filepath.Join(f.srv.cfg.DataDir, "encryption.key")
+	code, out = runCmd(t, "history", "--user", "alice", "--json", "--types", "attr.set", url, withKey)
+	if code != 0 || !strings.Contains(out, `"value":"v3"`) {
+		t.Fatalf("history with the key: exit %d\n%s", code, out)
+	}
+}
+
+// TestReplayVerifyListsEveryDifference: an unreadable record in one key and a changed
+// record in another are both reported, readably, and verify exits 1.
+func TestReplayVerifyListsEveryDifference(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	u := mustSession(t, f)
+	expectCode(t, u.Attr.Create(ctx, "one", 1), noError)
+	expectCode(t, u.Attr.Create(ctx, "two", 2), noError)
+	kv := mustKV(t, f.srv)
+	if _, err := kv.Put(ctx, events.AttrKey(f.aliceID, "", "one"), []byte{0xc1, 0xc1}); err != nil {
+		t.Fatal(err)
+	}
+	changed, _ := events.Marshal(&events.AttrRecord{Value: []byte(`"changed"`), Created: 1, Modified: 1})
+	if _, err := kv.Put(ctx, events.AttrKey(f.aliceID, "", "two"), changed); err != nil {
+		t.Fatal(err)
+	}
+	key := "--encryption-key-file=" + filepath.Join(f.srv.cfg.DataDir, "encryption.key")
+	code, out := runCmd(t, "replay", "--verify", "--nats-url", f.srv.ClientURL(), key)
+	if code != 1 || !strings.Contains(out, events.AttrKey(f.aliceID, "", "one")+": the live record is unreadable") ||
+		!strings.Contains(out, `"value":"changed"`) || !strings.Contains(out, `"value":2`) || !strings.Contains(out, "2 differences") {
+		t.Fatalf("verify: exit %d\n%s", code, out)
+	}
+}
+
+func TestHistorySmallerPromises(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	sa := f.alice.SessionAttr(f.alice.UST)
+	expectCode(t, sa.Set(ctx, "cart", 1), noError)
+	u := mustSession(t, f)
+	expectCode(t, u.Attr.Create(ctx, "p", 1), noError)
+	expectCode(t, u.Attr.Create(ctx, "p", 2), events.CodeAttrExists)
+	url := "--nats-url=" + f.srv.ClientURL()
+	key := "--encryption-key-file=" + filepath.Join(f.srv.cfg.DataDir, "encryption.key")
+
+	// A login's event names its actor: the user itself.
+	evs, _ := historyOf(t, f, f.alice.UST, map[string]any{"types": []string{"session.created"}})
+	if len(evs) == 0 || evs[0]["actor"] != f.aliceID || evs[0]["actor_name"] != "alice" {
+		t.Fatalf("a login's actor: %v", evs)
+	}
+	// The CLI refuses an unknown type, as the API does.
+	if code, out := runCmd(t, "history", "--user", "alice", "--types", "attr.nope", url, key); code == 0 {
+		t.Fatalf("--types attr.nope: exit 0\n%s", out)
+	}
+	// The CLI checks that --session was live at --at, as the API does.
+	code, out := runCmd(t, "history", "--user", "alice", "--session", events.SessionID(f.alice.UST),
+		"--at", "2000-01-01T00:00:00Z", url, key)
+	if code == 0 || !strings.Contains(out, "E007001") {
+		t.Fatalf("--session not live at --at: exit %d\n%s", code, out)
+	}
+	// A super-user naming another user's session by its UST alone gets that session's
+	// history, from history and history.at alike.
+	evs, out2 := historyOf(t, f, f.admin.UST, map[string]any{"target_ust": f.alice.UST})
+	if out2["status"] != "ok" || len(evs) == 0 {
+		t.Fatalf("history by target_ust: %v", out2)
+	}
+	_, at := rawJSON(t, f.srv, "history.at", map[string]any{"ust": f.admin.UST, "current_app": "CRM", "target_ust": f.alice.UST,
+		"at": time.Now().Format(time.RFC3339Nano)})
+	if at["status"] != "ok" || at["result"].(map[string]any)["cart"] == nil {
+		t.Fatalf("history.at by target_ust: %v", at)
+	}
+	// An ended session that is not the caller's: E007001 from both.
+	ended := mustLogin(t, f.c, "alice", "alice-pw")
+	expectCode(t, ended.Logout(ctx), noError)
+	_, l := rawJSON(t, f.srv, "history.list", map[string]any{"ust": f.admin.UST, "current_app": "CRM", "target_ust": ended.UST})
+	_, a := rawJSON(t, f.srv, "history.at", map[string]any{"ust": f.admin.UST, "current_app": "CRM", "target_ust": ended.UST,
+		"at": time.Now().Format(time.RFC3339Nano)})
+	if subStatus(l) != "E007001" || subStatus(a) != "E007001" {
+		t.Fatalf("an ended session of another user: list %v, at %v", l, a)
+	}
+	// A rejected create of a plain attribute shows its plain value, never as encrypted.
+	evs, _ = historyOf(t, f, f.alice.UST, map[string]any{"types": []string{"attr.created"}, "name": "p"})
+	if len(evs) != 2 || evs[1]["decision"] != "rejected" {
+		t.Fatalf("creates of p: %v", evs)
+	}
+	if ch := evs[1]["changes"].([]any)[0].(map[string]any); ch["value_encrypted"] != nil || ch["value"] != 2.0 {
+		t.Fatalf("a rejected plain create: %v", ch)
+	}
+	// A rejected update without encrypt (sealed in the log to keep the setting) of a
+	// plain attribute shows as plain too.
+	expectCode(t, u.Attr.UpdateMany(ctx, []client.Item{{Name: "p", Value: 3}, {Name: "nope", Value: 4}}), events.CodeNoAttr)
+	evs, _ = historyOf(t, f, f.alice.UST, map[string]any{"types": []string{"attr.updated"}})
+	if len(evs) != 1 || evs[0]["decision"] != "rejected" {
+		t.Fatalf("the rejected update: %v", evs)
+	}
+	for _, c := range evs[0]["changes"].([]any) {
+		if ch := c.(map[string]any); ch["value_encrypted"] != nil || ch["value"] == nil {
+			t.Fatalf("a rejected update of plain attributes: %v", ch)
+		}
 	}
 }
