@@ -38,7 +38,7 @@ func (s *Service) resolve(ctx context.Context, session bool, req *Request) (*tar
 			}
 		}
 		if ts.UserID != c.user.UserID && !c.user.SuperUser {
-			return nil, events.Errorf(events.CodeNotAllowed, "another user's session")
+			return nil, events.Errorf(events.CodeNotAllowed, "another user's session%w", &accessDenied{c, ts.UserID, sid})
 		}
 		return &target{c: c, uid: ts.UserID, sid: sid}, nil
 	}
@@ -78,7 +78,7 @@ func (s *Service) userCaller(ctx context.Context, req *Request) (*caller, string
 		return c, c.user.UserID, nil
 	}
 	if !c.user.SuperUser || !events.ValidUserID(req.UserID) {
-		return nil, "", events.Errorf(events.CodeNotAllowed, "another user's data, or no such user")
+		return nil, "", events.Errorf(events.CodeNotAllowed, "another user's data, or no such user%w", &accessDenied{c, req.UserID, ""})
 	}
 	return c, req.UserID, nil
 }

@@ -89,6 +89,10 @@ func (s *Service) Handle(ctx context.Context, op Op, req *Request, m Meta) (rep 
 		}
 	}()
 	out, err := s.handle(ctx, op, req, &m)
+	var ad *accessDenied
+	if errors.As(err, &ad) {
+		s.deniedAccess(ctx, ad.c, op, &m, ad.uid, ad.sid)
+	}
 	if err != nil {
 		if c := events.CodeOf(err); c == events.CodeInternal {
 			s.log.Error("request failed", "cid", m.CID, "op", op, "err", err)

@@ -33,7 +33,8 @@ const (
 )
 
 var eventTypes = []events.Type{events.UserCreated, events.UserApproved, events.SessionCreated, events.SessionRenewed,
-	events.SessionEnded, events.AttrCreated, events.AttrUpdated, events.AttrSet, events.AttrDeleted}
+	events.SessionEnded, events.AttrCreated, events.AttrUpdated, events.AttrSet, events.AttrDeleted,
+	events.LoginFailed, events.AccessDenied}
 
 // CheckEventTypes refuses a type filter naming an unknown event type (E008002).
 func CheckEventTypes(types []string) error {
@@ -92,6 +93,13 @@ func HistoryEvent(e events.Entry, after events.View, keys *sealed.Keyring, decry
 		"user_id": ev.UserID, "decision": "accepted"}
 	if e.Decision.Code != "" {
 		out["decision"], out["code"] = "rejected", string(e.Decision.Code)
+	}
+	if ev.Type == events.LoginFailed || ev.Type == events.AccessDenied {
+		// A request the API refused before the log: recorded so an audit sees it.
+		out["decision"], out["code"] = "rejected", string(events.CodeNotAllowed)
+		if ev.Op != "" {
+			out["op"] = ev.Op
+		}
 	}
 	for k, v := range map[string]string{"actor": ev.Actor, "actor_name": ev.ActorName, "actor_session": ev.ActorSession, "app": ev.App,
 		"remote_addr": ev.RemoteAddr, "user_agent": ev.UserAgent, "cid": ev.CID, "session_id": ev.SessionID} {

@@ -76,6 +76,7 @@ type Service struct {
 
 	sessions *sessionCache
 	hashes   *hashGate
+	denied   *rateLimiter // records of denied attempts
 	// historySlots bounds history folds at once.
 	historySlots chan struct{}
 	stop         context.CancelFunc
@@ -165,7 +166,8 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		inbox: nats.NewInbox(), waiting: map[string][]chan events.Decision{},
 		sessions:     newSessionCache(5*time.Second, 100_000),
 		hashes:       newHashGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait),
-		historySlots: make(chan struct{}, cfg.HistoryConcurrency)}
+		historySlots: make(chan struct{}, cfg.HistoryConcurrency),
+		denied:       newRateLimiter(deniedPerMinute, time.Minute, 100_000)}
 	wctx, stop := context.WithCancel(context.Background())
 	s.stop = stop
 	if err := s.sessions.watch(wctx, kv); err != nil {

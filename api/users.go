@@ -35,6 +35,11 @@ func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]
 		return nil, err
 	}
 	if u == nil || !good || !u.Approved {
+		if u != nil && !good {
+			ev := (*caller)(nil).event(events.LoginFailed, *m)
+			ev.UserID, ev.ActorName = u.UserID, u.Username
+			s.recordDenied(ev)
+		}
 		return nil, denied
 	}
 	ust := NewUST()

@@ -24,6 +24,11 @@ const (
 	AttrUpdated    Type = "attr.updated"
 	AttrSet        Type = "attr.set"
 	AttrDeleted    Type = "attr.deleted"
+	// LoginFailed records a wrong password for an existing user; AccessDenied a request
+	// refused before the log as another user's data (E005001). Both change nothing;
+	// they are there for audits, and their number per user and per address is bounded.
+	LoginFailed  Type = "login.failed"
+	AccessDenied Type = "access.denied"
 )
 
 // SchemaVersion is the version written into new events (header Attrd-Event-Version and
@@ -108,6 +113,9 @@ type Event struct {
 	// for session.created the user's live sessions. 0: no cap. Carried in the event so
 	// that a replay decides as the live fold did, whatever the replaying configuration.
 	Cap int `msgpack:"cap,omitempty"`
+
+	// Op is the refused operation of an access.denied (for example user.attr.get).
+	Op string `msgpack:"op,omitempty"`
 
 	User      *UserData  `msgpack:"user,omitempty"` // user.created
 	ExpiresAt int64      `msgpack:"exp,omitempty"`  // session.created, session.renewed

@@ -27,7 +27,7 @@ const (
 // Subject returns the subject an event is published on.
 func Subject(e *Event) string {
 	switch e.Type {
-	case UserCreated, UserApproved:
+	case UserCreated, UserApproved, LoginFailed:
 		return EventsPrefix + "." + e.UserID + ".user"
 	case SessionCreated, SessionRenewed, SessionEnded:
 		return EventsPrefix + "." + e.UserID + ".session." + e.SessionID

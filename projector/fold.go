@@ -191,6 +191,9 @@ func decide(st State, seq uint64, ev *events.Event, open Opener) (events.Code, [
 		}
 		return "", []func(){func() { endSession(st, ev.UserID, ev.SessionID) }}
 
+	case events.LoginFailed, events.AccessDenied:
+		return "", nil // a record of a refusal: nothing to change
+
 	case events.AttrCreated, events.AttrUpdated, events.AttrSet, events.AttrDeleted:
 		if c := authorizeAttr(st, ev); c != "" {
 			return c, nil

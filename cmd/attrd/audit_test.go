@@ -388,3 +388,59 @@ func TestHistorySmallerPromises(t *testing.T) {
 		}
 	}
 }
+
+// TestDeniedAttemptsLeaveATraceBoundedInRate: wrong passwords show as login.failed in
+// the user's history, another user's data as access.denied in that user's history
+// (with the actor and the operation), and a flood records at most the rate.
+func TestDeniedAttemptsLeaveATraceBoundedInRate(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	bobID, err := f.admin.CreateUser(ctx, "bob", "bob-pw", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bob := mustLogin(t, f.c, "bob", "bob-pw")
+	for i := 0; i < 2; i++ {
+		if _, err := f.c.Login(ctx, "alice", "wrong"); events.CodeOf(err) != events.CodeNotAllowed {
+			t.Fatal(err)
+		}
+	}
+	st, _, _ := httpDo(t, f.srv, "POST", "/zato/sso/user/login", map[string]any{"username": "alice", "password": "wrong", "current_app": "CRM"}, nil)
+	if st != 403 {
+		t.Fatalf("a wrong password over REST: %d", st)
+	}
+	if _, err := bob.UserByID(f.aliceID).Attr.Get(ctx, "x"); events.CodeOf(err) != events.CodeNotAllowed {
+		t.Fatalf("bob on alice's attributes: %v", err)
+	}
+	if _, err := bob.SessionAttr(f.alice.UST).Get(ctx, "x"); events.CodeOf(err) != events.CodeNotAllowed {
+		t.Fatalf("bob on alice's session: %v", err)
+	}
+	wait := func(typ string, n int) []map[string]any {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			evs, _ := historyOf(t, f, f.alice.UST, map[string]any{"types": []string{typ}})
+			if len(evs) >= n || time.Now().After(deadline) {
+				return evs
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	failed := wait("login.failed", 3)
+	if len(failed) != 3 || failed[0]["code"] != "E005001" || failed[0]["actor_name"] != "alice" || failed[2]["remote_addr"] != "127.0.0.1" {
+		t.Fatalf("login.failed: %v", failed)
+	}
+	denied := wait("access.denied", 2)
+	if len(denied) != 2 || denied[0]["actor"] != bobID || denied[0]["op"] != "user.attr.get" ||
+		denied[1]["op"] != "session.attr.get" || denied[1]["session_id"] == nil {
+		t.Fatalf("access.denied: %v", denied)
+	}
+	// A flood of wrong passwords records at most the rate: 10 denied attempts a minute
+	// per user (the two access.denied count too).
+	for i := 0; i < 40; i++ {
+		f.c.Login(ctx, "alice", "wrong")
+	}
+	time.Sleep(300 * time.Millisecond) // records are not waited for; give them time to land
+	if got := len(wait("login.failed", 8)); got != 8 {
+		t.Fatalf("%d login.failed recorded after a flood, want the rate's 10 less the 2 access.denied", got)
+	}
+}
