@@ -219,6 +219,18 @@ func TestTimeBoundsAreTimesAndFilterTheWholeLog(t *testing.T) {
 	if len(evs) != 1 || evs[0]["changes"].([]any)[0].(map[string]any)["name"] != "early-stamp" {
 		t.Fatalf("until between the two stamps: %v, want only the early-stamped event", evs)
 	}
+	// at between the stamps: the state after the last event (in log order) stamped at or
+	// before it, which is the early-stamped one, so the late-stamped event before it in
+	// the log is in that state too.
+	_, out = rawJSON(t, f.srv, "history.at", map[string]any{"ust": f.alice.UST, "current_app": "CRM", "at": until})
+	res, _ := out["result"].(map[string]any)
+	if res["early-stamp"] == nil || res["late-stamp"] == nil {
+		t.Fatalf("at between the two stamps: %v, want both (a prefix of the log)", out)
+	}
+	_, out = rawJSON(t, f.srv, "history.at", map[string]any{"ust": f.alice.UST, "current_app": "CRM", "at": early.Add(-time.Minute).Format(time.RFC3339Nano)})
+	if res, _ := out["result"].(map[string]any); res["early-stamp"] != nil || res["late-stamp"] != nil || res["a"] != nil {
+		t.Fatalf("at before both stamps and the first write: %v", out)
+	}
 }
 
 // publishEvent appends an event as an instance would and waits until it is folded.
