@@ -407,11 +407,7 @@ func TestHistorySmallerPromises(t *testing.T) {
 func TestDeniedAttemptsLeaveATraceBoundedInRate(t *testing.T) {
 	f := newFixture(t, nil)
 	ctx := ctxT(t)
-	bobID, err := f.admin.CreateUser(ctx, "bob", "bob-pw", false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bob := mustLogin(t, f.c, "bob", "bob-pw")
+	bobID, bob := f.regularUser(t, "bob")
 	for i := 0; i < 2; i++ {
 		if _, err := f.c.Login(ctx, "alice", "wrong"); events.CodeOf(err) != events.CodeNotAllowed {
 			t.Fatal(err)

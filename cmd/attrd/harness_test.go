@@ -167,3 +167,13 @@ func mustKV(t testing.TB, s *Server) jetstream.KeyValue {
 func loadKeys(path string) (*sealed.Keyring, error) { return sealed.LoadKeyFile(path) }
 
 var jsonMarshal = json.Marshal
+
+// regularUser creates a regular user (password name+"-pw") and logs it in.
+func (f *fixture) regularUser(t testing.TB, name string) (string, *client.Session) {
+	t.Helper()
+	id, err := f.admin.CreateUser(ctxT(t), name, name+"-pw", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id, mustLogin(t, f.c, name, name+"-pw")
+}

@@ -78,11 +78,7 @@ func TestEncryptedValuesReadPlainOrAsCiphertextAndPlaintextIsNowhereOnDisk(t *te
 func TestCallersReachOnlyTheirOwnAttributesUnlessSuperUser(t *testing.T) {
 	f := newFixture(t, nil)
 	ctx := ctxT(t)
-	bobID, err := f.admin.CreateUser(ctx, "bob", "bob-pw", false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bob := mustLogin(t, f.c, "bob", "bob-pw")
+	bobID, bob := f.regularUser(t, "bob")
 
 	// alice on bob's user attributes: E005001 for every operation.
 	onBob := f.alice.UserByID(bobID).Attr
