@@ -83,7 +83,7 @@ func TestCallersReachOnlyTheirOwnAttributesUnlessSuperUser(t *testing.T) {
 	// alice on bob's user attributes: E005001 for every operation.
 	onBob := f.alice.UserByID(bobID).Attr
 	expectCode(t, onBob.Create(ctx, "x", 1), events.CodeNotAllowed)
-	_, err = onBob.Get(ctx, "x")
+	_, err := onBob.Get(ctx, "x")
 	expectCode(t, err, events.CodeNotAllowed)
 	_, err = onBob.Names(ctx)
 	expectCode(t, err, events.CodeNotAllowed)
