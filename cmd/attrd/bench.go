@@ -62,7 +62,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	}
 	defer srv.Close()
 
-	rawConn, err := nats.Connect(srv.ClientURL())
+	rawConn, err := srv.InternalConn("bench-raw") // the raw bucket lives where attrd's does
 	if err != nil {
 		return err
 	}
@@ -99,7 +99,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 
 	// (c) the request/reply hop alone: an echo responder on an in-process connection,
 	// dispatching concurrently as attrd's API does. Every attrd request pays this hop.
-	echoConn, err := nats.Connect(srv.ClientURL(), nats.InProcessServer(srv.ns))
+	echoConn, err := srv.InternalConn("bench-echo")
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"sync"
 	"testing"
 	"time"
 
@@ -41,8 +42,15 @@ func mustStart(t testing.TB, mod func(*Config)) *Server {
 		t.Fatalf("start attrd: %v", err)
 	}
 	t.Cleanup(func() { _ = s.Close() })
+	if cfg.NATSURL == "" {
+		toolCreds.Store(s.ClientURL(), credentialFile(cfg.DataDir))
+	}
 	return s
 }
+
+// toolCreds maps a test server's client URL to its operator credential: runCmd gives
+// it to the operator tools pointed at that server, as an operator on the machine would.
+var toolCreds sync.Map
 
 // mustClient connects a client for app CRM.
 func mustClient(t testing.TB, s *Server) *client.Client {

@@ -7,6 +7,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -122,7 +123,7 @@ func envDuration(name string, def time.Duration) time.Duration {
 func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	var cfg Config
-	var apps, origins, proxies string
+	var apps, origins, proxies, clientUsers string
 	fs.StringVar(&cfg.DataDir, "data-dir", env("ATTRD_DATA_DIR", "./attrd-data"), "data directory of the embedded NATS server and the generated key (ATTRD_DATA_DIR)")
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", env("ATTRD_HTTP_ADDR", "127.0.0.1:17010"), "HTTP listen address (ATTRD_HTTP_ADDR)")
 	fs.StringVar(&cfg.NATSAddr, "nats-addr", env("ATTRD_NATS_ADDR", "127.0.0.1:4222"), "embedded NATS server's client address (ATTRD_NATS_ADDR)")
@@ -148,11 +149,28 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs.IntVar(&cfg.Limits.MaxSessionsPerUser, "max-sessions-per-user", int(envInt("ATTRD_MAX_SESSIONS_PER_USER", api.DefaultMaxSessionsPerUser)), "live sessions one user may hold; -1: no cap (ATTRD_MAX_SESSIONS_PER_USER)")
 	fs.IntVar(&cfg.Limits.MaxReplyBytes, "max-reply-bytes", int(envInt("ATTRD_MAX_REPLY_BYTES", api.DefaultMaxReplyBytes)), "largest reply; bigger listings are paged or refused (ATTRD_MAX_REPLY_BYTES)")
 	fs.DurationVar(&cfg.HistoryTimeout, "history-timeout", envDuration("ATTRD_HISTORY_TIMEOUT", 30*time.Second), "longest a history request may read the log (ATTRD_HISTORY_TIMEOUT)")
+	fs.StringVar(&clientUsers, "client-users", env("ATTRD_CLIENT_USERS", ""), "JSON file of the services' NATS users on the embedded server ([{\"name\":…,\"password\"|\"nkey\":…}]); required when --nats-addr is not on loopback (ATTRD_CLIENT_USERS)")
+	fs.StringVar(&cfg.TLSCert, "tls-cert", env("ATTRD_TLS_CERT", ""), "serve HTTPS with this certificate (ATTRD_TLS_CERT)")
+	fs.StringVar(&cfg.TLSKey, "tls-key", env("ATTRD_TLS_KEY", ""), "the key of --tls-cert (ATTRD_TLS_KEY)")
+	natsAuth := addNATSAuthFlags(fs, "nats-creds", "")
 	level := fs.String("log-level", env("ATTRD_LOG_LEVEL", "info"), "debug, info, warn or error (ATTRD_LOG_LEVEL)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	cfg.Apps, cfg.CORSOrigins = list(apps), list(origins)
+	if clientUsers != "" {
+		b, err := os.ReadFile(clientUsers)
+		if err != nil {
+			return fmt.Errorf("--client-users: %w", err)
+		}
+		if err := json.Unmarshal(b, &cfg.ClientUsers); err != nil {
+			return fmt.Errorf("--client-users %s: %w", clientUsers, err)
+		}
+	}
+	var err error
+	if cfg.NATSOptions, err = natsAuth.options(); err != nil {
+		return err
+	}
 	for _, p := range list(proxies) {
 		pfx, err := netip.ParsePrefix(p)
 		if err != nil {

@@ -28,6 +28,7 @@ func runCmd(t *testing.T, args ...string) (int, string) {
 	if err1 != nil || err2 != nil {
 		t.Fatal(err1, err2)
 	}
+	args = withToolCreds(args)
 	code := run(context.Background(), args, strings.NewReader(""), out, errf)
 	o, _ := os.ReadFile(out.Name())
 	if code != 0 {
@@ -340,4 +341,24 @@ func TestEveryEventCarriesItsTypeVersionAndULIDAsNatsMsgID(t *testing.T) {
 	if len(ids) < 5 {
 		t.Fatalf("only %d events in the log", len(ids))
 	}
+}
+
+// withToolCreds adds --creds for a tool pointed at a test server with --nats-url, unless
+// the arguments name credentials already.
+func withToolCreds(args []string) []string {
+	url := ""
+	for i, a := range args {
+		switch {
+		case a == "--creds" || strings.HasPrefix(a, "--creds="):
+			return args
+		case a == "--nats-url" && i+1 < len(args):
+			url = args[i+1]
+		case strings.HasPrefix(a, "--nats-url="):
+			url = strings.TrimPrefix(a, "--nats-url=")
+		}
+	}
+	if c, ok := toolCreds.Load(url); ok {
+		return append(append([]string{}, args...), "--creds", c.(string))
+	}
+	return args
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -66,6 +67,14 @@ type Config struct {
 	HTTPReadHeaderTimeout time.Duration
 	// Stderr receives the one-time admin password notice.
 	Stderr *os.File
+	// ClientUsers are the services' NATS users on the embedded server; without them
+	// clients connect without credentials, which only a loopback listener allows.
+	ClientUsers []embedded.ClientUser
+	// NATSOptions authenticate to an external NATS (--nats-url): creds, nkey,
+	// user/password, TLS.
+	NATSOptions []nats.Option
+	// TLSCert and TLSKey serve HTTPS instead of HTTP.
+	TLSCert, TLSKey string
 }
 
 // Server is a running attrd: NATS (embedded or not), the projector, the NATS request
@@ -89,6 +98,9 @@ type Server struct {
 	ready     *readiness
 	prjCancel context.CancelFunc
 	prjDone   chan struct{}
+	// natsOpts connect to NATS as attrd itself: the internal account's in-process user
+	// on the embedded server, the configured credentials on an external one.
+	natsOpts  []nats.Option
 	closeOnce sync.Once
 }
 
@@ -98,6 +110,16 @@ func (s *Server) ClientURL() string {
 		return s.ns.ClientURL()
 	}
 	return s.cfg.NATSURL
+}
+
+// InternalConn connects to NATS as attrd itself (the internal account).
+func (s *Server) InternalConn(name string) (*nats.Conn, error) {
+	url := s.cfg.NATSURL
+	if s.ns != nil {
+		url = s.ns.ClientURL()
+	}
+	opts := append([]nats.Option{nats.Name(name), nats.MaxReconnects(-1)}, s.natsOpts...)
+	return nats.Connect(url, opts...)
 }
 
 // HTTPAddr is the HTTP listener's address.
@@ -126,24 +148,30 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if replicas <= 0 {
 		replicas = 3
 	}
+	s.natsOpts = cfg.NATSOptions
 	if url == "" {
 		replicas = 1
-		if s.ns, err = embedded.Start(embedded.Options{DataDir: filepath.Join(cfg.DataDir, "nats"), Addr: cfg.NATSAddr, Logger: log}); err != nil {
+		if len(cfg.ClientUsers) == 0 && cfg.NATSAddr != "" && !embedded.IsLoopback(cfg.NATSAddr) {
+			return nil, fmt.Errorf("the NATS client listener %s is not on loopback: give services their own users with --client-users", cfg.NATSAddr)
+		}
+		accts := &embedded.Accounts{InternalPassword: embedded.NewSecret(), OperatorPassword: embedded.NewSecret(), ClientUsers: cfg.ClientUsers}
+		if s.ns, err = embedded.Start(embedded.Options{DataDir: filepath.Join(cfg.DataDir, "nats"), Addr: cfg.NATSAddr, Logger: log, Accounts: accts}); err != nil {
 			return nil, err
 		}
 		url = s.ns.ClientURL()
+		// attrd's own connections: in-process, as the internal account's user whose
+		// password lives only in this process. The operator tools get a credential
+		// of their own in the data dir.
+		s.natsOpts = []nats.Option{nats.InProcessServer(s.ns), nats.UserInfo(embedded.InternalUser, accts.InternalPassword)}
+		if err := writeCredential(credentialFile(cfg.DataDir), accts.OperatorPassword); err != nil {
+			return nil, fmt.Errorf("write the operator credential: %w", err)
+		}
 	}
 	keys, err := keyring(cfg, log)
 	if err != nil {
 		return nil, err
 	}
-	connect := func(name string) (*nats.Conn, error) {
-		opts := []nats.Option{nats.Name(name), nats.MaxReconnects(-1)}
-		if s.ns != nil {
-			opts = append(opts, nats.InProcessServer(s.ns))
-		}
-		return nats.Connect(url, opts...)
-	}
+	connect := func(name string) (*nats.Conn, error) { return s.InternalConn(name) }
 	// The projector and the API have a connection each, so neither waits behind the
 	// other's traffic in one socket.
 	if s.prjConn, err = connect("attrd-projector"); err != nil {
@@ -223,8 +251,17 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	// whole request within 30s, idle keep-alives 2 minutes.
 	s.httpSrv = &http.Server{Handler: s.routes(), ReadHeaderTimeout: rht, ReadTimeout: 30 * time.Second,
 		WriteTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10}
+	serve := func() error { return s.httpSrv.Serve(s.httpLn) }
+	if cfg.TLSCert != "" || cfg.TLSKey != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+		if err != nil {
+			return nil, fmt.Errorf("--tls-cert/--tls-key: %w", err)
+		}
+		s.httpSrv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		serve = func() error { return s.httpSrv.ServeTLS(s.httpLn, "", "") }
+	}
 	go func() {
-		if err := s.httpSrv.Serve(s.httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("http server stopped", "err", err)
 		}
 	}()

@@ -1,16 +1,19 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/events/sealed"
 	"github.com/attrd/attrd/projector"
 )
@@ -20,12 +23,14 @@ import (
 type toolFlags struct {
 	url     *string
 	keyFile *string
+	auth    *natsAuth
 }
 
 // addToolFlags defines --nats-url and, with keys, --encryption-key-file.
 func addToolFlags(fs *flag.FlagSet, keys bool) toolFlags {
 	t := toolFlags{url: fs.String("nats-url", env("ATTRD_NATS_URL", "nats://"+env("ATTRD_NATS_ADDR", "127.0.0.1:4222")),
 		"the NATS of the running attrd (ATTRD_NATS_URL)")}
+	t.auth = addNATSAuthFlags(fs, "creds", credentialFile(env("ATTRD_DATA_DIR", "./attrd-data")))
 	if keys {
 		t.keyFile = fs.String("encryption-key-file", env("ATTRD_ENCRYPTION_KEY_FILE",
 			filepath.Join(env("ATTRD_DATA_DIR", "./attrd-data"), "encryption.key")),
@@ -35,8 +40,26 @@ func addToolFlags(fs *flag.FlagSet, keys bool) toolFlags {
 }
 
 // connect connects to the NATS given by --nats-url.
+// The tools read and write attrd's stream and bucket, which only the internal account
+// reaches: they need its credential (the data dir's internal.creds on the embedded
+// server, the deployment's credentials on a cluster).
 func (t toolFlags) connect(name string) (*nats.Conn, jetstream.JetStream, error) {
-	nc, err := nats.Connect(*t.url, nats.Name(name))
+	opts, err := t.auth.options()
+	if err != nil {
+		return nil, nil, err
+	}
+	// A connection outside the internal account is refused JetStream's API by the
+	// permissions of the client account: the server says so asynchronously.
+	denied := make(chan error, 1)
+	onErr := nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+		if errors.Is(err, nats.ErrPermissionViolation) {
+			select {
+			case denied <- err:
+			default:
+			}
+		}
+	})
+	nc, err := nats.Connect(*t.url, append([]nats.Option{nats.Name(name), onErr}, opts...)...)
 	if err != nil {
 		return nil, nil, fmt.Errorf("connect to %s: %w", *t.url, err)
 	}
@@ -44,6 +67,25 @@ func (t toolFlags) connect(name string) (*nats.Conn, jetstream.JetStream, error)
 	if err != nil {
 		nc.Close()
 		return nil, nil, err
+	}
+	// Check at once, so that a connection without the credential fails clearly rather
+	// than in the middle of the command.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	go func() {
+		select {
+		case <-denied:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	if _, err := js.Stream(ctx, events.StreamName); err != nil {
+		nc.Close()
+		if errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) || errors.Is(err, jetstream.ErrJetStreamNotEnabled) ||
+			errors.Is(err, context.Canceled) {
+			return nil, nil, fmt.Errorf("this connection is not attrd's internal account: give its credential with --creds (on the embedded server: %s, readable only by attrd's operators)", t.auth.creds)
+		}
+		return nil, nil, fmt.Errorf("the event stream at %s: %w", *t.url, err)
 	}
 	return nc, js, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -200,7 +201,13 @@ func TestUserCreateCommandCreatesAUserOnARunningServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	code := run(context.Background(), []string{"user", "create", "--username", "carol", "--nats-url", s.ClientURL()}, in, out, out)
+	// Without the internal credential the tool cannot reach the stream: a clear refusal.
+	code := run(context.Background(), []string{"user", "create", "--username", "carol", "--nats-url", s.ClientURL(),
+		"--creds", filepath.Join(t.TempDir(), "none")}, strings.NewReader("carol-pw\n"), out, out)
+	if b, _ := os.ReadFile(out.Name()); code == 0 || !strings.Contains(string(b), "internal account") {
+		t.Fatalf("without the credential: exit %d: %s", code, b)
+	}
+	code = run(context.Background(), withToolCreds([]string{"user", "create", "--username", "carol", "--nats-url", s.ClientURL()}), in, out, out)
 	if code != 0 {
 		b, _ := os.ReadFile(out.Name())
 		t.Fatalf("exit %d: %s", code, b)

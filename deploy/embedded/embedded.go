@@ -26,6 +26,10 @@ type Options struct {
 	// MaxPayload is the largest message (default 8 MiB: large batches make large
 	// intent records).
 	MaxPayload int32
+	// Accounts, if set, separates an internal account (JetStream, attrd) from the
+	// client account (the request subjects only). nil: one global account, for tests
+	// of the projector alone.
+	Accounts *Accounts
 }
 
 // Start starts a server and waits until it accepts connections. A JetStream that
@@ -59,6 +63,18 @@ func Start(o Options) (*server.Server, error) {
 	if opts.MaxPayload == 0 {
 		opts.MaxPayload = 8 << 20
 	}
+	if o.Accounts != nil {
+		if err := o.Accounts.configure(opts); err != nil {
+			return nil, fmt.Errorf("embedded nats accounts: %w", err)
+		}
+		moved, err := migrateGlobalStore(opts.StoreDir)
+		if err != nil {
+			return nil, fmt.Errorf("embedded nats: move the store to the internal account: %w", err)
+		}
+		if moved && o.Logger != nil {
+			o.Logger.Warn("moved the JetStream store of the global account to the internal account", "account", InternalAccount)
+		}
+	}
 	ns, err := server.NewServer(opts)
 	if err != nil {
 		return nil, fmt.Errorf("embedded nats: %w", err)
@@ -73,6 +89,12 @@ func Start(o Options) (*server.Server, error) {
 			return nil, fmt.Errorf("embedded nats: %s", msg)
 		default:
 			return nil, errors.New("embedded nats: not ready after 30s")
+		}
+	}
+	if o.Accounts != nil {
+		if err := enableJetStream(ns); err != nil {
+			ns.Shutdown()
+			return nil, fmt.Errorf("embedded nats: JetStream for the internal account: %w", err)
 		}
 	}
 	return ns, nil
