@@ -77,6 +77,7 @@ type Service struct {
 	sessions *sessionCache
 	hashes   *hashGate
 	denied   *rateLimiter // records of denied attempts
+	throttle *throttle    // failed-login counters; nil without their bucket
 	// historySlots bounds history folds at once.
 	historySlots chan struct{}
 	stop         context.CancelFunc
@@ -168,6 +169,11 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		hashes:       newHashGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait),
 		historySlots: make(chan struct{}, cfg.HistoryConcurrency),
 		denied:       newRateLimiter(deniedPerMinute, time.Minute, 100_000)}
+	if tkv, err := js.KeyValue(ctx, events.ThrottleBucket); err == nil {
+		s.throttle = &throttle{kv: tkv, perUser: ThrottleFreeUserFailures, perAddr: ThrottleFreeAddrFailures, maxBackoff: ThrottleMaxBackoff}
+	} else {
+		s.log.Warn("no login throttling: its bucket is missing", "bucket", events.ThrottleBucket, "err", err)
+	}
 	wctx, stop := context.WithCancel(context.Background())
 	s.stop = stop
 	if err := s.sessions.watch(wctx, kv); err != nil {

@@ -16,6 +16,18 @@ func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]
 	if req.typeErr != nil || req.Username == "" || req.Password == "" || len(req.Password) > MaxPasswordBytes || len(req.Username) > MaxNameBytes {
 		return nil, denied
 	}
+	failedBefore := 0
+	if s.throttle != nil {
+		blocked, n, err := s.throttle.blocked(ctx, req.Username, m.RemoteAddr)
+		if err != nil {
+			// The counters are a guard, not a gate: without them, logins go on.
+			s.log.Warn("login throttling unavailable", "err", err)
+		}
+		if blocked {
+			return nil, denied // refused before any lookup or hashing
+		}
+		failedBefore = n
+	}
 	r, err := s.read(ctx, events.UsernameKey(req.Username))
 	if err != nil {
 		return nil, err
@@ -33,6 +45,17 @@ func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]
 	good, err := s.checkPassword(ctx, req.Password, hash)
 	if err != nil {
 		return nil, err
+	}
+	if s.throttle != nil {
+		var terr error
+		if !good {
+			terr = s.throttle.failed(ctx, req.Username, m.RemoteAddr)
+		} else if failedBefore > 0 {
+			terr = s.throttle.succeeded(ctx, req.Username)
+		}
+		if terr != nil {
+			s.log.Warn("login throttling not updated", "err", terr)
+		}
 	}
 	if u == nil || !good || !u.Approved {
 		if u != nil && !good {

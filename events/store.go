@@ -26,6 +26,17 @@ type StoreConfig struct {
 // DefaultBucket is the projection bucket's name.
 const DefaultBucket = "attrd"
 
+// ThrottleBucket holds failed-login counters (login throttling): operational state of
+// the API, not the projection, shared by every instance and kept across restarts.
+const ThrottleBucket = "attrd_throttle"
+
+// ThrottleConfig is the throttle bucket's configuration: a counter not touched for an
+// hour is forgotten.
+func (c StoreConfig) ThrottleConfig() jetstream.KeyValueConfig {
+	return jetstream.KeyValueConfig{Bucket: ThrottleBucket, Description: "attrd failed-login counters", History: 1,
+		TTL: time.Hour, Storage: jetstream.FileStorage, Replicas: max(c.Replicas, 1)}
+}
+
 // DefaultStoreConfig is the embedded default.
 func DefaultStoreConfig() StoreConfig {
 	return StoreConfig{Bucket: DefaultBucket, Replicas: 1, DedupWindow: 2 * time.Minute}
@@ -85,6 +96,9 @@ func EnsureStore(ctx context.Context, js jetstream.JetStream, c StoreConfig) (je
 	kv, err := EnsureBucket(ctx, js, c)
 	if err != nil {
 		return nil, nil, err
+	}
+	if _, err := js.CreateOrUpdateKeyValue(ctx, c.ThrottleConfig()); err != nil {
+		return nil, nil, fmt.Errorf("ensure bucket %s: %w", ThrottleBucket, err)
 	}
 	return st, kv, nil
 }

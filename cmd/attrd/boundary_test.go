@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"math/big"
 	"net"
 	"net/http"
@@ -301,4 +302,81 @@ func selfSigned(t *testing.T) (certPEM, keyPEM []byte) {
 	}
 	kb, _ := x509.MarshalECPrivateKey(k)
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb})
+}
+
+// TestBruteForceIsThrottledCheaplyAndSparesOthers: hundreds of wrong passwords for one
+// username are refused, after the first few, without hashing (fast even with the real
+// argon2id cost); another user's correct login is not slowed; the throttle holds after
+// a restart; a success resets a username's count.
+func TestBruteForceIsThrottledCheaplyAndSparesOthers(t *testing.T) {
+	dir := t.TempDir()
+	real := func(c *Config) { c.DataDir, c.Password, c.PasswordConcurrency = dir, api.DefaultPasswordParams, 1 }
+	f := newFixture(t, real)
+	ctx := ctxT(t)
+	_, _ = f.regularUser(t, "bob")
+	start := time.Now()
+	refused := 0
+	for i := 0; i < 300; i++ {
+		if _, err := f.c.Login(ctx, "alice", "guess"); events.CodeOf(err) == events.CodeNotAllowed {
+			refused++
+		}
+	}
+	took := time.Since(start)
+	if refused != 300 {
+		t.Fatalf("%d of 300 wrong passwords refused", refused)
+	}
+	// Hashing all 300 at ~20-50 ms each on one slot would take 6-15 s.
+	if took > 3*time.Second {
+		t.Fatalf("300 wrong passwords took %s: they were hashed", took)
+	}
+	begin := time.Now()
+	mustLogin(t, f.c, "bob", "bob-pw")
+	if d := time.Since(begin); d > time.Second {
+		t.Fatalf("bob's login took %s during alice's brute force", d)
+	}
+	// The right password is refused too while alice is throttled: the password is not
+	// even checked.
+	if _, err := f.c.Login(ctx, "alice", "alice-pw"); events.CodeOf(err) != events.CodeNotAllowed {
+		t.Fatalf("alice's own login while throttled: %v", err)
+	}
+	// After a restart, still throttled (the counters are in the bucket).
+	f.srv.Close()
+	s2 := mustStart(t, real)
+	c2 := mustClient(t, s2)
+	if _, err := c2.Login(ctx, "alice", "alice-pw"); events.CodeOf(err) != events.CodeNotAllowed {
+		t.Fatalf("after a restart: %v", err)
+	}
+	// bob: a few failures, then a success resets the count: as many failures again do
+	// not throttle him.
+	for round := 0; round < 2; round++ {
+		for i := 0; i < api.ThrottleFreeUserFailures-1; i++ {
+			c2.Login(ctx, "bob", "wrong")
+		}
+		if _, err := c2.Login(ctx, "bob", "bob-pw"); err != nil {
+			t.Fatalf("round %d: bob's login after %d failures: %v", round, api.ThrottleFreeUserFailures-1, err)
+		}
+	}
+}
+
+// TestOneAddressHasABudgetOfFailures: spraying many usernames from one address is
+// throttled by the address; other addresses go on.
+func TestOneAddressHasABudgetOfFailures(t *testing.T) {
+	f := newFixture(t, nil)
+	body := func(user string) map[string]any {
+		return map[string]any{"username": user, "password": "x", "current_app": "CRM", "remote_addr": "198.51.100.7"}
+	}
+	for i := 0; i < api.ThrottleFreeAddrFailures+1; i++ {
+		rawJSON(t, f.srv, "user.login", body(fmt.Sprintf("spray-%d", i)))
+	}
+	// The address is throttled now: alice's right password from it is refused ...
+	ok := body("alice")
+	ok["password"] = "alice-pw"
+	if _, out := rawJSON(t, f.srv, "user.login", ok); subStatus(out) != "E005001" {
+		t.Fatalf("from the throttled address: %v", out)
+	}
+	// ... and from elsewhere accepted.
+	ok["remote_addr"] = "198.51.100.8"
+	if _, out := rawJSON(t, f.srv, "user.login", ok); out["status"] != "ok" {
+		t.Fatalf("from another address: %v", out)
+	}
 }
