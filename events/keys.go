@@ -72,6 +72,7 @@ func UserSubjects(userID string) string { return EventsPrefix + "." + userID + "
 //	d.<event id>                 Decision of a request with a request id, kept for its retries
 //	p.<partition>                the projector's intent record (Checkpoint)
 //	r.<partition>                RecordingRecord: from which sequence decisions are recorded
+//	l.<partition>                the projector lease (who folds the partition; TTL)
 //
 // UserKey is the key of a user.
 func UserKey(uid string) string { return "u." + uid }
@@ -90,6 +91,9 @@ func SessionIndexKey(uid, sid string) string { return SessionIndexPrefix(uid) + 
 
 // DecisionKey is the key of a decision kept for retries.
 func DecisionKey(eventID string) string { return "d." + eventID }
+
+// LeaseKey is the key of a partition's projector lease.
+func LeaseKey(partition string) string { return "l." + partition }
 
 // RecordingKey is the key of a partition's RecordingRecord.
 func RecordingKey(partition string) string { return "r." + partition }

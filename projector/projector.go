@@ -18,6 +18,7 @@ package projector
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync/atomic"
@@ -83,6 +84,8 @@ type Projector struct {
 
 	// recovery: the batch of the intent record found at start, folded again.
 	recover *events.Checkpoint
+	// consumerName is this run's consumer of the event stream.
+	consumerName string
 }
 
 // New returns a projector on nc.
@@ -137,6 +140,9 @@ func (p *Projector) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("event stream: %w", err)
 	}
+	if err := p.fence(ctx); err != nil {
+		return err
+	}
 	start, err := p.recoverState(ctx)
 	if err != nil {
 		return err
@@ -160,13 +166,29 @@ func (p *Projector) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	defer func() {
+		// The consumer is this run's own: remove it rather than wait for the server to.
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		defer cancel()
+		_ = evs.DeleteConsumer(dctx, p.consumerName)
+	}()
 	msgs := make(chan jetstream.Msg, 4*p.cfg.MaxBatch)
+	broken := make(chan error, 1)
 	cc, err := cons.Consume(func(m jetstream.Msg) {
 		select {
 		case msgs <- m:
 		case <-ctx.Done():
 		}
-	}, jetstream.PullMaxMessages(2*p.cfg.MaxBatch))
+	}, jetstream.PullMaxMessages(2*p.cfg.MaxBatch), jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+		// A consumer that is gone (its server died, a cluster lost it) delivers nothing
+		// more: stop, and let the next run start a new one from the intent record.
+		if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrNoHeartbeat) {
+			select {
+			case broken <- err:
+			default:
+			}
+		}
+	}))
 	if err != nil {
 		return fmt.Errorf("consume: %w", err)
 	}
@@ -180,6 +202,8 @@ func (p *Projector) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
+		case err := <-broken:
+			return fmt.Errorf("event consumer: %w", err)
 		case m := <-msgs:
 			batch = append(batch, m)
 		}

@@ -246,7 +246,7 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 
 // projected reports whether a key is part of the projection proper.
 func projected(key string) bool {
-	return !strings.HasPrefix(key, "p.") && !strings.HasPrefix(key, "d.") && !strings.HasPrefix(key, "r.")
+	return !strings.HasPrefix(key, "p.") && !strings.HasPrefix(key, "d.") && !strings.HasPrefix(key, "r.") && !strings.HasPrefix(key, "l.")
 }
 
 func sameRecord(a, b any) bool {

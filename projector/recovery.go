@@ -2,8 +2,8 @@ package projector
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/attrd/attrd/events"
@@ -15,15 +15,16 @@ import (
 // the recorded batch at once instead of after AckWait. (A single projector per
 // partition; fail-over between projectors will use a pinned consumer instead.)
 func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start uint64) (jetstream.Consumer, error) {
-	if err := evs.DeleteConsumer(ctx, p.cfg.Durable); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
-		return nil, fmt.Errorf("reset consumer: %w", err)
-	}
 	cfg := jetstream.ConsumerConfig{
-		Durable:       p.cfg.Durable,
-		AckPolicy:     jetstream.AckAllPolicy,
-		AckWait:       30 * time.Second,
-		MaxAckPending: 16 * p.cfg.MaxBatch,
-		DeliverPolicy: jetstream.DeliverAllPolicy,
+		// A consumer of this run alone: no other instance's consumer is ever deleted
+		// or reset, and the server removes this one soon after its holder is gone.
+		Name:              p.cfg.Durable + "-" + strings.ToLower(events.NewID()),
+		InactiveThreshold: 30 * time.Second,
+		FilterSubject:     events.EventsPrefix + ".>",
+		AckPolicy:         jetstream.AckAllPolicy,
+		AckWait:           30 * time.Second,
+		MaxAckPending:     16 * p.cfg.MaxBatch,
+		DeliverPolicy:     jetstream.DeliverAllPolicy,
 	}
 	if start > 1 {
 		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
@@ -33,7 +34,37 @@ func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start ui
 	if err != nil {
 		return nil, fmt.Errorf("create consumer: %w", err)
 	}
+	p.consumerName = cfg.Name
 	return c, nil
+}
+
+// fence rewrites the intent record as it is, with compare-and-set: its new revision
+// makes any earlier holder's next intent record fail, so a deposed projector (paused,
+// partitioned) stops before it writes anything more. A bucket without one gets an
+// empty record ("nothing folded yet").
+func (p *Projector) fence(ctx context.Context) error {
+	key := events.CheckpointKey(p.cfg.Partition)
+	e, err := p.load.read(ctx, key)
+	if err != nil {
+		return fmt.Errorf("read intent record: %w", err)
+	}
+	data := []byte(nil)
+	if ck, ok := e.rec.(*events.Checkpoint); ok {
+		data, err = events.Marshal(ck)
+	} else {
+		data, err = events.Marshal(&events.Checkpoint{First: 1, Last: 0})
+	}
+	if err != nil {
+		return err
+	}
+	f, err := p.publish(key, data, e.rev, 0, true)
+	if err != nil {
+		return err
+	}
+	if _, err := p.wait(ctx, f); err != nil {
+		return fmt.Errorf("fence the intent record: %w", err)
+	}
+	return nil
 }
 
 // recoverState reads the intent record and prepares to fold its batch again. It returns

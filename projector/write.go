@@ -38,15 +38,14 @@ func (p *Projector) write(ctx context.Context, first, last uint64, items []item,
 	if err != nil {
 		return err
 	}
-	ckWaited := false
-	if p.cfg.Hooks.AfterCheckpoint != nil {
-		if err := p.waitCheckpoint(ctx, ckFut); err != nil {
-			return err
-		}
-		ckWaited = true
-		if err := p.hook(p.cfg.Hooks.AfterCheckpoint, first, last); err != nil {
-			return err
-		}
+	// Nothing else of the batch is written before the intent record is stored: a
+	// deposed projector (another instance fenced the record since) must fail here,
+	// before any key of its batch can land.
+	if err := p.waitCheckpoint(ctx, ckFut); err != nil {
+		return err
+	}
+	if err := p.hook(p.cfg.Hooks.AfterCheckpoint, first, last); err != nil {
+		return err
 	}
 
 	type pending struct {
@@ -119,11 +118,6 @@ func (p *Projector) write(ctx context.Context, first, last uint64, items []item,
 		writes = append(writes, pending{"", f})
 	}
 
-	if !ckWaited {
-		if err := p.waitCheckpoint(ctx, ckFut); err != nil {
-			return err
-		}
-	}
 	if err := settle(); err != nil {
 		return err
 	}

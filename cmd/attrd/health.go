@@ -13,13 +13,14 @@ import (
 	"github.com/attrd/attrd/events"
 )
 
-// readiness decides whether this instance can get writes decided now: both NATS
-// connections up, the event stream answering, a projector running, and every event
-// that was in the log maxLag ago folded. It samples the log's last sequence every
+// readiness decides whether this instance can get writes decided now: its NATS
+// connections up, the event stream answering, some instance holding the projector's
+// lease, and every event that was in the log maxLag ago folded (as the holder reports
+// in the lease). It samples the log's last sequence every
 // interval; /readyz answers from the latest verdict, so a probe costs nothing.
 type readiness struct {
-	stream   func(ctx context.Context) (uint64, error) // the log's last sequence
-	applied  func() (uint64, bool)                     // the projector's position, and whether one runs
+	stream   func(ctx context.Context) (uint64, error)       // the log's last sequence
+	applied  func(ctx context.Context) (uint64, bool, error) // how far the log is folded, and whether a projector holds the lease
 	conns    []*nats.Conn
 	maxLag   time.Duration
 	interval time.Duration
@@ -41,7 +42,7 @@ const (
 	readyInterval = 250 * time.Millisecond
 )
 
-func newReadiness(js jetstream.JetStream, applied func() (uint64, bool), conns ...*nats.Conn) *readiness {
+func newReadiness(js jetstream.JetStream, applied func(context.Context) (uint64, bool, error), conns ...*nats.Conn) *readiness {
 	return &readiness{
 		stream: func(ctx context.Context) (uint64, error) {
 			st, err := js.Stream(ctx, events.StreamName)
@@ -89,8 +90,8 @@ func (r *readiness) judge(ctx context.Context) (bool, string) {
 		}
 	}
 	cctx, cancel := context.WithTimeout(ctx, r.interval+time.Second)
+	defer cancel()
 	last, err := r.stream(cctx)
-	cancel()
 	if err != nil {
 		return false, "the event stream does not answer"
 	}
@@ -103,9 +104,12 @@ func (r *readiness) judge(ctx context.Context) (bool, string) {
 	}
 	due := r.samples[0] // the log's end maxLag ago (or the oldest known)
 	r.mu.Unlock()
-	applied, running := r.applied()
+	applied, running, err := r.applied(cctx)
+	if err != nil {
+		return false, "the projector's lease cannot be read"
+	}
 	if !running {
-		return false, "no projector is running"
+		return false, "no instance holds the projector's lease"
 	}
 	if now.Sub(due.at) >= r.maxLag && applied < due.seq {
 		return false, "the projector lags: events appended " + r.maxLag.String() + " ago are not folded yet"

@@ -275,7 +275,7 @@ func bucketRecords(t *testing.T, js jetstream.JetStream, bucket string) map[stri
 		if e == nil {
 			break
 		}
-		if k := e.Key(); !strings.HasPrefix(k, "p.") && !strings.HasPrefix(k, "d.") {
+		if k := e.Key(); !strings.HasPrefix(k, "p.") && !strings.HasPrefix(k, "d.") && !strings.HasPrefix(k, "l.") && !strings.HasPrefix(k, "r.") {
 			out[k] = string(e.Value())
 		}
 	}

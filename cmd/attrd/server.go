@@ -62,6 +62,8 @@ type Config struct {
 	ProjectorHooks projector.Hooks
 	// Limits bound values, items and bodies (zero: the contract's defaults).
 	Limits api.Limits
+	// LeaseTTL bounds how long a dead instance keeps the projector (default 3s).
+	LeaseTTL time.Duration
 	// HTTPReadHeaderTimeout bounds how long a client may take to send its headers
 	// (default 5s).
 	HTTPReadHeaderTimeout time.Duration
@@ -96,6 +98,7 @@ type Server struct {
 	httpLn   net.Listener
 
 	ready     *readiness
+	instance  string // this process's name in logs and in the projector lease
 	prjCancel context.CancelFunc
 	prjDone   chan struct{}
 	// natsOpts connect to NATS as attrd itself: the internal account's in-process user
@@ -200,13 +203,18 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 		Logger: log, Hooks: cfg.ProjectorHooks, OnDecision: cfg.OnDecision}
 	pctx, cancel := context.WithCancel(context.Background())
 	s.prjCancel = cancel
+	s.instance = instanceName()
 	first := make(chan error, 1)
-	go s.superviseProjector(pctx, pcfg, first)
+	go s.superviseProjector(pctx, js, pcfg, first)
+	// Wait for this instance's projector when it takes the lease at once; when another
+	// instance holds it, serve anyway: that instance decides the writes.
 	select {
 	case err := <-first:
 		if err != nil {
 			return nil, fmt.Errorf("projector: %w", err)
 		}
+	case <-time.After(projector.DefaultLeaseTTL + time.Second):
+		log.Info("another instance folds the log; this one serves requests and stands by", "instance", s.instance)
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -231,12 +239,9 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if err := s.bootstrap(ctx, log); err != nil {
 		return nil, err
 	}
-	s.ready = newReadiness(apiJS, func() (uint64, bool) {
-		p := s.proj.Load()
-		if p == nil || !s.prjUp.Load() {
-			return 0, false
-		}
-		return p.Applied(), true
+	s.ready = newReadiness(apiJS, func(ctx context.Context) (uint64, bool, error) {
+		r, held, err := projector.Holder(ctx, apiJS, store.Bucket, "0")
+		return r.Applied, held, err
 	}, s.apiConn, s.prjConn)
 	s.ready.check(ctx)
 	go s.ready.run(pctx)
@@ -269,34 +274,20 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	return s, nil
 }
 
-// superviseProjector runs the projector until ctx ends. The first run's outcome goes to
-// first (nil once it is ready). Afterwards, a projector that stops with an error (a
-// lost connection, a second writer) is logged and started again after a pause that
-// grows to 10s; each new run recovers from the intent record. /healthz answers 503
-// while none runs.
-func (s *Server) superviseProjector(ctx context.Context, cfg projector.Config, first chan<- error) {
+// superviseProjector runs this instance's projector whenever it holds the partition's
+// lease, until ctx ends. It waits for the lease (another instance may hold it),
+// renews it while the projector runs, and gives it up when the projector stops, so
+// another instance takes over at once; if this instance dies, the lease expires and
+// another takes over within its TTL. The first run's outcome goes to first (nil once
+// it is ready). A projector that stops with an error (a lost connection, a lost
+// lease, a fenced intent record) is logged and started again after a pause that
+// grows to 10s; each run recovers from the intent record.
+func (s *Server) superviseProjector(ctx context.Context, js jetstream.JetStream, cfg projector.Config, first chan<- error) {
 	defer close(s.prjDone)
 	const minPause, maxPause = 100 * time.Millisecond, 10 * time.Second
 	pause := minPause
 	for {
-		p, err := projector.New(s.prjConn, cfg)
-		if err == nil {
-			s.proj.Store(p)
-			done := make(chan error, 1)
-			go func() { done <- p.Run(ctx) }()
-			select {
-			case <-p.Ready():
-				s.prjUp.Store(true)
-				if first != nil {
-					first <- nil
-					first = nil
-				}
-				pause = minPause
-				err = <-done
-			case err = <-done:
-			}
-			s.prjUp.Store(false)
-		}
+		err := s.runProjector(ctx, js, cfg, &first, &pause)
 		if ctx.Err() != nil {
 			return
 		}
@@ -312,6 +303,65 @@ func (s *Server) superviseProjector(ctx context.Context, cfg projector.Config, f
 		}
 		pause = min(2*pause, maxPause)
 	}
+}
+
+// runProjector takes the lease, runs one projector under it, and gives the lease up.
+func (s *Server) runProjector(ctx context.Context, js jetstream.JetStream, cfg projector.Config, first *chan<- error, pause *time.Duration) error {
+	lease, err := projector.NewLease(ctx, js, cfg.Bucket, "0", s.instance, s.cfg.LeaseTTL)
+	if err != nil {
+		return err
+	}
+	if err := lease.Acquire(ctx, 200*time.Millisecond); err != nil {
+		return err
+	}
+	s.log.Info("this instance folds the log", "instance", s.instance)
+	p, err := projector.New(s.prjConn, cfg)
+	if err != nil {
+		return err
+	}
+	lease.Progress = p.Applied
+	s.proj.Store(p)
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	kept := make(chan error, 1)
+	go func() {
+		err := lease.Keep(rctx)
+		kept <- err
+		if err != nil {
+			cancel() // lost: stop folding at once (the fence stops any write anyway)
+		}
+	}()
+	done := make(chan error, 1)
+	go func() { done <- p.Run(rctx) }()
+	select {
+	case <-p.Ready():
+		s.prjUp.Store(true)
+		if *first != nil {
+			*first <- nil
+			*first = nil
+		}
+		*pause = 100 * time.Millisecond
+		err = <-done
+	case err = <-done:
+	}
+	s.prjUp.Store(false)
+	cancel()
+	if kerr := <-kept; kerr != nil && err == nil {
+		err = kerr
+	}
+	// Give the lease up so that another instance takes over now rather than at expiry.
+	rel, rcancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer rcancel()
+	if rerr := lease.Release(rel); rerr != nil {
+		s.log.Debug("lease not released", "err", rerr)
+	}
+	return err
+}
+
+// instanceName names this attrd process in logs and in the lease.
+func instanceName() string {
+	host, _ := os.Hostname()
+	return host + "-" + strings.ToLower(events.NewID()[16:])
 }
 
 // keyring loads the encryption key file. On the embedded default with no key file

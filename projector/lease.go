@@ -1,0 +1,162 @@
+package projector
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/events"
+)
+
+// Lease is one instance's claim to fold a partition: the key l.<partition> of the
+// bucket, written with compare-and-set and a per-message TTL. The holder renews it
+// every TTL/3; if the holder dies, the server expires the key and another instance
+// takes it. The lease decides who folds; what makes a deposed holder harmless is the
+// intent record's compare-and-set (the new holder rewrites the record before folding,
+// so the old one's next record fails) and the compare-and-set of every key write.
+type Lease struct {
+	js      jetstream.JetStream
+	stream  jetstream.Stream
+	subject string
+	owner   string
+	ttl     time.Duration
+	rev     uint64 // the lease message's sequence while held
+	until   time.Time
+	// Progress, if set, is written with every renewal (the holder's applied sequence),
+	// so that any instance can tell how far the log is folded.
+	Progress func() uint64
+}
+
+// LeaseRecord is the lease key's value.
+type LeaseRecord struct {
+	Owner   string `msgpack:"owner"`
+	Applied uint64 `msgpack:"applied,omitempty"`
+}
+
+// DefaultLeaseTTL is how long a lease outlives its holder's last renewal: the bound on
+// a takeover after a holder dies (plus up to a second of the server's expiry timer and
+// the waiting instance's poll).
+const DefaultLeaseTTL = 3 * time.Second
+
+// NewLease returns the lease of a partition in bucket for owner (a name for logs).
+func NewLease(ctx context.Context, js jetstream.JetStream, bucket, partition, owner string, ttl time.Duration) (*Lease, error) {
+	st, err := js.Stream(ctx, events.KVStream(bucket))
+	if err != nil {
+		return nil, err
+	}
+	if ttl <= 0 {
+		ttl = DefaultLeaseTTL
+	}
+	return &Lease{js: js, stream: st, subject: events.KVSubject(bucket, events.LeaseKey(partition)), owner: owner, ttl: ttl}, nil
+}
+
+// TTL is the lease's time to live.
+func (l *Lease) TTL() time.Duration { return l.ttl }
+
+// Holder reads the lease of a partition: its record, and whether anybody holds it.
+func Holder(ctx context.Context, js jetstream.JetStream, bucket, partition string) (LeaseRecord, bool, error) {
+	st, err := js.Stream(ctx, events.KVStream(bucket))
+	if err != nil {
+		return LeaseRecord{}, false, err
+	}
+	l := &Lease{stream: st, subject: events.KVSubject(bucket, events.LeaseKey(partition))}
+	r, _, err := l.holder(ctx)
+	return r, r.Owner != "", err
+}
+
+// Acquire waits until it holds the lease, polling every poll, or ctx ends.
+func (l *Lease) Acquire(ctx context.Context, poll time.Duration) error {
+	for {
+		holder, rev, err := l.holder(ctx)
+		if err == nil && holder.Owner == "" {
+			if err = l.write(ctx, rev); err == nil {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(poll):
+		}
+	}
+}
+
+// holder reads the lease key: its record (Owner "": nobody holds it) and revision.
+func (l *Lease) holder(ctx context.Context) (LeaseRecord, uint64, error) {
+	var r LeaseRecord
+	m, err := l.stream.GetLastMsgForSubject(ctx, l.subject)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return r, 0, nil
+	}
+	if err != nil {
+		return r, 0, err
+	}
+	if isMarker(m.Header) {
+		return r, m.Sequence, nil // expired or released
+	}
+	if err := events.Unmarshal(m.Data, &r); err != nil {
+		return LeaseRecord{}, m.Sequence, nil // unreadable: take it over
+	}
+	return r, m.Sequence, nil
+}
+
+// write claims or renews the lease on top of revision rev.
+func (l *Lease) write(ctx context.Context, rev uint64) error {
+	r := LeaseRecord{Owner: l.owner}
+	if l.Progress != nil {
+		r.Applied = l.Progress()
+	}
+	data, err := events.Marshal(&r)
+	if err != nil {
+		return err
+	}
+	sent := time.Now()
+	// Nats-TTL makes the server remove a lease nobody renews; compare-and-set on the
+	// key's last sequence makes a claim or a renewal fail if anyone else wrote it.
+	ack, err := l.js.PublishMsg(ctx, &nats.Msg{Subject: l.subject, Data: data},
+		jetstream.WithExpectLastSequencePerSubject(rev), jetstream.WithMsgTTL(l.ttl))
+	if err != nil {
+		return err
+	}
+	l.rev, l.until = ack.Sequence, sent.Add(l.ttl)
+	return nil
+}
+
+// ErrLeaseLost says another instance holds the lease now.
+var ErrLeaseLost = errors.New("the projector's lease was taken by another instance")
+
+// Keep renews the lease every TTL/3 until ctx ends (nil) or the lease is lost:
+// another instance wrote it (ErrLeaseLost), or no renewal succeeded before it expired.
+func (l *Lease) Keep(ctx context.Context) error {
+	t := time.NewTicker(l.ttl / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		rctx, cancel := context.WithTimeout(ctx, l.ttl/3)
+		err := l.write(rctx, l.rev)
+		cancel()
+		switch {
+		case err == nil:
+		case isConflict(err):
+			return ErrLeaseLost
+		case time.Now().After(l.until):
+			return fmt.Errorf("%w: no renewal within %s: %v", ErrLeaseLost, l.ttl, err)
+		}
+	}
+}
+
+// Release gives the lease up so that another instance takes over at once.
+func (l *Lease) Release(ctx context.Context) error {
+	m := &nats.Msg{Subject: l.subject, Header: nats.Header{}}
+	m.Header.Set("KV-Operation", "DEL")
+	_, err := l.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(l.rev), jetstream.WithMsgTTL(deleteMarkerTTL))
+	return err
+}
