@@ -6,6 +6,8 @@ import (
 	"fmt"
 
 	"github.com/attrd/attrd/events"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // Op names an operation. The NATS subject of an operation is "attrd." + Op.
@@ -92,6 +94,11 @@ func (s *Service) Handle(ctx context.Context, op Op, req *Request, m Meta) (rep 
 	var ad *accessDenied
 	if errors.As(err, &ad) {
 		s.deniedAccess(ctx, ad.c, op, &m, ad.uid, ad.sid)
+	}
+	if err != nil && events.CodeOf(err) == events.CodeInternal && Unavailable(err) {
+		// NATS or JetStream could not answer (a node lost, no quorum, a leader
+		// election): not a bug. 503, and the client retries.
+		err = events.Errorf(events.CodeOutcomeUnknown, "unavailable, try again: %w", err)
 	}
 	if err != nil {
 		if c := events.CodeOf(err); c == events.CodeInternal {
@@ -228,4 +235,23 @@ func (s *Service) handle(ctx context.Context, op Op, req *Request, m *Meta) (map
 		}
 	}
 	return nil, badRequest("unknown operation %q", op)
+}
+
+// Unavailable reports an error of NATS or JetStream being unreachable or without a
+// leader for the moment, rather than a bug.
+func Unavailable(err error) bool {
+	for _, e := range []error{nats.ErrTimeout, nats.ErrNoResponders, nats.ErrConnectionClosed, nats.ErrConnectionDraining,
+		nats.ErrDisconnected, nats.ErrConnectionReconnecting, jetstream.ErrNoStreamResponse, jetstream.ErrJetStreamNotEnabled,
+		context.DeadlineExceeded, jetstream.ErrStreamNotFound} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		// 503: no cluster, no leader, no quorum; 10158: the same message id is still
+		// being proposed (a retry during an outage).
+		return apiErr.Code == 503 || apiErr.ErrorCode == 10158 || apiErr.Code == 408
+	}
+	return false
 }

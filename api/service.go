@@ -332,7 +332,7 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 				errc = nil // stored or not: the decision, or the timer, tells
 				continue
 			}
-			return events.Decision{}, fmt.Errorf("append event: %w", err)
+			return events.Decision{}, appendError(err)
 		case <-timer.C:
 			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "no decision on event %s within %s", ev.ID, s.cfg.DecisionTimeout)
 		case <-ctx.Done():
@@ -342,12 +342,14 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 }
 
 // appendError explains a failed append: an event over the server's maximum payload is
-// the caller's (too much in one request); anything else is internal.
+// the caller's (too much in one request); for anything else the event may or may not
+// be in the log (a lost ack, a leader change, a lost quorum): outcome unknown, so that
+// the client retries with its request id.
 func appendError(err error) error {
 	if errors.Is(err, nats.ErrMaxPayload) {
 		return events.Errorf(events.CodeInvalidInput, "the request is too large for one event: %v", err)
 	}
-	return fmt.Errorf("append event: %w", err)
+	return events.Errorf(events.CodeOutcomeUnknown, "append event: %w", err)
 }
 
 // recorded returns the decision kept for a request key, waiting for it if the first

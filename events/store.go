@@ -16,6 +16,9 @@ type StoreConfig struct {
 	Bucket string
 	// Replicas is 1 on the embedded server and 3 on a cluster.
 	Replicas int
+	// ChangeReplicas lets EnsureStore change the replicas of an existing stream or
+	// bucket; without it a mismatch is refused (an operator asked for it explicitly).
+	ChangeReplicas bool
 	// DedupWindow is how long a request id is remembered (the stream's Duplicates).
 	DedupWindow time.Duration
 	// MaxAge and MaxBytes bound the history; 0 keeps everything.
@@ -83,11 +86,29 @@ func (c StoreConfig) BucketConfig() jetstream.KeyValueConfig {
 	}
 }
 
+// ErrReplicasMismatch refuses to change the replicas of an existing stream silently.
+var ErrReplicasMismatch = errors.New("replicas differ from the existing stream's")
+
 // EnsureStore creates the event stream and the projection bucket if they are missing,
 // and updates their changeable settings if they exist.
 func EnsureStore(ctx context.Context, js jetstream.JetStream, c StoreConfig) (jetstream.Stream, jetstream.KeyValue, error) {
 	if c.Bucket == "" {
 		c.Bucket = DefaultBucket
+	}
+	if !c.ChangeReplicas {
+		for _, name := range []string{StreamName, KVStream(c.Bucket)} {
+			st, err := js.Stream(ctx, name)
+			if errors.Is(err, jetstream.ErrStreamNotFound) {
+				continue
+			}
+			if err != nil {
+				return nil, nil, fmt.Errorf("stream %s: %w", name, err)
+			}
+			if have := st.CachedInfo().Config.Replicas; have != max(c.Replicas, 1) {
+				return nil, nil, fmt.Errorf("%w: stream %s has %d, not %d: give --replicas %d explicitly to change it, or --replicas %d to keep it",
+					ErrReplicasMismatch, name, have, max(c.Replicas, 1), max(c.Replicas, 1), have)
+			}
+		}
 	}
 	st, err := js.CreateOrUpdateStream(ctx, c.StreamConfig())
 	if err != nil {
@@ -111,6 +132,24 @@ func EnsureBucket(ctx context.Context, js jetstream.JetStream, c StoreConfig) (j
 			return nil, fmt.Errorf("bucket %s: the NATS server must be 2.11 or newer (per-key TTL): %w", c.Bucket, err)
 		}
 		return nil, fmt.Errorf("ensure bucket %s: %w", c.Bucket, err)
+	}
+	if c.Replicas > 1 {
+		// Direct gets are answered by any replica, and a lagging one would show a read
+		// right after an "ok" the old value. Reads go to the stream's leader instead
+		// (KV bucket configs always turn direct gets on, so this is set after each).
+		st, err := js.Stream(ctx, KVStream(c.Bucket))
+		if err != nil {
+			return nil, err
+		}
+		if cfg := st.CachedInfo().Config; cfg.AllowDirect {
+			cfg.AllowDirect = false
+			if _, err := js.UpdateStream(ctx, cfg); err != nil {
+				return nil, fmt.Errorf("bucket %s: read from the leader: %w", c.Bucket, err)
+			}
+			if kv, err = js.KeyValue(ctx, c.Bucket); err != nil {
+				return nil, err
+			}
+		}
 	}
 	return kv, nil
 }

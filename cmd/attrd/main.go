@@ -153,11 +153,15 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs.StringVar(&cfg.TLSCert, "tls-cert", env("ATTRD_TLS_CERT", ""), "serve HTTPS with this certificate (ATTRD_TLS_CERT)")
 	fs.StringVar(&cfg.TLSKey, "tls-key", env("ATTRD_TLS_KEY", ""), "the key of --tls-cert (ATTRD_TLS_KEY)")
 	natsAuth := addNATSAuthFlags(fs, "nats-creds", "")
+	fs.DurationVar(&cfg.NATSConnectTimeout, "nats-connect-timeout", envDuration("ATTRD_NATS_CONNECT_TIMEOUT", 3*time.Minute), "how long to wait for --nats-url and its JetStream at start (ATTRD_NATS_CONNECT_TIMEOUT)")
 	level := fs.String("log-level", env("ATTRD_LOG_LEVEL", "info"), "debug, info, warn or error (ATTRD_LOG_LEVEL)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	cfg.Apps, cfg.CORSOrigins = list(apps), list(origins)
+	_, replicasFromEnv := os.LookupEnv("ATTRD_REPLICAS")
+	cfg.ChangeReplicas = replicasFromEnv
+	fs.Visit(func(f *flag.Flag) { cfg.ChangeReplicas = cfg.ChangeReplicas || f.Name == "replicas" })
 	if clientUsers != "" {
 		b, err := os.ReadFile(clientUsers)
 		if err != nil {

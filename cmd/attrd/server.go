@@ -62,6 +62,12 @@ type Config struct {
 	ProjectorHooks projector.Hooks
 	// Limits bound values, items and bodies (zero: the contract's defaults).
 	Limits api.Limits
+	// NATSConnectTimeout is how long Start waits for an external NATS and its
+	// JetStream (default 3m).
+	NATSConnectTimeout time.Duration
+	// ChangeReplicas lets Start change the replicas of an existing stream (--replicas
+	// given explicitly); otherwise a mismatch is refused.
+	ChangeReplicas bool
 	// LeaseTTL bounds how long a dead instance keeps the projector (default 3s).
 	LeaseTTL time.Duration
 	// HTTPReadHeaderTimeout bounds how long a client may take to send its headers
@@ -116,13 +122,43 @@ func (s *Server) ClientURL() string {
 }
 
 // InternalConn connects to NATS as attrd itself (the internal account).
-func (s *Server) InternalConn(name string) (*nats.Conn, error) {
+func (s *Server) InternalConn(name string, extra ...nats.Option) (*nats.Conn, error) {
 	url := s.cfg.NATSURL
 	if s.ns != nil {
 		url = s.ns.ClientURL()
 	}
 	opts := append([]nats.Option{nats.Name(name), nats.MaxReconnects(-1)}, s.natsOpts...)
-	return nats.Connect(url, opts...)
+	return nats.Connect(url, append(opts, extra...)...)
+}
+
+// ensureStore creates or checks the stream and buckets, waiting for NATS and JetStream
+// to answer (a log line per attempt) for up to the connect timeout. A refusal that
+// waiting cannot cure (a replicas mismatch) ends it at once.
+func (s *Server) ensureStore(ctx context.Context, js jetstream.JetStream, store events.StoreConfig) error {
+	wait := s.cfg.NATSConnectTimeout
+	if wait <= 0 {
+		wait = 3 * time.Minute
+	}
+	deadline := time.Now().Add(wait)
+	pause := 250 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, _, err := events.EnsureStore(actx, js, store)
+		cancel()
+		if err == nil || errors.Is(err, events.ErrReplicasMismatch) {
+			return err
+		}
+		if ctx.Err() != nil || time.Now().After(deadline) {
+			return fmt.Errorf("NATS did not get ready within %s: %w", wait, err)
+		}
+		s.log.Warn("waiting for NATS and JetStream", "attempt", attempt, "err", err, "retry_in", pause)
+		select {
+		case <-time.After(pause):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		pause = min(2*pause, 5*time.Second)
+	}
 }
 
 // HTTPAddr is the HTTP listener's address.
@@ -174,7 +210,9 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	connect := func(name string) (*nats.Conn, error) { return s.InternalConn(name) }
+	// An external NATS may not be up yet (attrd started first, a rolling restart): the
+	// connections retry in the background, and ensureStore waits for JetStream.
+	connect := func(name string) (*nats.Conn, error) { return s.InternalConn(name, nats.RetryOnFailedConnect(true)) }
 	// The projector and the API have a connection each, so neither waits behind the
 	// other's traffic in one socket.
 	if s.prjConn, err = connect("attrd-projector"); err != nil {
@@ -196,7 +234,8 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 		store.DedupWindow = cfg.DedupWindow
 	}
 	store.MaxAge, store.MaxBytes = cfg.HistoryMaxAge, cfg.HistoryMaxBytes
-	if _, _, err := events.EnsureStore(ctx, js, store); err != nil {
+	store.ChangeReplicas = cfg.ChangeReplicas
+	if err := s.ensureStore(ctx, js, store); err != nil {
 		return nil, err
 	}
 	pcfg := projector.Config{Bucket: store.Bucket, Opener: opener(keys), Replies: true, DecisionTTL: store.DedupWindow,
