@@ -40,7 +40,7 @@ type LeaseRecord struct {
 // DefaultLeaseTTL is how long a lease outlives its holder's last renewal: the bound on
 // a takeover after a holder dies (plus up to a second of the server's expiry timer and
 // the waiting instance's poll).
-const DefaultLeaseTTL = 3 * time.Second
+const DefaultLeaseTTL = 2 * time.Second
 
 // NewLease returns the lease of a partition in bucket for owner (a name for logs).
 func NewLease(ctx context.Context, js jetstream.JetStream, bucket, partition, owner string, ttl time.Duration) (*Lease, error) {

@@ -10,6 +10,7 @@ import (
 	"net"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -26,10 +27,22 @@ type Options struct {
 	// MaxPayload is the largest message (default 8 MiB: large batches make large
 	// intent records).
 	MaxPayload int32
+	// Name is the server's name (default attrd-embedded); cluster nodes need their own.
+	Name string
+	// Cluster, if set, makes the server a node of a NATS cluster (tests of several
+	// nodes in one process).
+	Cluster *Cluster
 	// Accounts, if set, separates an internal account (JetStream, attrd) from the
 	// client account (the request subjects only). nil: one global account, for tests
 	// of the projector alone.
 	Accounts *Accounts
+}
+
+// Cluster is a node's cluster configuration.
+type Cluster struct {
+	Name   string   // the cluster's name
+	Addr   string   // this node's route listener, host:port
+	Routes []string // every node's route URL (nats-route://host:port), this one's included
 }
 
 // Start starts a server and waits until it accepts connections. A JetStream that
@@ -51,8 +64,12 @@ func Start(o Options) (*server.Server, error) {
 			port = -1
 		}
 	}
+	name := o.Name
+	if name == "" {
+		name = "attrd-embedded"
+	}
 	opts := &server.Options{
-		ServerName: "attrd-embedded",
+		ServerName: name,
 		Host:       host,
 		Port:       port,
 		JetStream:  true,
@@ -62,6 +79,18 @@ func Start(o Options) (*server.Server, error) {
 	}
 	if opts.MaxPayload == 0 {
 		opts.MaxPayload = 8 << 20
+	}
+	if c := o.Cluster; c != nil {
+		h, p, err := net.SplitHostPort(c.Addr)
+		if err != nil {
+			return nil, fmt.Errorf("cluster addr %q: %w", c.Addr, err)
+		}
+		port, err := strconv.Atoi(p)
+		if err != nil {
+			return nil, fmt.Errorf("cluster addr %q: bad port", c.Addr)
+		}
+		opts.Cluster = server.ClusterOpts{Name: c.Name, Host: h, Port: port}
+		opts.Routes = server.RoutesFromStr(strings.Join(c.Routes, ","))
 	}
 	if o.Accounts != nil {
 		if err := o.Accounts.configure(opts); err != nil {

@@ -1,0 +1,410 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/deploy/embedded"
+	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/projector"
+)
+
+// natsCluster is three NATS nodes with the two-account layout, in this process, on
+// loopback ports that stay the same across a node's restarts.
+type natsCluster struct {
+	t      *testing.T
+	accts  *embedded.Accounts
+	dirs   []string
+	client []int
+	route  []int
+	nodes  []*server.Server
+}
+
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func startNATSCluster(t *testing.T) *natsCluster {
+	c := &natsCluster{t: t, accts: &embedded.Accounts{InternalPassword: embedded.NewSecret(), OperatorPassword: embedded.NewSecret()}}
+	for i := 0; i < 3; i++ {
+		c.dirs = append(c.dirs, t.TempDir())
+		c.client = append(c.client, freePort(t))
+		c.route = append(c.route, freePort(t))
+	}
+	c.nodes = make([]*server.Server, 3)
+	var wg sync.WaitGroup
+	errs := make([]error, 3)
+	for i := range c.nodes {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[i] = c.startNode(i) }()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for i := range c.nodes {
+			c.stopNode(i)
+		}
+	})
+	return c
+}
+
+func (c *natsCluster) startNode(i int) error {
+	var routes []string
+	for _, p := range c.route {
+		routes = append(routes, "nats-route://127.0.0.1:"+strconv.Itoa(p))
+	}
+	ns, err := embedded.Start(embedded.Options{Name: fmt.Sprintf("n%d", i+1), DataDir: c.dirs[i],
+		Addr: "127.0.0.1:" + strconv.Itoa(c.client[i]), Accounts: c.accts,
+		Cluster: &embedded.Cluster{Name: "attrd-test", Addr: "127.0.0.1:" + strconv.Itoa(c.route[i]), Routes: routes}})
+	if err != nil {
+		return err
+	}
+	c.nodes[i] = ns
+	return nil
+}
+
+func (c *natsCluster) stopNode(i int) {
+	if ns := c.nodes[i]; ns != nil {
+		ns.Shutdown()
+		ns.WaitForShutdown()
+		c.nodes[i] = nil
+	}
+}
+
+func (c *natsCluster) urls() string {
+	var us []string
+	for _, p := range c.client {
+		us = append(us, "nats://127.0.0.1:"+strconv.Itoa(p))
+	}
+	return strings.Join(us, ",")
+}
+
+// instance starts an attrd on the cluster, as one of several.
+func (c *natsCluster) instance(t *testing.T) *Server {
+	return mustStart(t, func(cfg *Config) {
+		cfg.NATSURL, cfg.Replicas = c.urls(), 3
+		cfg.NATSOptions = []nats.Option{nats.UserInfo(embedded.OperatorUser, c.accts.OperatorPassword), nats.ReconnectWait(100 * time.Millisecond)}
+		cfg.NATSConnectTimeout = time.Minute
+		cfg.AdminUsername, cfg.AdminPassword = "admin", adminPassword
+		if os.Getenv("ATTRD_TEST_LOG") != "" {
+			cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		}
+	})
+}
+
+// kill stops an instance as kill -9 would: its connections drop first, so nothing is
+// released or drained, and its lease expires on its own.
+func kill(s *Server) {
+	for _, nc := range []*nats.Conn{s.prjConn, s.apiConn, s.histConn} {
+		nc.Close()
+	}
+	s.Close()
+}
+
+// holder says which of the instances holds the projector's lease ("" for none).
+func holder(t *testing.T, s *Server) string {
+	js, _ := jetstream.New(s.apiConn)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	r, held, err := projector.Holder(ctx, js, events.DefaultBucket, "0")
+	if err != nil || !held {
+		return ""
+	}
+	return r.Owner
+}
+
+// load drives writers through the cluster: each sets its own key to 1, 2, 3, … with
+// a request id, retrying the same request on E008004 until it gets an answer, reads
+// back after every ok (the value must not be older than acknowledged), and creates a
+// fresh name every few steps (a retried create must answer its first outcome).
+type load struct {
+	once     sync.Once
+	t        *testing.T
+	ust      string
+	url      string
+	stop     chan struct{}
+	wg       sync.WaitGroup
+	acked    []atomic.Int64
+	stale    atomic.Int64
+	twice    atomic.Int64
+	internal atomic.Int64
+	lastOK   atomic.Int64 // unix ns of the last ok anywhere
+	maxGap   atomic.Int64
+	mu       sync.Mutex
+	errs     []string
+}
+
+func startLoad(t *testing.T, url, ust string, writers int) *load {
+	l := &load{t: t, ust: ust, url: url, stop: make(chan struct{}), acked: make([]atomic.Int64, writers)}
+	l.lastOK.Store(time.Now().UnixNano())
+	for w := 0; w < writers; w++ {
+		l.wg.Add(1)
+		go l.writer(w)
+	}
+	return l
+}
+
+func (l *load) note(format string, args ...any) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.errs) < 20 {
+		l.errs = append(l.errs, fmt.Sprintf(format, args...))
+	}
+}
+
+func (l *load) ok() {
+	now := time.Now().UnixNano()
+	prev := l.lastOK.Swap(now)
+	if gap := now - prev; gap > l.maxGap.Load() {
+		l.maxGap.Store(gap)
+	}
+}
+
+// call sends op until it is answered with anything but E008004 or a transport error.
+func (l *load) call(nc *nats.Conn, op string, body map[string]any) map[string]any {
+	b, _ := json.Marshal(body)
+	for {
+		select {
+		case <-l.stop:
+			return nil
+		default:
+		}
+		rep, err := nc.Request("attrd."+op, b, 8*time.Second)
+		if err != nil {
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		var out map[string]any
+		json.Unmarshal(rep.Data, &out)
+		if rep.Header.Get("Nats-Service-Error-Code") == "500" {
+			l.internal.Add(1)
+			l.note("%s: 500 %s", op, rep.Data)
+		}
+		if subStatus(out) == string(events.CodeOutcomeUnknown) || rep.Header.Get("Nats-Service-Error-Code") == "500" {
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		return out
+	}
+}
+
+func (l *load) writer(w int) {
+	defer l.wg.Done()
+	nc, err := nats.Connect(l.url, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		l.note("writer %d: %v", w, err)
+		return
+	}
+	defer nc.Close()
+	key := fmt.Sprintf("w%d", w)
+	for i := int64(1); ; i++ {
+		out := l.call(nc, "user.attr.set", map[string]any{"ust": l.ust, "current_app": "CRM", "name": key, "value": i,
+			"request_id": fmt.Sprintf("%s-%d", key, i)})
+		if out == nil {
+			return
+		}
+		if out["status"] != "ok" {
+			l.note("set %s=%d: %v", key, i, out)
+			continue
+		}
+		l.acked[w].Store(i)
+		l.ok()
+		got := l.call(nc, "user.attr.get", map[string]any{"ust": l.ust, "current_app": "CRM", "name": key})
+		if got == nil {
+			return
+		}
+		if v, _ := got["value"].(float64); int64(v) < i {
+			l.stale.Add(1)
+			l.note("read %s=%v after ok %d", key, got["value"], i)
+		}
+		if i%5 == 0 {
+			name := fmt.Sprintf("c%d-%d", w, i)
+			out := l.call(nc, "user.attr.create", map[string]any{"ust": l.ust, "current_app": "CRM", "name": name, "value": i,
+				"request_id": "create-" + name})
+			if out != nil && out["status"] != "ok" {
+				l.twice.Add(1)
+				l.note("create %s: %v", name, out)
+			}
+		}
+	}
+}
+
+func (l *load) finish() {
+	l.once.Do(func() { close(l.stop) })
+	l.wg.Wait()
+}
+
+// waitOK waits until the load has an ok after since, and returns how long after since.
+func (l *load) waitOK(t *testing.T, since time.Time, within time.Duration) time.Duration {
+	t.Helper()
+	deadline := since.Add(within)
+	for l.lastOK.Load() <= since.UnixNano() {
+		if time.Now().After(deadline) {
+			t.Fatalf("no write succeeded within %s", within)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return time.Duration(l.lastOK.Load() - since.UnixNano())
+}
+
+// TestInstancesFailOverOnACluster: two attrd instances on a 3-node NATS cluster (R3)
+// under load. The projector's instance is killed, another takes over within the
+// lease's bound; a clean stop hands over within about a second; a NATS node is lost
+// and comes back; the quorum is lost (writes answer E008004, never 500, and /readyz
+// goes 503) and comes back. Through all of it no acknowledged write is lost or reads
+// back older, no retried create is applied twice, and a replay of the log reproduces
+// the projection.
+func TestInstancesFailOverOnACluster(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a cluster of three NATS nodes and two attrd instances")
+	}
+	cl := startNATSCluster(t)
+	a := cl.instance(t)
+	b := cl.instance(t)
+	if h := holder(t, a); h != a.instance {
+		t.Fatalf("the first instance should fold: lease holder %q", h)
+	}
+	admin := mustLogin(t, mustClient(t, a), "admin", adminPassword)
+	ld := startLoad(t, cl.urls(), admin.UST, 6)
+	defer ld.finish()
+	time.Sleep(time.Second)
+
+	// kill -9 of the projector's instance: the other takes over when the lease expires.
+	killed := time.Now()
+	kill(a)
+	took := ld.waitOK(t, killed.Add(100*time.Millisecond), 15*time.Second) + 100*time.Millisecond
+	if h := holder(t, b); h != b.instance {
+		t.Fatalf("after the kill: lease holder %q, want %q", h, b.instance)
+	}
+	t.Logf("takeover after kill -9: the first write succeeded %s after the kill", took)
+	// The bound is the lease's TTL, the server's expiry timer (up to a second) and
+	// the standby's poll; generous here for a loaded CI machine.
+	if took > 8*time.Second {
+		t.Fatalf("writes resumed %s after the kill", took)
+	}
+	a2 := cl.instance(t)
+	time.Sleep(time.Second)
+
+	// A clean stop of the projector's instance hands over at once.
+	stopped := time.Now()
+	if err := b.Close(); err != nil {
+		t.Logf("close: %v", err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for holder(t, a2) != a2.instance {
+		if time.Now().After(deadline) {
+			t.Fatal("no takeover after a clean stop")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if handover := time.Since(stopped); handover > 2*time.Second {
+		t.Fatalf("handover after a clean stop took %s", handover)
+	} else {
+		t.Logf("handover after a clean stop: %s", handover)
+	}
+	ld.waitOK(t, time.Now(), 10*time.Second)
+
+	// One NATS node lost and back: writes go on.
+	cl.stopNode(2)
+	ld.waitOK(t, time.Now(), 15*time.Second)
+	if err := cl.startNode(2); err != nil {
+		t.Fatal(err)
+	}
+	ld.waitOK(t, time.Now(), 15*time.Second)
+
+	// Quorum lost: /readyz goes 503; back: 200 and writes again.
+	cl.stopNode(1)
+	cl.stopNode(2)
+	lost := time.Now()
+	waitProbe(t, a2, "/readyz", 503, 10*time.Second)
+	t.Logf("unready %s after the quorum was lost", time.Since(lost))
+	if err := cl.startNode(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.startNode(2); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	ld.waitOK(t, back, 30*time.Second)
+	waitProbe(t, a2, "/readyz", 200, 20*time.Second)
+	t.Logf("ready %s after the quorum came back", time.Since(back))
+	time.Sleep(time.Second)
+	ld.finish()
+
+	for _, e := range ld.errs {
+		t.Log(e)
+	}
+	if ld.stale.Load() != 0 || ld.twice.Load() != 0 || ld.internal.Load() != 0 {
+		t.Fatalf("%d stale reads, %d creates applied twice, %d answers of 500", ld.stale.Load(), ld.twice.Load(), ld.internal.Load())
+	}
+	// No acknowledged write lost: every key holds its last acknowledged value (or the
+	// one after it, applied while its answer was lost).
+	kv := mustKV(t, a2)
+	for w := range ld.acked {
+		e, err := kv.Get(context.Background(), events.AttrKey(adminID(t, a2), "", fmt.Sprintf("w%d", w)))
+		if err != nil {
+			t.Fatalf("w%d: %v", w, err)
+		}
+		var rec events.AttrRecord
+		events.Unmarshal(e.Value(), &rec)
+		v, _ := strconv.ParseInt(string(rec.Value), 10, 64)
+		if acked := ld.acked[w].Load(); v < acked || v > acked+1 {
+			t.Fatalf("w%d holds %d, last acknowledged %d", w, v, acked)
+		}
+	}
+	// The log reproduces the projection.
+	js, _ := jetstream.New(a2.apiConn)
+	m := projector.NewMemory()
+	if err := projector.NewLog(js, nil).FoldAll(context.Background(), m, nil); err != nil {
+		t.Fatal(err)
+	}
+	diffs, _, err := projector.Diff(context.Background(), js, events.DefaultBucket, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range diffs {
+		t.Error(d)
+	}
+	t.Logf("max gap between two successful writes: %s", time.Duration(ld.maxGap.Load()))
+}
+
+// adminID logs in as admin, retrying on E008004 as a client does, and returns its id.
+func adminID(t *testing.T, s *Server) string {
+	c := mustClient(t, s)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		sess, err := c.Login(ctxT(t), "admin", adminPassword)
+		if err == nil {
+			u, err := sess.User(ctxT(t))
+			if err == nil {
+				return u.ID
+			}
+		}
+		if events.CodeOf(err) != events.CodeOutcomeUnknown || time.Now().After(deadline) {
+			t.Fatalf("login: %v", err)
+		}
+	}
+}
