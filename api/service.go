@@ -176,9 +176,20 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	}
 	wctx, stop := context.WithCancel(context.Background())
 	s.stop = stop
-	if err := s.sessions.watch(wctx, kv); err != nil {
-		stop()
-		return nil, fmt.Errorf("watch sessions: %w", err)
+	// A cluster that has just formed, or is electing a leader, may not create the
+	// watch's consumer at once: try again until ctx ends.
+	for pause := 100 * time.Millisecond; ; pause = min(2*pause, 2*time.Second) {
+		err := s.sessions.watch(wctx, kv)
+		if err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			stop()
+			return nil, fmt.Errorf("watch sessions: %w", err)
+		case <-time.After(pause):
+			s.log.Warn("watch sessions: trying again", "err", err)
+		}
 	}
 	// One subscription receives every decision meant for this instance, a batch at a
 	// time; each decision's event id finds the waiting request.

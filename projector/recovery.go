@@ -25,6 +25,9 @@ func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start ui
 		AckWait:           30 * time.Second,
 		MaxAckPending:     16 * p.cfg.MaxBatch,
 		DeliverPolicy:     jetstream.DeliverAllPolicy,
+		// As many replicas as the stream: on a cluster, losing the node of an R1
+		// consumer would stop the projector until it noticed.
+		Replicas: evs.CachedInfo().Config.Replicas,
 	}
 	if start > 1 {
 		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
