@@ -184,15 +184,15 @@ func (p *Projector) Run(ctx context.Context) error {
 		// noticed within seconds (ErrNoHeartbeat), not after the default 30s pull.
 		jetstream.PullExpiry(5*time.Second), jetstream.PullHeartbeat(time.Second),
 		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-		// A consumer that is gone (its server died, a cluster lost it) delivers nothing
-		// more: stop, and let the next run start a new one from the intent record.
-		if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrNoHeartbeat) {
-			select {
-			case broken <- err:
-			default:
+			// A consumer that is gone (its server died, a cluster lost it) delivers nothing
+			// more: stop, and let the next run start a new one from the intent record.
+			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrNoHeartbeat) {
+				select {
+				case broken <- err:
+				default:
+				}
 			}
-		}
-	}))
+		}))
 	if err != nil {
 		return fmt.Errorf("consume: %w", err)
 	}
