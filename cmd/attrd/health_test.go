@@ -62,3 +62,13 @@ func TestReadyzTellsWhenWritesCannotBeDecided(t *testing.T) {
 	close(release)
 	waitProbe(t, f.srv, "/readyz", 200, 5*time.Second)
 }
+
+func TestProbeCommandFollowsReadyz(t *testing.T) {
+	s := mustStart(t, nil)
+	if code, out := runCmd(t, "probe", "http://"+s.HTTPAddr()+"/readyz"); code != 0 {
+		t.Fatalf("probe of a ready instance: exit %d\n%s", code, out)
+	}
+	if code, _ := runCmd(t, "probe", "http://"+s.HTTPAddr()+"/nope"); code == 0 {
+		t.Fatal("probe of a 404 exited 0")
+	}
+}

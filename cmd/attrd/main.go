@@ -41,6 +41,7 @@ const usage = `usage:
   attrd replay --into PREFIX | --verify [--nats-url URL]
                                             rebuild the projection from the log into fresh
                                             buckets, or compare a rebuild with the live one
+  attrd probe URL                           exit 0 if URL answers 200 (container health checks)
   attrd bench [--duration D] [--conc 1,16,64,256]
                                             raw KV puts vs attrd updates, in one process
 Run "attrd <command> -h" for a command's flags.
@@ -63,6 +64,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr *os
 		err = replayCmd(ctx, args[1:], stdout, stderr)
 	case "history":
 		err = historyCmd(ctx, args[1:], stdout, stderr)
+	case "probe":
+		err = probeCmd(ctx, args[1:], stdout)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0
