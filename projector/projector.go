@@ -111,7 +111,10 @@ func New(nc *nats.Conn, cfg Config) (*Projector, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(8192))
+	// An ack can be lost (a leader change, a node lost): without a timeout its future
+	// would never complete and the projector would hang holding its lease. With one,
+	// the write fails, the run stops, and the next run recovers from the intent record.
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(8192), jetstream.WithPublishAsyncTimeout(5*time.Second))
 	if err != nil {
 		return nil, err
 	}

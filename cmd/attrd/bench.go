@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -24,15 +25,24 @@ import (
 	"github.com/attrd/attrd/events"
 )
 
-// bench measures, in one process on an embedded server, (a) raw JetStream KV puts with
-// a per-key TTL and (b) attrd updates through the whole path (NATS request, event,
-// projector, KV write, decision, reply), at several concurrencies, and prints the ratio.
-// It also measures (c) a bare request/reply echo, the hop every attrd request pays, as
-// a yardstick of what the path can reach.
+// bench measures, in one process on an embedded server, attrd's operations through
+// the whole path (NATS request, event, projector, KV write, decision, reply) against
+// the raw JetStream operations they are built on, at several concurrencies, and prints
+// the ratios: updates against raw KV puts with a per-key TTL, gets against raw KV gets,
+// update_many of 10 and 100 items against single updates, and a bare request/reply
+// echo, the hop every attrd request pays, as a yardstick. Updates carry a unique
+// request id each (--request-ids, the default), as careful clients send them.
+//
+// With --interval it instead runs updates alone for --duration at one concurrency and
+// prints the throughput of every interval, so that decay shows; --check-decay makes it
+// exit 1 when the last interval is under 90% of the first.
 func bench(ctx context.Context, args []string, stdout *os.File) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	dur := fs.Duration("duration", 3*time.Second, "how long each measurement runs")
+	dur := fs.Duration("duration", 3*time.Second, "how long each measurement runs (with --interval: the whole run)")
 	concs := fs.String("conc", "1,16,64,256", "comma-separated concurrencies")
+	requestIDs := fs.Bool("request-ids", true, "send every update with a unique request id")
+	interval := fs.Duration("interval", 0, "run updates alone for --duration and print the throughput of every interval")
+	checkDecay := fs.Bool("check-decay", false, "with --interval: exit 1 if the last interval is under 90% of the first")
 	replayEvents := fs.Int("replay", 0, "instead, measure replay over a log of this many events")
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the attrd measurements to this file")
 	if err := fs.Parse(args); err != nil {
@@ -49,115 +59,223 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		}
 		levels = append(levels, n)
 	}
-	dir, err := os.MkdirTemp("", "attrd-bench-")
+	b, err := newBenchEnv(ctx, slices.Max(levels)*100)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	srv, err := Start(ctx, Config{DataDir: dir, HTTPAddr: "127.0.0.1:0", NATSAddr: "127.0.0.1:0", AdminUsername: "admin",
-		AdminPassword: "bench", Password: api.PasswordParams{Time: 1, MemoryK: 64, Threads: 1},
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		return err
-	}
-	defer srv.Close()
-
-	rawConn, err := srv.InternalConn("bench-raw") // the raw bucket lives where attrd's does
-	if err != nil {
-		return err
-	}
-	defer rawConn.Close()
-	js, _ := jetstream.New(rawConn)
-	if _, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench_raw", History: 1, LimitMarkerTTL: 5 * time.Minute}); err != nil {
-		return err
-	}
-	cliConn, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		return err
-	}
-	defer cliConn.Close()
-	c := client.New(cliConn, "CRM")
-	sess, err := c.Login(ctx, "admin", "bench")
-	if err != nil {
-		return err
-	}
-	user, err := sess.User(ctx)
-	if err != nil {
-		return err
-	}
-	maxC := slices.Max(levels)
-	items := make([]client.Item, maxC)
-	for i := range items {
-		items[i] = client.Item{Name: "k" + strconv.Itoa(i), Value: 0}
-	}
-	for i := 0; i < len(items); i += 1000 {
-		if err := user.Attr.CreateMany(ctx, items[i:min(i+1000, len(items))]); err != nil {
-			return err
-		}
-	}
+	defer b.close()
 	value := strings.Repeat("v", 100)
-
-	// (c) the request/reply hop alone: an echo responder on an in-process connection,
-	// dispatching concurrently as attrd's API does. Every attrd request pays this hop.
-	echoConn, err := srv.InternalConn("bench-echo")
-	if err != nil {
+	var seq atomic.Int64
+	update := func(g, i int) error {
+		opts := []client.Option{client.Expiration(time.Hour)}
+		if *requestIDs {
+			opts = append(opts, client.RequestID("bench-"+strconv.FormatInt(seq.Add(1), 36)))
+		}
+		return b.user.Attr.Update(ctx, "k"+strconv.Itoa(g), value, opts...)
+	}
+	if *interval > 0 {
+		return b.timeline(ctx, stdout, levels[0], *dur, *interval, *checkDecay, *requestIDs, update)
+	}
+	many := func(size int) func(g, i int) error {
+		return func(g, i int) error {
+			items := make([]client.Item, size)
+			for j := range items {
+				items[j] = client.Item{Name: "k" + strconv.Itoa((g*100+j)%(len(b.names))), Value: value}
+			}
+			opts := []client.Option{client.Expiration(time.Hour)}
+			if *requestIDs {
+				opts = append(opts, client.RequestID("bench-"+strconv.FormatInt(seq.Add(1), 36)))
+			}
+			return b.user.Attr.UpdateMany(ctx, items, opts...)
+		}
+	}
+	get := func(g, i int) error {
+		_, err := b.user.Attr.Get(ctx, "k"+strconv.Itoa(g))
 		return err
 	}
-	defer echoConn.Close()
-	echoSub, err := echoConn.Subscribe("attrd-bench.echo", func(m *nats.Msg) { go m.Respond(m.Data) })
-	if err != nil {
+	rawPut := func(g, i int) error {
+		subj := events.KVSubject("bench_raw", "k"+strconv.Itoa(g))
+		_, err := b.js.PublishMsg(ctx, &nats.Msg{Subject: subj, Data: []byte(value)}, jetstream.WithMsgTTL(time.Hour))
 		return err
 	}
-	if err := echoSub.SetPendingLimits(-1, -1); err != nil {
+	rawGet := func(g, i int) error {
+		_, err := b.rawKV.Get(ctx, "k"+strconv.Itoa(g))
 		return err
 	}
-	echoOp := func(g, i int) error {
-		_, err := cliConn.RequestWithContext(ctx, "attrd-bench.echo", []byte(value))
+	echo := func(g, i int) error {
+		_, err := b.cliConn.RequestWithContext(ctx, "attrd-bench.echo", []byte(value))
 		return err
 	}
-
-	fmt.Fprintf(stdout, "attrd bench: %s per measurement, %d CPUs; value 100 bytes, TTL 1h\n\n", *dur, nprocs())
-	fmt.Fprintf(stdout, "%5s | %11s %8s %8s | %11s %8s %8s | %6s %7s | %10s %6s | %s\n", "conc",
-		"raw KV op/s", "p50", "p99", "attrd op/s", "p50", "p99", "ratio", "p50 x", "echo req/s", "ratio", "events/batch")
+	fmt.Fprintf(stdout, "attrd bench: %s per measurement, %d CPUs; value 100 bytes, TTL 1h, request ids %v\n", *dur, nprocs(), *requestIDs)
 	for _, n := range levels {
-		rawOp := func(g, i int) error {
-			subj := events.KVSubject("bench_raw", "k"+strconv.Itoa(g))
-			_, err := js.PublishMsg(ctx, &nats.Msg{Subject: subj, Data: []byte(value)}, jetstream.WithMsgTTL(time.Hour))
+		if err := rawPut(0, 0); err != nil { // the raw keys exist before they are read
 			return err
 		}
-		attrdOp := func(g, i int) error {
-			return user.Attr.Update(ctx, "k"+strconv.Itoa(g), value, client.Expiration(time.Hour))
-		}
-		// The two alternate in short rounds, so that both see the same machine: on a
-		// shared machine the load of the moment moves absolute numbers a lot.
-		var raw, att, echo result
-		b0, e0 := srv.Projector().Stats()
-		rounds := max(int(*dur/(500*time.Millisecond)), 1)
-		for r := 0; r < rounds; r++ {
-			raw.add(measure(ctx, n, *dur/time.Duration(rounds), rawOp))
-			echo.add(measure(ctx, n, *dur/time.Duration(rounds)/2, echoOp))
-			// The profile covers the attrd rounds (and, between them, the others').
-			if err := profile(*cpuprofile, r == 0); err != nil {
+		for g := 0; g < n; g++ {
+			if err := rawPut(g, 0); err != nil {
 				return err
 			}
-			att.add(measure(ctx, n, *dur/time.Duration(rounds), attrdOp))
+		}
+		ops := []struct {
+			name string
+			op   func(g, i int) error
+		}{{"raw KV put (TTL)", rawPut}, {"attrd update", update}, {"raw KV get", rawGet}, {"attrd get", get},
+			{"attrd update_many 10", many(10)}, {"attrd update_many 100", many(100)}, {"echo request", echo}}
+		// All alternate in short rounds, so that all see the same machine: on a shared
+		// machine the load of the moment moves absolute numbers a lot.
+		res := make([]result, len(ops))
+		b0, e0 := b.srv.Projector().Stats()
+		rounds := max(int(*dur/(500*time.Millisecond)), 1)
+		for r := 0; r < rounds; r++ {
+			for i, o := range ops {
+				if i == 1 {
+					if err := profile(*cpuprofile, r == 0); err != nil {
+						return err
+					}
+				}
+				res[i].add(measure(ctx, n, *dur/time.Duration(rounds), o.op))
+			}
 		}
 		if *cpuprofile != "" {
 			pprof.StopCPUProfile()
 		}
-		raw.finish()
-		att.finish()
-		echo.finish()
-		b1, e1 := srv.Projector().Stats()
-		perBatch := float64(e1-e0) / float64(max(b1-b0, 1))
-		if err := errors.Join(raw.err, att.err, echo.err); err != nil {
-			return fmt.Errorf("bench at %d: %w", n, err)
+		b1, e1 := b.srv.Projector().Stats()
+		for i := range res {
+			res[i].finish()
+			if res[i].err != nil {
+				return fmt.Errorf("bench %s at %d: %w", ops[i].name, n, res[i].err)
+			}
 		}
-		fmt.Fprintf(stdout, "%5d | %11.0f %8s %8s | %11.0f %8s %8s | %5.0f%% %6.1fx | %10.0f %5.0f%% | %.1f\n", n,
-			raw.rate, raw.p50, raw.p99, att.rate, att.p50, att.p99, 100*att.rate/raw.rate, float64(att.p50)/float64(raw.p50),
-			echo.rate, 100*echo.rate/raw.rate, perBatch)
+		fmt.Fprintf(stdout, "\nconcurrency %d (%.1f events per projector batch)\n", n, float64(e1-e0)/float64(max(b1-b0, 1)))
+		fmt.Fprintf(stdout, "  %-22s %10s %9s %9s  %s\n", "operation", "op/s", "p50", "p99", "against")
+		against := []string{"", "%.0f%% of raw put, p50 %.1fx", "", "%.0f%% of raw get, p50 %.1fx", "", "", "%.0f%% of raw put, p50 %.1fx"}
+		base := []int{0, 0, 2, 2, 0, 0, 0}
+		for i, r := range res {
+			note := ""
+			switch {
+			case ops[i].name == "attrd update_many 10" || ops[i].name == "attrd update_many 100":
+				note = fmt.Sprintf("one call costs %.1f updates", res[1].rate/r.rate)
+			case against[i] != "":
+				bs := res[base[i]]
+				note = fmt.Sprintf(against[i], 100*r.rate/bs.rate, float64(r.p50)/float64(bs.p50))
+			}
+			fmt.Fprintf(stdout, "  %-22s %10.0f %9s %9s  %s\n", ops[i].name, r.rate, r.p50, r.p99, note)
+		}
 	}
 	return nil
+}
+
+// timeline runs updates alone at concurrency n for total, printing every interval's
+// throughput, then a raw KV put interval for scale.
+func (b *benchEnv) timeline(ctx context.Context, stdout *os.File, n int, total, interval time.Duration, check, rids bool, op func(g, i int) error) error {
+	fmt.Fprintf(stdout, "attrd bench: updates at concurrency %d for %s, request ids %v, %d CPUs\n", n, total, rids, nprocs())
+	var rates []float64
+	for t := time.Duration(0); t < total; t += interval {
+		r := measure(ctx, n, interval, op)
+		r.finish()
+		if r.err != nil {
+			return r.err
+		}
+		rates = append(rates, r.rate)
+		fmt.Fprintf(stdout, "  %6s  %9.0f op/s  p50 %9s  p99 %9s\n", (t + interval).Round(time.Second), r.rate, r.p50, r.p99)
+	}
+	if len(rates) == 0 {
+		return errors.New("no interval ran")
+	}
+	first, last := rates[0], rates[len(rates)-1]
+	fmt.Fprintf(stdout, "last interval: %.0f%% of the first\n", 100*last/first)
+	if check && last < 0.9*first {
+		return fmt.Errorf("throughput decayed: the last interval ran at %.0f%% of the first (want at least 90%%)", 100*last/first)
+	}
+	return nil
+}
+
+// benchEnv is the benchmark's server, clients and raw bucket.
+type benchEnv struct {
+	dir      string
+	srv      *Server
+	rawConn  *nats.Conn
+	cliConn  *nats.Conn
+	echoConn *nats.Conn
+	echoSub  *nats.Subscription
+	js       jetstream.JetStream
+	rawKV    jetstream.KeyValue
+	user     *client.User
+	names    []string
+}
+
+func newBenchEnv(ctx context.Context, keys int) (*benchEnv, error) {
+	b := &benchEnv{}
+	var err error
+	if b.dir, err = os.MkdirTemp("", "attrd-bench-"); err != nil {
+		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			b.close()
+		}
+	}()
+	if b.srv, err = Start(ctx, Config{DataDir: b.dir, HTTPAddr: "127.0.0.1:0", NATSAddr: "127.0.0.1:0", AdminUsername: "admin",
+		AdminPassword: "bench", Password: api.PasswordParams{Time: 1, MemoryK: 64, Threads: 1},
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Limits: api.Limits{MaxAttrsPerUser: -1}}); err != nil { // update_many needs 100 names a writer
+		return nil, err
+	}
+	if b.rawConn, err = b.srv.InternalConn("bench-raw"); err != nil { // the raw bucket lives where attrd's does
+		return nil, err
+	}
+	b.js, _ = jetstream.New(b.rawConn)
+	if b.rawKV, err = b.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench_raw", History: 1, LimitMarkerTTL: 5 * time.Minute}); err != nil {
+		return nil, err
+	}
+	if b.cliConn, err = nats.Connect(b.srv.ClientURL()); err != nil {
+		return nil, err
+	}
+	sess, err := client.New(b.cliConn, "CRM").Login(ctx, "admin", "bench")
+	if err != nil {
+		return nil, err
+	}
+	if b.user, err = sess.User(ctx); err != nil {
+		return nil, err
+	}
+	items := make([]client.Item, keys)
+	for i := range items {
+		items[i] = client.Item{Name: "k" + strconv.Itoa(i), Value: 0}
+		b.names = append(b.names, items[i].Name)
+	}
+	for i := 0; i < len(items); i += 1000 {
+		if err := b.user.Attr.CreateMany(ctx, items[i:min(i+1000, len(items))]); err != nil {
+			return nil, err
+		}
+	}
+	// The request/reply hop alone: an echo responder on an in-process connection,
+	// dispatching concurrently as attrd's API does.
+	if b.echoConn, err = b.srv.InternalConn("bench-echo"); err != nil {
+		return nil, err
+	}
+	if b.echoSub, err = b.echoConn.Subscribe("attrd-bench.echo", func(m *nats.Msg) { go m.Respond(m.Data) }); err != nil {
+		return nil, err
+	}
+	if err := b.echoSub.SetPendingLimits(-1, -1); err != nil {
+		return nil, err
+	}
+	ok = true
+	return b, nil
+}
+
+func (b *benchEnv) close() {
+	for _, nc := range []*nats.Conn{b.rawConn, b.cliConn, b.echoConn} {
+		if nc != nil {
+			nc.Close()
+		}
+	}
+	if b.srv != nil {
+		b.srv.Close()
+	}
+	if b.dir != "" {
+		os.RemoveAll(b.dir)
+	}
 }
 
 // result is what a measurement saw: operations, their latencies and the time taken.

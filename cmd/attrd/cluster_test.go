@@ -109,6 +109,7 @@ func (c *natsCluster) instance(t *testing.T) *Server {
 		cfg.NATSURL, cfg.Replicas = c.urls(), 3
 		cfg.NATSOptions = []nats.Option{nats.UserInfo(embedded.OperatorUser, c.accts.OperatorPassword), nats.ReconnectWait(100 * time.Millisecond)}
 		cfg.NATSConnectTimeout = time.Minute
+		cfg.Limits.MaxAttrsPerUser = -1 // the load creates names without end
 		cfg.AdminUsername, cfg.AdminPassword = "admin", adminPassword
 		if os.Getenv("ATTRD_TEST_LOG") != "" {
 			cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -387,6 +388,23 @@ func verifyLoad(t *testing.T, ld *load, s *Server) {
 		}
 	}
 	js, _ := jetstream.New(s.apiConn)
+	// The projection is compared once the log is folded to its end (the load may have
+	// stopped while the projector was starting again).
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		st, err := js.Stream(context.Background(), events.StreamName)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, held, err := projector.Holder(context.Background(), js, events.DefaultBucket, "0")
+		if err == nil && held && r.Applied >= st.CachedInfo().State.LastSeq {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the projector did not fold the log to its end (%d of %d)", r.Applied, st.CachedInfo().State.LastSeq)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	m := projector.NewMemory()
 	if err := projector.NewLog(js, nil).FoldAll(context.Background(), m, nil); err != nil {
 		t.Fatal(err)
