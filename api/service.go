@@ -67,9 +67,11 @@ type Service struct {
 	kv  jetstream.KeyValue
 	// kvStream is the bucket's stream, for listings that read headers only.
 	kvStream jetstream.Stream
-	log      *slog.Logger
-	inbox    string
-	sub      *nats.Subscription
+	// eventStream is the log, for the first event of a repeated request.
+	eventStream jetstream.Stream
+	log         *slog.Logger
+	inbox       string
+	sub         *nats.Subscription
 
 	mu      sync.Mutex
 	waiting map[string][]chan events.Decision // by event id; two retries of one request share it
@@ -164,7 +166,11 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if err != nil {
 		return nil, fmt.Errorf("projection bucket %s: %w", cfg.Bucket, err)
 	}
-	s := &Service{cfg: cfg, nc: nc, js: js, kv: kv, kvStream: kvStream, log: cfg.Logger,
+	eventStream, err := js.Stream(ctx, events.StreamName)
+	if err != nil {
+		return nil, fmt.Errorf("event stream: %w", err)
+	}
+	s := &Service{cfg: cfg, nc: nc, js: js, kv: kv, kvStream: kvStream, eventStream: eventStream, log: cfg.Logger,
 		inbox: nats.NewInbox(), waiting: map[string][]chan events.Decision{},
 		sessions:     newSessionCache(5*time.Second, 100_000),
 		hashes:       newHashGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait),
@@ -337,7 +343,8 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 		case ack := <-okc:
 			okc = nil
 			if ack.Duplicate {
-				return s.recorded(ctx, ev.RequestKey, timer.C)
+				// A duplicate's ack names the first event's sequence.
+				return s.recorded(ctx, ack.Sequence, ev.RequestKey, timer.C)
 			}
 		case err := <-errc:
 			if errors.Is(err, jetstream.ErrAsyncPublishTimeout) || errors.Is(err, nats.ErrTimeout) {
@@ -364,9 +371,99 @@ func appendError(err error) error {
 	return events.Errorf(events.CodeOutcomeUnknown, "append event: %w", err)
 }
 
-// recorded returns the decision kept for a request key, waiting for it if the first
-// request is still being decided.
-func (s *Service) recorded(ctx context.Context, rk string, deadline <-chan time.Time) (events.Decision, error) {
+// recorded returns the decision on the event at seq, the first of a repeated request,
+// waiting for it if it is still being decided. The projector records every rejection
+// on the user's decision subject, so once the log is folded past seq the decision is
+// that record, or "accepted" without one; the result fields come from the event itself.
+// Events folded before decisions were recorded (an older attrd) are looked up in the
+// decisions it kept per request key.
+func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline <-chan time.Time) (events.Decision, error) {
+	msg, err := s.eventStream.GetMsg(ctx, seq)
+	if err != nil {
+		return events.Decision{}, fmt.Errorf("read the first event of a repeated request: %w", err)
+	}
+	first, err := events.Decode(msg.Data)
+	if err != nil {
+		return events.Decision{}, fmt.Errorf("the first event of a repeated request: %w", err)
+	}
+	d := events.Decision{Seq: seq, EventID: first.ID, UserID: first.UserID, ExpiresAt: first.ExpiresAt, Fingerprint: first.Fingerprint}
+	poll := time.NewTicker(50 * time.Millisecond)
+	defer poll.Stop()
+	for {
+		since, applied, err := s.folded(ctx)
+		if err != nil {
+			return events.Decision{}, err
+		}
+		if since == 0 || seq < since {
+			return s.keptDecision(ctx, rk, deadline)
+		}
+		if applied >= seq {
+			d.Code, err = s.rejection(ctx, first.UserID, seq)
+			return d, err
+		}
+		select {
+		case <-poll.C:
+		case <-deadline:
+			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "no decision yet for the repeated request")
+		case <-ctx.Done():
+			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "gave up waiting: %v", ctx.Err())
+		}
+	}
+}
+
+// folded returns from which sequence decisions are recorded, and how far the log is
+// folded (as the projector's lease says).
+func (s *Service) folded(ctx context.Context) (since, applied uint64, err error) {
+	var rec events.RecordingRecord
+	if r, err := s.read(ctx, events.RecordingKey("0")); err != nil {
+		return 0, 0, err
+	} else if rr, ok := r.(*events.RecordingRecord); ok {
+		rec = *rr
+	}
+	var lease events.LeaseRecord
+	e, err := s.kv.Get(ctx, events.LeaseKey("0"))
+	if err == nil {
+		err = events.Unmarshal(e.Value(), &lease)
+	} else if errors.Is(err, jetstream.ErrKeyNotFound) {
+		err = nil
+	}
+	return rec.Since, lease.Applied, err
+}
+
+// rejection finds the projector's recorded decision on the event at seq of user uid:
+// its code, or "" (accepted) when there is none.
+func (s *Service) rejection(ctx context.Context, uid string, seq uint64) (events.Code, error) {
+	cons, err := s.eventStream.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{events.DecisionSubject(uid)},
+		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy, OptStartSeq: seq})
+	if err != nil {
+		return "", err
+	}
+	for {
+		batch, err := cons.FetchNoWait(256)
+		if err != nil {
+			return "", err
+		}
+		n := 0
+		for m := range batch.Messages() {
+			n++
+			var d events.Decision
+			if events.Unmarshal(m.Data(), &d) == nil && d.Seq == seq {
+				return d.Code, nil
+			}
+		}
+		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
+			return "", err
+		}
+		if n == 0 {
+			return "", nil
+		}
+	}
+}
+
+// keptDecision returns the decision an older attrd kept under the request key,
+// waiting for it if the first request is still being decided.
+func (s *Service) keptDecision(ctx context.Context, rk string, deadline <-chan time.Time) (events.Decision, error) {
 	if rk == "" {
 		return events.Decision{}, errors.New("duplicate event without a request key")
 	}

@@ -90,6 +90,13 @@ type Checkpoint struct {
 	Before    []KeyState `msgpack:"before"`
 }
 
+// LeaseRecord is the projector lease's value (key l.<partition>): who folds the
+// partition, and how far it has folded the log (written with every renewal).
+type LeaseRecord struct {
+	Owner   string `msgpack:"owner"`
+	Applied uint64 `msgpack:"applied,omitempty"`
+}
+
 // RecordingRecord says from which stream sequence on the projector records decisions:
 // every event at or after Since that was rejected has a message on its user's
 // DecisionSubject, and every other one was accepted. Events before Since (folded by an

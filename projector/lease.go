@@ -31,11 +31,8 @@ type Lease struct {
 	Progress func() uint64
 }
 
-// LeaseRecord is the lease key's value.
-type LeaseRecord struct {
-	Owner   string `msgpack:"owner"`
-	Applied uint64 `msgpack:"applied,omitempty"`
-}
+// LeaseRecord is the lease key's value (events.LeaseRecord).
+type LeaseRecord = events.LeaseRecord
 
 // DefaultLeaseTTL is how long a lease outlives its holder's last renewal: the bound on
 // a takeover after a holder dies (plus up to a second of the server's expiry timer and

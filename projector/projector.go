@@ -42,8 +42,6 @@ type Config struct {
 	MaxBatch int
 	// Opener opens sealed values for Inherit items; nil rejects them.
 	Opener Opener
-	// DecisionTTL is how long a decision stays readable for retries (the dedup window).
-	DecisionTTL time.Duration
 	// Replies sends decisions to waiting requests (off for a replay).
 	Replies bool
 	// StopAtEnd makes Run return once it has folded every event the stream held when
@@ -104,9 +102,6 @@ func New(nc *nats.Conn, cfg Config) (*Projector, error) {
 	}
 	if cfg.MaxCacheEntries <= 0 {
 		cfg.MaxCacheEntries = 100_000
-	}
-	if cfg.DecisionTTL <= 0 {
-		cfg.DecisionTTL = 2 * time.Minute
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()

@@ -99,24 +99,9 @@ func (p *Projector) write(ctx context.Context, first, last uint64, items []item,
 		}
 		writes = append(writes, pending{"", f})
 	}
-	for i, it := range items {
-		if it.ev == nil || it.ev.RequestKey == "" {
-			continue
-		}
-		if len(writes) == writeWindow {
-			if err := settle(); err != nil {
-				return err
-			}
-		}
-		data, _ := events.Marshal(&decisions[i])
-		// Kept exactly as long as the stream remembers the request id (plus a margin),
-		// with no compare-and-set: within the window one request key has one event.
-		f, err := p.publish(events.DecisionKey(it.ev.RequestKey), data, 0, p.cfg.DecisionTTL+time.Minute, false)
-		if err != nil {
-			return err
-		}
-		writes = append(writes, pending{"", f})
-	}
+	// Nothing is kept per request key: a retry finds its first event by the stream's
+	// de-duplication (the duplicate's ack names it) and its decision among the recorded
+	// rejections (none: accepted), so a request id costs no write here.
 
 	if err := settle(); err != nil {
 		return err

@@ -238,7 +238,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if err := s.ensureStore(ctx, js, store); err != nil {
 		return nil, err
 	}
-	pcfg := projector.Config{Bucket: store.Bucket, Opener: opener(keys), Replies: true, DecisionTTL: store.DedupWindow,
+	pcfg := projector.Config{Bucket: store.Bucket, Opener: opener(keys), Replies: true,
 		Logger: log, Hooks: cfg.ProjectorHooks, OnDecision: cfg.OnDecision}
 	pctx, cancel := context.WithCancel(context.Background())
 	s.prjCancel = cancel
