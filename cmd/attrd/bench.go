@@ -45,6 +45,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	checkDecay := fs.Bool("check-decay", false, "with --interval: exit 1 if the last interval is under 90% of the first")
 	replayEvents := fs.Int("replay", 0, "instead, measure replay over a log of this many events")
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the attrd measurements to this file")
+	dedup := fs.Duration("dedup-window", 2*time.Minute, "the server's de-duplication window (how long request ids are remembered)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -59,7 +60,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		}
 		levels = append(levels, n)
 	}
-	b, err := newBenchEnv(ctx, slices.Max(levels)*100)
+	b, err := newBenchEnv(ctx, slices.Max(levels)*100, *dedup)
 	if err != nil {
 		return err
 	}
@@ -204,7 +205,7 @@ type benchEnv struct {
 	names    []string
 }
 
-func newBenchEnv(ctx context.Context, keys int) (*benchEnv, error) {
+func newBenchEnv(ctx context.Context, keys int, dedup time.Duration) (*benchEnv, error) {
 	b := &benchEnv{}
 	var err error
 	if b.dir, err = os.MkdirTemp("", "attrd-bench-"); err != nil {
@@ -219,7 +220,7 @@ func newBenchEnv(ctx context.Context, keys int) (*benchEnv, error) {
 	if b.srv, err = Start(ctx, Config{DataDir: b.dir, HTTPAddr: "127.0.0.1:0", NATSAddr: "127.0.0.1:0", AdminUsername: "admin",
 		AdminPassword: "bench", Password: api.PasswordParams{Time: 1, MemoryK: 64, Threads: 1},
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Limits: api.Limits{MaxAttrsPerUser: -1}}); err != nil { // update_many needs 100 names a writer
+		Limits: api.Limits{MaxAttrsPerUser: -1}, DedupWindow: dedup}); err != nil { // update_many needs 100 names a writer
 		return nil, err
 	}
 	if b.rawConn, err = b.srv.InternalConn("bench-raw"); err != nil { // the raw bucket lives where attrd's does
