@@ -104,7 +104,8 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		return err
 	}
 	echo := func(g, i int) error {
-		_, err := b.cliConn.RequestWithContext(ctx, "attrd-bench.echo", []byte(value))
+		// Within the internal account: the client account may send only attrd's requests.
+		_, err := b.rawConn.RequestWithContext(ctx, "attrd-bench.echo", []byte(value))
 		return err
 	}
 	fmt.Fprintf(stdout, "attrd bench: %s per measurement, %d CPUs; value 100 bytes, TTL 1h, request ids %v\n", *dur, nprocs(), *requestIDs)
