@@ -69,7 +69,7 @@ func UserSubjects(userID string) string { return EventsPrefix + "." + userID + "
 //	a.<uid>.u.<enc(name)>        AttrRecord of a user attribute
 //	a.<uid>.s.<sid>.<enc(name)>  AttrRecord of a session attribute
 //	x.<uid>.<sid>                SessionRefRecord: a user's live sessions, to count them
-//	d.<event id>                 Decision of a request with a request id, kept for its retries
+//	d.<event id>                 Decision of a request with a request id (written by older versions)
 //	p.<partition>                the projector's intent record (Checkpoint)
 //	r.<partition>                RecordingRecord: from which sequence decisions are recorded
 //	l.<partition>                the projector lease (who folds the partition; TTL)
