@@ -44,6 +44,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	interval := fs.Duration("interval", 0, "run updates alone for --duration and print the throughput of every interval")
 	checkDecay := fs.Bool("check-decay", false, "with --interval: exit 1 if the last interval is under 90% of the first")
 	replayEvents := fs.Int("replay", 0, "instead, measure replay over a log of this many events")
+	storage := fs.Int("storage", 0, "instead, measure the bytes per live attribute of this many attributes")
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the attrd measurements to this file")
 	dedup := fs.Duration("dedup-window", 2*time.Minute, "the server's de-duplication window (how long request ids are remembered)")
 	if err := fs.Parse(args); err != nil {
@@ -51,6 +52,9 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	}
 	if *replayEvents > 0 {
 		return benchReplay(ctx, *replayEvents, stdout)
+	}
+	if *storage > 0 {
+		return benchStorage(ctx, *storage, stdout)
 	}
 	var levels []int
 	for _, c := range strings.Split(*concs, ",") {
