@@ -239,12 +239,7 @@ func TestAStoreOfTheGlobalAccountMovesToTheInternalOne(t *testing.T) {
 // stands for a cluster; attrd connects to its internal account with a user and
 // password, and clients of the client account are served.
 func TestAttrdOnAnExternalNATSWithCredentials(t *testing.T) {
-	accts := &embedded.Accounts{InternalPassword: embedded.NewSecret(), OperatorPassword: embedded.NewSecret()}
-	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir(), Addr: "127.0.0.1:0", Accounts: accts})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	ns, accts := startAccountsNATS(t, "127.0.0.1:0")
 	// Without credentials attrd lands in the client account and cannot start.
 	short, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()

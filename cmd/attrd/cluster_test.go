@@ -537,12 +537,7 @@ func TestAttrdStartsBeforeNATSAndWaits(t *testing.T) {
 // TestReplicasAreNotChangedSilently: a stream created R1 is not shrunk or grown by a
 // start that merely defaults to other replicas; an explicit --replicas changes it.
 func TestReplicasAreNotChangedSilently(t *testing.T) {
-	accts := &embedded.Accounts{InternalPassword: embedded.NewSecret(), OperatorPassword: embedded.NewSecret()}
-	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir(), Addr: "127.0.0.1:0", Accounts: accts})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	ns, accts := startAccountsNATS(t, "127.0.0.1:0")
 	cfg := func(replicas int, change bool) func(*Config) {
 		return func(c *Config) {
 			c.NATSURL, c.Replicas, c.ChangeReplicas = ns.ClientURL(), replicas, change
@@ -556,4 +551,17 @@ func TestReplicasAreNotChangedSilently(t *testing.T) {
 	if _, err := Start(ctxT(t), c); !errors.Is(err, events.ErrReplicasMismatch) {
 		t.Fatalf("a default of 3 replicas on an R1 stream: %v, want a refusal", err)
 	}
+}
+
+// startAccountsNATS runs a standalone NATS server with attrd's two accounts, as an
+// external NATS would have them, on addr.
+func startAccountsNATS(t *testing.T, addr string) (*server.Server, *embedded.Accounts) {
+	t.Helper()
+	accts := &embedded.Accounts{InternalPassword: embedded.NewSecret(), OperatorPassword: embedded.NewSecret()}
+	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir(), Addr: addr, Accounts: accts})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	return ns, accts
 }

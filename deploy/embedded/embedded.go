@@ -51,13 +51,9 @@ type Cluster struct {
 func Start(o Options) (*server.Server, error) {
 	host, port := "127.0.0.1", -1
 	if o.Addr != "" {
-		h, p, err := net.SplitHostPort(o.Addr)
+		h, n, err := hostPort("nats addr", o.Addr)
 		if err != nil {
-			return nil, fmt.Errorf("nats addr %q: %w", o.Addr, err)
-		}
-		n, err := strconv.Atoi(p)
-		if err != nil {
-			return nil, fmt.Errorf("nats addr %q: bad port", o.Addr)
+			return nil, err
 		}
 		host, port = h, n
 		if port == 0 {
@@ -81,13 +77,9 @@ func Start(o Options) (*server.Server, error) {
 		opts.MaxPayload = 8 << 20
 	}
 	if c := o.Cluster; c != nil {
-		h, p, err := net.SplitHostPort(c.Addr)
+		h, port, err := hostPort("cluster addr", c.Addr)
 		if err != nil {
-			return nil, fmt.Errorf("cluster addr %q: %w", c.Addr, err)
-		}
-		port, err := strconv.Atoi(p)
-		if err != nil {
-			return nil, fmt.Errorf("cluster addr %q: bad port", c.Addr)
+			return nil, err
 		}
 		opts.Cluster = server.ClusterOpts{Name: c.Name, Host: h, Port: port}
 		opts.Routes = server.RoutesFromStr(strings.Join(c.Routes, ","))
@@ -158,4 +150,17 @@ func (l *logAdapter) Fatalf(format string, v ...any) {
 	case l.fatal <- msg:
 	default:
 	}
+}
+
+// hostPort splits a listen address into its host and port.
+func hostPort(what, addr string) (string, int, error) {
+	h, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, fmt.Errorf("%s %q: %w", what, addr, err)
+	}
+	n, err := strconv.Atoi(p)
+	if err != nil {
+		return "", 0, fmt.Errorf("%s %q: bad port", what, addr)
+	}
+	return h, n, nil
 }
