@@ -1,15 +1,16 @@
 // Package projector folds the event log into the projection: the only writer of the
-// KV bucket. It reads the log in order through a durable pull consumer, decides every
+// KV bucket. It reads the log in order through a pull consumer of its own, decides every
 // event against the projection as it stands after all earlier events (see Fold),
 // writes the changed keys with per-key TTL, and hands each decision back to the
-// waiting request.
+// waiting request. Of several attrd instances, the one holding the partition's Lease
+// folds; the intent record fences any other.
 //
 // # Exactly once
 //
 // Events are folded in batches. For each batch the projector first writes an intent
 // record (events.Checkpoint: the batch's sequences, its decisions, and the state before
-// it of every key it changes), then the changed keys, then sends the decisions and acks
-// the batch. All of these go to the one bucket stream over one connection, so the
+// it of every key it changes) and waits for it to be stored, then the changed keys, then
+// sends the decisions and acks the batch. All of these go to the one bucket stream over one connection, so the
 // server stores them in that order. On start the projector reads the intent record and
 // folds that batch again from the recorded state with the recorded decisions: whatever
 // part of it had reached KV, the result is the same, and no event is applied twice or
@@ -34,7 +35,7 @@ import (
 type Config struct {
 	// Bucket is the projection bucket; it must exist (events.EnsureStore).
 	Bucket string
-	// Durable names the pull consumer on the event stream.
+	// Durable prefixes the name of each run's consumer of the event stream.
 	Durable string
 	// Partition names the intent record (p.<Partition>).
 	Partition string
