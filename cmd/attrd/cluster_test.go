@@ -240,7 +240,7 @@ func (l *load) writer(w int) {
 		}
 		if v, _ := got["value"].(float64); int64(v) < i {
 			l.stale.Add(1)
-			l.note("read %s=%v after ok %d", key, got["value"], i)
+			l.note("%s: read %s=%v after ok %d", time.Now().Format(time.RFC3339Nano), key, got["value"], i)
 		}
 		if i%5 == 0 {
 			name := fmt.Sprintf("c%d-%d", w, i)
@@ -478,7 +478,7 @@ func TestClusterSoak(t *testing.T) {
 			}
 		}
 		ld.waitOK(t, time.Now(), 30*time.Second)
-		t.Logf("round %d done", round)
+		t.Logf("%s: round %d (case %d) done", time.Now().Format(time.RFC3339Nano), round, round%5)
 		time.Sleep(2 * time.Second)
 	}
 	time.Sleep(time.Second)
