@@ -126,6 +126,22 @@ func EnsureStore(ctx context.Context, js jetstream.JetStream, c StoreConfig) (je
 
 // EnsureBucket creates or updates the projection bucket.
 func EnsureBucket(ctx context.Context, js jetstream.JetStream, c StoreConfig) (jetstream.KeyValue, error) {
+	st, err := js.Stream(ctx, KVStream(c.Bucket))
+	if err == nil && c.Replicas > 1 && (!c.ChangeReplicas || st.CachedInfo().Config.Replicas == c.Replicas) {
+		// An existing replicated bucket is left as it is: a KV config update would turn
+		// direct gets on again, and every instance that opened the bucket meanwhile
+		// would read from any replica (see below). Its replicas are checked by
+		// EnsureStore; an explicit change of them goes through the update below.
+		if st.CachedInfo().Config.AllowDirect {
+			if err := leaderReads(ctx, js, st); err != nil {
+				return nil, fmt.Errorf("bucket %s: read from the leader: %w", c.Bucket, err)
+			}
+		}
+		return js.KeyValue(ctx, c.Bucket)
+	}
+	if err != nil && !errors.Is(err, jetstream.ErrStreamNotFound) {
+		return nil, fmt.Errorf("bucket %s: %w", c.Bucket, err)
+	}
 	kv, err := js.CreateOrUpdateKeyValue(ctx, c.BucketConfig())
 	if err != nil {
 		if errors.Is(err, jetstream.ErrLimitMarkerTTLNotSupported) {
@@ -135,23 +151,28 @@ func EnsureBucket(ctx context.Context, js jetstream.JetStream, c StoreConfig) (j
 	}
 	if c.Replicas > 1 {
 		// Direct gets are answered by any replica, and a lagging one would show a read
-		// right after an "ok" the old value. Reads go to the stream's leader instead
-		// (KV bucket configs always turn direct gets on, so this is set after each).
+		// right after an "ok" the old value. Reads go to the stream's leader instead.
 		st, err := js.Stream(ctx, KVStream(c.Bucket))
 		if err != nil {
 			return nil, err
 		}
-		if cfg := st.CachedInfo().Config; cfg.AllowDirect {
-			cfg.AllowDirect = false
-			if _, err := js.UpdateStream(ctx, cfg); err != nil {
-				return nil, fmt.Errorf("bucket %s: read from the leader: %w", c.Bucket, err)
-			}
-			if kv, err = js.KeyValue(ctx, c.Bucket); err != nil {
-				return nil, err
-			}
+		if err := leaderReads(ctx, js, st); err != nil {
+			return nil, fmt.Errorf("bucket %s: read from the leader: %w", c.Bucket, err)
 		}
+		return js.KeyValue(ctx, c.Bucket)
 	}
 	return kv, nil
+}
+
+// leaderReads turns direct gets off for a stream, so that its leader answers every read.
+func leaderReads(ctx context.Context, js jetstream.JetStream, st jetstream.Stream) error {
+	cfg := st.CachedInfo().Config
+	if !cfg.AllowDirect {
+		return nil
+	}
+	cfg.AllowDirect = false
+	_, err := js.UpdateStream(ctx, cfg)
+	return err
 }
 
 // KVStream is the name of the stream behind a bucket.
