@@ -59,7 +59,8 @@ func TestMeasureInstancesOnACluster(t *testing.T) {
 	}
 	defer nc.Close()
 	js, _ := jetstream.New(nc)
-	if _, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench_raw", History: 1, Replicas: 3, LimitMarkerTTL: 5 * time.Minute}); err != nil {
+	rawKV, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench_raw", History: 1, Replicas: 3, LimitMarkerTTL: 5 * time.Minute})
+	if err != nil {
 		t.Fatal(err)
 	}
 	raw := measure(ctx, conc, d, func(g, i int) error {
@@ -68,7 +69,30 @@ func TestMeasureInstancesOnACluster(t *testing.T) {
 	})
 	raw.finish()
 	row("cluster R3, raw KV put with TTL", raw)
+	// The cost of reading from the leader (what attrd does on R3, for read-your-writes)
+	// against direct gets answered by any replica.
+	direct := measure(ctx, conc, d, func(g, i int) error {
+		_, err := rawKV.Get(ctx, "k"+strconv.Itoa(g))
+		return err
+	})
+	direct.finish()
+	row("cluster R3, raw KV get, any replica", direct)
+	leader := measure(ctx, conc, d, func(g, i int) error {
+		req := []byte(`{"last_by_subj":"` + events.KVSubject("bench_raw", "k"+strconv.Itoa(g)) + `"}`)
+		_, err := nc.RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET.KV_bench_raw", req)
+		return err
+	})
+	leader.finish()
+	row("cluster R3, raw KV get, leader", leader)
 	row("cluster R3, one instance", updates(a))
 	cl.instance(t)
 	row("cluster R3, two instances", updates(a))
+	sess := mustLogin(t, mustClient(t, a), "admin", adminPassword)
+	u, _ := sess.User(ctx)
+	gets := measure(ctx, conc, d, func(g, i int) error {
+		_, err := u.Attr.Get(ctx, "k"+strconv.Itoa(g))
+		return err
+	})
+	gets.finish()
+	row("cluster R3, attrd get (leader reads)", gets)
 }
