@@ -187,11 +187,17 @@ func (l *load) ok() {
 
 // call sends op until it is answered with anything but E008004 or a transport error.
 func (l *load) call(nc *nats.Conn, op string, body map[string]any) map[string]any {
+	out, _ := l.callCounting(nc, op, body)
+	return out
+}
+
+// callCounting is call, and says how many times the request was sent.
+func (l *load) callCounting(nc *nats.Conn, op string, body map[string]any) (map[string]any, int) {
 	b, _ := json.Marshal(body)
-	for {
+	for tries := 1; ; tries++ {
 		select {
 		case <-l.stop:
-			return nil
+			return nil, tries
 		default:
 		}
 		rep, err := nc.Request("attrd."+op, b, 8*time.Second)
@@ -209,7 +215,7 @@ func (l *load) call(nc *nats.Conn, op string, body map[string]any) map[string]an
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		return out
+		return out, tries
 	}
 }
 
@@ -223,7 +229,7 @@ func (l *load) writer(w int) {
 	defer nc.Close()
 	key := fmt.Sprintf("w%d", w)
 	for i := int64(1); ; i++ {
-		out := l.call(nc, "user.attr.set", map[string]any{"ust": l.ust, "current_app": "CRM", "name": key, "value": i,
+		out, tries := l.callCounting(nc, "user.attr.set", map[string]any{"ust": l.ust, "current_app": "CRM", "name": key, "value": i,
 			"request_id": fmt.Sprintf("%s-%d", key, i)})
 		if out == nil {
 			return
@@ -240,7 +246,7 @@ func (l *load) writer(w int) {
 		}
 		if v, _ := got["value"].(float64); int64(v) < i {
 			l.stale.Add(1)
-			l.note("%s: read %s=%v after ok %d", time.Now().Format(time.RFC3339Nano), key, got["value"], i)
+			l.note("%s: read %s=%v after ok %d (the set was sent %d times)", time.Now().Format(time.RFC3339Nano), key, got["value"], i, tries)
 		}
 		if i%5 == 0 {
 			name := fmt.Sprintf("c%d-%d", w, i)
