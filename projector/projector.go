@@ -139,10 +139,11 @@ func (p *Projector) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("event stream: %w", err)
 	}
-	if err := p.fence(ctx); err != nil {
+	fenced, rev, err := p.fence(ctx)
+	if err != nil {
 		return err
 	}
-	start, err := p.recoverState(ctx)
+	start, err := p.recoverState(ctx, fenced, rev)
 	if err != nil {
 		return err
 	}

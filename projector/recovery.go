@@ -45,41 +45,47 @@ func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start ui
 // makes any earlier holder's next intent record fail, so a deposed projector (paused,
 // partitioned) stops before it writes anything more. A bucket without one gets an
 // empty record ("nothing folded yet").
-func (p *Projector) fence(ctx context.Context) error {
+//
+// It returns the record it rewrote (nil: none before) and its new revision. The
+// compare-and-set also proves the record read was the latest, whichever server
+// answered the read.
+func (p *Projector) fence(ctx context.Context) (*events.Checkpoint, uint64, error) {
 	key := events.CheckpointKey(p.cfg.Partition)
 	e, err := p.load.read(ctx, key)
 	if err != nil {
-		return fmt.Errorf("read intent record: %w", err)
+		return nil, 0, fmt.Errorf("read intent record: %w", err)
 	}
-	data := []byte(nil)
-	if ck, ok := e.rec.(*events.Checkpoint); ok {
+	ck, _ := e.rec.(*events.Checkpoint)
+	var data []byte
+	if ck != nil {
 		data, err = events.Marshal(ck)
 	} else {
 		data, err = events.Marshal(&events.Checkpoint{First: 1, Last: 0})
 	}
 	if err != nil {
-		return err
+		return nil, 0, err
 	}
 	f, err := p.publish(key, data, e.rev, 0, true)
 	if err != nil {
-		return err
+		return nil, 0, err
 	}
-	if _, err := p.wait(ctx, f); err != nil {
-		return fmt.Errorf("fence the intent record: %w", err)
+	ack, err := p.wait(ctx, f)
+	if err != nil {
+		return nil, 0, fmt.Errorf("fence the intent record: %w", err)
 	}
-	return nil
+	return ck, ack.Sequence, nil
 }
 
 // recoverState reads the intent record and prepares to fold its batch again. It returns
 // the first stream sequence to consume.
-func (p *Projector) recoverState(ctx context.Context) (uint64, error) {
-	key := events.CheckpointKey(p.cfg.Partition)
-	e, err := p.load.read(ctx, key)
-	if err != nil {
-		return 0, fmt.Errorf("read intent record: %w", err)
-	}
-	p.ckptRev = e.rev
-	ck, _ := e.rec.(*events.Checkpoint)
+//
+// It takes the intent record fence wrote, not a new read of it: a read right after a
+// leader change of the bucket's stream can be answered by a server that is behind, and
+// an old record would fold old batches again. The fence's compare-and-set proved that
+// record the latest.
+func (p *Projector) recoverState(ctx context.Context, fenced *events.Checkpoint, rev uint64) (uint64, error) {
+	p.ckptRev = rev
+	ck := fenced
 	if ck == nil {
 		return 1, nil
 	}
@@ -101,6 +107,7 @@ func (p *Projector) recoverState(ctx context.Context) (uint64, error) {
 	}
 	for _, ks := range ck.Before {
 		var rec any
+		var err error
 		if ks.Data != nil {
 			if rec, err = events.DecodeRecord(ks.Key, ks.Data); err != nil {
 				return 0, err

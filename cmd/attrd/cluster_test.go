@@ -246,7 +246,18 @@ func (l *load) writer(w int) {
 		}
 		if v, _ := got["value"].(float64); int64(v) < i {
 			l.stale.Add(1)
-			l.note("%s: read %s=%v after ok %d (the set was sent %d times)", time.Now().Format(time.RFC3339Nano), key, got["value"], i, tries)
+			// When does it read right? (Evidence for the stale reads after a node
+			// comes back: see DESIGN-NOTES.)
+			when := "not within 2s"
+			for _, wait := range []time.Duration{10 * time.Millisecond, 100 * time.Millisecond, 500 * time.Millisecond, 2 * time.Second} {
+				time.Sleep(wait)
+				again := l.call(nc, "user.attr.get", map[string]any{"ust": l.ust, "current_app": "CRM", "name": key})
+				if v, _ := again["value"].(float64); int64(v) >= i {
+					when = "after " + wait.String()
+					break
+				}
+			}
+			l.note("%s: read %s=%v after ok %d (the set was sent %d times; right again %s)", time.Now().Format(time.RFC3339Nano), key, got["value"], i, tries, when)
 		}
 		if i%5 == 0 {
 			name := fmt.Sprintf("c%d-%d", w, i)
