@@ -342,11 +342,8 @@ func (s *Service) historyAt(ctx context.Context, req *Request) (map[string]any, 
 	if err != nil {
 		return nil, err
 	}
-	out := map[string]any{"at": formatTime(at), "result": result}
-	if b, _ := json.Marshal(out); len(b) > s.maxReply()-1024 {
-		return nil, events.Errorf(events.CodeInvalidInput, "the attributes at that time take %d bytes, over the reply limit of %d", len(b), s.maxReply()-1024)
-	}
-	return out, nil
+	// Its size is checked by the transport on the encoded reply (CheckReplySize).
+	return map[string]any{"at": formatTime(at), "result": result}, nil
 }
 
 // foldHistory folds a user's history within the history bounds: at most
@@ -354,19 +351,13 @@ func (s *Service) historyAt(ctx context.Context, req *Request) (map[string]any, 
 // busy), each within HistoryTimeout (then E008002: the history is too long to fold per
 // request). The view reached goes to view, if not nil.
 func (s *Service) foldHistory(ctx context.Context, uid string, at int64, hasAt bool, fn func(events.Entry, events.View) bool, view ...*events.View) error {
-	timer := time.NewTimer(2 * time.Second)
-	defer timer.Stop()
-	select {
-	case s.historySlots <- struct{}{}:
-		defer func() { <-s.historySlots }()
-	case <-timer.C:
-		return errBusy("history requests")
-	case <-ctx.Done():
-		return errBusy("history requests")
-	}
+	var v events.View
+	var err error
 	hctx, cancel := context.WithTimeout(ctx, s.cfg.HistoryTimeout)
 	defer cancel()
-	v, err := s.cfg.History.FoldUser(hctx, uid, at, hasAt, fn)
+	if gerr := s.histories.Do(ctx, func() { v, err = s.cfg.History.FoldUser(hctx, uid, at, hasAt, fn) }); gerr != nil {
+		return gerr
+	}
 	if err != nil && hctx.Err() != nil && ctx.Err() == nil {
 		return events.Errorf(events.CodeInvalidInput, "this history takes longer than %s to read: narrow it, or use the operator's attrd history", s.cfg.HistoryTimeout)
 	}

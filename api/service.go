@@ -76,13 +76,12 @@ type Service struct {
 	mu      sync.Mutex
 	waiting map[string][]chan events.Decision // by event id; two retries of one request share it
 
-	sessions *sessionCache
-	hashes   *hashGate
-	denied   *rateLimiter // records of denied attempts
-	throttle *throttle    // failed-login counters; nil without their bucket
-	// historySlots bounds history folds at once.
-	historySlots chan struct{}
-	stop         context.CancelFunc
+	sessions  *sessionCache
+	hashes    *Gate
+	denied    *rateLimiter // records of denied attempts
+	throttle  *throttle    // failed-login counters; nil without their bucket
+	histories *Gate        // history folds at once
+	stop      context.CancelFunc
 }
 
 // New returns a Service on nc. The bucket and the event stream must exist.
@@ -172,10 +171,10 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	}
 	s := &Service{cfg: cfg, nc: nc, js: js, kv: kv, kvStream: kvStream, eventStream: eventStream, log: cfg.Logger,
 		inbox: nats.NewInbox(), waiting: map[string][]chan events.Decision{},
-		sessions:     newSessionCache(5*time.Second, 100_000),
-		hashes:       newHashGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait),
-		historySlots: make(chan struct{}, cfg.HistoryConcurrency),
-		denied:       newRateLimiter(deniedPerMinute, time.Minute, 100_000)}
+		sessions:  newSessionCache(5*time.Second, 100_000),
+		hashes:    NewGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait, "password checks"),
+		histories: NewGate(cfg.HistoryConcurrency, -1, 2*time.Second, "history requests"),
+		denied:    newRateLimiter(deniedPerMinute, time.Minute, 100_000)}
 	if tkv, err := js.KeyValue(ctx, events.ThrottleBucket); err == nil {
 		s.throttle = &throttle{kv: tkv, perUser: ThrottleFreeUserFailures, perAddr: ThrottleFreeAddrFailures, maxBackoff: ThrottleMaxBackoff}
 	} else {
@@ -387,15 +386,19 @@ func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline 
 		return events.Decision{}, fmt.Errorf("the first event of a repeated request: %w", err)
 	}
 	d := events.Decision{Seq: seq, EventID: first.ID, UserID: first.UserID, ExpiresAt: first.ExpiresAt, Fingerprint: first.Fingerprint}
+	since, err := s.recordingSince(ctx)
+	if err != nil {
+		return events.Decision{}, err
+	}
+	if since == 0 || seq < since {
+		return s.keptDecision(ctx, rk, deadline)
+	}
 	poll := time.NewTicker(50 * time.Millisecond)
 	defer poll.Stop()
 	for {
-		since, applied, err := s.folded(ctx)
+		applied, err := s.folded(ctx)
 		if err != nil {
 			return events.Decision{}, err
-		}
-		if since == 0 || seq < since {
-			return s.keptDecision(ctx, rk, deadline)
 		}
 		if applied >= seq {
 			d.Code, err = s.rejection(ctx, first.UserID, seq)
@@ -411,15 +414,18 @@ func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline 
 	}
 }
 
-// folded returns from which sequence decisions are recorded, and how far the log is
-// folded (as the projector's lease says).
-func (s *Service) folded(ctx context.Context) (since, applied uint64, err error) {
-	var rec events.RecordingRecord
-	if r, err := s.read(ctx, events.RecordingKey("0")); err != nil {
-		return 0, 0, err
-	} else if rr, ok := r.(*events.RecordingRecord); ok {
-		rec = *rr
+// recordingSince returns from which sequence the projector records decisions (0:
+// none; the record is written once and never changes).
+func (s *Service) recordingSince(ctx context.Context) (uint64, error) {
+	r, err := s.read(ctx, events.RecordingKey("0"))
+	if rr, ok := r.(*events.RecordingRecord); ok {
+		return rr.Since, err
 	}
+	return 0, err
+}
+
+// folded returns how far the log is folded, as the projector's lease says.
+func (s *Service) folded(ctx context.Context) (uint64, error) {
 	var lease events.LeaseRecord
 	e, err := s.kv.Get(ctx, events.LeaseKey("0"))
 	if err == nil {
@@ -427,7 +433,7 @@ func (s *Service) folded(ctx context.Context) (since, applied uint64, err error)
 	} else if errors.Is(err, jetstream.ErrKeyNotFound) {
 		err = nil
 	}
-	return rec.Since, lease.Applied, err
+	return lease.Applied, err
 }
 
 // rejection finds the projector's recorded decision on the event at seq of user uid:

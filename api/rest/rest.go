@@ -90,7 +90,7 @@ func Handler(svc *api.Service, cfg Config) http.Handler {
 	if svc != nil {
 		inFlight = svc.Config().MaxInFlight
 	}
-	h := &handler{svc: svc, cfg: cfg, slots: make(chan struct{}, inFlight)}
+	h := &handler{svc: svc, cfg: cfg, slots: api.NewGate(inFlight, -1, slotWait, "requests")}
 	mux := http.NewServeMux()
 	for _, rt := range Routes() {
 		mux.HandleFunc(rt.Method+" "+rt.Path, func(w http.ResponseWriter, r *http.Request) { h.serve(w, r, rt.Op) })
@@ -127,7 +127,7 @@ func (s *statusOnly) WriteHeader(code int)        { s.status = code }
 type handler struct {
 	svc   *api.Service
 	cfg   Config
-	slots chan struct{} // requests handled at once
+	slots *api.Gate // requests handled at once
 }
 
 // slotWait is how long a request waits for a slot before it is refused as busy.
@@ -213,17 +213,13 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
 		sw.cid = m.CID
 	}
 	// At most MaxInFlight requests (and their bodies) at once, as over NATS.
-	timer := time.NewTimer(slotWait)
-	defer timer.Stop()
-	select {
-	case h.slots <- struct{}{}:
-		defer func() { <-h.slots }()
-	case <-timer.C:
-		writeReply(w, api.ErrorReply(m.CID, events.Errorf(events.CodeOutcomeUnknown, "busy: too many requests at once; nothing was done, try again")))
-		return
-	case <-r.Context().Done():
-		return
+	if err := h.slots.Do(r.Context(), func() { h.handle(w, r, op, m) }); err != nil {
+		writeReply(w, api.ErrorReply(m.CID, err))
 	}
+}
+
+// handle reads, parses and runs one request within its slot.
+func (h *handler) handle(w http.ResponseWriter, r *http.Request, op api.Op, m api.Meta) {
 	body, err := readBody(w, r, h.svc.Config().Limits.MaxBodyBytes)
 	if err != nil {
 		rep := api.ErrorReply(m.CID, err)

@@ -9,15 +9,18 @@ import (
 	"github.com/attrd/attrd/events"
 )
 
-// hashGate bounds password hashing: argon2id takes ~19 MiB and a core's worth of time
-// per hash, so unbounded concurrent logins would exhaust memory and starve every other
-// request. At most slots hashes run at once; up to queue more wait at most wait for a
-// slot; anything beyond is refused at once, before any hashing.
-type hashGate struct {
+// Gate bounds work done at once: at most slots run together; up to queue more wait
+// at most wait for a slot (queue < 0: any number may wait); anything beyond, or
+// anything still waiting when wait ends, is refused at once as busy (E008004, HTTP
+// 503: nothing was done, the client may retry). It bounds password hashing (argon2id
+// takes ~19 MiB and a core's worth of time per hash), history folds and the REST
+// requests in flight.
+type Gate struct {
 	slots   chan struct{}
 	waiting atomic.Int64
 	queue   int64
 	wait    time.Duration
+	what    string
 }
 
 // Defaults of the password-hashing bound.
@@ -28,8 +31,9 @@ var (
 	DefaultPasswordWait        = 2 * time.Second
 )
 
-func newHashGate(slots, queue int, wait time.Duration) *hashGate {
-	return &hashGate{slots: make(chan struct{}, slots), queue: int64(queue), wait: wait}
+// NewGate returns a gate; what names the work in the busy refusal ("password checks").
+func NewGate(slots, queue int, wait time.Duration, what string) *Gate {
+	return &Gate{slots: make(chan struct{}, slots), queue: int64(queue), wait: wait, what: what}
 }
 
 // errBusy is the answer to a request refused by a load bound: nothing was done, and
@@ -38,21 +42,21 @@ func errBusy(what string) error {
 	return events.Errorf(events.CodeOutcomeUnknown, "busy: too many %s at once; nothing was done, try again", what)
 }
 
-// do runs f in a slot, or refuses with errBusy when none frees up in time.
-func (g *hashGate) do(ctx context.Context, f func()) error {
-	if g.waiting.Add(1) > g.queue+int64(cap(g.slots)) {
-		g.waiting.Add(-1)
-		return errBusy("password checks")
-	}
+// Do runs f in a slot, or refuses with a busy error when none frees up in time.
+func (g *Gate) Do(ctx context.Context, f func()) error {
+	waiting := g.waiting.Add(1)
 	defer g.waiting.Add(-1)
+	if g.queue >= 0 && waiting > g.queue+int64(cap(g.slots)) {
+		return errBusy(g.what)
+	}
 	timer := time.NewTimer(g.wait)
 	defer timer.Stop()
 	select {
 	case g.slots <- struct{}{}:
 	case <-timer.C:
-		return errBusy("password checks")
+		return errBusy(g.what)
 	case <-ctx.Done():
-		return errBusy("password checks")
+		return errBusy(g.what)
 	}
 	defer func() { <-g.slots }()
 	f()
@@ -62,7 +66,7 @@ func (g *hashGate) do(ctx context.Context, f func()) error {
 // checkPassword checks a password within the hashing bound.
 func (s *Service) checkPassword(ctx context.Context, password, hash string) (bool, error) {
 	var ok bool
-	err := s.hashes.do(ctx, func() { ok = CheckPassword(password, hash) })
+	err := s.hashes.Do(ctx, func() { ok = CheckPassword(password, hash) })
 	return ok, err
 }
 
@@ -70,7 +74,7 @@ func (s *Service) checkPassword(ctx context.Context, password, hash string) (boo
 func (s *Service) hashPassword(ctx context.Context, password string) (string, error) {
 	var h string
 	var herr error
-	if err := s.hashes.do(ctx, func() { h, herr = HashPassword(password, s.cfg.Password) }); err != nil {
+	if err := s.hashes.Do(ctx, func() { h, herr = HashPassword(password, s.cfg.Password) }); err != nil {
 		return "", err
 	}
 	return h, herr
