@@ -54,13 +54,10 @@ func NewLease(ctx context.Context, js jetstream.JetStream, bucket, partition, ow
 // TTL is the lease's time to live.
 func (l *Lease) TTL() time.Duration { return l.ttl }
 
-// Holder reads the lease of a partition: its record, and whether anybody holds it.
-func Holder(ctx context.Context, js jetstream.JetStream, bucket, partition string) (LeaseRecord, bool, error) {
-	st, err := js.Stream(ctx, events.KVStream(bucket))
-	if err != nil {
-		return LeaseRecord{}, false, err
-	}
-	l := &Lease{stream: st, subject: events.KVSubject(bucket, events.LeaseKey(partition))}
+// Holder reads the lease of a partition from the bucket's stream (kvStream): its
+// record, and whether anybody holds it.
+func Holder(ctx context.Context, kvStream jetstream.Stream, bucket, partition string) (LeaseRecord, bool, error) {
+	l := &Lease{stream: kvStream, subject: events.KVSubject(bucket, events.LeaseKey(partition))}
 	r, _, err := l.holder(ctx)
 	return r, r.Owner != "", err
 }

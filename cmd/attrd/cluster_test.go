@@ -131,7 +131,11 @@ func holder(t *testing.T, s *Server) string {
 	js, _ := jetstream.New(s.apiConn)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	r, held, err := projector.Holder(ctx, js, events.DefaultBucket, "0")
+	kvs, err := js.Stream(ctx, events.KVStream(events.DefaultBucket))
+	if err != nil {
+		return ""
+	}
+	r, held, err := projector.Holder(ctx, kvs, events.DefaultBucket, "0")
 	if err != nil || !held {
 		return ""
 	}
@@ -413,7 +417,11 @@ func verifyLoad(t *testing.T, ld *load, s *Server) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r, held, err := projector.Holder(context.Background(), js, events.DefaultBucket, "0")
+		kvs, err := js.Stream(context.Background(), events.KVStream(events.DefaultBucket))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, held, err := projector.Holder(context.Background(), kvs, events.DefaultBucket, "0")
 		if err == nil && held && r.Applied >= st.CachedInfo().State.LastSeq {
 			break
 		}

@@ -45,17 +45,14 @@ const (
 func newReadiness(js jetstream.JetStream, applied func(context.Context) (uint64, bool, error), conns ...*nats.Conn) *readiness {
 	return &readiness{
 		stream: func(ctx context.Context) (uint64, error) {
+			// Stream info (which js.Stream fetches) is answered by the stream's leader:
+			// on a cluster without quorum it fails, which is exactly when writes cannot
+			// be decided.
 			st, err := js.Stream(ctx, events.StreamName)
 			if err != nil {
 				return 0, err
 			}
-			// Stream info is answered by the stream's leader: on a cluster without
-			// quorum it fails, which is exactly when writes cannot be decided.
-			info, err := st.Info(ctx)
-			if err != nil {
-				return 0, err
-			}
-			return info.State.LastSeq, nil
+			return st.CachedInfo().State.LastSeq, nil
 		},
 		applied: applied, conns: conns, maxLag: readyMaxLag, interval: readyInterval, reason: "starting",
 	}

@@ -278,8 +278,12 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if err := s.bootstrap(ctx, log); err != nil {
 		return nil, err
 	}
+	kvStream, err := apiJS.Stream(ctx, events.KVStream(store.Bucket))
+	if err != nil {
+		return nil, err
+	}
 	s.ready = newReadiness(apiJS, func(ctx context.Context) (uint64, bool, error) {
-		r, held, err := projector.Holder(ctx, apiJS, store.Bucket, "0")
+		r, held, err := projector.Holder(ctx, kvStream, store.Bucket, "0")
 		return r.Applied, held, err
 	}, s.apiConn, s.prjConn)
 	s.ready.check(ctx)
