@@ -29,8 +29,10 @@ func (p *Projector) intent(items []item, decisions []events.Decision) ([]byte, e
 // (a renewal or a logout may write thousands of keys).
 const writeWindow = 4096
 
-// write stores the intent record, then every changed key, then the decisions kept for
-// retries, and waits until all are stored.
+// write stores the intent record, then every changed key, then the recorded rejections,
+// and waits until all are stored. Nothing is kept per request key: a retry finds its
+// first event by the stream's de-duplication (the duplicate's ack names it) and its
+// decision among the recorded rejections (none: accepted).
 func (p *Projector) write(ctx context.Context, first, last uint64, items []item, decisions []events.Decision, ckData []byte) error {
 	// The intent record goes first, with compare-and-set on its own last revision: two
 	// projectors writing one partition is a conflict here, and stops the second.
@@ -70,39 +72,32 @@ func (p *Projector) write(ctx context.Context, first, last uint64, items []item,
 		writes = writes[:0]
 		return nil
 	}
-	for _, k := range p.view.dirty {
-		if len(writes) == writeWindow {
-			if err := settle(); err != nil {
-				return err
-			}
-		}
-		f, err := p.writeKey(k, now)
-		if err != nil {
+	// enqueue adds a write in flight (key "": not a key of the view), settling the
+	// window when it is full.
+	enqueue := func(key string, f jetstream.PubAckFuture, err error) error {
+		if err != nil || f == nil {
 			return err
 		}
-		if f != nil {
-			writes = append(writes, pending{k, f})
+		if writes = append(writes, pending{key, f}); len(writes) == writeWindow {
+			return settle()
+		}
+		return nil
+	}
+	for _, k := range p.view.dirty {
+		f, err := p.writeKey(k, now)
+		if err := enqueue(k, f, err); err != nil {
+			return err
 		}
 	}
 	for i, it := range items {
 		if decisions[i].Code == "" {
 			continue
 		}
-		if len(writes) == writeWindow {
-			if err := settle(); err != nil {
-				return err
-			}
-		}
 		f, err := p.recordRejection(it, decisions[i])
-		if err != nil {
+		if err := enqueue("", f, err); err != nil {
 			return err
 		}
-		writes = append(writes, pending{"", f})
 	}
-	// Nothing is kept per request key: a retry finds its first event by the stream's
-	// de-duplication (the duplicate's ack names it) and its decision among the recorded
-	// rejections (none: accepted), so a request id costs no write here.
-
 	if err := settle(); err != nil {
 		return err
 	}
