@@ -318,7 +318,7 @@ func TestConcurrentLoginsAreBoundedAndOthersKeepTheirLatency(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer nc.Close()
-	const viaNATS, viaREST = 300, 200
+	const viaNATS, viaREST = 600, 400 // the 1,000 concurrent logins
 	var wg sync.WaitGroup
 	var denied, busy, other atomic.Int64
 	count := func(status int, body map[string]any) {
