@@ -211,7 +211,13 @@ func (p *Projector) Run(ctx context.Context) error {
 		case m := <-msgs:
 			batch = append(batch, m)
 		}
-		batch = p.fill(ctx, msgs, batch)
+		batch, err = p.fill(ctx, msgs, broken, batch)
+		if err != nil {
+			return err
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
 		if err := p.process(ctx, batch); err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -225,26 +231,30 @@ func (p *Projector) Run(ctx context.Context) error {
 }
 
 // fill adds to the batch what is already waiting, and while recovering waits for the
-// rest of the recorded batch, which must be folded as one.
-func (p *Projector) fill(ctx context.Context, msgs chan jetstream.Msg, batch []jetstream.Msg) []jetstream.Msg {
+// rest of the recorded batch, which must be folded as one. A consumer that breaks
+// meanwhile ends the wait (an error): the rest would never come, and the lease, kept
+// apart from the fold, would keep every other instance from taking over.
+func (p *Projector) fill(ctx context.Context, msgs chan jetstream.Msg, broken <-chan error, batch []jetstream.Msg) ([]jetstream.Msg, error) {
 	for len(batch) < p.cfg.MaxBatch || p.recovering(batch) {
 		if p.recovering(batch) {
 			select {
 			case m := <-msgs:
 				batch = append(batch, m)
 				continue
+			case err := <-broken:
+				return batch, fmt.Errorf("event consumer, while recovering: %w", err)
 			case <-ctx.Done():
-				return batch
+				return batch, nil
 			}
 		}
 		select {
 		case m := <-msgs:
 			batch = append(batch, m)
 		default:
-			return batch
+			return batch, nil
 		}
 	}
-	return batch
+	return batch, nil
 }
 
 // recovering reports whether batch stops short of the recorded batch's end.

@@ -571,3 +571,47 @@ func TestAProjectorGoesOnFromARebuiltBucket(t *testing.T) {
 	_, want := reference(append(evs, more...), 1)
 	sameRecords(t, bucketRecords(t, en.js, "rebuilt"), want)
 }
+
+// TestAConsumerLostWhileRecoveringEndsTheRun: a run recovering a recorded batch waits
+// for the rest of the batch; if its consumer goes away meanwhile, the run must end (and
+// the instance start again, or give the lease up) instead of waiting for good while its
+// lease keeps every other instance out.
+func TestAConsumerLostWhileRecoveringEndsTheRun(t *testing.T) {
+	en := mustEnv(t)
+	g := newGen()
+	last := en.publish(t, g.user("ann"), g.user("bob"))
+	// An intent record naming a batch longer than the log: recovery waits for its end.
+	data, err := events.Marshal(&events.Checkpoint{First: 1, Last: last + 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := en.kv.Put(context.Background(), events.CheckpointKey("0"), data); err != nil {
+		t.Fatal(err)
+	}
+	p, done, _ := en.start(t, projector.Config{Bucket: en.store.Bucket})
+	select {
+	case <-p.Ready():
+	case err := <-done:
+		t.Fatalf("the run ended before consuming: %v", err)
+	}
+	st, err := en.js.Stream(context.Background(), events.StreamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deleted := 0
+	for name := range st.ListConsumers(context.Background()).Info() {
+		if err := st.DeleteConsumer(context.Background(), name.Name); err != nil {
+			t.Fatal(err)
+		}
+		deleted++
+	}
+	if deleted == 0 {
+		t.Fatal("the run has no consumer")
+	}
+	if err := within(t, done); !errors.Is(err, jetstream.ErrConsumerDeleted) && !errors.Is(err, jetstream.ErrNoHeartbeat) {
+		t.Fatalf("the run ended with %v, want its consumer's loss", err)
+	}
+	if p.Applied() >= last {
+		t.Fatalf("the run folded part of a recorded batch (applied %d)", p.Applied())
+	}
+}

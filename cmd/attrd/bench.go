@@ -45,7 +45,8 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	checkDecay := fs.Bool("check-decay", false, "with --interval: exit 1 if the last interval is under 90% of the first")
 	replayEvents := fs.Int("replay", 0, "instead, measure replay over a log of this many events")
 	storage := fs.Int("storage", 0, "instead, measure the bytes per live attribute of this many attributes")
-	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the attrd measurements to this file")
+	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the measurements to this file (with --ops, of those alone)")
+	only := fs.String("ops", "", "comma-separated operations to run (default all): put, update, get-raw, get, many10, many100, echo")
 	dedup := fs.Duration("dedup-window", 2*time.Minute, "the server's de-duplication window (how long request ids are remembered)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -123,23 +124,34 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 			}
 		}
 		ops := []struct {
-			name string
-			op   func(g, i int) error
-		}{{"raw KV put (TTL)", rawPut}, {"attrd update", update}, {"raw KV get", rawGet}, {"attrd get", get},
-			{"attrd update_many 10", many(10)}, {"attrd update_many 100", many(100)}, {"echo request", echo}}
+			name, short string
+			op          func(g, i int) error
+			base        int // index of the operation it is compared with, or -1
+			against     string
+		}{{"raw KV put (TTL)", "put", rawPut, -1, ""},
+			{"attrd update", "update", update, 0, "%.0f%% of raw put, p50 %.1fx"},
+			{"raw KV get", "get-raw", rawGet, -1, ""},
+			{"attrd get", "get", get, 2, "%.0f%% of raw get, p50 %.1fx"},
+			{"attrd update_many 10", "many10", many(10), 1, "one call costs %.1f updates"},
+			{"attrd update_many 100", "many100", many(100), 1, "one call costs %.1f updates"},
+			{"echo request", "echo", echo, 0, "%.0f%% of raw put, p50 %.1fx"}}
+		run := make([]bool, len(ops))
+		for i, o := range ops {
+			run[i] = *only == "" || slices.Contains(strings.Split(*only, ","), o.short)
+		}
 		// All alternate in short rounds, so that all see the same machine: on a shared
 		// machine the load of the moment moves absolute numbers a lot.
 		res := make([]result, len(ops))
 		b0, e0 := b.srv.Projector().Stats()
 		rounds := max(int(*dur/(500*time.Millisecond)), 1)
+		if err := profile(*cpuprofile); err != nil {
+			return err
+		}
 		for r := 0; r < rounds; r++ {
 			for i, o := range ops {
-				if i == 1 {
-					if err := profile(*cpuprofile, r == 0); err != nil {
-						return err
-					}
+				if run[i] {
+					res[i].add(measure(ctx, n, *dur/time.Duration(rounds), o.op))
 				}
-				res[i].add(measure(ctx, n, *dur/time.Duration(rounds), o.op))
 			}
 		}
 		if *cpuprofile != "" {
@@ -147,6 +159,9 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		}
 		b1, e1 := b.srv.Projector().Stats()
 		for i := range res {
+			if !run[i] {
+				continue
+			}
 			res[i].finish()
 			if res[i].err != nil {
 				return fmt.Errorf("bench %s at %d: %w", ops[i].name, n, res[i].err)
@@ -154,16 +169,18 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		}
 		fmt.Fprintf(stdout, "\nconcurrency %d (%.1f events per projector batch)\n", n, float64(e1-e0)/float64(max(b1-b0, 1)))
 		fmt.Fprintf(stdout, "  %-22s %10s %9s %9s  %s\n", "operation", "op/s", "p50", "p99", "against")
-		against := []string{"", "%.0f%% of raw put, p50 %.1fx", "", "%.0f%% of raw get, p50 %.1fx", "", "", "%.0f%% of raw put, p50 %.1fx"}
-		base := []int{0, 0, 2, 2, 0, 0, 0}
 		for i, r := range res {
+			if !run[i] {
+				continue
+			}
 			note := ""
-			switch {
-			case ops[i].name == "attrd update_many 10" || ops[i].name == "attrd update_many 100":
-				note = fmt.Sprintf("one call costs %.1f updates", res[1].rate/r.rate)
-			case against[i] != "":
-				bs := res[base[i]]
-				note = fmt.Sprintf(against[i], 100*r.rate/bs.rate, float64(r.p50)/float64(bs.p50))
+			switch o := ops[i]; {
+			case o.base < 0 || !run[o.base]:
+			case o.base == 1: // a batch against single updates
+				note = fmt.Sprintf(o.against, res[1].rate/r.rate)
+			default:
+				bs := res[o.base]
+				note = fmt.Sprintf(o.against, 100*r.rate/bs.rate, float64(r.p50)/float64(bs.p50))
 			}
 			fmt.Fprintf(stdout, "  %-22s %10.0f %9s %9s  %s\n", ops[i].name, r.rate, r.p50, r.p99, note)
 		}
@@ -340,10 +357,10 @@ func measure(ctx context.Context, n int, d time.Duration, op func(g, i int) erro
 	return res
 }
 
-// profile starts a CPU profile into path when asked (the first attrd round of each
-// concurrency; the last one written is kept).
-func profile(path string, first bool) error {
-	if path == "" || !first {
+// profile starts a CPU profile into path when asked (one per concurrency; the last one
+// written is kept).
+func profile(path string) error {
+	if path == "" {
 		return nil
 	}
 	f, err := os.Create(path)

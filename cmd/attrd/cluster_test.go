@@ -103,6 +103,9 @@ func (c *natsCluster) urls() string {
 	return strings.Join(us, ",")
 }
 
+// instances counts the instances started, to tell their logs apart.
+var instances atomic.Int64
+
 // instance starts an attrd on the cluster, as one of several.
 func (c *natsCluster) instance(t *testing.T) *Server {
 	return mustStart(t, func(cfg *Config) {
@@ -111,8 +114,10 @@ func (c *natsCluster) instance(t *testing.T) *Server {
 		cfg.NATSConnectTimeout = time.Minute
 		cfg.Limits.MaxAttrsPerUser = -1 // the load creates names without end
 		cfg.AdminUsername, cfg.AdminPassword = "admin", adminPassword
-		if os.Getenv("ATTRD_TEST_LOG") != "" {
-			cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		// ATTRD_TEST_LOG=info (or debug) shows the instances' logs.
+		var level slog.Level
+		if level.UnmarshalText([]byte(os.Getenv("ATTRD_TEST_LOG"))) == nil {
+			cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("inst", instances.Add(1))
 		}
 	})
 }
@@ -161,6 +166,8 @@ type load struct {
 	maxGap   atomic.Int64
 	mu       sync.Mutex
 	errs     []string
+	// inspect, if set, describes the state behind a stale read of key (evidence).
+	inspect func(key string, want int64) string
 }
 
 func startLoad(t *testing.T, url, ust string, writers int) *load {
@@ -261,7 +268,11 @@ func (l *load) writer(w int) {
 					break
 				}
 			}
-			l.note("%s: read %s=%v after ok %d (the set was sent %d times; right again %s)", time.Now().Format(time.RFC3339Nano), key, got["value"], i, tries, when)
+			evidence := ""
+			if l.inspect != nil {
+				evidence = l.inspect(key, i)
+			}
+			l.note("%s: read %s=%v after ok %d (the set was sent %d times; right again %s)%s", time.Now().Format(time.RFC3339Nano), key, got["value"], i, tries, when, evidence)
 		}
 		if i%5 == 0 {
 			name := fmt.Sprintf("c%d-%d", w, i)
@@ -460,6 +471,7 @@ func TestClusterSoak(t *testing.T) {
 	insts := []*Server{cl.instance(t), cl.instance(t), cl.instance(t)}
 	admin := mustLogin(t, mustClient(t, insts[0]), "admin", adminPassword)
 	ld := startLoad(t, cl.urls(), admin.UST, 16)
+	ld.inspect = func(key string, want int64) string { return cl.inspect(insts, key, want) }
 	defer ld.finish()
 	end := time.Now().Add(d)
 	for round := 0; time.Now().Before(end); round++ {
@@ -510,6 +522,107 @@ func TestClusterSoak(t *testing.T) {
 	ld.finish()
 	live := insts[0]
 	verifyLoad(t, ld, live)
+}
+
+// inspect describes, for a stale read of key after want was acknowledged, what each
+// NATS node has of the bucket and the log, the key as the leader answers it, the
+// intent record and lease, and the set events of key in the log's tail.
+func (c *natsCluster) inspect(insts []*Server, key string, want int64) string {
+	var b strings.Builder
+	for i, ns := range c.nodes {
+		if ns == nil {
+			fmt.Fprintf(&b, "\n  node %d down", i)
+			continue
+		}
+		jsz, err := ns.Jsz(&server.JSzOptions{Accounts: true, Streams: true, Config: true})
+		if err != nil {
+			fmt.Fprintf(&b, "\n  node %d: %v", i, err)
+			continue
+		}
+		for _, a := range jsz.AccountDetails {
+			for _, sd := range a.Streams {
+				leader := ""
+				if sd.Cluster != nil {
+					leader = sd.Cluster.Leader
+				}
+				fmt.Fprintf(&b, "\n  node %d %s: last %d leader %s direct %v", i, sd.Name, sd.State.LastSeq, leader, sd.Config != nil && sd.Config.AllowDirect)
+			}
+		}
+	}
+	var s *Server
+	for _, in := range insts {
+		if in.apiConn != nil && in.apiConn.IsConnected() {
+			s = in
+			break
+		}
+	}
+	if s == nil {
+		return b.String()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	js, _ := jetstream.New(s.apiConn)
+	kvs, err := js.Stream(ctx, events.KVStream(events.DefaultBucket))
+	if err != nil {
+		return b.String() + "\n  " + err.Error()
+	}
+	uid := ""
+	if m, err := kvs.GetLastMsgForSubject(ctx, events.KVSubject(events.DefaultBucket, events.UsernameKey("admin"))); err == nil {
+		if r, ok := events.DecodeRecord(events.UsernameKey("admin"), m.Data); ok == nil {
+			if u, _ := r.(*events.UsernameRecord); u != nil {
+				uid = u.UserID
+			}
+		}
+	}
+	for _, k := range []string{events.AttrKey(uid, "", key), events.CheckpointKey("0"), events.LeaseKey("0")} {
+		m, err := kvs.GetLastMsgForSubject(ctx, events.KVSubject(events.DefaultBucket, k))
+		if err != nil {
+			fmt.Fprintf(&b, "\n  %s: %v", k, err)
+			continue
+		}
+		rec, _ := events.DecodeRecord(k, m.Data)
+		switch r := rec.(type) {
+		case *events.AttrRecord:
+			fmt.Fprintf(&b, "\n  %s: seq %d value %s", k, m.Sequence, r.Value)
+		case *events.Checkpoint:
+			fmt.Fprintf(&b, "\n  %s: seq %d first %d last %d", k, m.Sequence, r.First, r.Last)
+		default:
+			fmt.Fprintf(&b, "\n  %s: seq %d %+v", k, m.Sequence, rec)
+		}
+	}
+	evs, err := js.Stream(ctx, events.StreamName)
+	if err != nil {
+		return b.String()
+	}
+	last := evs.CachedInfo().State.LastSeq
+	cons, err := evs.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{FilterSubjects: []string{events.EventsPrefix + "." + uid + ".attr"},
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: max(last, 20000) - 20000 + 1})
+	if err != nil {
+		return b.String()
+	}
+	for {
+		batch, err := cons.FetchNoWait(1000)
+		if err != nil {
+			break
+		}
+		n := 0
+		for m := range batch.Messages() {
+			n++
+			ev, err := events.Decode(m.Data())
+			if err != nil || len(ev.Attrs) != 1 || ev.Attrs[0].Name != key {
+				continue
+			}
+			v, _ := strconv.ParseInt(string(ev.Attrs[0].Value), 10, 64)
+			if v >= want-1 {
+				md, _ := m.Metadata()
+				fmt.Fprintf(&b, "\n  event seq %d %s %s=%d id %s", md.Sequence.Stream, ev.Type, key, v, ev.ID)
+			}
+		}
+		if n == 0 {
+			break
+		}
+	}
+	return b.String()
 }
 
 // adminID logs in as admin, retrying on E008004 as a client does, and returns its id.
