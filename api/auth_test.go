@@ -15,6 +15,27 @@ import (
 // TestACachedSessionThatLooksEndedIsCheckedAgainstKV: another instance may have renewed
 // the session a moment ago; the cache alone must not refuse it.
 func TestACachedSessionThatLooksEndedIsCheckedAgainstKV(t *testing.T) {
+	svc, ust, user, renewed := serviceWithSession(t)
+	ctx := context.Background()
+	uid, sid, now := user.UserID, events.SessionID(ust), time.Now()
+	// The cache still holds the session as it was before the renewal, ended a second ago.
+	svc.sessions.put(sid, &events.SessionRecord{UserID: uid, ExpiresAt: now.Add(-time.Second).UnixNano()}, user)
+	c, err := svc.authenticate(ctx, ust)
+	if err != nil {
+		t.Fatalf("a renewed session refused from a stale cache: %v", err)
+	}
+	if c.session.ExpiresAt != renewed.ExpiresAt {
+		t.Fatalf("authenticated with %v, want the renewed end", c.session.ExpiresAt)
+	}
+	if _, err := svc.authenticate(ctx, NewUST()); events.CodeOf(err) != events.CodeNoSession {
+		t.Fatalf("an unknown UST: %v", err)
+	}
+}
+
+// serviceWithSession starts an embedded server with the stream and bucket, stores a
+// user with a session an hour long, and returns a Service on it with the session's UST.
+func serviceWithSession(t *testing.T) (*Service, string, *events.UserRecord, *events.SessionRecord) {
+	t.Helper()
 	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
@@ -33,10 +54,9 @@ func TestACachedSessionThatLooksEndedIsCheckedAgainstKV(t *testing.T) {
 	}
 	uid, ust := events.NewID(), NewUST()
 	sid := events.SessionID(ust)
-	now := time.Now()
 	user := &events.UserRecord{UserID: uid, Username: "u", Approved: true}
-	renewed := &events.SessionRecord{UserID: uid, ExpiresAt: now.Add(time.Hour).UnixNano()}
-	for key, rec := range map[string]any{events.UserKey(uid): user, events.SessionKey(sid): renewed} {
+	sess := &events.SessionRecord{UserID: uid, ExpiresAt: time.Now().Add(time.Hour).UnixNano()}
+	for key, rec := range map[string]any{events.UserKey(uid): user, events.SessionKey(sid): sess} {
 		b, _ := events.Marshal(rec)
 		if _, err := kv.Put(ctx, key, b); err != nil {
 			t.Fatal(err)
@@ -46,17 +66,6 @@ func TestACachedSessionThatLooksEndedIsCheckedAgainstKV(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer svc.Close()
-	// The cache still holds the session as it was before the renewal, ended a second ago.
-	svc.sessions.put(sid, &events.SessionRecord{UserID: uid, ExpiresAt: now.Add(-time.Second).UnixNano()}, user)
-	c, err := svc.authenticate(ctx, ust)
-	if err != nil {
-		t.Fatalf("a renewed session refused from a stale cache: %v", err)
-	}
-	if c.session.ExpiresAt != renewed.ExpiresAt {
-		t.Fatalf("authenticated with %v, want the renewed end", c.session.ExpiresAt)
-	}
-	if _, err := svc.authenticate(ctx, NewUST()); events.CodeOf(err) != events.CodeNoSession {
-		t.Fatalf("an unknown UST: %v", err)
-	}
+	t.Cleanup(func() { svc.Close() })
+	return svc, ust, user, sess
 }

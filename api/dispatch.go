@@ -238,11 +238,12 @@ func (s *Service) handle(ctx context.Context, op Op, req *Request, m *Meta) (map
 }
 
 // Unavailable reports an error of NATS or JetStream being unreachable or without a
-// leader for the moment, rather than a bug.
+// leader for the moment, or of the request being cut short (the instance stopping),
+// rather than a bug.
 func Unavailable(err error) bool {
 	for _, e := range []error{nats.ErrTimeout, nats.ErrNoResponders, nats.ErrConnectionClosed, nats.ErrConnectionDraining,
 		nats.ErrDisconnected, nats.ErrConnectionReconnecting, jetstream.ErrNoStreamResponse, jetstream.ErrJetStreamNotEnabled,
-		context.DeadlineExceeded, jetstream.ErrStreamNotFound} {
+		context.DeadlineExceeded, context.Canceled, jetstream.ErrStreamNotFound} {
 		if errors.Is(err, e) {
 			return true
 		}

@@ -2,6 +2,7 @@ package projector
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/attrd/attrd/events"
@@ -25,6 +26,9 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 		md, err := m.Metadata()
 		if err != nil {
 			return fmt.Errorf("event metadata: %w", err)
+		}
+		if err := p.checkDelivery(md); err != nil {
+			return err
 		}
 		it := item{msg: m, seq: md.Sequence.Stream, reply: m.Headers().Get(events.HeaderReply)}
 		if it.seq <= p.Applied() {
@@ -65,6 +69,26 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 		p.view.reset()
 	}
 	return p.passTail(batch)
+}
+
+// ErrDeliveryGap says the consumer skipped deliveries: the run stops, and the next one
+// consumes again from the intent record.
+var ErrDeliveryGap = errors.New("the event consumer skipped deliveries")
+
+// checkDelivery makes sure no delivery was lost between the last message and this one.
+// The server numbers a consumer's deliveries 1, 2, 3, … (redeliveries included), so a
+// number that does not follow the last one means messages were lost on their way: when
+// a replicated consumer's leader changes, messages already sent by the old leader but
+// never received are redelivered only after AckWait, while the new leader goes on
+// with later ones at once. Folding on would skip events (and Applied would pass them,
+// so that a retried request reads "folded" while its change is not in the projection).
+// A gap in *stream* sequences, by contrast, is normal (deleted messages).
+func (p *Projector) checkDelivery(md *jetstream.MsgMetadata) error {
+	if got := md.Sequence.Consumer; got != p.delivered+1 {
+		return fmt.Errorf("%w: delivery %d (stream sequence %d) after delivery %d", ErrDeliveryGap, got, md.Sequence.Stream, p.delivered)
+	}
+	p.delivered = md.Sequence.Consumer
+	return nil
 }
 
 // passTail moves Applied over recorded decisions that end a batch, once every event

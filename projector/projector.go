@@ -83,8 +83,10 @@ type Projector struct {
 
 	// recovery: the batch of the intent record found at start, folded again.
 	recover *events.Checkpoint
-	// consumerName is this run's consumer of the event stream.
+	// consumerName is this run's consumer of the event stream, and delivered the
+	// consumer sequence of the last message it delivered (see checkDelivery).
 	consumerName string
+	delivered    uint64
 }
 
 // New returns a projector on nc.
@@ -166,6 +168,7 @@ func (p *Projector) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	p.delivered = 0
 	defer func() {
 		// The consumer is this run's own: remove it rather than wait for the server to.
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)

@@ -615,3 +615,53 @@ func TestAConsumerLostWhileRecoveringEndsTheRun(t *testing.T) {
 		t.Fatalf("the run folded part of a recorded batch (applied %d)", p.Applied())
 	}
 }
+
+// TestDeliveriesLostOnTheWayAreNotSkipped: when a replicated consumer's leader changes,
+// messages the old leader sent but nobody received come again only after AckWait,
+// while later ones come at once. A projector folding on would skip those events for
+// good (and report them folded). Here the server's consumer reset makes the same gap
+// on one node: the run must stop at it, and the next run fold every event.
+func TestDeliveriesLostOnTheWayAreNotSkipped(t *testing.T) {
+	en := mustEnv(t)
+	g := newGen()
+	evs := scenario(g)
+	first := en.publish(t, evs[:3]...)
+	held, release := make(chan struct{}), make(chan struct{})
+	var once bool
+	hooks := projector.Hooks{BeforeCheckpoint: func(f, l uint64) error {
+		if l >= first && !once {
+			once = true
+			close(held)
+			<-release
+		}
+		return nil
+	}}
+	_, done, _ := en.start(t, projector.Config{Bucket: en.store.Bucket, Hooks: hooks})
+	<-held
+	// While the run is held on its batch, its consumer jumps past the next events, as
+	// lost deliveries do.
+	st, err := en.js.Stream(context.Background(), events.StreamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var name string
+	for c := range st.ListConsumers(context.Background()).Info() {
+		name = c.Name
+	}
+	rep, err := en.nc.Request(fmt.Sprintf("$JS.API.CONSUMER.RESET.%s.%s", events.StreamName, name), []byte(fmt.Sprintf(`{"seq":%d}`, first+4)), 5*time.Second)
+	if err != nil || bytes.Contains(rep.Data, []byte(`"error"`)) {
+		t.Fatalf("reset the consumer: %v %s", err, rep.Data)
+	}
+	last := en.publish(t, evs[3:]...)
+	close(release)
+	if err := within(t, done); !errors.Is(err, projector.ErrDeliveryGap) {
+		t.Fatalf("the run ended with %v, want a delivery gap", err)
+	}
+	p, stop := en.run(t, projector.Config{Bucket: en.store.Bucket})
+	waitApplied(t, p, last)
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	_, want := reference(evs, 1)
+	sameRecords(t, bucketRecords(t, en.js, en.store.Bucket), want)
+}

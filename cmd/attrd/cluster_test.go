@@ -168,10 +168,14 @@ type load struct {
 	errs     []string
 	// inspect, if set, describes the state behind a stale read of key (evidence).
 	inspect func(key string, want int64) string
+	// last holds each writer's last answer or error, and stalled, if set, describes the
+	// instances when no write succeeds in time (evidence).
+	last    []atomic.Value
+	stalled func() string
 }
 
 func startLoad(t *testing.T, url, ust string, writers int) *load {
-	l := &load{t: t, ust: ust, url: url, stop: make(chan struct{}), acked: make([]atomic.Int64, writers)}
+	l := &load{t: t, ust: ust, url: url, stop: make(chan struct{}), acked: make([]atomic.Int64, writers), last: make([]atomic.Value, writers)}
 	l.lastOK.Store(time.Now().UnixNano())
 	for w := 0; w < writers; w++ {
 		l.wg.Add(1)
@@ -198,12 +202,17 @@ func (l *load) ok() {
 
 // call sends op until it is answered with anything but E008004 or a transport error.
 func (l *load) call(nc *nats.Conn, op string, body map[string]any) map[string]any {
-	out, _ := l.callCounting(nc, op, body)
+	out, _ := l.callCounting(nc, -1, op, body)
 	return out
 }
 
 // callCounting is call, and says how many times the request was sent.
-func (l *load) callCounting(nc *nats.Conn, op string, body map[string]any) (map[string]any, int) {
+func (l *load) callCounting(nc *nats.Conn, w int, op string, body map[string]any) (map[string]any, int) {
+	seen := func(what string) {
+		if w >= 0 {
+			l.last[w].Store(time.Now().Format("15:04:05.000") + " " + what)
+		}
+	}
 	b, _ := json.Marshal(body)
 	for tries := 1; ; tries++ {
 		select {
@@ -213,9 +222,11 @@ func (l *load) callCounting(nc *nats.Conn, op string, body map[string]any) (map[
 		}
 		rep, err := nc.Request("attrd."+op, b, 8*time.Second)
 		if err != nil {
+			seen(fmt.Sprintf("try %d: %v (connected to %s)", tries, err, nc.ConnectedUrl()))
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
+		seen(fmt.Sprintf("try %d: %.200s", tries, rep.Data))
 		var out map[string]any
 		json.Unmarshal(rep.Data, &out)
 		if rep.Header.Get("Nats-Service-Error-Code") == "500" {
@@ -240,7 +251,7 @@ func (l *load) writer(w int) {
 	defer nc.Close()
 	key := fmt.Sprintf("w%d", w)
 	for i := int64(1); ; i++ {
-		out, tries := l.callCounting(nc, "user.attr.set", map[string]any{"ust": l.ust, "current_app": "CRM", "name": key, "value": i,
+		out, tries := l.callCounting(nc, w, "user.attr.set", map[string]any{"ust": l.ust, "current_app": "CRM", "name": key, "value": i,
 			"request_id": fmt.Sprintf("%s-%d", key, i)})
 		if out == nil {
 			return
@@ -301,6 +312,12 @@ func (l *load) waitOK(t *testing.T, since time.Time, within time.Duration) time.
 			return time.Duration(ok - since.UnixNano())
 		}
 		if time.Now().After(deadline) {
+			for w := range l.last {
+				t.Logf("writer %d: %v", w, l.last[w].Load())
+			}
+			if l.stalled != nil {
+				t.Log(l.stalled())
+			}
 			t.Fatalf("no write succeeded within %s", within)
 		}
 		time.Sleep(5 * time.Millisecond)
@@ -472,6 +489,17 @@ func TestClusterSoak(t *testing.T) {
 	admin := mustLogin(t, mustClient(t, insts[0]), "admin", adminPassword)
 	ld := startLoad(t, cl.urls(), admin.UST, 16)
 	ld.inspect = func(key string, want int64) string { return cl.inspect(insts, key, want) }
+	ld.stalled = func() string {
+		var b strings.Builder
+		for i, s := range insts {
+			applied := uint64(0)
+			if p := s.Projector(); p != nil {
+				applied = p.Applied()
+			}
+			fmt.Fprintf(&b, "\n  instance %d %s: projector up %v, applied %d, api connected %v to %s", i, s.instance, s.prjUp.Load(), applied, s.apiConn.IsConnected(), s.apiConn.ConnectedUrl())
+		}
+		return b.String() + cl.inspect(insts, "w0", ld.acked[0].Load())
+	}
 	defer ld.finish()
 	end := time.Now().Add(d)
 	for round := 0; time.Now().Before(end); round++ {
