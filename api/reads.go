@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -165,9 +164,9 @@ func (s *Service) listNames(ctx context.Context, prefix string) ([]string, error
 			if err != nil {
 				return nil, err
 			}
-			exp, err := strconv.ParseInt(h.Get(events.HeaderExpires), 10, 64)
+			exp, known := events.RecordExpiry(h)
 			switch {
-			case err != nil:
+			case !known:
 				legacy = append(legacy, name)
 			case exp == 0 || exp > now:
 				names = append(names, name)

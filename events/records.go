@@ -50,12 +50,14 @@ type SessionRefRecord struct {
 
 // AttrRecord is one attribute (key a.…). ExpiresAt 0 means never.
 type AttrRecord struct {
-	Value     []byte `msgpack:"val"` // JSON text, or sealed when Encrypted
-	Encrypted bool   `msgpack:"enc,omitempty"`
-	Created   int64  `msgpack:"created"`
-	Modified  int64  `msgpack:"mod"`
-	ExpiresAt int64  `msgpack:"exp,omitempty"`
-	Seq       uint64 `msgpack:"seq"`
+	// One-letter names keep the record small (one per attribute in the bucket); the
+	// aliases read the names an older attrd wrote.
+	Value     []byte `msgpack:"v,alias:val"` // JSON text, or sealed when Encrypted
+	Encrypted bool   `msgpack:"e,alias:enc,omitempty"`
+	Created   int64  `msgpack:"c,alias:created"`
+	Modified  int64  `msgpack:"m,alias:mod"`
+	ExpiresAt int64  `msgpack:"x,alias:exp,omitempty"`
+	Seq       uint64 `msgpack:"s,alias:seq"`
 	// Unopened marks, in a reader's fold without the key file, a plain attribute whose
 	// value is still sealed (an update that kept the attribute's setting): the record is
 	// right but for its value, which only the key opens. Never stored.
@@ -149,13 +151,26 @@ func DecodeRecord(key string, data []byte) (any, error) {
 
 // HeaderExpires carries an attribute record's expiry (Unix nanoseconds, "0": never) on
 // its KV message, so that a listing can read names and liveness from headers alone,
-// without the values.
+// without the values. Only a message with a TTL (Nats-TTL) carries it: one with neither
+// never expires, whichever attrd wrote it (RecordNeverExpires).
 const HeaderExpires = "Attrd-Exp"
 
-// RecordHeaders returns the headers a record's KV message carries (nil: none).
-func RecordHeaders(rec any) map[string][]string {
-	if a, ok := rec.(*AttrRecord); ok {
+// RecordHeaders returns the headers a record's KV message carries (nil: none); ttl
+// says whether the message has a TTL.
+func RecordHeaders(rec any, ttl bool) map[string][]string {
+	if a, ok := rec.(*AttrRecord); ok && (ttl || a.ExpiresAt != 0) {
 		return map[string][]string{HeaderExpires: {strconv.FormatInt(a.ExpiresAt, 10)}}
 	}
 	return nil
+}
+
+// RecordExpiry reads an attribute record's expiry from its KV message's headers: ok is
+// false when the headers cannot tell (an older attrd's record with a TTL), and the
+// record must be read.
+func RecordExpiry(h map[string][]string) (exp int64, ok bool) {
+	if v := h[HeaderExpires]; len(v) > 0 {
+		exp, err := strconv.ParseInt(v[0], 10, 64)
+		return exp, err == nil
+	}
+	return 0, len(h["Nats-TTL"]) == 0
 }

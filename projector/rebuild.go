@@ -71,7 +71,7 @@ func Write(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory
 			opts = append(opts, jetstream.WithMsgTTL(ttl))
 		}
 		// The same raw publish as the projector's: Nats-TTL on a KV subject.
-		f, err := js.PublishMsgAsync(&nats.Msg{Subject: events.KVSubject(bucket, key), Data: data, Header: events.RecordHeaders(rec)}, opts...)
+		f, err := js.PublishMsgAsync(&nats.Msg{Subject: events.KVSubject(bucket, key), Data: data, Header: events.RecordHeaders(rec, ttl > 0)}, opts...)
 		if err != nil {
 			return err
 		}

@@ -1,7 +1,6 @@
 package projector
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -149,7 +148,7 @@ func (p *Projector) writeKey(key string, now int64) (jetstream.PubAckFuture, err
 		}
 		return p.publishDelete(key, e.rev)
 	}
-	f, err := p.publishMsg(&nats.Msg{Subject: events.KVSubject(p.cfg.Bucket, key), Data: data, Header: events.RecordHeaders(e.rec)}, e.rev, ttl, true)
+	f, err := p.publishMsg(&nats.Msg{Subject: events.KVSubject(p.cfg.Bucket, key), Data: data, Header: events.RecordHeaders(e.rec, ttl > 0)}, e.rev, ttl, true)
 	return f, err
 }
 
@@ -247,7 +246,7 @@ func (p *Projector) rewrite(ctx context.Context, key string, now int64) (*jetstr
 		}
 		e.rev = m.Sequence
 	default:
-		if e.rec != nil && bytes.Equal(m.Data, mustMarshal(e.rec)) {
+		if e.rec != nil && sameStored(key, m.Data, e.rec) {
 			return &jetstream.PubAck{Sequence: m.Sequence}, nil
 		}
 		return nil, fmt.Errorf("key %s was written by another writer (seq %d): is a second projector running?", key, m.Sequence)
@@ -259,12 +258,11 @@ func (p *Projector) rewrite(ctx context.Context, key string, now int64) (*jetstr
 	return p.wait(ctx, f)
 }
 
-func mustMarshal(rec any) []byte {
-	if rec == nil {
-		return nil
-	}
-	b, _ := events.Marshal(rec)
-	return b
+// sameStored reports whether data, a stored record of key, is rec: compared decoded,
+// since an older attrd encoded the same record with other field names.
+func sameStored(key string, data []byte, rec any) bool {
+	stored, err := events.DecodeRecord(key, data)
+	return err == nil && sameRecord(stored, rec)
 }
 
 func (p *Projector) wait(ctx context.Context, f jetstream.PubAckFuture) (*jetstream.PubAck, error) {
