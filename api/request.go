@@ -283,6 +283,9 @@ func parseInt(raw json.RawMessage) (int64, error) {
 
 // compact returns raw JSON without insignificant white space (raw is valid JSON).
 func compact(raw json.RawMessage) json.RawMessage {
+	if bytes.IndexAny(raw, " \t\r\n") < 0 {
+		return raw // nothing to take out (the decoder has checked it is valid)
+	}
 	var b bytes.Buffer
 	if err := json.Compact(&b, raw); err != nil {
 		return raw
@@ -483,10 +486,11 @@ func parseItem(raw json.RawMessage) (Item, error) {
 		return Item{}, fmt.Errorf("an item must be an object")
 	}
 	var it Item
-	nraw, ok := f["name"]
-	if !ok || nraw[0] != '"' || json.Unmarshal(nraw, &it.Name) != nil {
+	name, ok := unquote(f["name"])
+	if !ok {
 		return Item{}, fmt.Errorf("an item needs a string name")
 	}
+	it.Name = name
 	if v, ok := f["value"]; ok {
 		it.Value = compact(v)
 	}

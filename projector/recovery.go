@@ -10,10 +10,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// consumer (re)creates the projector's durable consumer at start. The intent record,
-// not the consumer, is the projector's position: starting the consumer there redelivers
-// the recorded batch at once instead of after AckWait. (A single projector per
-// partition; fail-over between projectors will use a pinned consumer instead.)
+// consumer creates this run's consumer of the event stream. The intent record, not the
+// consumer, is the projector's position: starting the consumer there redelivers the
+// recorded batch at once instead of after AckWait.
 func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start uint64) (jetstream.Consumer, error) {
 	cfg := jetstream.ConsumerConfig{
 		// A consumer of this run alone: no other instance's consumer is ever deleted
@@ -22,9 +21,12 @@ func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start ui
 		InactiveThreshold: 30 * time.Second,
 		FilterSubject:     events.EventsPrefix + ".>",
 		AckPolicy:         jetstream.AckAllPolicy,
-		AckWait:           30 * time.Second,
-		MaxAckPending:     16 * p.cfg.MaxBatch,
-		DeliverPolicy:     jetstream.DeliverAllPolicy,
+		// Deliveries lost on their way (a consumer leader change) come again only after
+		// AckWait, and the fold cannot go past them: a short AckWait bounds that stall.
+		// A batch that takes longer is redelivered and skipped (at or below Applied).
+		AckWait:       5 * time.Second,
+		MaxAckPending: 16 * p.cfg.MaxBatch,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
 		// As many replicas as the stream: on a cluster, losing the node of an R1
 		// consumer would stop the projector until it noticed.
 		Replicas: evs.CachedInfo().Config.Replicas,

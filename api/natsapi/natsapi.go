@@ -42,10 +42,22 @@ type Server struct {
 	api  *api.Service
 	log  *slog.Logger
 	sem  chan struct{}
+	jobs chan job // to the workers waiting for a request
 	wg   sync.WaitGroup
 	ctx  context.Context
 	stop context.CancelFunc
 }
+
+// job is a request for a worker.
+type job struct {
+	op api.Op
+	r  micro.Request
+}
+
+// workers is how many goroutines wait for requests. A worker keeps the stack that
+// handling a request grew (JSON parsing, encoding), where a goroutine per request grew a
+// fresh one every time; requests beyond them get a goroutine of their own.
+const workers = 128
 
 // Subject returns the request subject of an operation.
 func Subject(op api.Op) string { return SubjectPrefix + "." + string(op) }
@@ -65,7 +77,10 @@ func Start(nc *nats.Conn, a *api.Service, log *slog.Logger) (*Server, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Server{nc: nc, svc: svc, api: a, log: log, sem: make(chan struct{}, a.Config().MaxInFlight), ctx: ctx, stop: cancel}
+	s := &Server{nc: nc, svc: svc, api: a, log: log, sem: make(chan struct{}, a.Config().MaxInFlight), jobs: make(chan job), ctx: ctx, stop: cancel}
+	for range workers {
+		go s.work()
+	}
 	for _, op := range api.Ops() {
 		name := strings.ReplaceAll(string(op), ".", "-")
 		err := svc.AddEndpoint(name, micro.HandlerFunc(func(r micro.Request) { s.dispatch(op, r) }),
@@ -87,17 +102,37 @@ func Start(nc *nats.Conn, a *api.Service, log *slog.Logger) (*Server, error) {
 func (s *Server) Stop() error {
 	err := s.svc.Stop()
 	s.wg.Wait()
-	s.stop()
+	s.stop() // the workers end; a request still draining gets a goroutine of its own
 	return err
 }
 
+// dispatch hands a request to an idle worker, or to a goroutine of its own when none is
+// idle: micro calls a handler one request at a time per endpoint, and the semaphore
+// bounds how many are handled at once.
 func (s *Server) dispatch(op api.Op, r micro.Request) {
 	s.sem <- struct{}{}
 	s.wg.Add(1)
-	go func() {
-		defer func() { <-s.sem; s.wg.Done() }()
-		s.handle(op, r)
-	}()
+	select {
+	case s.jobs <- job{op, r}:
+	default:
+		go s.run(job{op, r})
+	}
+}
+
+func (s *Server) work() {
+	for {
+		select {
+		case j := <-s.jobs:
+			s.run(j)
+		case <-s.ctx.Done():
+			return
+		}
+	}
+}
+
+func (s *Server) run(j job) {
+	defer func() { <-s.sem; s.wg.Done() }()
+	s.handle(j.op, j.r)
 }
 
 func (s *Server) handle(op api.Op, r micro.Request) {
