@@ -437,33 +437,30 @@ func (s *Service) folded(ctx context.Context) (uint64, error) {
 }
 
 // rejection finds the projector's recorded decision on the event at seq of user uid:
-// its code, or "" (accepted) when there is none.
+// its code, or "" (accepted) when there is none. The projector records rejections on
+// the user's decision subject in the order it folds, before it reports the event folded,
+// so the record of seq, if any, is the first one at or after seq whose event is not
+// earlier than seq (records of earlier events may come after seq: their batch was
+// folded after seq was appended). Each step is one read of the stream's next message
+// on the subject, answered by the stream's leader.
 func (s *Service) rejection(ctx context.Context, uid string, seq uint64) (events.Code, error) {
-	cons, err := s.eventStream.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{events.DecisionSubject(uid)},
-		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy, OptStartSeq: seq})
-	if err != nil {
-		return "", err
-	}
-	for {
-		batch, err := cons.FetchNoWait(256)
-		if err != nil {
-			return "", err
-		}
-		n := 0
-		for m := range batch.Messages() {
-			n++
-			var d events.Decision
-			if events.Unmarshal(m.Data(), &d) == nil && d.Seq == seq {
-				return d.Code, nil
-			}
-		}
-		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
-			return "", err
-		}
-		if n == 0 {
+	subject := events.DecisionSubject(uid)
+	for from := seq; ; {
+		m, err := s.eventStream.GetMsg(ctx, from, jetstream.WithGetMsgSubject(subject))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			return "", nil
 		}
+		if err != nil {
+			return "", fmt.Errorf("read the decisions of user %s: %w", uid, err)
+		}
+		var d events.Decision
+		if err := events.Unmarshal(m.Data, &d); err == nil && d.Seq >= seq {
+			if d.Seq == seq {
+				return d.Code, nil
+			}
+			return "", nil
+		}
+		from = m.Sequence + 1
 	}
 }
 

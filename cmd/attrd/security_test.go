@@ -189,6 +189,14 @@ func TestRepeatedRequestIDReturnsTheFirstOutcomeAndAppendsNothing(t *testing.T) 
 	expectCode(t, u.Attr.Update(ctx, "y", 1, client.RequestID("r-2")), events.CodeNoAttr)
 	expectCode(t, u.Attr.Create(ctx, "y", 1), noError)
 	expectCode(t, u.Attr.Update(ctx, "y", 1, client.RequestID("r-2")), events.CodeNoAttr)
+	// Among several decisions of the user, each retry finds its own: rejections before
+	// and after an accepted request.
+	expectCode(t, u.Attr.Update(ctx, "z", 1, client.RequestID("r-4")), events.CodeNoAttr)
+	expectCode(t, u.Attr.Create(ctx, "z2", 1, client.RequestID("r-5")), noError)
+	expectCode(t, u.Attr.Create(ctx, "z2", 1, client.RequestID("r-6")), events.CodeAttrExists)
+	expectCode(t, u.Attr.Create(ctx, "z2", 1, client.RequestID("r-5")), noError)
+	expectCode(t, u.Attr.Update(ctx, "z", 1, client.RequestID("r-4")), events.CodeNoAttr)
+	expectCode(t, u.Attr.Create(ctx, "z2", 1, client.RequestID("r-6")), events.CodeAttrExists)
 	// The same id from another caller is another request.
 	bob, _ := f.admin.CreateUser(ctx, "bob", "pw", false)
 	_ = bob
