@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/api/client"
@@ -603,4 +605,38 @@ func TestLargeHistoriesInParallelDoNotFailOtherUsers(t *testing.T) {
 		t.Fatalf("history reads: %d ok, %d busy, %d failed", okN.Load(), busyN.Load(), otherN.Load())
 	}
 	t.Logf("history reads: %d ok, %d busy", okN.Load(), busyN.Load())
+}
+
+// TestNamesReadTheExpiryOfRecordsOfAnOlderAttrd: a listing reads expiries from headers;
+// a record without the expiry header but with a TTL (as an older attrd wrote every
+// attribute record with a TTL) is read whole, so that one expired but not yet removed by
+// the server is not listed, while a record with neither never expires.
+func TestNamesReadTheExpiryOfRecordsOfAnOlderAttrd(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	u := mustSession(t, f)
+	expectCode(t, u.Attr.Create(ctx, "plain", 1), noError)
+	js, err := jetstream.New(f.srv.apiConn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now().UnixNano()
+	for name, exp := range map[string]int64{"old-live": now + int64(time.Hour), "old-expired": now - int64(time.Second)} {
+		data, err := msgpack.Marshal(map[string]any{"val": []byte("1"), "created": now, "mod": now, "exp": exp, "seq": uint64(1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := &nats.Msg{Subject: events.KVSubject(events.DefaultBucket, events.AttrKey(f.aliceID, "", name)), Data: data}
+		if _, err := js.PublishMsg(ctx, m, jetstream.WithMsgTTL(time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, out := rawJSON(t, f.srv, "user.attr.names", map[string]any{"ust": f.alice.UST, "current_app": "CRM"})
+	got := map[string]bool{}
+	for _, n := range out["result"].([]any) {
+		got[n.(string)] = true
+	}
+	if !got["plain"] || !got["old-live"] || got["old-expired"] {
+		t.Fatalf("names: %v (want plain and old-live, not old-expired)", out["result"])
+	}
 }
