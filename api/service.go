@@ -6,12 +6,16 @@
 package api
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"runtime"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -72,9 +76,15 @@ type Service struct {
 	log         *slog.Logger
 	inbox       string
 	sub         *nats.Subscription
+	// acks receives the stream's acknowledgements of appends with a request id, on
+	// <acks>.<token>; ackSub is its subscription.
+	acks   string
+	ackSub *nats.Subscription
 
 	mu      sync.Mutex
 	waiting map[string][]chan events.Decision // by event id; two retries of one request share it
+	ackWait map[string]chan appendAck         // by token: the append waiting for its ack
+	ackSeq  uint64
 
 	sessions  *sessionCache
 	hashes    *Gate
@@ -170,7 +180,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		return nil, fmt.Errorf("event stream: %w", err)
 	}
 	s := &Service{cfg: cfg, nc: nc, js: js, kv: kv, kvStream: kvStream, eventStream: eventStream, log: cfg.Logger,
-		inbox: nats.NewInbox(), waiting: map[string][]chan events.Decision{},
+		inbox: nats.NewInbox(), acks: nats.NewInbox(), waiting: map[string][]chan events.Decision{}, ackWait: map[string]chan appendAck{},
 		sessions:  newSessionCache(5*time.Second, 100_000),
 		hashes:    NewGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait, "password checks"),
 		histories: NewGate(cfg.HistoryConcurrency, -1, 2*time.Second, "history requests"),
@@ -206,6 +216,12 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if err := s.sub.SetPendingLimits(-1, -1); err != nil {
 		return nil, err
 	}
+	if s.ackSub, err = nc.Subscribe(s.acks+".*", s.onAck); err != nil {
+		return nil, err
+	}
+	if err := s.ackSub.SetPendingLimits(-1, -1); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -215,7 +231,7 @@ func (s *Service) Config() Config { return s.cfg }
 // Close stops receiving decisions and watching sessions.
 func (s *Service) Close() error {
 	s.stop()
-	return s.sub.Unsubscribe()
+	return errors.Join(s.sub.Unsubscribe(), s.ackSub.Unsubscribe())
 }
 
 // CheckBodySize refuses a request body over the limit (E008002); transports call it, or
@@ -315,46 +331,127 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 
 	timer := time.NewTimer(s.cfg.DecisionTimeout)
 	defer timer.Stop()
-	var okc <-chan *jetstream.PubAck
-	var errc <-chan error
-	if ev.RequestKey == "" {
-		// Without a request id the decision is the acknowledgement: the event is
-		// published with no reply subject, so the server sends no PubAck. Its
-		// Nats-Msg-Id is the event's ULID, as for every event. Should the stream refuse
-		// it, no decision comes and the caller hears "outcome unknown".
-		msg.Header.Set(nats.MsgIdHdr, ev.ID)
-		if err := s.nc.PublishMsg(msg); err != nil {
-			return events.Decision{}, appendError(err)
-		}
-	} else {
-		// Nats-Msg-Id (the event id, derived from the request id) de-duplicates within
-		// the stream's window: a retry is acked as a duplicate and appends nothing.
-		fut, err := s.js.PublishMsgAsync(msg, jetstream.WithMsgID(ev.ID), jetstream.WithExpectStream(events.StreamName))
-		if err != nil {
-			return events.Decision{}, appendError(err)
-		}
-		okc, errc = fut.Ok(), fut.Err()
+	// Nats-Msg-Id is the event's id: its ULID, or, with a request id, derived from it,
+	// so that the stream de-duplicates a retry within its window (it appends nothing).
+	// The event is published with no reply subject: the decision is the
+	// acknowledgement, and the server sends no ack. Should the stream refuse the event,
+	// or drop it as a duplicate, no decision comes.
+	msg.Header.Set(nats.MsgIdHdr, ev.ID)
+	if err := s.nc.PublishMsg(msg); err != nil {
+		return events.Decision{}, appendError(err)
+	}
+	// A request id may be a retry whose event is in the log already: the stream drops
+	// it, and the decision is the first event's. When no decision has come after a
+	// moment, the event is published again with a reply subject: the stream's ack of
+	// this probe says whether it is a duplicate, and of which event (or it appends the
+	// event now, if the first publish was lost). Every first request is spared the
+	// ack; a retry waits probeAfter longer.
+	var probe <-chan time.Time
+	var ackc chan appendAck
+	if ev.RequestKey != "" {
+		t := time.NewTimer(probeAfter)
+		defer t.Stop()
+		probe = t.C
 	}
 	for {
 		select {
 		case d := <-ch:
 			return d, nil
-		case ack := <-okc:
-			okc = nil
-			if ack.Duplicate {
+		case <-probe:
+			probe = nil
+			var token string
+			ackc, token = s.awaitAck()
+			defer s.forgetAck(token)
+			msg.Reply = s.acks + "." + token
+			if err := s.nc.PublishMsg(msg); err != nil {
+				ackc = nil // the decision, or the timer, tells
+			}
+		case a := <-ackc:
+			ackc = nil
+			var apiErr *jetstream.APIError
+			switch {
+			case a.duplicate:
 				// A duplicate's ack names the first event's sequence.
-				return s.recorded(ctx, ack.Sequence, ev.RequestKey, timer.C)
+				return s.recorded(ctx, a.seq, ev.RequestKey, timer.C)
+			case errors.As(a.err, &apiErr) && apiErr.ErrorCode == 10158: // JSStreamDuplicateMessageConflict: "duplicate message id is in process"
+				// The first publish is still being stored: its decision will tell.
+			case a.err != nil:
+				// The stream cannot take events now (no leader, no quorum): whether
+				// the first publish was stored is unknown.
+				return events.Decision{}, appendError(a.err)
 			}
-		case err := <-errc:
-			if errors.Is(err, jetstream.ErrAsyncPublishTimeout) || errors.Is(err, nats.ErrTimeout) {
-				errc = nil // stored or not: the decision, or the timer, tells
-				continue
-			}
-			return events.Decision{}, appendError(err)
+			// Stored now (the first publish was lost): the decision will tell.
 		case <-timer.C:
 			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "no decision on event %s within %s", ev.ID, s.cfg.DecisionTimeout)
 		case <-ctx.Done():
 			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "gave up waiting for event %s: %v", ev.ID, ctx.Err())
+		}
+	}
+}
+
+// probeAfter is how long a request with a request id waits for its decision before it
+// asks the stream whether its event is a duplicate: longer than most decisions take.
+const probeAfter = 100 * time.Millisecond
+
+// appendAck is what the stream answered a probe: a duplicate and the first event's
+// sequence, or an error.
+type appendAck struct {
+	duplicate bool
+	seq       uint64
+	err       error
+}
+
+// awaitAck registers a probe waiting for its ack and returns the token of its reply
+// subject.
+func (s *Service) awaitAck() (chan appendAck, string) {
+	ch := make(chan appendAck, 1)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ackSeq++
+	token := strconv.FormatUint(s.ackSeq, 36)
+	s.ackWait[token] = ch
+	return ch, token
+}
+
+func (s *Service) forgetAck(token string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.ackWait, token)
+}
+
+// onAck reads a stream's ack of a probe. A plain ack (the probe stored the event: the
+// decision will answer) is dropped after a byte search; a duplicate or an error is
+// decoded and handed to its request. A 503 status (no stream answered) is an error too.
+func (s *Service) onAck(m *nats.Msg) {
+	var a appendAck
+	switch {
+	case len(m.Data) == 0 && m.Header.Get("Status") != "":
+		a.err = fmt.Errorf("%w (status %s)", nats.ErrNoResponders, m.Header.Get("Status"))
+	case bytes.Contains(m.Data, []byte(`"duplicate"`)) || bytes.Contains(m.Data, []byte(`"error"`)):
+		var ack struct {
+			Seq       uint64              `json:"seq"`
+			Duplicate bool                `json:"duplicate"`
+			Error     *jetstream.APIError `json:"error"`
+		}
+		if err := json.Unmarshal(m.Data, &ack); err != nil {
+			a.err = fmt.Errorf("unreadable ack: %w", err)
+		} else if ack.Error != nil {
+			a.err = ack.Error
+		} else if !ack.Duplicate {
+			return
+		}
+		a.duplicate, a.seq = ack.Duplicate, ack.Seq
+	default:
+		return
+	}
+	token := m.Subject[strings.LastIndexByte(m.Subject, '.')+1:]
+	s.mu.Lock()
+	ch := s.ackWait[token]
+	s.mu.Unlock()
+	if ch != nil {
+		select {
+		case ch <- a:
+		default:
 		}
 	}
 }
