@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -85,6 +86,8 @@ type Service struct {
 	waiting map[string][]chan events.Decision // by event id; two retries of one request share it
 	ackWait map[string]chan appendAck         // by token: the append waiting for its ack
 	ackSeq  uint64
+	// decisionMean is the recent mean time from append to decision, in ns (probeAfter).
+	decisionMean atomic.Int64
 
 	sessions  *sessionCache
 	hashes    *Gate
@@ -342,20 +345,22 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 	}
 	// A request id may be a retry whose event is in the log already: the stream drops
 	// it, and the decision is the first event's. When no decision has come after a
-	// moment, the event is published again with a reply subject: the stream's ack of
-	// this probe says whether it is a duplicate, and of which event (or it appends the
-	// event now, if the first publish was lost). Every first request is spared the
-	// ack; a retry waits probeAfter longer.
+	// moment (probeAfter), the event is published again with a reply subject: the
+	// stream's ack of this probe says whether it is a duplicate, and of which event (or
+	// it appends the event now, if the first publish was lost). Every first request is
+	// spared the ack; a retry waits probeAfter longer.
 	var probe <-chan time.Time
 	var ackc chan appendAck
 	if ev.RequestKey != "" {
-		t := time.NewTimer(probeAfter)
+		t := time.NewTimer(s.probeAfter())
 		defer t.Stop()
 		probe = t.C
 	}
+	sent := time.Now()
 	for {
 		select {
 		case d := <-ch:
+			s.decided(time.Since(sent))
 			return d, nil
 		case <-probe:
 			probe = nil
@@ -372,7 +377,7 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 			switch {
 			case a.duplicate:
 				// A duplicate's ack names the first event's sequence.
-				return s.recorded(ctx, a.seq, ev.RequestKey, timer.C)
+				return s.recorded(ctx, a.seq, ev.RequestKey, timer.C, data, ch)
 			case errors.As(a.err, &apiErr) && apiErr.ErrorCode == 10158: // JSStreamDuplicateMessageConflict: "duplicate message id is in process"
 				// The first publish is still being stored: its decision will tell.
 			case a.err != nil:
@@ -389,9 +394,24 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 	}
 }
 
-// probeAfter is how long a request with a request id waits for its decision before it
-// asks the stream whether its event is a duplicate: longer than most decisions take.
-const probeAfter = 100 * time.Millisecond
+// minProbeAfter is the shortest a request with a request id waits for its decision
+// before it asks the stream whether its event is a duplicate (probeAfter).
+const minProbeAfter = 100 * time.Millisecond
+
+// probeAfter is how long a request with a request id waits for its decision before its
+// probe: four times the recent mean time to a decision, at least minProbeAfter and at
+// most half the decision timeout, so that under load (a batch of 100 items can take
+// hundreds of milliseconds) first requests do not probe.
+func (s *Service) probeAfter() time.Duration {
+	return min(max(4*time.Duration(s.decisionMean.Load()), minProbeAfter), s.cfg.DecisionTimeout/2)
+}
+
+// decided folds the time one decision took into the recent mean (a moving average over
+// about the last 16).
+func (s *Service) decided(took time.Duration) {
+	m := s.decisionMean.Load()
+	s.decisionMean.Store(m + (int64(took)-m)/16)
+}
 
 // appendAck is what the stream answered a probe: a duplicate and the first event's
 // sequence, or an error.
@@ -472,11 +492,25 @@ func appendError(err error) error {
 // on the user's decision subject, so once the log is folded past seq the decision is
 // that record, or "accepted" without one; the result fields come from the event itself.
 // Events folded before decisions were recorded (an older attrd) are looked up in the
-// decisions it kept per request key.
-func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline <-chan time.Time) (events.Decision, error) {
+// decisions it kept per request key. When the event at seq is own (the bytes this
+// request published: its probe found its own first publish), or whenever decided
+// delivers, the decision sent to this instance answers instead.
+func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline <-chan time.Time, own []byte, decided <-chan events.Decision) (events.Decision, error) {
 	msg, err := s.eventStream.GetMsg(ctx, seq)
 	if err != nil {
 		return events.Decision{}, fmt.Errorf("read the first event of a repeated request: %w", err)
+	}
+	if own != nil && bytes.Equal(msg.Data, own) {
+		// The duplicate is this request's own first publish (a probe of a slow
+		// decision): the decision comes to this instance as for any request.
+		select {
+		case d := <-decided:
+			return d, nil
+		case <-deadline:
+			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "no decision on the event at sequence %d in time", seq)
+		case <-ctx.Done():
+			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "gave up waiting: %v", ctx.Err())
+		}
 	}
 	first, err := events.Decode(msg.Data)
 	if err != nil {
@@ -503,6 +537,8 @@ func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline 
 		}
 		select {
 		case <-poll.C:
+		case d := <-decided:
+			return d, nil
 		case <-deadline:
 			return events.Decision{}, events.Errorf(events.CodeOutcomeUnknown, "no decision yet for the repeated request")
 		case <-ctx.Done():

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -143,4 +144,35 @@ func TestServesOnAnExistingNATSServer(t *testing.T) {
 	u = mustClient(t, keyless).Resume(sess.UST).UserByID(u.ID)
 	expectCode(t, u.Attr.Update(ctxT(t), "secret", 2), events.CodeInvalidInput)
 	expectCode(t, u.Attr.Update(ctxT(t), "secret", 2, client.Encrypt(false)), noError) // an explicit choice is fine
+}
+
+// TestASlowDecisionWithARequestIDAnswersWhenDecided: a request with a request id whose
+// decision is slower than its probe finds its own first publish in the stream's
+// duplicate ack, and answers as soon as the decision comes (not when the lease next
+// reports the log folded, up to 0.7 s later).
+func TestASlowDecisionWithARequestIDAnswersWhenDecided(t *testing.T) {
+	var slow atomic.Bool
+	hooks := projector.Hooks{BeforeCheckpoint: func(first, last uint64) error {
+		if slow.Load() {
+			time.Sleep(400 * time.Millisecond)
+		}
+		return nil
+	}}
+	f := newFixture(t, func(c *Config) { c.ProjectorHooks = hooks })
+	ctx := ctxT(t)
+	u, _ := f.alice.User(ctx)
+	slow.Store(true)
+	for i := range 3 {
+		name := fmt.Sprintf("slow-%d", i)
+		start := time.Now()
+		expectCode(t, u.Attr.Create(ctx, name, i, client.RequestID(name)), noError)
+		if took := time.Since(start); took > 650*time.Millisecond {
+			t.Errorf("%s: answered %s after it was sent; its decision took about 400ms", name, took)
+		}
+	}
+	slow.Store(false)
+	names, err := u.Attr.Names(ctx)
+	if err != nil || len(names) != 3 {
+		t.Fatalf("names %v, %v: want the three, once each", names, err)
+	}
 }
