@@ -19,13 +19,7 @@ import (
 // within the timeout is E008004 (HTTP 503), never a guess; the change still applies, and
 // a retry with the same request id returns its real outcome.
 func TestLateDecisionIsOutcomeUnknownAndTheRequestIDLearnsIt(t *testing.T) {
-	var slow atomic.Bool
-	hooks := projector.Hooks{BeforeCheckpoint: func(first, last uint64) error {
-		if slow.Load() {
-			time.Sleep(700 * time.Millisecond)
-		}
-		return nil
-	}}
+	slow, hooks := slowProjector(700*time.Millisecond, nil)
 	f := newFixture(t, func(c *Config) { c.ProjectorHooks = hooks; c.DecisionTimeout = 300 * time.Millisecond })
 	ctx := ctxT(t)
 	u, _ := f.alice.User(ctx)
@@ -51,15 +45,8 @@ func TestLateDecisionIsOutcomeUnknownAndTheRequestIDLearnsIt(t *testing.T) {
 // TestShutdownAnswersRequestsInFlight: Close stops taking requests but answers the ones
 // it has, with their real outcome.
 func TestShutdownAnswersRequestsInFlight(t *testing.T) {
-	var slow atomic.Bool
 	started := make(chan struct{}, 16)
-	hooks := projector.Hooks{BeforeCheckpoint: func(first, last uint64) error {
-		if slow.Load() {
-			started <- struct{}{}
-			time.Sleep(300 * time.Millisecond)
-		}
-		return nil
-	}}
+	slow, hooks := slowProjector(300*time.Millisecond, started)
 	f := newFixture(t, func(c *Config) { c.ProjectorHooks = hooks })
 	ctx := ctxT(t)
 	u, _ := f.alice.User(ctx)
@@ -151,13 +138,7 @@ func TestServesOnAnExistingNATSServer(t *testing.T) {
 // duplicate ack, and answers as soon as the decision comes (not when the lease next
 // reports the log folded, up to 0.7 s later).
 func TestASlowDecisionWithARequestIDAnswersWhenDecided(t *testing.T) {
-	var slow atomic.Bool
-	hooks := projector.Hooks{BeforeCheckpoint: func(first, last uint64) error {
-		if slow.Load() {
-			time.Sleep(400 * time.Millisecond)
-		}
-		return nil
-	}}
+	slow, hooks := slowProjector(400*time.Millisecond, nil)
 	f := newFixture(t, func(c *Config) { c.ProjectorHooks = hooks })
 	ctx := ctxT(t)
 	u, _ := f.alice.User(ctx)
@@ -175,4 +156,20 @@ func TestASlowDecisionWithARequestIDAnswersWhenDecided(t *testing.T) {
 	if err != nil || len(names) != 3 {
 		t.Fatalf("names %v, %v: want the three, once each", names, err)
 	}
+}
+
+// slowProjector returns projector hooks that, while slow is set, hold every batch for d
+// before its intent record, first signalling started (if not nil).
+func slowProjector(d time.Duration, started chan<- struct{}) (slow *atomic.Bool, hooks projector.Hooks) {
+	slow = &atomic.Bool{}
+	hooks.BeforeCheckpoint = func(first, last uint64) error {
+		if slow.Load() {
+			if started != nil {
+				started <- struct{}{}
+			}
+			time.Sleep(d)
+		}
+		return nil
+	}
+	return slow, hooks
 }
