@@ -665,3 +665,56 @@ func TestDeliveriesLostOnTheWayAreNotSkipped(t *testing.T) {
 	_, want := reference(evs, 1)
 	sameRecords(t, bucketRecords(t, en.js, en.store.Bucket), want)
 }
+
+// TestAPausedProjectorWritesNothingAfterItsSuccessorStarted: a projector paused in the
+// middle of a batch (a long GC pause, a frozen VM) while another takes over must not
+// land anything when it wakes: the successor's fence makes its intent record fail, and
+// nothing of a batch is written before its intent record is stored.
+func TestAPausedProjectorWritesNothingAfterItsSuccessorStarted(t *testing.T) {
+	en := mustEnv(t)
+	g := newGen()
+	evs := scenario(g)
+	uid := evs[0].UserID
+	first := en.publish(t, evs[:2]...)
+	paused, resume := make(chan struct{}), make(chan struct{})
+	var once bool
+	hooks := projector.Hooks{BeforeCheckpoint: func(f, l uint64) error {
+		if l > first && !once {
+			once = true
+			close(paused)
+			<-resume
+		}
+		return nil
+	}}
+	old, done, _ := en.start(t, projector.Config{Bucket: en.store.Bucket, Hooks: hooks})
+	waitApplied(t, old, first)
+	// The old projector takes the next event and freezes before its intent record.
+	en.publish(t, g.attr(events.AttrSet, uid, "", "a"))
+	<-paused
+	// Its successor fences the intent record, folds that event and a later one.
+	later := g.attr(events.AttrSet, uid, "", "a")
+	next, stop := en.run(t, projector.Config{Bucket: en.store.Bucket, Durable: "next"})
+	<-next.Ready()
+	last := en.publish(t, later)
+	waitApplied(t, next, last)
+	before := bucketRecords(t, en.js, en.store.Bucket)
+	intent, err := en.kv.Get(context.Background(), events.CheckpointKey("0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	close(resume)
+	if err := within(t, done); err == nil || !strings.Contains(err.Error(), "intent record") {
+		t.Fatalf("the paused projector ended with %v, want its intent record refused", err)
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	after := bucketRecords(t, en.js, en.store.Bucket)
+	sameRecords(t, after, before)
+	if e, err := en.kv.Get(context.Background(), events.CheckpointKey("0")); err != nil || e.Revision() != intent.Revision() {
+		t.Fatalf("the intent record was written after the successor's last batch (%v)", err)
+	}
+	if got := after[events.AttrKey(uid, "", "a")]; !bytes.Contains(got, []byte(later.ID)) {
+		t.Fatalf("attribute a holds %q, want the later event's value", got)
+	}
+}
