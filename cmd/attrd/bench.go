@@ -45,6 +45,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	checkDecay := fs.Bool("check-decay", false, "with --interval: exit 1 if the last interval is under 90% of the first")
 	replayEvents := fs.Int("replay", 0, "instead, measure replay over a log of this many events")
 	storage := fs.Int("storage", 0, "instead, measure the bytes per live attribute of this many attributes")
+	batchKeys := fs.Int("batch", 0, "instead, measure writes of this many keys: async puts with acks against one fast batch")
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the measurements to this file (with --ops, of those alone)")
 	only := fs.String("ops", "", "comma-separated operations to run (default all): put, update, get-raw, get, many10, many100, echo")
 	dedup := fs.Duration("dedup-window", 2*time.Minute, "the server's de-duplication window (how long request ids are remembered)")
@@ -64,6 +65,9 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 			return fmt.Errorf("--conc: bad concurrency %q", c)
 		}
 		levels = append(levels, n)
+	}
+	if *batchKeys > 0 {
+		return benchBatch(ctx, *batchKeys, levels, *dur, stdout)
 	}
 	b, err := newBenchEnv(ctx, slices.Max(levels)*100, *dedup)
 	if err != nil {
