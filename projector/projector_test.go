@@ -626,16 +626,7 @@ func TestDeliveriesLostOnTheWayAreNotSkipped(t *testing.T) {
 	g := newGen()
 	evs := scenario(g)
 	first := en.publish(t, evs[:3]...)
-	held, release := make(chan struct{}), make(chan struct{})
-	var once bool
-	hooks := projector.Hooks{BeforeCheckpoint: func(f, l uint64) error {
-		if l >= first && !once {
-			once = true
-			close(held)
-			<-release
-		}
-		return nil
-	}}
+	hooks, held, release := holdBatch(first)
 	_, done, _ := en.start(t, projector.Config{Bucket: en.store.Bucket, Hooks: hooks})
 	<-held
 	// While the run is held on its batch, its consumer jumps past the next events, as
@@ -676,16 +667,7 @@ func TestAPausedProjectorWritesNothingAfterItsSuccessorStarted(t *testing.T) {
 	evs := scenario(g)
 	uid := evs[0].UserID
 	first := en.publish(t, evs[:2]...)
-	paused, resume := make(chan struct{}), make(chan struct{})
-	var once bool
-	hooks := projector.Hooks{BeforeCheckpoint: func(f, l uint64) error {
-		if l > first && !once {
-			once = true
-			close(paused)
-			<-resume
-		}
-		return nil
-	}}
+	hooks, paused, resume := holdBatch(first + 1)
 	old, done, _ := en.start(t, projector.Config{Bucket: en.store.Bucket, Hooks: hooks})
 	waitApplied(t, old, first)
 	// The old projector takes the next event and freezes before its intent record.
@@ -717,4 +699,20 @@ func TestAPausedProjectorWritesNothingAfterItsSuccessorStarted(t *testing.T) {
 	if got := after[events.AttrKey(uid, "", "a")]; !bytes.Contains(got, []byte(later.ID)) {
 		t.Fatalf("attribute a holds %q, want the later event's value", got)
 	}
+}
+
+// holdBatch returns hooks that hold the first batch reaching sequence from before its
+// intent record: held is closed when it is held, and closing release lets it go on.
+func holdBatch(from uint64) (hooks projector.Hooks, held chan struct{}, release chan struct{}) {
+	held, release = make(chan struct{}), make(chan struct{})
+	var once bool
+	hooks.BeforeCheckpoint = func(f, l uint64) error {
+		if l >= from && !once {
+			once = true
+			close(held)
+			<-release
+		}
+		return nil
+	}
+	return hooks, held, release
 }
