@@ -68,7 +68,6 @@ type Config struct {
 type Service struct {
 	cfg Config
 	nc  *nats.Conn
-	js  jetstream.JetStream
 	kv  jetstream.KeyValue
 	// kvStream is the bucket's stream, for listings that read headers only.
 	kvStream jetstream.Stream
@@ -165,8 +164,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	// An ack lost in a leader change would otherwise leave its future pending for good.
-	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(16384), jetstream.WithPublishAsyncTimeout(5*time.Second))
+	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, err
 	}
@@ -182,7 +180,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if err != nil {
 		return nil, fmt.Errorf("event stream: %w", err)
 	}
-	s := &Service{cfg: cfg, nc: nc, js: js, kv: kv, kvStream: kvStream, eventStream: eventStream, log: cfg.Logger,
+	s := &Service{cfg: cfg, nc: nc, kv: kv, kvStream: kvStream, eventStream: eventStream, log: cfg.Logger,
 		inbox: nats.NewInbox(), acks: nats.NewInbox(), waiting: map[string][]chan events.Decision{}, ackWait: map[string]chan appendAck{},
 		sessions:  newSessionCache(5*time.Second, 100_000),
 		hashes:    NewGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait, "password checks"),

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strconv"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/vmihailenco/msgpack/v5"
 )
 
@@ -172,5 +173,5 @@ func RecordExpiry(h map[string][]string) (exp int64, ok bool) {
 		exp, err := strconv.ParseInt(v[0], 10, 64)
 		return exp, err == nil
 	}
-	return 0, len(h["Nats-TTL"]) == 0
+	return 0, len(h[jetstream.MsgTTLHeader]) == 0
 }
