@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
+	"time"
 
 	"github.com/attrd/attrd/events"
 	"github.com/nats-io/nats.go"
@@ -74,6 +76,22 @@ type Reply struct {
 	Status int
 	Code   events.Code // "" when ok
 	Body   map[string]any
+	// RetryAfter is when the client may come back, for a refusal that says so.
+	RetryAfter time.Duration
+}
+
+// RetryAfterHeader is the value of the Retry-After header a transport sends with rep
+// (REST and NATS alike), in whole seconds rounded up; "" for none. Every 503 has one:
+// a bound refused it or its outcome is unknown, and the client should come back.
+func (rep Reply) RetryAfterHeader() string {
+	d := rep.RetryAfter
+	if d <= 0 && rep.Status == 503 {
+		d = time.Second
+	}
+	if d <= 0 {
+		return ""
+	}
+	return strconv.FormatInt(int64((d+time.Second-1)/time.Second), 10)
 }
 
 // NeverExpires is how "no expiry" is written.
@@ -132,7 +150,8 @@ func ErrorReply(cid string, err error) Reply {
 	case events.CodeOutcomeUnknown:
 		status = 503
 	}
-	return Reply{Status: status, Code: code, Body: map[string]any{"cid": cid, "status": "error", "sub_status": []string{string(code)}}}
+	return Reply{Status: status, Code: code, Body: map[string]any{"cid": cid, "status": "error", "sub_status": []string{string(code)}},
+		RetryAfter: events.RetryAfterOf(err)}
 }
 
 func badRequest(format string, args ...any) error {

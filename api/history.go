@@ -355,7 +355,7 @@ func (s *Service) foldHistory(ctx context.Context, uid string, at int64, hasAt b
 	var err error
 	hctx, cancel := context.WithTimeout(ctx, s.cfg.HistoryTimeout)
 	defer cancel()
-	if gerr := s.histories.Do(ctx, func() { v, err = s.cfg.History.FoldUser(hctx, uid, at, hasAt, fn) }); gerr != nil {
+	if gerr := s.histories.Do(ctx, "", func() { v, err = s.cfg.History.FoldUser(hctx, uid, at, hasAt, fn) }); gerr != nil {
 		return gerr
 	}
 	if err != nil && hctx.Err() != nil && ctx.Err() == nil {

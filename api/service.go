@@ -52,6 +52,9 @@ type Config struct {
 	PasswordConcurrency int
 	PasswordQueue       int
 	PasswordWait        time.Duration
+	// LoginsPerAddress bounds the password checks in flight from one remote address
+	// (default DefaultLoginsPerAddress); one username has at most one.
+	LoginsPerAddress int
 	// History reads the log for history and point-in-time queries; nil refuses them.
 	History HistorySource
 	// HistoryConcurrency bounds history folds at once (default: half the cores), and
@@ -90,9 +93,10 @@ type Service struct {
 
 	sessions  *sessionCache
 	hashes    *Gate
-	denied    *rateLimiter // records of denied attempts
-	throttle  *throttle    // failed-login counters; nil without their bucket
-	histories *Gate        // history folds at once
+	logins    *loginFlights // password checks in flight
+	denied    *rateLimiter  // records of denied attempts
+	throttle  *throttle     // failed-login counters; nil without their bucket
+	histories *Gate         // history folds at once
 	stop      context.CancelFunc
 }
 
@@ -118,6 +122,9 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	}
 	if cfg.PasswordWait <= 0 {
 		cfg.PasswordWait = DefaultPasswordWait
+	}
+	if cfg.LoginsPerAddress <= 0 {
+		cfg.LoginsPerAddress = DefaultLoginsPerAddress
 	}
 	if cfg.DecisionTimeout <= 0 {
 		cfg.DecisionTimeout = 5 * time.Second
@@ -184,6 +191,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		inbox: nats.NewInbox(), acks: nats.NewInbox(), waiting: map[string][]chan events.Decision{}, ackWait: map[string]chan appendAck{},
 		sessions:  newSessionCache(5*time.Second, 100_000),
 		hashes:    NewGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait, "password checks"),
+		logins:    newLoginFlights(cfg.LoginsPerAddress),
 		histories: NewGate(cfg.HistoryConcurrency, -1, 2*time.Second, "history requests"),
 		denied:    newRateLimiter(deniedPerMinute, time.Minute, 100_000)}
 	if tkv, err := js.KeyValue(ctx, events.ThrottleBucket); err == nil {
@@ -223,6 +231,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if err := s.ackSub.SetPendingLimits(-1, -1); err != nil {
 		return nil, err
 	}
+	go s.countRefusals(wctx)
 	return s, nil
 }
 

@@ -45,11 +45,11 @@ func throttleKeys(username, addr string) (user, address string) {
 	return user, address
 }
 
-// blocked reports whether a login for username from addr is refused now, and how
-// many failures the username has on record.
-func (t *throttle) blocked(ctx context.Context, username, addr string) (bool, int, error) {
+// blocked reports until when a login for username from addr is refused (zero: it is
+// not), and how many failures the username has on record.
+func (t *throttle) blocked(ctx context.Context, username, addr string) (time.Time, int, error) {
 	uk, ak := throttleKeys(username, addr)
-	now := time.Now().UnixNano()
+	var until int64
 	userFailures := 0
 	for _, k := range []string{uk, ak} {
 		if k == "" {
@@ -57,16 +57,17 @@ func (t *throttle) blocked(ctx context.Context, username, addr string) (bool, in
 		}
 		f, _, err := t.read(ctx, k)
 		if err != nil {
-			return false, 0, err
+			return time.Time{}, 0, err
 		}
 		if k == uk {
 			userFailures = f.N
 		}
-		if f.Until > now {
-			return true, userFailures, nil
-		}
+		until = max(until, f.Until)
 	}
-	return false, userFailures, nil
+	if until <= time.Now().UnixNano() {
+		return time.Time{}, userFailures, nil
+	}
+	return time.Unix(0, until), userFailures, nil
 }
 
 func (t *throttle) read(ctx context.Context, key string) (failures, uint64, error) {
@@ -84,25 +85,33 @@ func (t *throttle) read(ctx context.Context, key string) (failures, uint64, erro
 // failed counts a failed login for username and from addr.
 func (t *throttle) failed(ctx context.Context, username, addr string) error {
 	uk, ak := throttleKeys(username, addr)
-	if err := t.bump(ctx, uk, t.perUser); err != nil {
+	if err := t.bump(ctx, uk, 1); err != nil {
 		return err
 	}
 	if ak != "" {
-		return t.bump(ctx, ak, t.perAddr)
+		return t.bump(ctx, ak, 1)
 	}
 	return nil
 }
 
-// bump adds a failure to key with compare-and-set (instances race on it), and sets
-// the back-off once more than free failures were counted.
-func (t *throttle) bump(ctx context.Context, key string, free int) error {
+// free is how many failures key may have before the back-off starts.
+func (t *throttle) free(key string) int {
+	if key[0] == 'a' {
+		return t.perAddr
+	}
+	return t.perUser
+}
+
+// bump adds n failures to key with compare-and-set (instances race on it), and sets
+// the back-off once more than the free failures were counted.
+func (t *throttle) bump(ctx context.Context, key string, n int) error {
 	for try := 0; try < 5; try++ {
 		f, rev, err := t.read(ctx, key)
 		if err != nil {
 			return err
 		}
-		f.N++
-		if over := f.N - free; over > 0 {
+		f.N += n
+		if over := f.N - t.free(key); over > 0 {
 			backoff := t.maxBackoff
 			if over < 20 {
 				backoff = min(time.Second<<(over-1), t.maxBackoff)

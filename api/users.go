@@ -16,46 +16,20 @@ func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]
 	if req.typeErr != nil || req.Username == "" || req.Password == "" || len(req.Password) > MaxPasswordBytes || len(req.Username) > MaxNameBytes {
 		return nil, denied
 	}
-	failedBefore := 0
-	if s.throttle != nil {
-		blocked, n, err := s.throttle.blocked(ctx, req.Username, m.RemoteAddr)
-		if err != nil {
-			// The counters are a guard, not a gate: without them, logins go on.
-			s.log.Warn("login throttling unavailable", "err", err)
+	// At most one check of this username, and a few from this address, in flight here:
+	// a flood holds no more places in the password gate than that.
+	good, u, err := s.logins.check(ctx, req.Username, req.Password, m.RemoteAddr, func() (bool, *events.UserRecord, error) {
+		// A full password gate refuses before the reads that lead to it.
+		if err := s.hashes.Admits(passwordGateKey(req.Username, m.RemoteAddr)); err != nil {
+			return false, nil, err
 		}
-		if blocked {
-			return nil, denied // refused before any lookup or hashing
-		}
-		failedBefore = n
+		return s.checkLogin(ctx, req, m)
+	})
+	if errors.Is(err, errLoginInFlight) {
+		return nil, retryAfter(denied, time.Second)
 	}
-	r, err := s.read(ctx, events.UsernameKey(req.Username))
 	if err != nil {
 		return nil, err
-	}
-	var u *events.UserRecord
-	if ur, ok := r.(*events.UsernameRecord); ok {
-		if u, err = s.readUser(ctx, ur.UserID); err != nil {
-			return nil, err
-		}
-	}
-	hash := dummyHash // an unknown user costs as much as a wrong password
-	if u != nil {
-		hash = u.PasswordHash
-	}
-	good, err := s.checkPassword(ctx, req.Password, hash)
-	if err != nil {
-		return nil, err
-	}
-	if s.throttle != nil {
-		var terr error
-		if !good {
-			terr = s.throttle.failed(ctx, req.Username, m.RemoteAddr)
-		} else if failedBefore > 0 {
-			terr = s.throttle.succeeded(ctx, req.Username)
-		}
-		if terr != nil {
-			s.log.Warn("login throttling not updated", "err", terr)
-		}
 	}
 	if u == nil || !good || !u.Approved {
 		if u != nil && !good {
@@ -83,6 +57,67 @@ func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]
 		return nil, err
 	}
 	return map[string]any{"ust": ust, "expiration_time": formatTime(ev.ExpiresAt)}, nil
+}
+
+// checkLogin checks a login's password, unless the throttle refuses it first, and
+// counts the outcome. u is nil for an unknown username.
+func (s *Service) checkLogin(ctx context.Context, req *Request, m *Meta) (good bool, u *events.UserRecord, err error) {
+	failedBefore := 0
+	if s.throttle != nil {
+		until, n, err := s.throttle.blocked(ctx, req.Username, m.RemoteAddr)
+		if err != nil {
+			// The counters are a guard, not a gate: without them, logins go on.
+			s.log.Warn("login throttling unavailable", "err", err)
+		}
+		if !until.IsZero() {
+			// Refused before any lookup or hashing, and told when to come back.
+			return false, nil, retryAfter(events.Errorf(events.CodeNotAllowed, "throttled: too many failed logins"), time.Until(until))
+		}
+		failedBefore = n
+	}
+	r, err := s.read(ctx, events.UsernameKey(req.Username))
+	if err != nil {
+		return false, nil, err
+	}
+	if ur, ok := r.(*events.UsernameRecord); ok {
+		if u, err = s.readUser(ctx, ur.UserID); err != nil {
+			return false, nil, err
+		}
+	}
+	hash := dummyHash // an unknown user costs as much as a wrong password
+	if u != nil {
+		hash = u.PasswordHash
+	}
+	if good, err = s.checkPassword(ctx, passwordGateKey(req.Username, m.RemoteAddr), req.Password, hash); err != nil {
+		return false, nil, err
+	}
+	if s.throttle != nil {
+		var terr error
+		if !good {
+			terr = s.throttle.failed(ctx, req.Username, m.RemoteAddr)
+		} else if failedBefore > 0 {
+			terr = s.throttle.succeeded(ctx, req.Username)
+		}
+		if terr != nil {
+			s.log.Warn("login throttling not updated", "err", terr)
+		}
+	}
+	return good, u, nil
+}
+
+// passwordGateKey is whose turn a login's password check waits for in the gate: its
+// address's, or, when none is known, its username's.
+func passwordGateKey(username, addr string) string {
+	if addr == "" {
+		return "u." + username
+	}
+	return "a." + addr
+}
+
+// retryAfter sets when the refused client may come back.
+func retryAfter(err *events.Error, d time.Duration) *events.Error {
+	err.RetryAfter = max(d, time.Second)
+	return err
 }
 
 func (s *Service) logout(ctx context.Context, req *Request, m *Meta) (map[string]any, error) {
@@ -153,7 +188,8 @@ func (s *Service) newUser(ctx context.Context, ev *events.Event, username, passw
 	if password == "" || len(password) > MaxPasswordBytes {
 		return events.Decision{}, events.Errorf(events.CodeInvalidInput, "a password has 1 to %d bytes", MaxPasswordBytes)
 	}
-	hash, err := s.hashPassword(ctx, password)
+	// The gate serves creators in turn (attrd itself: the operator's tools).
+	hash, err := s.hashPassword(ctx, "c."+ev.Actor, password)
 	if err != nil {
 		return events.Decision{}, err
 	}

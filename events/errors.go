@@ -3,6 +3,7 @@ package events
 import (
 	"errors"
 	"fmt"
+	"time"
 )
 
 // Code is one of the wire contract's status codes (CONTRACT.md), or one of the two
@@ -42,6 +43,10 @@ type Error struct {
 	Code Code
 	Msg  string
 	Err  error
+	// RetryAfter, when set, tells the client when to come back: a load bound or a
+	// login throttle refused it for about that long. Transports send it as a
+	// Retry-After header (whole seconds, rounded up).
+	RetryAfter time.Duration
 }
 
 // Errorf returns an *Error with the code and a formatted message; %w wraps a cause.
@@ -84,6 +89,15 @@ var (
 	ErrBadRequest     = &Error{Code: CodeBadRequest}
 	ErrInternal       = &Error{Code: CodeInternal}
 )
+
+// RetryAfterOf returns when err says to come back (its *Error's RetryAfter), or 0.
+func RetryAfterOf(err error) time.Duration {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.RetryAfter
+	}
+	return 0
+}
 
 // CodeOf returns the contract code of err: its *Error's code, "" for nil, and
 // CodeInternal for anything else.

@@ -73,7 +73,11 @@ func (c *Client) Call(ctx context.Context, op string, body map[string]any, out a
 	switch {
 	case env.Status == "ok":
 	case env.Status == "error" && len(env.SubStatus) > 0:
-		return &events.Error{Code: events.Code(env.SubStatus[0]), Msg: op + " (cid " + env.CID + ")"}
+		e := &events.Error{Code: events.Code(env.SubStatus[0]), Msg: op + " (cid " + env.CID + ")"}
+		if n, err := strconv.Atoi(rep.Header.Get("Retry-After")); err == nil && n > 0 {
+			e.RetryAfter = time.Duration(n) * time.Second
+		}
+		return e
 	case string(env.Result) == `"Error"`:
 		code := events.CodeInternal
 		if n, _ := strconv.Atoi(rep.Header.Get("Nats-Service-Error-Code")); n == 400 {

@@ -26,6 +26,10 @@ const Version = "0.1.0"
 // SubjectPrefix is the first token of every request subject.
 const SubjectPrefix = "attrd"
 
+// RetryAfterHeader is the reply header that tells a refused client when to come back,
+// in whole seconds, as HTTP's Retry-After does.
+const RetryAfterHeader = "Retry-After"
+
 // ContentTypeMsgpack marks a msgpack body.
 const ContentTypeMsgpack = "application/msgpack"
 
@@ -173,6 +177,9 @@ func (s *Server) handle(op api.Op, r micro.Request) {
 		}
 		out.Header.Set(micro.ErrorHeader, desc)
 		out.Header.Set(micro.ErrorCodeHeader, strconv.Itoa(rep.Status))
+	}
+	if ra := rep.RetryAfterHeader(); ra != "" {
+		out.Header.Set(RetryAfterHeader, ra) // as REST's header: when to come back
 	}
 	if out.Subject == "" {
 		return // a request sent with no reply subject: nobody to answer

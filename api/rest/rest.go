@@ -213,7 +213,7 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
 		sw.cid = m.CID
 	}
 	// At most MaxInFlight requests (and their bodies) at once, as over NATS.
-	if err := h.slots.Do(r.Context(), func() { h.handle(w, r, op, m) }); err != nil {
+	if err := h.slots.Do(r.Context(), "", func() { h.handle(w, r, op, m) }); err != nil {
 		writeReply(w, api.ErrorReply(m.CID, err))
 	}
 }
@@ -352,8 +352,8 @@ func writeReplyChecked(w http.ResponseWriter, rep api.Reply, check func(int) err
 		b, _ = json.Marshal(rep.Body)
 	}
 	w.Header().Set("Content-Type", "application/json")
-	if rep.Status == http.StatusServiceUnavailable {
-		w.Header().Set("Retry-After", "1")
+	if ra := rep.RetryAfterHeader(); ra != "" {
+		w.Header().Set("Retry-After", ra)
 	}
 	w.WriteHeader(rep.Status)
 	w.Write(b)

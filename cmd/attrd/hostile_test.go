@@ -11,7 +11,6 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"os"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -288,100 +287,6 @@ func rssBytes(t *testing.T) int64 {
 	var size, rss int64
 	fmt.Sscan(string(b), &size, &rss)
 	return rss * int64(os.Getpagesize())
-}
-
-func TestConcurrentLoginsAreBoundedAndOthersKeepTheirLatency(t *testing.T) {
-	f := newFixture(t, func(c *Config) {
-		c.Password = api.DefaultPasswordParams // the real 19 MiB argon2id
-		c.PasswordConcurrency = 1
-	})
-	ctx := ctxT(t)
-	u := mustSession(t, f)
-	runtime.GC()
-	base := rssBytes(t)
-	var peak atomic.Int64
-	stop := make(chan struct{})
-	sampled := make(chan struct{})
-	go func() {
-		defer close(sampled)
-		for {
-			if r := rssBytes(t); r > peak.Load() {
-				peak.Store(r)
-			}
-			select {
-			case <-stop:
-				return
-			case <-time.After(10 * time.Millisecond):
-			}
-		}
-	}()
-	nc, err := nats.Connect(f.srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	const viaNATS, viaREST = 600, 400 // the 1,000 concurrent logins
-	var wg sync.WaitGroup
-	var denied, busy, other atomic.Int64
-	count := func(status int, body map[string]any) {
-		switch {
-		case subStatus(body) == string(events.CodeNotAllowed):
-			denied.Add(1)
-		case subStatus(body) == string(events.CodeOutcomeUnknown) && (status == 0 || status == 503):
-			busy.Add(1)
-		default:
-			other.Add(1)
-		}
-	}
-	login, _ := json.Marshal(map[string]any{"username": "alice", "password": "wrong", "current_app": "CRM"})
-	for i := 0; i < viaNATS; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rep, err := nc.Request("attrd.user.login", login, 20*time.Second)
-			if err != nil {
-				other.Add(1)
-				return
-			}
-			var body map[string]any
-			json.Unmarshal(rep.Data, &body)
-			count(0, body)
-		}()
-	}
-	for i := 0; i < viaREST; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			st, _, body := httpDo(t, f.srv, "POST", "/zato/sso/user/login", login, nil)
-			count(st, body)
-		}()
-	}
-	// Meanwhile other requests keep their latency.
-	for i := 0; i < 5; i++ {
-		start := time.Now()
-		if _, err := f.admin.User(ctx); err != nil {
-			t.Fatalf("who-am-I during the flood: %v", err)
-		}
-		if err := u.Attr.Set(ctx, "during", i); err != nil {
-			t.Fatalf("a write during the flood: %v", err)
-		}
-		if d := time.Since(start); d > 2*time.Second {
-			t.Fatalf("a who-am-I and a write took %s during the login flood", d)
-		}
-	}
-	wg.Wait()
-	close(stop)
-	<-sampled
-	if other.Load() != 0 || denied.Load()+busy.Load() != viaNATS+viaREST {
-		t.Fatalf("answers: %d denied, %d busy, %d other", denied.Load(), busy.Load(), other.Load())
-	}
-	if busy.Load() == 0 {
-		t.Fatal("no login was refused as busy: nothing bounds the hashing")
-	}
-	if grew := peak.Load() - base; grew > 1<<30 {
-		t.Fatalf("RSS grew by %d MiB during %d concurrent logins", grew>>20, viaNATS+viaREST)
-	}
-	t.Logf("%d denied, %d busy; RSS grew by at most %d MiB", denied.Load(), busy.Load(), (peak.Load()-base)>>20)
 }
 
 func TestWhatOneOwnerMayHoldIsCapped(t *testing.T) {

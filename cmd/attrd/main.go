@@ -137,6 +137,7 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs.DurationVar(&cfg.SessionTTL, "session-ttl", envDuration("ATTRD_SESSION_TTL", 60*time.Minute), "session lifetime (ATTRD_SESSION_TTL)")
 	fs.DurationVar(&cfg.SessionMaxLifetime, "session-max-lifetime", envDuration("ATTRD_SESSION_MAX_LIFETIME", 24*time.Hour), "a session ends this long after its login, however often renewed (ATTRD_SESSION_MAX_LIFETIME)")
 	fs.IntVar(&cfg.PasswordConcurrency, "password-concurrency", int(envInt("ATTRD_PASSWORD_CONCURRENCY", int64(api.DefaultPasswordConcurrency))), "password hashes computed at once; more wait briefly, then get E008004 (ATTRD_PASSWORD_CONCURRENCY)")
+	fs.IntVar(&cfg.LoginsPerAddress, "logins-per-address", int(envInt("ATTRD_LOGINS_PER_ADDRESS", api.DefaultLoginsPerAddress)), "password checks in flight from one remote address; more are refused as failed logins (ATTRD_LOGINS_PER_ADDRESS)")
 	fs.StringVar(&proxies, "trusted-proxies", env("ATTRD_TRUSTED_PROXIES", ""), "comma-separated CIDRs of reverse proxies whose X-Forwarded-For is believed (ATTRD_TRUSTED_PROXIES)")
 	fs.StringVar(&cfg.KeyFile, "encryption-key-file", env("ATTRD_ENCRYPTION_KEY_FILE", ""), "encryption key file (ATTRD_ENCRYPTION_KEY_FILE)")
 	fs.DurationVar(&cfg.DedupWindow, "dedup-window", envDuration("ATTRD_DEDUP_WINDOW", 2*time.Minute), "how long a request id is remembered (ATTRD_DEDUP_WINDOW)")

@@ -45,6 +45,9 @@ type Config struct {
 	TrustedProxies []netip.Prefix
 	// PasswordConcurrency bounds password hashes at once (default: half the cores).
 	PasswordConcurrency int
+	// LoginsPerAddress bounds the password checks in flight from one address
+	// (default api.DefaultLoginsPerAddress).
+	LoginsPerAddress int
 	// HistoryTimeout bounds one history request's read of the log (default 30s).
 	HistoryTimeout  time.Duration
 	KeyFile         string
@@ -267,7 +270,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 		return nil, err
 	}
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
-		SessionMaxLifetime: cfg.SessionMaxLifetime, PasswordConcurrency: cfg.PasswordConcurrency, HistoryTimeout: cfg.HistoryTimeout,
+		SessionMaxLifetime: cfg.SessionMaxLifetime, PasswordConcurrency: cfg.PasswordConcurrency, LoginsPerAddress: cfg.LoginsPerAddress, HistoryTimeout: cfg.HistoryTimeout,
 		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log, Limits: cfg.Limits,
 		History: projector.NewLog(histJS, opener(keys))}); err != nil {
 		return nil, err
