@@ -49,9 +49,14 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the measurements to this file (with --ops, of those alone)")
 	only := fs.String("ops", "", "comma-separated operations to run (default all): put, update, get-raw, get, many10, many100, echo")
 	dedup := fs.Duration("dedup-window", 2*time.Minute, "the server's de-duplication window (how long request ids are remembered)")
+	child := fs.Bool("child", false, "measure as a client over TCP: start `attrd serve` as a child process on a temp dir")
+	tools := addToolFlags(fs, false)
+	adminUser := fs.String("admin-user", env("ATTRD_ADMIN_USERNAME", "admin"), "with --nats-url: the super-user the benchmark logs in as; its password from ATTRD_ADMIN_PASSWORD (ATTRD_ADMIN_USERNAME)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	external := false // --nats-url given: measure a running attrd as a client over TCP
+	fs.Visit(func(f *flag.Flag) { external = external || f.Name == "nats-url" })
 	if *replayEvents > 0 {
 		return benchReplay(ctx, *replayEvents, stdout)
 	}
@@ -69,7 +74,16 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	if *batchKeys > 0 {
 		return benchBatch(ctx, *batchKeys, levels, *dur, stdout)
 	}
-	b, err := newBenchEnv(ctx, slices.Max(levels)*100, *dedup)
+	var b *benchEnv
+	var err error
+	switch {
+	case *child:
+		b, err = newChildBenchEnv(ctx, slices.Max(levels)*100, *dedup)
+	case external:
+		b, err = newExternalBenchEnv(ctx, tools, *adminUser, os.Getenv("ATTRD_ADMIN_PASSWORD"), slices.Max(levels)*100)
+	default:
+		b, err = newBenchEnv(ctx, slices.Max(levels)*100, *dedup)
+	}
 	if err != nil {
 		return err
 	}
@@ -104,7 +118,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		return err
 	}
 	rawPut := func(g, i int) error {
-		subj := events.KVSubject("bench_raw", "k"+strconv.Itoa(g))
+		subj := events.KVSubject(benchRawBucket, "k"+strconv.Itoa(g))
 		_, err := b.js.PublishMsg(ctx, &nats.Msg{Subject: subj, Data: []byte(value)}, jetstream.WithMsgTTL(time.Hour))
 		return err
 	}
@@ -117,7 +131,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		_, err := b.rawConn.RequestWithContext(ctx, "attrd-bench.echo", []byte(value))
 		return err
 	}
-	fmt.Fprintf(stdout, "attrd bench: %s per measurement, %d CPUs; value 100 bytes, TTL 1h, request ids %v\n", *dur, nprocs(), *requestIDs)
+	fmt.Fprintf(stdout, "attrd bench: %s per measurement, %d CPUs; value 100 bytes, TTL 1h, request ids %v; %s\n", *dur, nprocs(), *requestIDs, b.where)
 	for _, n := range levels {
 		if err := rawPut(0, 0); err != nil { // the raw keys exist before they are read
 			return err
@@ -146,7 +160,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		// All alternate in short rounds, so that all see the same machine: on a shared
 		// machine the load of the moment moves absolute numbers a lot.
 		res := make([]result, len(ops))
-		b0, e0 := b.srv.Projector().Stats()
+		b0, e0 := b.stats()
 		rounds := max(int(*dur/(500*time.Millisecond)), 1)
 		if err := profile(*cpuprofile); err != nil {
 			return err
@@ -161,7 +175,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		if *cpuprofile != "" {
 			pprof.StopCPUProfile()
 		}
-		b1, e1 := b.srv.Projector().Stats()
+		b1, e1 := b.stats()
 		for i := range res {
 			if !run[i] {
 				continue
@@ -171,7 +185,11 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 				return fmt.Errorf("bench %s at %d: %w", ops[i].name, n, res[i].err)
 			}
 		}
-		fmt.Fprintf(stdout, "\nconcurrency %d (%.1f events per projector batch)\n", n, float64(e1-e0)/float64(max(b1-b0, 1)))
+		if b1 > b0 {
+			fmt.Fprintf(stdout, "\nconcurrency %d (%.1f events per projector batch)\n", n, float64(e1-e0)/float64(b1-b0))
+		} else {
+			fmt.Fprintf(stdout, "\nconcurrency %d\n", n)
+		}
 		fmt.Fprintf(stdout, "  %-22s %10s %9s %9s  %s\n", "operation", "op/s", "p50", "p99", "against")
 		for i, r := range res {
 			if !run[i] {
@@ -219,8 +237,12 @@ func (b *benchEnv) timeline(ctx context.Context, stdout *os.File, n int, total, 
 
 // benchEnv is the benchmark's server, clients and raw bucket.
 type benchEnv struct {
+	where string // what is measured, for the heading
+	// dial connects to attrd's internal account (the raw baseline, the echo).
+	dial     func(name string) (*nats.Conn, error)
 	dir      string
 	srv      *Server
+	child    *benchChild
 	rawConn  *nats.Conn
 	cliConn  *nats.Conn
 	echoConn *nats.Conn
@@ -231,8 +253,18 @@ type benchEnv struct {
 	names    []string
 }
 
+// stats returns the projector's batches and events folded when it runs in this
+// process (zero otherwise).
+func (b *benchEnv) stats() (batches, events uint64) {
+	if b.srv == nil {
+		return 0, 0
+	}
+	return b.srv.Projector().Stats()
+}
+
+// newBenchEnv runs attrd in this process, on an embedded server in a temp dir.
 func newBenchEnv(ctx context.Context, keys int, dedup time.Duration) (*benchEnv, error) {
-	b := &benchEnv{}
+	b := &benchEnv{where: "attrd and the raw operations in this process"}
 	var err error
 	if b.dir, err = os.MkdirTemp("", "attrd-bench-"); err != nil {
 		return nil, err
@@ -249,22 +281,36 @@ func newBenchEnv(ctx context.Context, keys int, dedup time.Duration) (*benchEnv,
 		Limits: api.Limits{MaxAttrsPerUser: -1}, DedupWindow: dedup}); err != nil { // update_many needs 100 names a writer
 		return nil, err
 	}
-	if b.rawConn, err = b.srv.InternalConn("bench-raw"); err != nil { // the raw bucket lives where attrd's does
-		return nil, err
-	}
-	b.js, _ = jetstream.New(b.rawConn)
-	if b.rawKV, err = b.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench_raw", History: 1, LimitMarkerTTL: 5 * time.Minute}); err != nil {
+	b.dial = func(name string) (*nats.Conn, error) { return b.srv.InternalConn(name) }
+	if b.rawConn, err = b.dial("attrd-bench-raw"); err != nil { // the raw bucket lives where attrd's does
 		return nil, err
 	}
 	if b.cliConn, err = nats.Connect(b.srv.ClientURL()); err != nil {
 		return nil, err
 	}
-	sess, err := client.New(b.cliConn, "CRM").Login(ctx, "admin", "bench")
-	if err != nil {
+	if err := b.setup(ctx, "admin", "bench", keys); err != nil {
 		return nil, err
 	}
+	ok = true
+	return b, nil
+}
+
+// setup creates the raw bucket (on rawConn, attrd's internal account), logs the
+// super-user in (on cliConn, as a client), creates the attributes the measurements
+// update and starts the echo responder.
+func (b *benchEnv) setup(ctx context.Context, admin, password string, keys int) error {
+	var err error
+	b.js, _ = jetstream.New(b.rawConn)
+	if b.rawKV, err = b.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: benchRawBucket, History: 1, LimitMarkerTTL: 5 * time.Minute,
+		Replicas: b.replicas(ctx)}); err != nil {
+		return fmt.Errorf("the raw bucket: %w", err)
+	}
+	sess, err := client.New(b.cliConn, "CRM").Login(ctx, admin, password)
+	if err != nil {
+		return fmt.Errorf("log in as %s: %w", admin, err)
+	}
 	if b.user, err = sess.User(ctx); err != nil {
-		return nil, err
+		return err
 	}
 	items := make([]client.Item, keys)
 	for i := range items {
@@ -272,26 +318,29 @@ func newBenchEnv(ctx context.Context, keys int, dedup time.Duration) (*benchEnv,
 		b.names = append(b.names, items[i].Name)
 	}
 	for i := 0; i < len(items); i += 1000 {
-		if err := b.user.Attr.CreateMany(ctx, items[i:min(i+1000, len(items))]); err != nil {
-			return nil, err
+		if err := b.user.Attr.SetMany(ctx, items[i:min(i+1000, len(items))]); err != nil {
+			return fmt.Errorf("create the attributes: %w", err)
 		}
 	}
-	// The request/reply hop alone: an echo responder on an in-process connection,
-	// dispatching concurrently as attrd's API does.
-	if b.echoConn, err = b.srv.InternalConn("bench-echo"); err != nil {
-		return nil, err
+	// The request/reply hop alone: an echo responder on a connection of attrd's
+	// account, dispatching concurrently as attrd's API does (in this process, or here
+	// beside a child or running attrd).
+	if b.echoConn, err = b.dial("attrd-bench-echo"); err != nil {
+		return err
 	}
 	if b.echoSub, err = b.echoConn.Subscribe("attrd-bench.echo", func(m *nats.Msg) { go m.Respond(m.Data) }); err != nil {
-		return nil, err
+		return err
 	}
-	if err := b.echoSub.SetPendingLimits(-1, -1); err != nil {
-		return nil, err
-	}
-	ok = true
-	return b, nil
+	return b.echoSub.SetPendingLimits(-1, -1)
 }
 
 func (b *benchEnv) close() {
+	if b.js != nil && b.srv == nil {
+		// On a running attrd, the raw bucket is the benchmark's own: remove it.
+		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = b.js.DeleteKeyValue(dctx, benchRawBucket)
+		cancel()
+	}
 	for _, nc := range []*nats.Conn{b.rawConn, b.cliConn, b.echoConn} {
 		if nc != nil {
 			nc.Close()
@@ -299,6 +348,9 @@ func (b *benchEnv) close() {
 	}
 	if b.srv != nil {
 		b.srv.Close()
+	}
+	if b.child != nil {
+		b.child.stop()
 	}
 	if b.dir != "" {
 		os.RemoveAll(b.dir)
