@@ -83,7 +83,7 @@ func (s *Service) recordDenied(ev *events.Event) {
 	if err != nil {
 		return
 	}
-	msg := &nats.Msg{Subject: events.Subject(ev), Data: data, Header: nats.Header{}}
+	msg := &nats.Msg{Subject: s.layout.Subject(ev), Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, string(ev.Type))
 	msg.Header.Set(events.HeaderVersion, fmt.Sprint(events.SchemaVersion))
 	msg.Header.Set(nats.MsgIdHdr, ev.ID)

@@ -74,8 +74,10 @@ type Service struct {
 	kv  jetstream.KeyValue
 	// kvStream is the bucket's stream, for listings that read headers only.
 	kvStream jetstream.Stream
-	// eventStream is the log, for the first event of a repeated request.
+	// eventStream is the log, for the first event of a repeated request; layout is how
+	// it is partitioned (from its metadata).
 	eventStream jetstream.Stream
+	layout      events.Layout
 	log         *slog.Logger
 	inbox       string
 	sub         *nats.Subscription
@@ -187,7 +189,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if err != nil {
 		return nil, fmt.Errorf("event stream: %w", err)
 	}
-	s := &Service{cfg: cfg, nc: nc, kv: kv, kvStream: kvStream, eventStream: eventStream, log: cfg.Logger,
+	s := &Service{cfg: cfg, nc: nc, kv: kv, kvStream: kvStream, eventStream: eventStream, layout: events.LayoutOf(eventStream.CachedInfo().Config), log: cfg.Logger,
 		inbox: nats.NewInbox(), acks: nats.NewInbox(), waiting: map[string][]chan events.Decision{}, ackWait: map[string]chan appendAck{},
 		sessions:  newSessionCache(5*time.Second, 100_000),
 		hashes:    NewGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait, "password checks"),
@@ -319,7 +321,7 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 	if err != nil {
 		return events.Decision{}, err
 	}
-	msg := &nats.Msg{Subject: events.Subject(ev), Data: data, Header: nats.Header{}}
+	msg := &nats.Msg{Subject: s.layout.Subject(ev), Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, string(ev.Type))
 	msg.Header.Set(events.HeaderVersion, fmt.Sprint(events.SchemaVersion))
 	msg.Header.Set(events.HeaderReply, s.inbox)
@@ -524,7 +526,8 @@ func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline 
 		return events.Decision{}, fmt.Errorf("the first event of a repeated request: %w", err)
 	}
 	d := events.Decision{Seq: seq, EventID: first.ID, UserID: first.UserID, ExpiresAt: first.ExpiresAt, Fingerprint: first.Fingerprint}
-	since, err := s.recordingSince(ctx)
+	part := events.PartitionName(s.layout.Partition(first.UserID))
+	since, err := s.recordingSince(ctx, part)
 	if err != nil {
 		return events.Decision{}, err
 	}
@@ -534,7 +537,7 @@ func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline 
 	poll := time.NewTicker(50 * time.Millisecond)
 	defer poll.Stop()
 	for {
-		applied, err := s.folded(ctx)
+		applied, err := s.folded(ctx, part)
 		if err != nil {
 			return events.Decision{}, err
 		}
@@ -554,20 +557,20 @@ func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline 
 	}
 }
 
-// recordingSince returns from which sequence the projector records decisions (0:
-// none; the record is written once and never changes).
-func (s *Service) recordingSince(ctx context.Context) (uint64, error) {
-	r, err := s.read(ctx, events.RecordingKey("0"))
+// recordingSince returns from which sequence the projector of a partition records
+// decisions (0: none; the record is written once and never changes).
+func (s *Service) recordingSince(ctx context.Context, partition string) (uint64, error) {
+	r, err := s.read(ctx, events.RecordingKey(partition))
 	if rr, ok := r.(*events.RecordingRecord); ok {
 		return rr.Since, err
 	}
 	return 0, err
 }
 
-// folded returns how far the log is folded, as the projector's lease says.
-func (s *Service) folded(ctx context.Context) (uint64, error) {
+// folded returns how far a partition's log is folded, as its projector's lease says.
+func (s *Service) folded(ctx context.Context, partition string) (uint64, error) {
 	var lease events.LeaseRecord
-	e, err := s.kv.Get(ctx, events.LeaseKey("0"))
+	e, err := s.kv.Get(ctx, events.LeaseKey(partition))
 	if err == nil {
 		err = events.Unmarshal(e.Value(), &lease)
 	} else if errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -584,7 +587,7 @@ func (s *Service) folded(ctx context.Context) (uint64, error) {
 // folded after seq was appended). Each step is one read of the stream's next message
 // on the subject, answered by the stream's leader.
 func (s *Service) rejection(ctx context.Context, uid string, seq uint64) (events.Code, error) {
-	subject := events.DecisionSubject(uid)
+	subject := s.layout.DecisionSubject(uid)
 	for from := seq; ; {
 		m, err := s.eventStream.GetMsg(ctx, from, jetstream.WithGetMsgSubject(subject))
 		if errors.Is(err, jetstream.ErrMsgNotFound) {

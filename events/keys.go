@@ -9,57 +9,12 @@ import (
 	"github.com/oklog/ulid/v2"
 )
 
-// Stream and subject layout. Every event about one user (their sessions and session
-// attributes included) is under EventsPrefix.<user_id>, so one filter gives a user's
-// whole history:
-//
-//	attrd.events.<uid>.user             user.created, user.approved
-//	attrd.events.<uid>.attr             user attribute events
-//	attrd.events.<uid>.session.<sid>    session lifecycle and session attribute events
-//
-// The user id is always the third token, which is what a later partitioned projector
-// keys on.
+// StreamName is the event stream; EventsPrefix begins every subject it holds (see
+// Layout for the subjects of events and decisions).
 const (
 	StreamName   = "ATTRD_EVENTS"
 	EventsPrefix = "attrd.events"
 )
-
-// Subject returns the subject an event is published on.
-func Subject(e *Event) string {
-	switch e.Type {
-	case UserCreated, UserApproved, LoginFailed:
-		return EventsPrefix + "." + e.UserID + ".user"
-	case SessionCreated, SessionRenewed, SessionEnded:
-		return EventsPrefix + "." + e.UserID + ".session." + e.SessionID
-	default:
-		if e.SessionID != "" {
-			return EventsPrefix + "." + e.UserID + ".session." + e.SessionID
-		}
-		return EventsPrefix + "." + e.UserID + ".attr"
-	}
-}
-
-// DecisionSubject is where the projector records the rejections of a user's events,
-// under the user's own prefix: one filter gives the user's events and their recorded
-// decisions. Accepted events have no such message (the common case costs nothing).
-func DecisionSubject(userID string) string { return EventsPrefix + "." + userID + ".decision" }
-
-// IsDecisionSubject reports whether a subject of the event stream holds recorded
-// decisions rather than an event.
-func IsDecisionSubject(subject string) bool { return strings.HasSuffix(subject, ".decision") }
-
-// UserOfSubject returns the user id token of an event stream subject ("" if none).
-func UserOfSubject(subject string) string {
-	rest, ok := strings.CutPrefix(subject, EventsPrefix+".")
-	if !ok {
-		return ""
-	}
-	uid, _, _ := strings.Cut(rest, ".")
-	return uid
-}
-
-// UserSubjects is the filter for all events about one user.
-func UserSubjects(userID string) string { return EventsPrefix + "." + userID + ".>" }
 
 // Projection keys, all in one bucket (see docs/DESIGN-NOTES.md for why one):
 //
@@ -94,6 +49,21 @@ func DecisionKey(eventID string) string { return "d." + eventID }
 
 // LeaseKey is the key of a partition's projector lease.
 func LeaseKey(partition string) string { return "l." + partition }
+
+// IsProjectionKey reports whether a key of the bucket is part of the projection
+// proper, which a replay rebuilds, rather than the projectors' own (intent, recording,
+// lease and presence records; decisions kept by older versions).
+func IsProjectionKey(key string) bool {
+	for _, own := range []string{"p.", "d.", "r.", "l.", "i."} {
+		if strings.HasPrefix(key, own) {
+			return false
+		}
+	}
+	return true
+}
+
+// PresenceKey is the key of an attrd instance's presence.
+func PresenceKey(instance string) string { return "i." + EncodeName(instance) }
 
 // RecordingKey is the key of a partition's RecordingRecord.
 func RecordingKey(partition string) string { return "r." + partition }

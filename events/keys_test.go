@@ -6,6 +6,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/nats-io/nats-server/v2/server"
 )
 
 // kvKey is what NATS KV accepts as a key token here (no dots: EncodeName must not emit
@@ -51,6 +53,10 @@ func FuzzEncodeName(f *testing.F) {
 	})
 }
 
+// TestOneFilterGivesAUsersWholeHistory: in every layout, a user's events and decisions
+// are under one filter, inside the user's partition's filter, and the user id reads
+// back from each subject; with one partition the subjects are those of every attrd
+// before partitions.
 func TestOneFilterGivesAUsersWholeHistory(t *testing.T) {
 	uid := NewID()
 	evs := []*Event{
@@ -59,10 +65,50 @@ func TestOneFilterGivesAUsersWholeHistory(t *testing.T) {
 		{Type: AttrUpdated, UserID: uid},
 		{Type: AttrSet, UserID: uid, SessionID: "s1"},
 	}
-	prefix := strings.TrimSuffix(UserSubjects(uid), ">")
-	for _, e := range evs {
-		if s := Subject(e); !strings.HasPrefix(s, prefix) || strings.Split(s, ".")[2] != uid {
-			t.Fatalf("%s on %s: not under %s with the user id as third token", e.Type, s, prefix)
+	if got := (Layout{}).Subject(evs[1]); got != "attrd.events."+uid+".session.s1" {
+		t.Fatalf("one partition: %s, not the subject of a deployment made before partitions", got)
+	}
+	for _, n := range []int{0, 1, 4, 16} {
+		l := Layout{Partitions: n}
+		prefix := strings.TrimSuffix(l.UserSubjects(uid), ">")
+		part := strings.TrimSuffix(l.PartitionSubjects(l.Partition(uid)), ">")
+		for _, s := range []string{l.Subject(evs[0]), l.Subject(evs[1]), l.Subject(evs[2]), l.Subject(evs[3]), l.DecisionSubject(uid)} {
+			if !strings.HasPrefix(s, prefix) || !strings.HasPrefix(s, part) || UserOfSubject(s) != uid {
+				t.Fatalf("%d partitions: %s is not under %s and %s with user %s", n, s, prefix, part, uid)
+			}
+		}
+	}
+}
+
+// TestPartitionsSpreadUsersAsTheServersTransformWould: a user's partition is FNV-1a of
+// the id modulo N, nats-server's partition(N, token), and users spread over all.
+func TestPartitionsSpreadUsersAsTheServersTransformWould(t *testing.T) {
+	l := Layout{Partitions: 16}
+	seen := map[int]int{}
+	for range 1600 {
+		seen[l.Partition(NewID())]++
+	}
+	if len(seen) != 16 {
+		t.Fatalf("1,600 users fell in %d of 16 partitions", len(seen))
+	}
+	for p, n := range seen {
+		if n < 50 || n > 150 {
+			t.Fatalf("partition %d holds %d of 1,600 users", p, n)
+		}
+	}
+	// The server's own transform puts each user in the same partition.
+	tr, err := server.NewSubjectTransform("attrd.events.*.>", "p.{{partition(16,1)}}.{{wildcard(1)}}.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 100 {
+		uid := NewID()
+		got, err := tr.Match("attrd.events." + uid + ".attr")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := fmt.Sprintf("p.%d.%s.attr", l.Partition(uid), uid); got != want {
+			t.Fatalf("the server maps user %s to %s, attrd to %s", uid, got, want)
 		}
 	}
 }

@@ -100,6 +100,13 @@ type LeaseRecord struct {
 	Applied uint64 `msgpack:"applied,omitempty"`
 }
 
+// PresenceRecord is an attrd instance's presence key's value (i.<instance>, with a TTL,
+// renewed while the instance runs): who shares the partitions, and since when.
+type PresenceRecord struct {
+	Instance string `msgpack:"i"`
+	Joined   int64  `msgpack:"j"` // Unix ns of the instance's start
+}
+
 // RecordingRecord says from which stream sequence on the projector records decisions:
 // every event at or after Since that was rejected has a message on its user's
 // DecisionSubject, and every other one was accepted. Events before Since (folded by an
@@ -141,6 +148,10 @@ func DecodeRecord(key string, data []byte) (any, error) {
 		rec = &Checkpoint{}
 	case len(key) > 2 && key[:2] == "r.":
 		rec = &RecordingRecord{}
+	case len(key) > 2 && key[:2] == "l.":
+		rec = &LeaseRecord{}
+	case len(key) > 2 && key[:2] == "i.":
+		rec = &PresenceRecord{}
 	default:
 		return nil, fmt.Errorf("unknown projection key %q", key)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -24,7 +25,18 @@ type StoreConfig struct {
 	// MaxAge and MaxBytes bound the history; 0 keeps everything.
 	MaxAge   time.Duration
 	MaxBytes int64
+	// Partitions is the number of partitions of a new deployment; an existing one keeps
+	// its own, and a different number given here is refused (ErrPartitionsMismatch).
+	// 0: DefaultPartitions for a new deployment, whatever an existing one has.
+	Partitions int
 }
+
+// DefaultPartitions is the number of partitions of a new deployment unless chosen.
+const DefaultPartitions = 1
+
+// ErrPartitionsMismatch refuses to start with another number of partitions than the
+// deployment was created with: every user's events would move to another partition.
+var ErrPartitionsMismatch = errors.New("partitions differ from the deployment's")
 
 // DefaultBucket is the projection bucket's name.
 const DefaultBucket = "attrd"
@@ -45,7 +57,8 @@ func DefaultStoreConfig() StoreConfig {
 	return StoreConfig{Bucket: DefaultBucket, Replicas: 1, DedupWindow: 2 * time.Minute}
 }
 
-// StreamConfig returns the event stream's configuration.
+// StreamConfig returns the event stream's configuration, for a deployment of
+// c.Partitions partitions.
 func (c StoreConfig) StreamConfig() jetstream.StreamConfig {
 	sc := jetstream.StreamConfig{
 		Name:        StreamName,
@@ -64,6 +77,10 @@ func (c StoreConfig) StreamConfig() jetstream.StreamConfig {
 	}
 	if c.MaxBytes > 0 {
 		sc.MaxBytes = c.MaxBytes
+	}
+	if c.Partitions > 1 {
+		// A stream without it has one partition: every stream made before partitions.
+		sc.Metadata = map[string]string{MetadataPartitions: strconv.Itoa(c.Partitions)}
 	}
 	if c.MaxAge > 0 && c.DedupWindow > c.MaxAge {
 		sc.Duplicates = c.MaxAge // the server refuses a window longer than the history
@@ -94,6 +111,22 @@ var ErrReplicasMismatch = errors.New("replicas differ from the existing stream's
 func EnsureStore(ctx context.Context, js jetstream.JetStream, c StoreConfig) (jetstream.Stream, jetstream.KeyValue, error) {
 	if c.Bucket == "" {
 		c.Bucket = DefaultBucket
+	}
+	existing, err := js.Stream(ctx, StreamName)
+	switch {
+	case err == nil:
+		have := LayoutOf(existing.CachedInfo().Config).N()
+		if c.Partitions != 0 && c.Partitions != have {
+			return nil, nil, fmt.Errorf("%w: the deployment was created with %d, not %d: start it with --partitions %d (or none)",
+				ErrPartitionsMismatch, have, c.Partitions, have)
+		}
+		c.Partitions = have
+	case errors.Is(err, jetstream.ErrStreamNotFound):
+		if c.Partitions == 0 {
+			c.Partitions = DefaultPartitions
+		}
+	default:
+		return nil, nil, fmt.Errorf("stream %s: %w", StreamName, err)
 	}
 	if !c.ChangeReplicas {
 		for _, name := range []string{StreamName, KVStream(c.Bucket)} {

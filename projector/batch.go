@@ -38,8 +38,8 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 			continue // a decision this projector recorded: not an event
 		}
 		it.ev, it.bad = events.Decode(m.Data())
-		if it.bad == nil && events.Subject(it.ev) != m.Subject() {
-			it.bad = fmt.Errorf("event %s on subject %s, want %s", it.ev.ID, m.Subject(), events.Subject(it.ev))
+		if it.bad == nil && p.layout.Subject(it.ev) != m.Subject() {
+			it.bad = fmt.Errorf("event %s on subject %s, want %s", it.ev.ID, m.Subject(), p.layout.Subject(it.ev))
 		}
 		if it.bad == nil {
 			k, pr := Keys(it.ev)

@@ -28,6 +28,15 @@ func NewLog(js jetstream.JetStream, opener Opener) *Log {
 	return &Log{js: js, opener: opener, bucket: events.DefaultBucket}
 }
 
+// Layout returns the event stream's partitioning.
+func (l *Log) Layout(ctx context.Context) (events.Layout, error) {
+	st, err := l.js.Stream(ctx, events.StreamName)
+	if err != nil {
+		return events.Layout{}, fmt.Errorf("event stream: %w", err)
+	}
+	return events.LayoutOf(st.CachedInfo().Config), nil
+}
+
 // read calls fn with every message on the filters (all: none) in log order, up to the
 // log's end when the read began; fn returns false to stop. whole asks for the log from
 // its first event: a log cut by retention is then ErrTruncated.
@@ -79,10 +88,10 @@ func (l *Log) read(ctx context.Context, filters []string, whole bool, fn func(se
 
 // fold decodes and folds one message into st, as the projector would; forced, if not
 // nil, is the decision the projector recorded for it.
-func (l *Log) fold(st State, seq uint64, subject string, data []byte, forced *events.Code) events.Entry {
+func (l *Log) fold(st State, lay events.Layout, seq uint64, subject string, data []byte, forced *events.Code) events.Entry {
 	e := events.Entry{Seq: seq, Subject: subject}
 	ev, err := events.Decode(data)
-	if err != nil || events.Subject(ev) != subject {
+	if err != nil || lay.Subject(ev) != subject {
 		e.Decision = events.Decision{Seq: seq, Code: events.CodeInvalidInput}
 		return e
 	}
@@ -102,7 +111,14 @@ var ErrTruncated = errors.New("the log no longer holds its oldest events (histor
 // m.Recorded, for a verification to compare.
 func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) error {
 	st := m.State()
-	rec, err := l.recording(ctx)
+	lay, err := l.Layout(ctx)
+	if err != nil {
+		return err
+	}
+	// Every partition of a deployment records decisions from the same sequence: 1 for
+	// a partitioned one (they all start with it), the first projector's start for one
+	// made before decisions were recorded (one partition).
+	rec, err := l.recording(ctx, events.PartitionName(0))
 	if err != nil {
 		return err
 	}
@@ -118,7 +134,7 @@ func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) err
 			}
 			return true
 		}
-		e := l.fold(st, seq, subject, data, nil)
+		e := l.fold(st, lay, seq, subject, data, nil)
 		if fn != nil {
 			fn(e)
 		}
@@ -126,15 +142,15 @@ func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) err
 	})
 }
 
-// recording reads from which sequence the projector records decisions (Since 0: it
-// records none, an older attrd folded everything).
-func (l *Log) recording(ctx context.Context) (events.RecordingRecord, error) {
+// recording reads from which sequence a partition's projector records decisions
+// (Since 0: it records none, an older attrd folded everything).
+func (l *Log) recording(ctx context.Context, partition string) (events.RecordingRecord, error) {
 	var r events.RecordingRecord
 	kv, err := l.js.KeyValue(ctx, l.bucket)
 	if err != nil {
 		return r, fmt.Errorf("projection bucket %s: %w", l.bucket, err)
 	}
-	e, err := kv.Get(ctx, events.RecordingKey("0"))
+	e, err := kv.Get(ctx, events.RecordingKey(partition))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return r, nil
 	}
@@ -174,11 +190,15 @@ func (l *Log) Last(ctx context.Context) (last, count uint64, err error) {
 // other users' events may be found invalid.)
 func (l *Log) FoldUser(ctx context.Context, uid string, at int64, hasAt bool, fn func(events.Entry, events.View) bool) (events.View, error) {
 	m := NewMemory()
-	rec, err := l.recording(ctx)
+	lay, err := l.Layout(ctx)
 	if err != nil {
 		return nil, err
 	}
-	own := events.UserSubjects(uid)
+	rec, err := l.recording(ctx, events.PartitionName(lay.Partition(uid)))
+	if err != nil {
+		return nil, err
+	}
+	own := lay.UserSubjects(uid)
 	actors := map[string]bool{}
 	recorded := map[uint64]events.Code{}
 	var stop uint64 // with at: the last own event at or before it
@@ -200,8 +220,8 @@ func (l *Log) FoldUser(ctx context.Context, uid string, at int64, hasAt bool, fn
 			stop = seq
 		}
 		if (rec.Since == 0 || seq < rec.Since) && ev.Actor != "" && ev.Actor != uid {
-			actors[events.EventsPrefix+"."+ev.Actor+".user"] = true
-			actors[events.EventsPrefix+"."+ev.Actor+".session."+ev.ActorSession] = true
+			actors[lay.UserSubject(ev.Actor)] = true
+			actors[lay.SessionSubject(ev.Actor, ev.ActorSession)] = true
 		}
 		return true
 	})
@@ -232,7 +252,7 @@ func (l *Log) FoldUser(ctx context.Context, uid string, at int64, hasAt bool, fn
 				forced = &c
 			}
 		}
-		e := l.fold(st, seq, subject, data, forced)
+		e := l.fold(st, lay, seq, subject, data, forced)
 		if strings.HasPrefix(subject, prefix) && fn != nil {
 			return fn(e, st)
 		}

@@ -37,8 +37,10 @@ type Config struct {
 	Bucket string
 	// Durable prefixes the name of each run's consumer of the event stream.
 	Durable string
-	// Partition names the intent record (p.<Partition>).
-	Partition string
+	// Partition is the partition this projector folds (of the layout the event
+	// stream's metadata gives); it names its intent record (p.<n>), recording record
+	// (r.<n>) and lease (l.<n>).
+	Partition int
 	// MaxBatch bounds the events folded together (default 512).
 	MaxBatch int
 	// Opener opens sealed values for Inherit items; nil rejects them.
@@ -76,6 +78,10 @@ type Projector struct {
 	view    *view
 	load    *loader
 	ckptRev uint64
+	// layout is the event stream's partitioning, and part this projector's partition
+	// by name.
+	layout events.Layout
+	part   string
 	applied atomic.Uint64
 	ready   chan struct{}
 	batches atomic.Uint64
@@ -97,9 +103,6 @@ func New(nc *nats.Conn, cfg Config) (*Projector, error) {
 	if cfg.Durable == "" {
 		cfg.Durable = "projector"
 	}
-	if cfg.Partition == "" {
-		cfg.Partition = "0"
-	}
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = 512
 	}
@@ -116,7 +119,8 @@ func New(nc *nats.Conn, cfg Config) (*Projector, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Projector{cfg: cfg, nc: nc, js: js, log: cfg.Logger, view: newView(), ready: make(chan struct{})}, nil
+	return &Projector{cfg: cfg, nc: nc, js: js, log: cfg.Logger, view: newView(), ready: make(chan struct{}),
+		part: events.PartitionName(cfg.Partition)}, nil
 }
 
 // Ready is closed once the projector has recovered and is consuming.
@@ -140,6 +144,10 @@ func (p *Projector) Run(ctx context.Context) error {
 	evs, err := p.js.Stream(ctx, events.StreamName)
 	if err != nil {
 		return fmt.Errorf("event stream: %w", err)
+	}
+	p.layout = events.LayoutOf(evs.CachedInfo().Config)
+	if p.cfg.Partition < 0 || p.cfg.Partition >= p.layout.N() {
+		return fmt.Errorf("partition %d of a deployment of %d", p.cfg.Partition, p.layout.N())
 	}
 	fenced, rev, err := p.fence(ctx)
 	if err != nil {
@@ -201,7 +209,7 @@ func (p *Projector) Run(ctx context.Context) error {
 	}
 	defer cc.Stop()
 	close(p.ready)
-	p.log.Info("projector running", "bucket", p.cfg.Bucket, "from_seq", start)
+	p.log.Info("projector running", "bucket", p.cfg.Bucket, "partition", p.part, "from_seq", start)
 
 	batch := make([]jetstream.Msg, 0, p.cfg.MaxBatch)
 	for {

@@ -102,7 +102,7 @@ func (en *env) publish(t *testing.T, evs ...*events.Event) uint64 {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ack, err := en.js.Publish(context.Background(), events.Subject(ev), data, jetstream.WithMsgID(ev.ID))
+		ack, err := en.js.Publish(context.Background(), events.Layout{}.Subject(ev), data, jetstream.WithMsgID(ev.ID))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -190,7 +189,7 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 		if e == nil {
 			break
 		}
-		if !projected(e.Key()) {
+		if !events.IsProjectionKey(e.Key()) {
 			continue
 		}
 		rec, err := events.DecodeRecord(e.Key(), e.Value())
@@ -242,11 +241,6 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 	}
 	sort.Slice(diffs, func(i, j int) bool { return diffs[i].Key < diffs[j].Key })
 	return diffs, unopened, nil
-}
-
-// projected reports whether a key is part of the projection proper.
-func projected(key string) bool {
-	return !strings.HasPrefix(key, "p.") && !strings.HasPrefix(key, "d.") && !strings.HasPrefix(key, "r.") && !strings.HasPrefix(key, "l.")
 }
 
 func sameRecord(a, b any) bool {

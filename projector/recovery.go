@@ -19,7 +19,7 @@ func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start ui
 		// or reset, and the server removes this one soon after its holder is gone.
 		Name:              p.cfg.Durable + "-" + strings.ToLower(events.NewID()),
 		InactiveThreshold: 30 * time.Second,
-		FilterSubject:     events.EventsPrefix + ".>",
+		FilterSubject:     p.layout.PartitionSubjects(p.cfg.Partition),
 		AckPolicy:         jetstream.AckAllPolicy,
 		// Deliveries lost on their way (a consumer leader change) come again only after
 		// AckWait, and the fold cannot go past them: a short AckWait bounds that stall.
@@ -52,7 +52,7 @@ func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start ui
 // compare-and-set also proves the record read was the latest, whichever server
 // answered the read.
 func (p *Projector) fence(ctx context.Context) (*events.Checkpoint, uint64, error) {
-	key := events.CheckpointKey(p.cfg.Partition)
+	key := events.CheckpointKey(p.part)
 	e, err := p.load.read(ctx, key)
 	if err != nil {
 		return nil, 0, fmt.Errorf("read intent record: %w", err)
@@ -144,7 +144,7 @@ func (p *Projector) recordedDecision(seq uint64) *events.Code {
 // projector records (events before it were folded by an attrd that did not record
 // them). The key is written only if absent: a conflict means it is there already.
 func (p *Projector) startRecording(ctx context.Context, start uint64) error {
-	key := events.RecordingKey(p.cfg.Partition)
+	key := events.RecordingKey(p.part)
 	e, err := p.load.read(ctx, key)
 	if err != nil {
 		return fmt.Errorf("read %s: %w", key, err)

@@ -35,7 +35,7 @@ const writeWindow = 4096
 func (p *Projector) write(ctx context.Context, first, last uint64, items []item, decisions []events.Decision, ckData []byte) error {
 	// The intent record goes first, with compare-and-set on its own last revision: two
 	// projectors writing one partition is a conflict here, and stops the second.
-	ckFut, err := p.publish(events.CheckpointKey(p.cfg.Partition), ckData, p.ckptRev, 0, true)
+	ckFut, err := p.publish(events.CheckpointKey(p.part), ckData, p.ckptRev, 0, true)
 	if err != nil {
 		return err
 	}
@@ -118,7 +118,7 @@ func (p *Projector) recordRejection(it item, d events.Decision) (jetstream.PubAc
 	if err != nil {
 		return nil, err
 	}
-	m := &nats.Msg{Subject: events.DecisionSubject(uid), Data: data, Header: nats.Header{}}
+	m := &nats.Msg{Subject: p.layout.DecisionSubject(uid), Data: data, Header: nats.Header{}}
 	return p.js.PublishMsgAsync(m, jetstream.WithMsgID(fmt.Sprintf("decision-%d", it.seq)), jetstream.WithExpectStream(events.StreamName))
 }
 

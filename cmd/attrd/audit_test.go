@@ -242,7 +242,7 @@ func publishEvent(t *testing.T, f *fixture, ev *events.Event) {
 		t.Fatal(err)
 	}
 	js, _ := f.srv.apiConn.JetStream()
-	ack, err := js.Publish(events.Subject(ev), data, nats.MsgId(ev.ID))
+	ack, err := js.Publish(events.Layout{}.Subject(ev), data, nats.MsgId(ev.ID))
 	if err != nil {
 		t.Fatal(err)
 	}

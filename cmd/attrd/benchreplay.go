@@ -109,7 +109,7 @@ func appendSynthetic(ctx context.Context, js jetstream.JetStream, n int) error {
 		if err != nil {
 			return err
 		}
-		f, err := js.PublishMsgAsync(&nats.Msg{Subject: events.Subject(ev), Data: data})
+		f, err := js.PublishMsgAsync(&nats.Msg{Subject: events.Layout{}.Subject(ev), Data: data})
 		if err != nil {
 			return err
 		}

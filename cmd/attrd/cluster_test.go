@@ -126,9 +126,11 @@ func (c *natsCluster) instance(t *testing.T) *Server {
 // kill stops an instance as kill -9 would: its connections drop first, so nothing is
 // released or drained, and its lease expires on its own.
 func kill(s *Server) {
-	for _, nc := range []*nats.Conn{s.prjConn, s.apiConn, s.histConn} {
+	s.connsMu.Lock()
+	for _, nc := range s.conns {
 		nc.Close()
 	}
+	s.connsMu.Unlock()
 	go s.Close() // releases what is left in the process, without holding the test up
 }
 
@@ -352,7 +354,7 @@ func TestInstancesFailOverOnACluster(t *testing.T) {
 	kill(a)
 	took := ld.waitOK(t, killed.Add(100*time.Millisecond), 15*time.Second) + 100*time.Millisecond
 	if h := holder(t, b); h != b.instance {
-		t.Fatalf("after the kill: lease holder %q, want %q", h, b.instance)
+		t.Fatalf("after the kill: lease holder %q, want %q (killed %q)", h, b.instance, a.instance)
 	}
 	t.Logf("takeover after kill -9: the first write succeeded %s after the kill", took)
 	// The bound is the lease's TTL, the server's expiry timer (up to a second) and
@@ -493,11 +495,11 @@ func TestClusterSoak(t *testing.T) {
 	ld.stalled = func() string {
 		var b strings.Builder
 		for i, s := range insts {
-			applied := uint64(0)
-			if p := s.Projector(); p != nil {
-				applied = p.Applied()
+			fmt.Fprintf(&b, "\n  instance %d %s: folds", i, s.instance)
+			for part, p := range s.Projectors() {
+				fmt.Fprintf(&b, " partition %d (applied %d)", part, p.Applied())
 			}
-			fmt.Fprintf(&b, "\n  instance %d %s: projector up %v, applied %d, api connected %v to %s", i, s.instance, s.prjUp.Load(), applied, s.apiConn.IsConnected(), s.apiConn.ConnectedUrl())
+			fmt.Fprintf(&b, ", api connected %v to %s", s.apiConn.IsConnected(), s.apiConn.ConnectedUrl())
 		}
 		return b.String() + cl.inspect(insts, "w0", ld.acked[0].Load())
 	}

@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"net/http"
 	"sync"
 	"time"
@@ -14,13 +16,15 @@ import (
 )
 
 // readiness decides whether this instance can get writes decided now: its NATS
-// connections up, the event stream answering, some instance holding the projector's
-// lease, and every event that was in the log maxLag ago folded (as the holder reports
-// in the lease). It samples the log's last sequence every
+// connections up, the event stream answering, some instance holding every partition's
+// lease, and every event that was in the log maxLag ago folded (as each partition's
+// holder reports in its lease). It samples every partition's last sequence every
 // interval; /readyz answers from the latest verdict, so a probe costs nothing.
 type readiness struct {
-	stream   func(ctx context.Context) (uint64, error)       // the log's last sequence
-	applied  func(ctx context.Context) (uint64, bool, error) // how far the log is folded, and whether a projector holds the lease
+	// last returns the log's last sequence and, of each partition, the sequence of its
+	// last message (0: none).
+	last     func(ctx context.Context) (uint64, []uint64, error)
+	applied  func(ctx context.Context, partition int) (uint64, bool, error) // how far a partition is folded, and whether a projector holds its lease
 	conns    []*nats.Conn
 	maxLag   time.Duration
 	interval time.Duration
@@ -28,12 +32,12 @@ type readiness struct {
 	mu      sync.Mutex
 	ready   bool
 	reason  string
-	samples []lastSeq // the log's last sequence over the past few maxLag
+	samples []lastSeqs // the partitions' last sequences over the past few maxLag
 }
 
-type lastSeq struct {
-	at  time.Time
-	seq uint64
+type lastSeqs struct {
+	at   time.Time
+	seqs []uint64 // by partition
 }
 
 // Defaults of the readiness check.
@@ -42,17 +46,32 @@ const (
 	readyInterval = 250 * time.Millisecond
 )
 
-func newReadiness(js jetstream.JetStream, applied func(context.Context) (uint64, bool, error), conns ...*nats.Conn) *readiness {
+func newReadiness(js jetstream.JetStream, layout events.Layout, applied func(context.Context, int) (uint64, bool, error), conns ...*nats.Conn) *readiness {
 	return &readiness{
-		stream: func(ctx context.Context) (uint64, error) {
+		last: func(ctx context.Context) (uint64, []uint64, error) {
 			// Stream info (which js.Stream fetches) is answered by the stream's leader:
 			// on a cluster without quorum it fails, which is exactly when writes cannot
 			// be decided.
 			st, err := js.Stream(ctx, events.StreamName)
 			if err != nil {
-				return 0, err
+				return 0, nil, err
 			}
-			return st.CachedInfo().State.LastSeq, nil
+			last := st.CachedInfo().State.LastSeq
+			if layout.N() == 1 {
+				return last, []uint64{last}, nil
+			}
+			seqs := make([]uint64, layout.N())
+			for p := range seqs {
+				m, err := st.GetLastMsgForSubject(ctx, layout.PartitionSubjects(p))
+				switch {
+				case errors.Is(err, jetstream.ErrMsgNotFound):
+				case err != nil:
+					return 0, nil, err
+				default:
+					seqs[p] = m.Sequence
+				}
+			}
+			return last, seqs, nil
 		},
 		applied: applied, conns: conns, maxLag: readyMaxLag, interval: readyInterval, reason: "starting",
 	}
@@ -88,28 +107,30 @@ func (r *readiness) judge(ctx context.Context) (bool, string) {
 	}
 	cctx, cancel := context.WithTimeout(ctx, r.interval+time.Second)
 	defer cancel()
-	last, err := r.stream(cctx)
+	_, seqs, err := r.last(cctx)
 	if err != nil {
 		return false, "the event stream does not answer"
 	}
 	now := time.Now()
 	r.mu.Lock()
-	r.samples = append(r.samples, lastSeq{now, last})
+	r.samples = append(r.samples, lastSeqs{now, seqs})
 	// Keep the newest sample at least maxLag old, and everything after it.
 	for len(r.samples) > 1 && now.Sub(r.samples[1].at) >= r.maxLag {
 		r.samples = r.samples[1:]
 	}
-	due := r.samples[0] // the log's end maxLag ago (or the oldest known)
+	due := r.samples[0] // the partitions' ends maxLag ago (or the oldest known)
 	r.mu.Unlock()
-	applied, running, err := r.applied(cctx)
-	if err != nil {
-		return false, "the projector's lease cannot be read"
-	}
-	if !running {
-		return false, "no instance holds the projector's lease"
-	}
-	if now.Sub(due.at) >= r.maxLag && applied < due.seq {
-		return false, "the projector lags: events appended " + r.maxLag.String() + " ago are not folded yet"
+	for p := range seqs {
+		applied, running, err := r.applied(cctx, p)
+		if err != nil {
+			return false, fmt.Sprintf("the lease of partition %d cannot be read", p)
+		}
+		if !running {
+			return false, fmt.Sprintf("no instance holds the lease of partition %d", p)
+		}
+		if now.Sub(due.at) >= r.maxLag && p < len(due.seqs) && applied < due.seqs[p] {
+			return false, fmt.Sprintf("partition %d lags: events appended %s ago are not folded yet", p, r.maxLag)
+		}
 	}
 	return true, ""
 }

@@ -131,6 +131,7 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", env("ATTRD_HTTP_ADDR", "127.0.0.1:17010"), "HTTP listen address (ATTRD_HTTP_ADDR)")
 	fs.StringVar(&cfg.NATSAddr, "nats-addr", env("ATTRD_NATS_ADDR", "127.0.0.1:4222"), "embedded NATS server's client address (ATTRD_NATS_ADDR)")
 	fs.StringVar(&cfg.NATSURL, "nats-url", env("ATTRD_NATS_URL", ""), "use this NATS server instead of the embedded one (ATTRD_NATS_URL)")
+	fs.IntVar(&cfg.Partitions, "partitions", int(envInt("ATTRD_PARTITIONS", 0)), "partitions of the event log, each folded by one instance at a time; chosen when the deployment is created and kept (0: the default for a new one, whatever an existing one has) (ATTRD_PARTITIONS)")
 	fs.IntVar(&cfg.Replicas, "replicas", int(envInt("ATTRD_REPLICAS", 3)), "replicas of the stream and bucket on --nats-url (ATTRD_REPLICAS)")
 	fs.StringVar(&apps, "apps", env("ATTRD_APPS", "CRM"), "comma-separated applications accepted as current_app (ATTRD_APPS)")
 	fs.StringVar(&origins, "cors-origins", env("ATTRD_CORS_ORIGINS", ""), "comma-separated origins browsers may call from; * for any, without credentials (ATTRD_CORS_ORIGINS)")

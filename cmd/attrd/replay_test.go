@@ -275,7 +275,7 @@ func bucketRecords(t *testing.T, js jetstream.JetStream, bucket string) map[stri
 		if e == nil {
 			break
 		}
-		if k := e.Key(); !strings.HasPrefix(k, "p.") && !strings.HasPrefix(k, "d.") && !strings.HasPrefix(k, "l.") && !strings.HasPrefix(k, "r.") {
+		if k := e.Key(); events.IsProjectionKey(k) {
 			out[k] = string(e.Value())
 		}
 	}

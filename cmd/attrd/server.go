@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -71,6 +70,9 @@ type Config struct {
 	// ChangeReplicas lets Start change the replicas of an existing stream (--replicas
 	// given explicitly); otherwise a mismatch is refused.
 	ChangeReplicas bool
+	// Partitions is the number of partitions of a new deployment (0: the default); an
+	// existing deployment keeps its own, and another number is refused.
+	Partitions int
 	// LeaseTTL bounds how long a dead instance keeps the projector (default 3s).
 	LeaseTTL time.Duration
 	// HTTPReadHeaderTimeout bounds how long a client may take to send its headers
@@ -99,8 +101,7 @@ type Server struct {
 	// histConn reads the log for history requests, so that a large read never queues
 	// other requests' traffic behind it on the API's connection.
 	histConn *nats.Conn
-	proj     atomic.Pointer[projector.Projector]
-	prjUp    atomic.Bool
+	parts    *projector.Partitions // the partitions this instance folds
 	svc      *api.Service
 	natsAPI  *natsapi.Server
 	httpSrv  *http.Server
@@ -114,6 +115,10 @@ type Server struct {
 	// on the embedded server, the configured credentials on an external one.
 	natsOpts  []nats.Option
 	closeOnce sync.Once
+	// conns are every connection this instance opened as itself (tests cut them all to
+	// play a kill -9).
+	connsMu sync.Mutex
+	conns   []*nats.Conn
 }
 
 // ClientURL is the NATS URL clients use.
@@ -148,7 +153,7 @@ func (s *Server) ensureStore(ctx context.Context, js jetstream.JetStream, store 
 		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		_, _, err := events.EnsureStore(actx, js, store)
 		cancel()
-		if err == nil || errors.Is(err, events.ErrReplicasMismatch) {
+		if err == nil || errors.Is(err, events.ErrReplicasMismatch) || errors.Is(err, events.ErrPartitionsMismatch) {
 			return err
 		}
 		if ctx.Err() != nil || time.Now().After(deadline) {
@@ -170,8 +175,17 @@ func (s *Server) HTTPAddr() string { return s.httpLn.Addr().String() }
 // Service returns the API service.
 func (s *Server) Service() *api.Service { return s.svc }
 
-// Projector returns the projector.
-func (s *Server) Projector() *projector.Projector { return s.proj.Load() }
+// Projector returns the projector of partition 0 when this instance runs it (nil
+// otherwise): on a deployment of one partition, the projector.
+func (s *Server) Projector() *projector.Projector { return s.Projectors()[0] }
+
+// Projectors returns the projectors this instance runs, by partition.
+func (s *Server) Projectors() map[int]*projector.Projector {
+	if s.parts == nil {
+		return nil
+	}
+	return s.parts.Running()
+}
 
 // Start runs attrd until Close.
 func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
@@ -215,7 +229,15 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	}
 	// An external NATS may not be up yet (attrd started first, a rolling restart): the
 	// connections retry in the background, and ensureStore waits for JetStream.
-	connect := func(name string) (*nats.Conn, error) { return s.InternalConn(name, nats.RetryOnFailedConnect(true)) }
+	connect := func(name string) (*nats.Conn, error) {
+		nc, err := s.InternalConn(name, nats.RetryOnFailedConnect(true))
+		if err == nil {
+			s.connsMu.Lock()
+			s.conns = append(s.conns, nc)
+			s.connsMu.Unlock()
+		}
+		return nc, err
+	}
 	// The projector and the API have a connection each, so neither waits behind the
 	// other's traffic in one socket.
 	if s.prjConn, err = connect("attrd-projector"); err != nil {
@@ -238,6 +260,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	}
 	store.MaxAge, store.MaxBytes = cfg.HistoryMaxAge, cfg.HistoryMaxBytes
 	store.ChangeReplicas = cfg.ChangeReplicas
+	store.Partitions = cfg.Partitions
 	if err := s.ensureStore(ctx, js, store); err != nil {
 		return nil, err
 	}
@@ -246,19 +269,25 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	pctx, cancel := context.WithCancel(context.Background())
 	s.prjCancel = cancel
 	s.instance = instanceName()
-	first := make(chan error, 1)
-	go s.superviseProjector(pctx, js, pcfg, first)
-	// Wait for this instance's projector when it takes the lease at once; when another
-	// instance holds it, serve anyway: that instance decides the writes.
-	select {
-	case err := <-first:
-		if err != nil {
-			return nil, fmt.Errorf("projector: %w", err)
-		}
-	case <-time.After(projector.DefaultLeaseTTL + time.Second):
-		log.Info("another instance folds the log; this one serves requests and stands by", "instance", s.instance)
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	if s.parts, err = projector.NewPartitions(ctx, s.prjConn, projector.PartitionsConfig{Projector: pcfg, Instance: s.instance,
+		LeaseTTL: cfg.LeaseTTL, Dial: connect, Logger: log}); err != nil {
+		return nil, err
+	}
+	go func() {
+		defer close(s.prjDone)
+		_ = s.parts.Run(pctx)
+	}()
+	// Wait for this instance's projectors when it takes the leases at once; when other
+	// instances hold them, serve anyway: they decide the writes.
+	sctx, scancel := context.WithTimeout(ctx, projector.DefaultLeaseTTL+time.Second)
+	err = s.parts.Started(sctx)
+	scancel()
+	switch {
+	case err == nil:
+	case errors.Is(err, context.DeadlineExceeded):
+		log.Info("other instances fold the log; this one serves requests and stands by", "instance", s.instance)
+	default:
+		return nil, fmt.Errorf("projector: %w", err)
 	}
 
 	apiJS, err := jetstream.New(s.apiConn)
@@ -285,8 +314,8 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	s.ready = newReadiness(apiJS, func(ctx context.Context) (uint64, bool, error) {
-		r, held, err := projector.Holder(ctx, kvStream, store.Bucket, "0")
+	s.ready = newReadiness(apiJS, s.parts.Layout(), func(ctx context.Context, p int) (uint64, bool, error) {
+		r, held, err := projector.Holder(ctx, kvStream, store.Bucket, events.PartitionName(p))
 		return r.Applied, held, err
 	}, s.apiConn, s.prjConn)
 	s.ready.check(ctx)
@@ -318,90 +347,6 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	}()
 	log.Info("attrd serving", "nats", url, "http", s.HTTPAddr(), "apps", strings.Join(s.svc.Config().Apps, ","))
 	return s, nil
-}
-
-// superviseProjector runs this instance's projector whenever it holds the partition's
-// lease, until ctx ends. It waits for the lease (another instance may hold it),
-// renews it while the projector runs, and gives it up when the projector stops, so
-// another instance takes over at once; if this instance dies, the lease expires and
-// another takes over within its TTL. The first run's outcome goes to first (nil once
-// it is ready). A projector that stops with an error (a lost connection, a lost
-// lease, a fenced intent record) is logged and started again after a pause that
-// grows to 10s; each run recovers from the intent record.
-func (s *Server) superviseProjector(ctx context.Context, js jetstream.JetStream, cfg projector.Config, first chan<- error) {
-	defer close(s.prjDone)
-	const minPause, maxPause = 100 * time.Millisecond, 10 * time.Second
-	pause := minPause
-	for {
-		err := s.runProjector(ctx, js, cfg, &first, &pause)
-		if ctx.Err() != nil {
-			return
-		}
-		if first != nil {
-			first <- err
-			return
-		}
-		s.log.Error("projector stopped; starting it again", "err", err, "pause", pause)
-		select {
-		case <-time.After(pause):
-		case <-ctx.Done():
-			return
-		}
-		pause = min(2*pause, maxPause)
-	}
-}
-
-// runProjector takes the lease, runs one projector under it, and gives the lease up.
-func (s *Server) runProjector(ctx context.Context, js jetstream.JetStream, cfg projector.Config, first *chan<- error, pause *time.Duration) error {
-	lease, err := projector.NewLease(ctx, js, cfg.Bucket, "0", s.instance, s.cfg.LeaseTTL)
-	if err != nil {
-		return err
-	}
-	if err := lease.Acquire(ctx, 200*time.Millisecond); err != nil {
-		return err
-	}
-	s.log.Info("this instance folds the log", "instance", s.instance)
-	p, err := projector.New(s.prjConn, cfg)
-	if err != nil {
-		return err
-	}
-	lease.Progress = p.Applied
-	s.proj.Store(p)
-	rctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	kept := make(chan error, 1)
-	go func() {
-		err := lease.Keep(rctx)
-		kept <- err
-		if err != nil {
-			cancel() // lost: stop folding at once (the fence stops any write anyway)
-		}
-	}()
-	done := make(chan error, 1)
-	go func() { done <- p.Run(rctx) }()
-	select {
-	case <-p.Ready():
-		s.prjUp.Store(true)
-		if *first != nil {
-			*first <- nil
-			*first = nil
-		}
-		*pause = 100 * time.Millisecond
-		err = <-done
-	case err = <-done:
-	}
-	s.prjUp.Store(false)
-	cancel()
-	if kerr := <-kept; kerr != nil && err == nil {
-		err = kerr
-	}
-	// Give the lease up so that another instance takes over now rather than at expiry.
-	rel, rcancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-	defer rcancel()
-	if rerr := lease.Release(rel); rerr != nil {
-		s.log.Debug("lease not released", "err", rerr)
-	}
-	return err
 }
 
 // instanceName names this attrd process in logs and in the lease.

@@ -1,0 +1,431 @@
+package projector
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/events"
+)
+
+// Partitions runs, on one attrd instance, the projectors of the partitions this
+// instance folds, and shares the partitions with the other instances.
+//
+// Every instance announces itself with a presence key (i.<instance>, renewed every
+// TTL/3, expiring after the lease TTL) and watches the others'. Of the instances
+// present, oldest first, partition p is assigned to the (p mod k)-th: k instances hold
+// N/k partitions each, give or take one, and an instance joining moves only the
+// partitions it takes (partition 0 stays with the oldest). An instance claims the leases of the
+// partitions assigned to it and releases those that are not, between batches, so a
+// new instance gets its share within a poll or two of its presence (a clean
+// handover, not a lease running out), and the partitions of an instance that stops
+// cleanly move at once. When an instance dies, its presence and its leases expire
+// after the TTL and the others take its partitions over. A partition whose lease
+// stays free for two TTLs is claimed by whoever sees it, assigned or not, so that
+// diverging views of who is present never leave a partition unfolded.
+type Partitions struct {
+	cfg    PartitionsConfig
+	js     jetstream.JetStream
+	kv     jetstream.KeyValue
+	kvs    jetstream.Stream
+	layout events.Layout
+	log    *slog.Logger
+
+	mu      sync.Mutex
+	present []string              // instances present, sorted
+	running map[int]*Projector    // the partitions this instance folds, once ready
+	failed  map[int]error         // a partition's last run's error, until it runs again
+	freeAt  map[int]time.Time     // when a partition's lease was first seen free
+	changed chan struct{}         // closed and replaced whenever present changes
+	started map[int]chan struct{} // closed once a partition has run ready here or is held elsewhere
+	// failedC is closed at the first failed run of a partition not started yet.
+	failedC chan struct{}
+}
+
+// PartitionsConfig configures Partitions.
+type PartitionsConfig struct {
+	// Projector is every partition's projector configuration (Partition is set per
+	// partition).
+	Projector Config
+	// Instance names this instance in presence keys, leases and logs.
+	Instance string
+	// LeaseTTL is how long a lease and a presence outlive their last renewal.
+	LeaseTTL time.Duration
+	// Dial opens a connection for one partition's projector, so that partitions do not
+	// queue behind each other in one socket (nil: they share the supervisor's).
+	Dial func(name string) (*nats.Conn, error)
+	// Poll is how often a free lease is tried (default 200ms).
+	Poll time.Duration
+	// Logger; nil uses slog.Default().
+	Logger *slog.Logger
+}
+
+// NewPartitions returns the supervisor of this instance's partitions, on nc; the
+// event stream's metadata gives the number of partitions.
+func NewPartitions(ctx context.Context, nc *nats.Conn, cfg PartitionsConfig) (*Partitions, error) {
+	if cfg.Projector.Bucket == "" {
+		cfg.Projector.Bucket = events.DefaultBucket
+	}
+	if cfg.LeaseTTL <= 0 {
+		cfg.LeaseTTL = DefaultLeaseTTL
+	}
+	if cfg.Poll <= 0 {
+		cfg.Poll = 200 * time.Millisecond
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, err
+	}
+	evs, err := js.Stream(ctx, events.StreamName)
+	if err != nil {
+		return nil, fmt.Errorf("event stream: %w", err)
+	}
+	kv, err := js.KeyValue(ctx, cfg.Projector.Bucket)
+	if err != nil {
+		return nil, err
+	}
+	kvs, err := js.Stream(ctx, events.KVStream(cfg.Projector.Bucket))
+	if err != nil {
+		return nil, err
+	}
+	s := &Partitions{cfg: cfg, js: js, kv: kv, kvs: kvs, layout: events.LayoutOf(evs.CachedInfo().Config), log: cfg.Logger,
+		running: map[int]*Projector{}, failed: map[int]error{}, freeAt: map[int]time.Time{}, changed: make(chan struct{}),
+		started: map[int]chan struct{}{}, failedC: make(chan struct{})}
+	for p := range s.layout.N() {
+		s.started[p] = make(chan struct{})
+	}
+	return s, nil
+}
+
+// Layout returns the deployment's partitioning.
+func (s *Partitions) Layout() events.Layout { return s.layout }
+
+// Running returns the projectors this instance runs now, by partition.
+func (s *Partitions) Running() map[int]*Projector {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.running)
+}
+
+// Started returns nil once every partition has run ready on this instance or is held
+// by another; the error of a partition whose first run here failed before that; or
+// ctx's error.
+func (s *Partitions) Started(ctx context.Context) error {
+	for p := range s.layout.N() {
+		select {
+		case <-s.started[p]:
+		case <-s.failedC:
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			for q, err := range s.failed {
+				return fmt.Errorf("partition %d: %w", q, err)
+			}
+			return errors.New("a partition failed")
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// Run announces this instance and folds the partitions assigned to it until ctx ends;
+// then it stops them between batches and gives their leases up.
+func (s *Partitions) Run(ctx context.Context) error {
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	watcher, err := s.kv.Watch(wctx, "i.>")
+	if err != nil {
+		return fmt.Errorf("watch instances: %w", err)
+	}
+	defer watcher.Stop()
+	go s.watchPresence(wctx, watcher)
+	go s.announce(wctx)
+	var wg sync.WaitGroup
+	for p := range s.layout.N() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.partition(wctx, p)
+		}()
+	}
+	<-ctx.Done()
+	cancel()
+	wg.Wait()
+	// Gone at once, rather than when the presence key expires: the others take the
+	// partitions now.
+	dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer dcancel()
+	_ = s.kv.Purge(dctx, events.PresenceKey(s.cfg.Instance))
+	return nil
+}
+
+// announce writes this instance's presence key every TTL/3 (with a TTL, so that it
+// goes when the instance dies).
+func (s *Partitions) announce(ctx context.Context) {
+	subject := events.KVSubject(s.cfg.Projector.Bucket, events.PresenceKey(s.cfg.Instance))
+	data, err := events.Marshal(&events.PresenceRecord{Instance: s.cfg.Instance, Joined: time.Now().UnixNano()})
+	if err != nil {
+		panic(err) // a plain struct
+	}
+	t := time.NewTicker(s.cfg.LeaseTTL / 3)
+	defer t.Stop()
+	for {
+		// Nats-TTL: the server removes the key of an instance that stops renewing it.
+		if _, err := s.js.PublishMsg(ctx, &nats.Msg{Subject: subject, Data: data}, jetstream.WithMsgTTL(s.cfg.LeaseTTL)); err != nil && ctx.Err() == nil {
+			s.log.Warn("presence not renewed", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// watchPresence keeps the list of instances present, oldest first.
+func (s *Partitions) watchPresence(ctx context.Context, w jetstream.KeyWatcher) {
+	present := map[string]events.PresenceRecord{} // by key
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case e := <-w.Updates():
+			if e == nil {
+				continue // the initial values are all here
+			}
+			if e.Operation() == jetstream.KeyValuePut {
+				var r events.PresenceRecord
+				if err := events.Unmarshal(e.Value(), &r); err != nil || present[e.Key()] == r {
+					continue // unreadable, or a renewal
+				}
+				present[e.Key()] = r
+			} else {
+				// A delete, a purge or the server's expiry marker: the instance is gone.
+				delete(present, e.Key())
+			}
+			recs := slices.Collect(maps.Values(present))
+			slices.SortFunc(recs, func(a, b events.PresenceRecord) int {
+				if c := cmp.Compare(a.Joined, b.Joined); c != 0 {
+					return c
+				}
+				return cmp.Compare(a.Instance, b.Instance)
+			})
+			names := make([]string, len(recs))
+			for i, r := range recs {
+				names[i] = r.Instance
+			}
+			s.mu.Lock()
+			s.present = names
+			close(s.changed)
+			s.changed = make(chan struct{})
+			s.mu.Unlock()
+		}
+	}
+}
+
+// assigned reports whether partition p is this instance's and whether it is another's
+// (neither while no instance is known yet), and a channel closed when that may have
+// changed.
+func (s *Partitions) assigned(p int) (mine, others bool, changed <-chan struct{}) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.present) == 0 {
+		return false, false, s.changed
+	}
+	mine = s.present[p%len(s.present)] == s.cfg.Instance
+	return mine, !mine, s.changed
+}
+
+// partition folds partition p whenever this instance may hold it, until ctx ends.
+func (s *Partitions) partition(ctx context.Context, p int) {
+	const minPause, maxPause = 100 * time.Millisecond, 10 * time.Second
+	pause := minPause
+	for ctx.Err() == nil {
+		mine, _, _ := s.assigned(p)
+		held, err := s.claim(ctx, p, mine)
+		if err != nil || !held {
+			select {
+			case <-ctx.Done():
+			case <-time.After(s.cfg.Poll):
+			}
+			continue
+		}
+		err = s.fold(ctx, p)
+		if ctx.Err() != nil {
+			return
+		}
+		if err == nil {
+			pause = minPause
+			continue // handed over: it may come back
+		}
+		s.mu.Lock()
+		s.failed[p] = err
+		select {
+		case <-s.started[p]:
+		default:
+			closeOnce(s.failedC)
+		}
+		s.mu.Unlock()
+		s.log.Error("projector stopped; starting it again", "partition", p, "err", err, "pause", pause)
+		select {
+		case <-time.After(pause):
+		case <-ctx.Done():
+			return
+		}
+		pause = min(2*pause, maxPause)
+	}
+}
+
+// claim tries partition p's lease once: when p is assigned here, or when its lease has
+// been free for two TTLs. It notes a partition another instance holds as started.
+func (s *Partitions) claim(ctx context.Context, p int, mine bool) (bool, error) {
+	rec, held, err := Holder(ctx, s.kvs, s.cfg.Projector.Bucket, events.PartitionName(p))
+	if err != nil {
+		return false, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if held && rec.Owner != s.cfg.Instance {
+		delete(s.freeAt, p)
+		closeOnce(s.started[p])
+		return false, nil
+	}
+	if _, ok := s.freeAt[p]; !ok {
+		s.freeAt[p] = time.Now()
+	}
+	return mine || time.Since(s.freeAt[p]) > 2*s.cfg.LeaseTTL, nil
+}
+
+func closeOnce(c chan struct{}) {
+	select {
+	case <-c:
+	default:
+		close(c)
+	}
+}
+
+// fold takes partition p's lease and runs its projector under it until ctx ends, the
+// lease is lost, the run fails, or the partition is assigned elsewhere (nil: handed
+// over); then it gives the lease up so that the next holder starts at once.
+func (s *Partitions) fold(ctx context.Context, p int) error {
+	part := events.PartitionName(p)
+	lease, err := NewLease(ctx, s.js, s.cfg.Projector.Bucket, part, s.cfg.Instance, s.cfg.LeaseTTL)
+	if err != nil {
+		return err
+	}
+	actx, acancel := context.WithTimeout(ctx, s.cfg.Poll)
+	err = lease.Acquire(actx, s.cfg.Poll)
+	acancel()
+	if err != nil {
+		if ctx.Err() != nil || errors.Is(err, context.DeadlineExceeded) {
+			return nil // taken by another meanwhile
+		}
+		return err
+	}
+	s.mu.Lock()
+	delete(s.freeAt, p)
+	s.mu.Unlock()
+	nc := s.js.Conn()
+	if s.cfg.Dial != nil {
+		if nc, err = s.cfg.Dial("attrd-projector-" + part); err != nil {
+			s.release(ctx, lease)
+			return err
+		}
+		defer nc.Close()
+	}
+	cfg := s.cfg.Projector
+	cfg.Partition = p
+	prj, err := New(nc, cfg)
+	if err != nil {
+		s.release(ctx, lease)
+		return err
+	}
+	lease.Progress = prj.Applied
+	s.log.Info("this instance folds a partition", "instance", s.cfg.Instance, "partition", p)
+	rctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	kept := make(chan error, 1)
+	go func() {
+		err := lease.Keep(rctx)
+		kept <- err
+		if err != nil {
+			cancel(err) // lost: stop folding at once (the fence stops any write anyway)
+		}
+	}()
+	done := make(chan error, 1)
+	go func() { done <- prj.Run(rctx) }()
+	finished, handed := false, false
+	select {
+	case <-prj.Ready():
+		s.mu.Lock()
+		s.running[p] = prj
+		delete(s.failed, p)
+		closeOnce(s.started[p])
+		s.mu.Unlock()
+		select {
+		case err = <-done:
+			finished = true
+		case <-s.handedOver(rctx, p):
+			handed = true
+		}
+	case err = <-done:
+		finished = true
+	}
+	s.mu.Lock()
+	delete(s.running, p)
+	s.mu.Unlock()
+	cancel(nil) // a run not finished stops between batches
+	if !finished {
+		err = <-done
+	}
+	if kerr := <-kept; kerr != nil && err == nil {
+		err = kerr
+	}
+	s.release(ctx, lease)
+	if handed && err == nil {
+		s.log.Info("partition handed over", "instance", s.cfg.Instance, "partition", p)
+	}
+	return err
+}
+
+// handedOver returns a channel closed once partition p is assigned to another instance
+// present, or never (ctx ends first).
+func (s *Partitions) handedOver(ctx context.Context, p int) <-chan struct{} {
+	c := make(chan struct{})
+	go func() {
+		for {
+			_, others, changed := s.assigned(p)
+			if others {
+				close(c)
+				return
+			}
+			select {
+			case <-changed:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return c
+}
+
+// release gives a lease up.
+func (s *Partitions) release(ctx context.Context, lease *Lease) {
+	rel, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	if err := lease.Release(rel); err != nil {
+		s.log.Debug("lease not released", "err", err)
+	}
+}
