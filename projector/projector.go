@@ -80,8 +80,8 @@ type Projector struct {
 	ckptRev uint64
 	// layout is the event stream's partitioning, and part this projector's partition
 	// by name.
-	layout events.Layout
-	part   string
+	layout  events.Layout
+	part    string
 	applied atomic.Uint64
 	ready   chan struct{}
 	batches atomic.Uint64
