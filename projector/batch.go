@@ -56,6 +56,13 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 
 	decisions := make([]events.Decision, len(items))
 	for start := 0; start < len(items); {
+		if it := items[start]; p.cross(it) {
+			// A decision that reads other partitions: they must have committed what came
+			// before it, and it reads their state as it stood then (cross.go).
+			if err := p.crossRead(ctx, it.seq, it.ev); err != nil {
+				return err
+			}
+		}
 		end, intent, err := p.foldCommittable(items, decisions, start)
 		if err != nil {
 			return err
@@ -155,6 +162,9 @@ func (p *Projector) foldChunk(items []item, decisions []events.Decision, start, 
 		if i > start && !recovering && it.ev != nil && size(i-start)+(len(it.ev.Attrs)+4)*intentBytesPerKey > limit {
 			break // this event's own effects would take the record past the limit
 		}
+		if i > start && p.cross(it) {
+			break // it reads other partitions: it starts the next chunk, once this one is committed
+		}
 		switch {
 		case it.bad != nil:
 			p.log.Warn("event rejected: unreadable", "seq", it.seq, "err", it.bad)
@@ -168,6 +178,17 @@ func (p *Projector) foldChunk(items []item, decisions []events.Decision, start, 
 		}
 	}
 	return i
+}
+
+// cross reports whether an item's decision reads other partitions' state and must be
+// folded at the start of a chunk, after crossRead. A recorded batch being recovered
+// is folded with its recorded decisions and reads nothing of other partitions.
+func (p *Projector) cross(it item) bool {
+	if it.bad != nil || p.recordedDecision(it.seq) != nil || p.recover != nil && it.seq <= p.recover.Last {
+		return false
+	}
+	actor, username := p.crossReads(it.ev)
+	return actor || username
 }
 
 // commit writes a folded chunk (intent record, keys, kept decisions), sends its

@@ -177,6 +177,12 @@ func (p *Projector) Run(ctx context.Context) error {
 		return err
 	}
 	p.delivered = 0
+	// Other partitions ask how far this one has committed (cross.go).
+	sub, err := p.serveApplied()
+	if err != nil {
+		return err
+	}
+	defer sub.Unsubscribe()
 	defer func() {
 		// The consumer is this run's own: remove it rather than wait for the server to.
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
