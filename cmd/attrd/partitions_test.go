@@ -158,8 +158,9 @@ func (h *partitionHold) release() {
 	close(h.open)
 }
 
-// heldFixture is a fixture of four partitions whose partitions can be held.
-func heldFixture(t *testing.T) (*fixture, *partitionHold) {
+// heldFixture is a fixture of four partitions whose partitions can be held; mod, if
+// not nil, configures it further.
+func heldFixture(t *testing.T, mod func(*Config)) (*fixture, *partitionHold) {
 	h := &partitionHold{lay: events.Layout{Partitions: 4}}
 	var srv *Server
 	var mu sync.Mutex
@@ -172,7 +173,12 @@ func heldFixture(t *testing.T) (*fixture, *partitionHold) {
 		js, _ := jetstream.New(srv.apiConn)
 		return js
 	}
-	f := newFixture(t, partitioned(4, func(c *Config) { c.ProjectorHooks.BeforeCheckpoint = h.hook }))
+	f := newFixture(t, partitioned(4, func(c *Config) {
+		c.ProjectorHooks.BeforeCheckpoint = h.hook
+		if mod != nil {
+			mod(c)
+		}
+	}))
 	mu.Lock()
 	srv = f.srv
 	mu.Unlock()
@@ -227,7 +233,7 @@ func waitForEvent(t *testing.T, f *fixture, filter string) {
 // held). The write's partition waits for the logout's: the write is refused
 // (E007001), as a replay of the log decides it.
 func TestASuperUsersLogoutInFlightDecidesItsWriteToAnotherPartitionAsReplayDoes(t *testing.T) {
-	f, h := heldFixture(t)
+	f, h := heldFixture(t, nil)
 	ctx := ctxT(t)
 	_, targetPart, _ := userIn(t, f, "target", false)
 	superID, superPart, super := userIn(t, f, "super", true, targetPart)
@@ -268,28 +274,13 @@ func TestASuperUsersLogoutInFlightDecidesItsWriteToAnotherPartitionAsReplayDoes(
 func TestTwoClaimsOfOneUsernameInTwoPartitionsAreDecidedInLogOrder(t *testing.T) {
 	var mu sync.Mutex
 	decided := map[string]events.Code{} // by event id
-	h := &partitionHold{lay: events.Layout{Partitions: 4}}
-	var srv *Server
-	h.js = func() jetstream.JetStream {
-		mu.Lock()
-		defer mu.Unlock()
-		if srv == nil {
-			return nil
-		}
-		js, _ := jetstream.New(srv.apiConn)
-		return js
-	}
-	f := newFixture(t, partitioned(4, func(c *Config) {
-		c.ProjectorHooks.BeforeCheckpoint = h.hook
+	f, h := heldFixture(t, func(c *Config) {
 		c.OnDecision = func(d events.Decision) {
 			mu.Lock()
 			decided[d.EventID] = d.Code
 			mu.Unlock()
 		}
-	}))
-	mu.Lock()
-	srv = f.srv
-	mu.Unlock()
+	})
 	ctx := ctxT(t)
 	lay := events.Layout{Partitions: 4}
 	js, _ := jetstream.New(f.srv.apiConn)
