@@ -107,9 +107,15 @@ func (c *natsCluster) urls() string {
 // instances counts the instances started, to tell their logs apart.
 var instances atomic.Int64
 
-// instance starts an attrd on the cluster, as one of several.
-func (c *natsCluster) instance(t *testing.T) *Server {
+// instance starts an attrd on the cluster, as one of several; mods configure it
+// further.
+func (c *natsCluster) instance(t *testing.T, mods ...func(*Config)) *Server {
 	return mustStart(t, func(cfg *Config) {
+		defer func() {
+			for _, m := range mods {
+				m(cfg)
+			}
+		}()
 		cfg.NATSURL, cfg.Replicas = c.urls(), 3
 		cfg.NATSOptions = []nats.Option{nats.UserInfo(embedded.OperatorUser, c.accts.OperatorPassword), nats.ReconnectWait(100 * time.Millisecond)}
 		cfg.NATSConnectTimeout = time.Minute
@@ -439,44 +445,58 @@ func verifyLoad(t *testing.T, ld *load, s *Server) {
 			t.Fatalf("w%d holds %d, last acknowledged %d", w, v, acked)
 		}
 	}
+	replayEqualsLive(t, s)
+	var total int64
+	for w := range ld.acked {
+		total += ld.acked[w].Load()
+	}
+	t.Logf("%d acknowledged sets; max gap between two successful writes: %s", total, time.Duration(ld.maxGap.Load()))
+}
+
+// replayEqualsLive waits until every partition is folded to its end (the load may
+// have stopped while a projector was starting again), then fails the test for every
+// difference between a replay of the log and the live projection.
+func replayEqualsLive(t *testing.T, s *Server) {
+	t.Helper()
 	js, _ := jetstream.New(s.apiConn)
-	// The projection is compared once the log is folded to its end (the load may have
-	// stopped while the projector was starting again).
+	ctx := context.Background()
+	st, err := js.Stream(ctx, events.StreamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lay := events.LayoutOf(st.CachedInfo().Config)
+	kvs, err := js.Stream(ctx, events.KVStream(events.DefaultBucket))
+	if err != nil {
+		t.Fatal(err)
+	}
 	deadline := time.Now().Add(30 * time.Second)
-	for {
-		st, err := js.Stream(context.Background(), events.StreamName)
-		if err != nil {
-			t.Fatal(err)
+	for p := 0; p < lay.N(); {
+		var last uint64
+		m, err := st.GetLastMsgForSubject(ctx, lay.PartitionSubjects(p))
+		if err == nil {
+			last = m.Sequence
 		}
-		kvs, err := js.Stream(context.Background(), events.KVStream(events.DefaultBucket))
-		if err != nil {
-			t.Fatal(err)
-		}
-		r, held, err := projector.Holder(context.Background(), kvs, events.DefaultBucket, "0")
-		if err == nil && held && r.Applied >= st.CachedInfo().State.LastSeq {
-			break
+		r, held, err := projector.Holder(ctx, kvs, events.DefaultBucket, events.PartitionName(p))
+		if err == nil && held && r.Applied >= last {
+			p++
+			continue
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the projector did not fold the log to its end (%d of %d)", r.Applied, st.CachedInfo().State.LastSeq)
+			t.Fatalf("partition %d was not folded to its end (%d of %d)", p, r.Applied, last)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	m := projector.NewMemory()
-	if err := projector.NewLog(js, nil).FoldAll(context.Background(), m, nil); err != nil {
+	if err := projector.NewLog(js, nil).FoldAll(ctx, m, nil); err != nil {
 		t.Fatal(err)
 	}
-	diffs, _, err := projector.Diff(context.Background(), js, events.DefaultBucket, m)
+	diffs, _, err := projector.Diff(ctx, js, events.DefaultBucket, m)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, d := range diffs {
 		t.Error(d)
 	}
-	var total int64
-	for w := range ld.acked {
-		total += ld.acked[w].Load()
-	}
-	t.Logf("%d acknowledged sets; max gap between two successful writes: %s", total, time.Duration(ld.maxGap.Load()))
 }
 
 // TestClusterSoak repeats the failures of TestInstancesFailOverOnACluster, and rolling

@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -18,6 +19,7 @@ import (
 	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/api/client"
 	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/projector"
 )
 
 // partitioned starts attrd on a deployment of n partitions.
@@ -407,4 +409,144 @@ func mustHash(t *testing.T, pw string) string {
 		t.Fatal(err)
 	}
 	return h
+}
+
+// holders reads who holds each partition's lease ("" for nobody).
+func holders(t *testing.T, s *Server, n int) []string {
+	t.Helper()
+	js, _ := jetstream.New(s.apiConn)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	kvs, err := js.Stream(ctx, events.KVStream(events.DefaultBucket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]string, n)
+	for p := range n {
+		if r, held, err := projector.Holder(ctx, kvs, events.DefaultBucket, events.PartitionName(p)); err == nil && held {
+			out[p] = r.Owner
+		}
+	}
+	return out
+}
+
+// waitHolders waits until want says yes of the holders, and returns how long it took.
+func waitHolders(t *testing.T, s *Server, n int, within time.Duration, what string, want func([]string) bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		h := holders(t, s, n)
+		if want(h) {
+			return time.Since(start)
+		}
+		if time.Since(start) > within {
+			t.Fatalf("%s: not within %s; holders %v", what, within, h)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// count returns how many partitions each instance holds.
+func count(h []string) map[string]int {
+	out := map[string]int{}
+	for _, o := range h {
+		out[o]++
+	}
+	return out
+}
+
+// writeToEachPartition sets an attribute of a user in every partition until each is
+// ok, and returns how long the slowest took.
+func writeToEachPartition(t *testing.T, users []*client.User, within time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for _, u := range users {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Since(start) < within {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				err := u.Attr.Set(ctx, "probe", time.Now().UnixNano())
+				cancel()
+				if err == nil {
+					return
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			t.Errorf("no write to user %s within %s", u.ID, within)
+		}()
+	}
+	wg.Wait()
+	return time.Since(start)
+}
+
+// TestPartitionsSpreadOverInstancesAndMoveWhenOneGoes: four partitions on a three-node
+// cluster (R3). A second instance takes half of them from the first by handover; a
+// killed instance's partitions move to the other within the lease's bound, a cleanly
+// stopped one's within a second; every partition takes writes after each move, and a
+// replay reproduces the projection.
+func TestPartitionsSpreadOverInstancesAndMoveWhenOneGoes(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a cluster of three NATS nodes and three attrd instances")
+	}
+	const n = 4
+	cl := startNATSCluster(t)
+	four := func(c *Config) { c.Partitions = n }
+	a := cl.instance(t, four)
+	waitHolders(t, a, n, 10*time.Second, "the first instance holds every partition", func(h []string) bool { return count(h)[a.instance] == n })
+	f := &fixture{srv: a, c: mustClient(t, a)}
+	f.admin = mustLogin(t, f.c, "admin", adminPassword)
+	lay := events.Layout{Partitions: n}
+	users := make([]*client.User, n)
+	for i := 0; slices.Contains(users, nil); i++ {
+		id, err := f.admin.CreateUser(ctxT(t), fmt.Sprintf("u%d", i), "pw", false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p := lay.Partition(id); users[p] == nil {
+			users[p] = f.admin.UserByID(id)
+		}
+	}
+
+	b := cl.instance(t, four)
+	took := waitHolders(t, a, n, 10*time.Second, "a second instance takes its share", func(h []string) bool {
+		c := count(h)
+		return c[a.instance] == n/2 && c[b.instance] == n/2
+	})
+	t.Logf("a second instance held its share %s after its start", took)
+	writeToEachPartition(t, users, 10*time.Second)
+
+	killed := time.Now()
+	kill(b)
+	waitHolders(t, a, n, 10*time.Second, "a killed instance's partitions move", func(h []string) bool { return count(h)[a.instance] == n })
+	writeToEachPartition(t, users, 10*time.Second)
+	resumed := time.Since(killed)
+	t.Logf("after kill -9: every partition took writes again %s after the kill", resumed)
+	if resumed > 5*time.Second {
+		t.Fatalf("partitions resumed %s after a kill -9 (bound 5 s)", resumed)
+	}
+
+	c := cl.instance(t, four)
+	waitHolders(t, a, n, 10*time.Second, "a third instance takes its share", func(h []string) bool {
+		cnt := count(h)
+		return cnt[a.instance] == n/2 && cnt[c.instance] == n/2
+	})
+	stopped := time.Now()
+	if err := a.Close(); err != nil {
+		t.Logf("close: %v", err)
+	}
+	waitHolders(t, c, n, 10*time.Second, "a stopped instance's partitions move", func(h []string) bool { return count(h)[c.instance] == n })
+	handover := time.Since(stopped)
+	f.c = mustClient(t, c)
+	admin := mustLogin(t, f.c, "admin", adminPassword)
+	for i, u := range users {
+		users[i] = admin.UserByID(u.ID)
+	}
+	writeToEachPartition(t, users, 10*time.Second)
+	t.Logf("after a clean stop: every partition held by the other instance %s after the stop began", handover)
+	if handover > time.Second {
+		t.Fatalf("handover after a clean stop took %s (bound 1 s)", handover)
+	}
+	replayEqualsLive(t, c)
 }
