@@ -27,9 +27,14 @@ func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start ui
 		AckWait:       5 * time.Second,
 		MaxAckPending: 16 * p.cfg.MaxBatch,
 		DeliverPolicy: jetstream.DeliverAllPolicy,
-		// As many replicas as the stream: on a cluster, losing the node of an R1
-		// consumer would stop the projector until it noticed.
-		Replicas: evs.CachedInfo().Config.Replicas,
+		// One replica, in memory: the intent record, not the consumer, is the position,
+		// so the consumer's state need not survive anything. A replicated one cost every
+		// delivery and ack a Raft round of its own (an R1 consumer made updates on R3
+		// 27% faster), and at a leader change it lost deliveries in flight (see
+		// checkDelivery). If its node goes, the pull's heartbeats stop, the run ends
+		// within seconds (ErrNoHeartbeat), and the next one creates a consumer on a
+		// node that is up, from the intent record.
+		Replicas: 1, MemoryStorage: true,
 	}
 	if start > 1 {
 		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy

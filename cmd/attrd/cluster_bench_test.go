@@ -1,7 +1,9 @@
 package main
 
 import (
+	"cmp"
 	"context"
+	"fmt"
 	"os"
 	"strconv"
 	"strings"
@@ -95,4 +97,91 @@ func TestMeasureInstancesOnACluster(t *testing.T) {
 	})
 	gets.finish()
 	row("cluster R3, attrd get (leader reads)", gets)
+}
+
+// TestMeasurePartitionsOnACluster measures updates on a 3-node cluster (R3) with 1, 4
+// and 16 partitions, one and two instances, at c=64 and c=256: each writer updates an
+// attribute of a user of its own, logged in as that user (users spread over the
+// partitions), with raw R3 KV puts with a TTL beside them at the same concurrency. A
+// measurement, not a check: ATTRD_CLUSTER_BENCH=4s go test -run
+// TestMeasurePartitionsOnACluster -v -timeout 30m ./cmd/attrd/ (ATTRD_BENCH_PARTITIONS
+// and ATTRD_BENCH_CONC choose other lists).
+func TestMeasurePartitionsOnACluster(t *testing.T) {
+	d, err := time.ParseDuration(os.Getenv("ATTRD_CLUSTER_BENCH"))
+	if err != nil || d <= 0 {
+		t.Skip("set ATTRD_CLUSTER_BENCH to a duration to measure")
+	}
+	ints := func(env, def string) []int {
+		var out []int
+		for _, s := range list(cmp.Or(os.Getenv(env), def)) {
+			n, err := strconv.Atoi(s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, n)
+		}
+		return out
+	}
+	parts, concs := ints("ATTRD_BENCH_PARTITIONS", "1,4,16"), ints("ATTRD_BENCH_CONC", "64,256")
+	value := strings.Repeat("v", 100)
+	ctx := context.Background()
+	const users = 64
+	for _, n := range parts {
+		cl := startNATSCluster(t)
+		a := cl.instance(t, func(c *Config) { c.Partitions = n })
+		admin := mustLogin(t, mustClient(t, a), "admin", adminPassword)
+		own := make([]*client.User, users)
+		for i := range own {
+			name := fmt.Sprintf("bench-%d", i)
+			if _, err := admin.CreateUser(ctx, name, "pw", false); err != nil {
+				t.Fatal(err)
+			}
+			s := mustLogin(t, mustClient(t, a), name, "pw")
+			if own[i], err = s.User(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := own[i].Attr.Set(ctx, "k", value); err != nil {
+				t.Fatal(err)
+			}
+		}
+		nc, err := nats.Connect(cl.urls(), nats.UserInfo(embedded.OperatorUser, cl.accts.OperatorPassword))
+		if err != nil {
+			t.Fatal(err)
+		}
+		js, _ := jetstream.New(nc)
+		if _, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench_raw", History: 1, Replicas: 3, LimitMarkerTTL: 5 * time.Minute}); err != nil {
+			t.Fatal(err)
+		}
+		insts := []*Server{a}
+		for inst := 1; inst <= 2; inst++ {
+			if inst == 2 {
+				b := cl.instance(t, func(c *Config) { c.Partitions = n })
+				insts = append(insts, b)
+				waitHolders(t, a, n, 10*time.Second, "the second instance takes its share", func(h []string) bool {
+					return n == 1 || count(h)[b.instance] == n/2
+				})
+			}
+			for _, conc := range concs {
+				raw := measure(ctx, conc, d/2, func(g, i int) error {
+					_, err := js.PublishMsg(ctx, &nats.Msg{Subject: events.KVSubject("bench_raw", "k"+strconv.Itoa(g)), Data: []byte(value)}, jetstream.WithMsgTTL(time.Hour))
+					return err
+				})
+				raw.finish()
+				up := measure(ctx, conc, d, func(g, i int) error {
+					return own[g%users].Attr.Update(ctx, "k", value, client.Expiration(time.Hour))
+				})
+				up.finish()
+				if up.err != nil || raw.err != nil {
+					t.Fatal(up.err, raw.err)
+				}
+				t.Logf("partitions %2d, instances %d, c=%3d: updates %6.0f/s (p50 %8s), raw R3 puts %6.0f/s: %.2f", n, inst, conc,
+					up.rate, up.p50, raw.rate, up.rate/raw.rate)
+			}
+		}
+		nc.Close()
+		for _, s := range insts {
+			s.Close()
+		}
+		cl.stopAll()
+	}
 }

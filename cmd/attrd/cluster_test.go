@@ -65,12 +65,15 @@ func startNATSCluster(t *testing.T) *natsCluster {
 			t.Fatal(err)
 		}
 	}
-	t.Cleanup(func() {
-		for i := range c.nodes {
-			c.stopNode(i)
-		}
-	})
+	t.Cleanup(c.stopAll)
 	return c
+}
+
+// stopAll stops every node.
+func (c *natsCluster) stopAll() {
+	for i := range c.nodes {
+		c.stopNode(i)
+	}
 }
 
 func (c *natsCluster) startNode(i int) error {
