@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -166,7 +167,7 @@ func holder(t *testing.T, s *Server) string {
 type load struct {
 	once     sync.Once
 	t        *testing.T
-	ust      string
+	users    []loadUser // writer w writes as users[w % len(users)]
 	url      string
 	stop     chan struct{}
 	wg       sync.WaitGroup
@@ -178,16 +179,38 @@ type load struct {
 	maxGap   atomic.Int64
 	mu       sync.Mutex
 	errs     []string
-	// inspect, if set, describes the state behind a stale read of key (evidence).
-	inspect func(key string, want int64) string
+	// inspect, if set, describes the state behind a stale read of a user's key
+	// (evidence).
+	inspect func(uid, key string, want int64) string
 	// last holds each writer's last answer or error, and stalled, if set, describes the
 	// instances when no write succeeds in time (evidence).
 	last    []atomic.Value
 	stalled func() string
 }
 
-func startLoad(t *testing.T, url, ust string, writers int) *load {
-	l := &load{t: t, ust: ust, url: url, stop: make(chan struct{}), acked: make([]atomic.Int64, writers), last: make([]atomic.Value, writers)}
+// loadUser is a user the load writes as: its session and its id.
+type loadUser struct{ ust, uid string }
+
+// loadUsers creates n regular users through s, logs each in, and returns them: their
+// ids fall in whatever partitions they hash to.
+func loadUsers(t *testing.T, s *Server, admin *client.Session, n int) []loadUser {
+	t.Helper()
+	c := mustClient(t, s)
+	out := make([]loadUser, n)
+	for i := range out {
+		name := fmt.Sprintf("load-%d", i)
+		uid, err := admin.CreateUser(ctxT(t), name, "pw", false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[i] = loadUser{ust: mustLogin(t, c, name, "pw").UST, uid: uid}
+	}
+	return out
+}
+
+// startLoad starts writers writers as the users, in turn.
+func startLoad(t *testing.T, url string, users []loadUser, writers int) *load {
+	l := &load{t: t, users: users, url: url, stop: make(chan struct{}), acked: make([]atomic.Int64, writers), last: make([]atomic.Value, writers)}
 	l.lastOK.Store(time.Now().UnixNano())
 	for w := 0; w < writers; w++ {
 		l.wg.Add(1)
@@ -262,8 +285,9 @@ func (l *load) writer(w int) {
 	}
 	defer nc.Close()
 	key := fmt.Sprintf("w%d", w)
+	ust := l.users[w%len(l.users)].ust
 	for i := int64(1); ; i++ {
-		out, tries := l.callCounting(nc, w, "user.attr.set", map[string]any{"ust": l.ust, "current_app": "CRM", "name": key, "value": i,
+		out, tries := l.callCounting(nc, w, "user.attr.set", map[string]any{"ust": ust, "current_app": "CRM", "name": key, "value": i,
 			"request_id": fmt.Sprintf("%s-%d", key, i)})
 		if out == nil {
 			return
@@ -274,7 +298,7 @@ func (l *load) writer(w int) {
 		}
 		l.acked[w].Store(i)
 		l.ok()
-		got := l.call(nc, "user.attr.get", map[string]any{"ust": l.ust, "current_app": "CRM", "name": key})
+		got := l.call(nc, "user.attr.get", map[string]any{"ust": ust, "current_app": "CRM", "name": key})
 		if got == nil {
 			return
 		}
@@ -285,7 +309,7 @@ func (l *load) writer(w int) {
 			when := "not within 2s"
 			for _, wait := range []time.Duration{10 * time.Millisecond, 100 * time.Millisecond, 500 * time.Millisecond, 2 * time.Second} {
 				time.Sleep(wait)
-				again := l.call(nc, "user.attr.get", map[string]any{"ust": l.ust, "current_app": "CRM", "name": key})
+				again := l.call(nc, "user.attr.get", map[string]any{"ust": ust, "current_app": "CRM", "name": key})
 				if v, _ := again["value"].(float64); int64(v) >= i {
 					when = "after " + wait.String()
 					break
@@ -293,13 +317,13 @@ func (l *load) writer(w int) {
 			}
 			evidence := ""
 			if l.inspect != nil {
-				evidence = l.inspect(key, i)
+				evidence = l.inspect(l.users[w%len(l.users)].uid, key, i)
 			}
 			l.note("%s: read %s=%v after ok %d (the set was sent %d times; right again %s)%s", time.Now().Format(time.RFC3339Nano), key, got["value"], i, tries, when, evidence)
 		}
 		if i%5 == 0 {
 			name := fmt.Sprintf("c%d-%d", w, i)
-			out := l.call(nc, "user.attr.create", map[string]any{"ust": l.ust, "current_app": "CRM", "name": name, "value": i,
+			out := l.call(nc, "user.attr.create", map[string]any{"ust": ust, "current_app": "CRM", "name": name, "value": i,
 				"request_id": "create-" + name})
 			if out != nil && out["status"] != "ok" {
 				l.twice.Add(1)
@@ -354,7 +378,7 @@ func TestInstancesFailOverOnACluster(t *testing.T) {
 		t.Fatalf("the first instance should fold: lease holder %q", h)
 	}
 	admin := mustLogin(t, mustClient(t, a), "admin", adminPassword)
-	ld := startLoad(t, cl.urls(), admin.UST, 6)
+	ld := startLoad(t, cl.urls(), []loadUser{{admin.UST, adminID(t, a)}}, 6)
 	defer ld.finish()
 	time.Sleep(time.Second)
 
@@ -435,8 +459,8 @@ func verifyLoad(t *testing.T, ld *load, s *Server) {
 		t.Fatalf("%d stale reads, %d creates applied twice, %d answers of 500", ld.stale.Load(), ld.twice.Load(), ld.internal.Load())
 	}
 	kv := mustKV(t, s)
-	uid := adminID(t, s)
 	for w := range ld.acked {
+		uid := ld.users[w%len(ld.users)].uid
 		e, err := kv.Get(context.Background(), events.AttrKey(uid, "", fmt.Sprintf("w%d", w)))
 		if err != nil {
 			t.Fatalf("w%d: %v", w, err)
@@ -510,11 +534,17 @@ func TestClusterSoak(t *testing.T) {
 	if err != nil || d <= 0 {
 		t.Skip("set ATTRD_SOAK to a duration to soak")
 	}
+	// Several partitions (ATTRD_SOAK_PARTITIONS, default 4), spread over the instances.
+	parts, err := strconv.Atoi(cmp.Or(os.Getenv("ATTRD_SOAK_PARTITIONS"), "4"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	withParts := func(c *Config) { c.Partitions = parts }
 	cl := startNATSCluster(t)
-	insts := []*Server{cl.instance(t), cl.instance(t), cl.instance(t)}
+	insts := []*Server{cl.instance(t, withParts), cl.instance(t, withParts), cl.instance(t, withParts)}
 	admin := mustLogin(t, mustClient(t, insts[0]), "admin", adminPassword)
-	ld := startLoad(t, cl.urls(), admin.UST, 16)
-	ld.inspect = func(key string, want int64) string { return cl.inspect(insts, key, want) }
+	ld := startLoad(t, cl.urls(), loadUsers(t, insts[0], admin, 8), 16)
+	ld.inspect = func(uid, key string, want int64) string { return cl.inspect(insts, uid, key, want) }
 	ld.stalled = func() string {
 		var b strings.Builder
 		for i, s := range insts {
@@ -524,7 +554,7 @@ func TestClusterSoak(t *testing.T) {
 			}
 			fmt.Fprintf(&b, ", api connected %v to %s", s.apiConn.IsConnected(), s.apiConn.ConnectedUrl())
 		}
-		return b.String() + cl.inspect(insts, "w0", ld.acked[0].Load())
+		return b.String() + cl.inspect(insts, ld.users[0].uid, "w0", ld.acked[0].Load())
 	}
 	defer ld.finish()
 	end := time.Now().Add(d)
@@ -539,10 +569,10 @@ func TestClusterSoak(t *testing.T) {
 		switch round % 5 {
 		case 0:
 			kill(insts[hi])
-			insts[hi] = cl.instance(t)
+			insts[hi] = cl.instance(t, withParts)
 		case 1:
 			insts[hi].Close()
-			insts[hi] = cl.instance(t)
+			insts[hi] = cl.instance(t, withParts)
 		case 2:
 			n := round % 3
 			cl.stopNode(n)
@@ -578,10 +608,11 @@ func TestClusterSoak(t *testing.T) {
 	verifyLoad(t, ld, live)
 }
 
-// inspect describes, for a stale read of key after want was acknowledged, what each
-// NATS node has of the bucket and the log, the key as the leader answers it, the
-// intent record and lease, and the set events of key in the log's tail.
-func (c *natsCluster) inspect(insts []*Server, key string, want int64) string {
+// inspect describes, for a stale read of a user's key after want was acknowledged,
+// what each NATS node has of the bucket and the log, the key as the leader answers it,
+// the intent record and lease of the user's partition, and the set events of key in
+// the log's tail.
+func (c *natsCluster) inspect(insts []*Server, uid, key string, want int64) string {
 	var b strings.Builder
 	for i, ns := range c.nodes {
 		if ns == nil {
@@ -620,15 +651,13 @@ func (c *natsCluster) inspect(insts []*Server, key string, want int64) string {
 	if err != nil {
 		return b.String() + "\n  " + err.Error()
 	}
-	uid := ""
-	if m, err := kvs.GetLastMsgForSubject(ctx, events.KVSubject(events.DefaultBucket, events.UsernameKey("admin"))); err == nil {
-		if r, ok := events.DecodeRecord(events.UsernameKey("admin"), m.Data); ok == nil {
-			if u, _ := r.(*events.UsernameRecord); u != nil {
-				uid = u.UserID
-			}
-		}
+	evs, err := js.Stream(ctx, events.StreamName)
+	if err != nil {
+		return b.String()
 	}
-	for _, k := range []string{events.AttrKey(uid, "", key), events.CheckpointKey("0"), events.LeaseKey("0")} {
+	lay := events.LayoutOf(evs.CachedInfo().Config)
+	part := events.PartitionName(lay.Partition(uid))
+	for _, k := range []string{events.AttrKey(uid, "", key), events.CheckpointKey(part), events.LeaseKey(part)} {
 		m, err := kvs.GetLastMsgForSubject(ctx, events.KVSubject(events.DefaultBucket, k))
 		if err != nil {
 			fmt.Fprintf(&b, "\n  %s: %v", k, err)
@@ -644,12 +673,8 @@ func (c *natsCluster) inspect(insts []*Server, key string, want int64) string {
 			fmt.Fprintf(&b, "\n  %s: seq %d %+v", k, m.Sequence, rec)
 		}
 	}
-	evs, err := js.Stream(ctx, events.StreamName)
-	if err != nil {
-		return b.String()
-	}
 	last := evs.CachedInfo().State.LastSeq
-	cons, err := evs.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{FilterSubjects: []string{events.EventsPrefix + "." + uid + ".attr"},
+	cons, err := evs.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{FilterSubjects: []string{lay.Subject(&events.Event{Type: events.AttrSet, UserID: uid})},
 		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: max(last, 20000) - 20000 + 1})
 	if err != nil {
 		return b.String()
