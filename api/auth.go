@@ -84,6 +84,14 @@ func (s *Service) authenticate(ctx context.Context, ust string) (*caller, error)
 	}
 	sid := events.SessionID(ust)
 	now := time.Now().UnixNano()
+	if sess, u, ok := s.localSession(sid); ok {
+		// This instance folds the session's partition: its records are the latest
+		// committed, a logout's effect included, without the cache's delay.
+		if !sess.Live(now) || u == nil || !u.Approved {
+			return nil, events.Errorf(events.CodeNoSession, "no such session")
+		}
+		return &caller{sid: sid, session: sess, user: u}, nil
+	}
 	sess, u, ok := s.sessions.get(sid)
 	// The cache answers only "live": a cached session that looks ended may have been
 	// renewed by another instance a moment ago, so KV decides before a refusal.
@@ -105,6 +113,22 @@ func (s *Service) authenticate(ctx context.Context, ust string) (*caller, error)
 		return nil, events.Errorf(events.CodeNoSession, "no such session")
 	}
 	return &caller{sid: sid, session: sess, user: u}, nil
+}
+
+// localSession reads a session and its user from this instance's projectors, when
+// they hold both as the latest committed records (ok false: they cannot say).
+func (s *Service) localSession(sid string) (*events.SessionRecord, *events.UserRecord, bool) {
+	if s.cfg.Local == nil {
+		return nil, nil, false
+	}
+	r, ok := s.cfg.Local.Read(events.SessionKey(sid))
+	sess, _ := r.(*events.SessionRecord)
+	if !ok || sess == nil {
+		return nil, nil, false // absent sessions are not local knowledge: ask KV
+	}
+	r, ok = s.cfg.Local.Read(events.UserKey(sess.UserID))
+	u, _ := r.(*events.UserRecord)
+	return sess, u, ok
 }
 
 // event returns an event acted by c with the request's metadata.

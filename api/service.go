@@ -63,6 +63,9 @@ type Config struct {
 	HistoryTimeout     time.Duration
 	// MaxInFlight bounds requests handled at once (default 4096).
 	MaxInFlight int
+	// Local, if set, answers reads of the records this instance's projectors hold
+	// committed and are certainly the latest of (see LocalReader); KV answers the rest.
+	Local LocalReader
 	// Logger; nil uses slog.Default().
 	Logger *slog.Logger
 }
@@ -648,8 +651,21 @@ func (s *Service) apply(ctx context.Context, ev *events.Event) (events.Decision,
 	return d, err
 }
 
-// read returns the record under key, or nil if there is none.
+// LocalReader reads projection records this instance holds in memory: ok is false
+// when it cannot say that its record (nil: absent) is the latest committed one.
+type LocalReader interface {
+	Read(key string) (rec any, ok bool)
+}
+
+// read returns the record under key, or nil if there is none: from this instance's
+// own projector when it folds the key's partition (the latest committed record, with
+// no round trip), else from KV.
 func (s *Service) read(ctx context.Context, key string) (any, error) {
+	if s.cfg.Local != nil {
+		if rec, ok := s.cfg.Local.Read(key); ok {
+			return rec, nil
+		}
+	}
 	e, err := s.kv.Get(ctx, key)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return nil, nil

@@ -62,6 +62,19 @@ func IsProjectionKey(key string) bool {
 	return true
 }
 
+// OwnerOfKey returns the user whose partition a projection key belongs to: the user
+// of an attribute (a.<uid>.…), a user record (u.<uid>) or a session index entry
+// (x.<uid>.…); "" for any other key (a session's key names no user, a username's
+// belongs to no partition).
+func OwnerOfKey(key string) string {
+	kind, rest, ok := strings.Cut(key, ".")
+	if !ok || kind != "a" && kind != "u" && kind != "x" {
+		return ""
+	}
+	uid, _, _ := strings.Cut(rest, ".")
+	return uid
+}
+
 // PresenceKey is the key of an attrd instance's presence.
 func PresenceKey(instance string) string { return "i." + EncodeName(instance) }
 

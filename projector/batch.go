@@ -63,7 +63,10 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 				return err
 			}
 		}
-		end, intent, err := p.foldCommittable(items, decisions, start)
+		var end int
+		var intent []byte
+		var err error
+		p.view.locked(func() { end, intent, err = p.foldCommittable(items, decisions, start) })
 		if err != nil {
 			return err
 		}
@@ -73,7 +76,7 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 		start = end
 	}
 	if len(p.view.entries) > p.cfg.MaxCacheEntries {
-		p.view.reset()
+		p.view.locked(p.view.reset)
 	}
 	return p.passTail(batch)
 }

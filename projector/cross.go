@@ -80,8 +80,10 @@ func (p *Projector) crossRead(ctx context.Context, seq uint64, ev *events.Event)
 		if r, ok := e.rec.(*events.UsernameRecord); ok && r.Seq >= seq {
 			return fmt.Errorf("username %q claimed at sequence %d, after the claim at %d being folded", ev.User.Username, r.Seq, seq)
 		}
-		p.view.entries[key] = &entry{rev: e.rev}
-		p.view.set(key, e.rec, loaded)
+		p.view.locked(func() {
+			p.view.entries[key] = &entry{rev: e.rev}
+			p.view.set(key, e.rec, loaded)
+		})
 	}
 	if actor {
 		if !username {
@@ -120,10 +122,12 @@ func (p *Projector) actorAt(ctx context.Context, uid, sid string, seq uint64) er
 		}
 		urec, srec = m.get(uk), m.get(sk)
 	}
-	p.view.entries[uk] = &entry{rev: ue.rev}
-	p.view.set(uk, urec, loaded)
-	p.view.entries[sk] = &entry{rev: se.rev}
-	p.view.set(sk, srec, loaded)
+	p.view.locked(func() {
+		p.view.entries[uk] = &entry{rev: ue.rev}
+		p.view.set(uk, urec, loaded)
+		p.view.entries[sk] = &entry{rev: se.rev}
+		p.view.set(sk, srec, loaded)
+	})
 	return nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -26,6 +27,8 @@ type Lease struct {
 	ttl     time.Duration
 	rev     uint64 // the lease message's sequence while held
 	until   time.Time
+	// valid is until in Unix ns, for Valid (read by other goroutines).
+	valid atomic.Int64
 	// Progress, if set, is written with every renewal (the holder's applied sequence),
 	// so that any instance can tell how far the log is folded.
 	Progress func() uint64
@@ -117,7 +120,19 @@ func (l *Lease) write(ctx context.Context, rev uint64) error {
 		return err
 	}
 	l.rev, l.until = ack.Sequence, sent.Add(l.ttl)
+	l.valid.Store(l.until.UnixNano())
 	return nil
+}
+
+// leaseMargin is how long before its end a lease is no longer counted on: for timers
+// that fire late and clocks that run at slightly different rates.
+const leaseMargin = 200 * time.Millisecond
+
+// Valid reports whether this holder's lease is certainly still its own: its last
+// renewal was sent less than the TTL (less a margin) ago. Another instance can claim
+// it only once the server has expired it, which is after that.
+func (l *Lease) Valid() bool {
+	return time.Now().UnixNano() < l.valid.Load()-int64(leaseMargin)
 }
 
 // ErrLeaseLost says another instance holds the lease now.

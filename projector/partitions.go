@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -43,6 +44,7 @@ type Partitions struct {
 	mu      sync.Mutex
 	present []string              // instances present, sorted
 	running map[int]*Projector    // the partitions this instance folds, once ready
+	leases  map[int]*Lease        // their leases
 	failed  map[int]error         // a partition's last run's error, until it runs again
 	freeAt  map[int]time.Time     // when a partition's lease was first seen free
 	changed chan struct{}         // closed and replaced whenever present changes
@@ -101,7 +103,7 @@ func NewPartitions(ctx context.Context, nc *nats.Conn, cfg PartitionsConfig) (*P
 		return nil, err
 	}
 	s := &Partitions{cfg: cfg, js: js, kv: kv, kvs: kvs, layout: events.LayoutOf(evs.CachedInfo().Config), log: cfg.Logger,
-		running: map[int]*Projector{}, failed: map[int]error{}, freeAt: map[int]time.Time{}, changed: make(chan struct{}),
+		running: map[int]*Projector{}, leases: map[int]*Lease{}, failed: map[int]error{}, freeAt: map[int]time.Time{}, changed: make(chan struct{}),
 		started: map[int]chan struct{}{}, failedC: make(chan struct{})}
 	for p := range s.layout.N() {
 		s.started[p] = make(chan struct{})
@@ -371,6 +373,7 @@ func (s *Partitions) fold(ctx context.Context, p int) error {
 	case <-prj.Ready():
 		s.mu.Lock()
 		s.running[p] = prj
+		s.leases[p] = lease
 		delete(s.failed, p)
 		closeOnce(s.started[p])
 		s.mu.Unlock()
@@ -385,6 +388,7 @@ func (s *Partitions) fold(ctx context.Context, p int) error {
 	}
 	s.mu.Lock()
 	delete(s.running, p)
+	delete(s.leases, p)
 	s.mu.Unlock()
 	cancel(nil) // a run not finished stops between batches
 	if !finished {
@@ -428,4 +432,39 @@ func (s *Partitions) release(ctx context.Context, lease *Lease) {
 	if err := lease.Release(rel); err != nil {
 		s.log.Debug("lease not released", "err", err)
 	}
+}
+
+// Read returns a record of the projection as a partition this instance folds has it
+// committed, when that is certainly the latest: the key belongs to the partition (an
+// attribute, user or session-index key of one of its users, or a session whose
+// record names one of them), the view knows it, and this instance's lease on the
+// partition is valid, so that no other instance can have folded anything after it.
+// ok is false otherwise: read KV.
+func (s *Partitions) Read(key string) (rec any, ok bool) {
+	uid := events.OwnerOfKey(key)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	try := func(p int) (any, bool) {
+		prj, lease := s.running[p], s.leases[p]
+		if prj == nil || lease == nil || !lease.Valid() {
+			return nil, false
+		}
+		return prj.view.Committed(key)
+	}
+	if uid != "" {
+		return try(s.layout.Partition(uid))
+	}
+	if !strings.HasPrefix(key, "s.") {
+		return nil, false // usernames, the projectors' own keys: any partition may write them
+	}
+	// A session: its record names its user; a view that has one of its own users'
+	// sessions has it as it is. (An actor's session another partition read as it stood
+	// at some event is not its own, and not taken.)
+	for p := range s.running {
+		r, known := try(p)
+		if sr, isSession := r.(*events.SessionRecord); known && isSession && s.layout.Partition(sr.UserID) == p {
+			return r, true
+		}
+	}
+	return nil, false
 }

@@ -125,7 +125,7 @@ func (p *Projector) recoverState(ctx context.Context, fenced *events.Checkpoint,
 				a.Value = cur.Value
 			}
 		}
-		p.view.set(ks.Key, rec, loaded)
+		p.view.locked(func() { p.view.set(ks.Key, rec, loaded) })
 	}
 	// Prefix scans are not trusted across the recorded states: scan again on demand.
 	p.view.scanned = map[string]bool{}

@@ -28,6 +28,9 @@ type entry struct {
 // effect (rewritten) are written but not recorded. undo keeps every touched entry as
 // it was before the chunk, so that a chunk that cannot be committed is taken back.
 type view struct {
+	// mu guards entries and undo against Committed, which readers outside the
+	// projector call: the projector takes it around every change of them.
+	mu        sync.RWMutex
 	untracked bool // an in-memory fold: no batches, nothing to record
 	entries   map[string]*entry
 	children  map[string]map[string]struct{} // attribute or index prefix -> keys with a record
@@ -99,6 +102,32 @@ func (m *Memory) Len() int {
 		}
 	}
 	return n
+}
+
+// Committed returns a key's record as it is committed (written and acknowledged): the
+// state before the chunk in flight for a key it changes. known is false when the view
+// does not know the key (never loaded).
+func (v *view) Committed(key string) (rec any, known bool) {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if old, ok := v.undo[key]; ok {
+		if old == nil {
+			return nil, true // created by the chunk in flight: absent until it commits
+		}
+		return old.rec, true
+	}
+	e := v.entries[key]
+	if e == nil {
+		return nil, false
+	}
+	return e.rec, true
+}
+
+// locked runs f holding the view's lock (the projector's changes).
+func (v *view) locked(f func()) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	f()
 }
 
 // reset empties the cache (between batches only: it forgets nothing unwritten).
@@ -316,10 +345,12 @@ func (l *loader) load(ctx context.Context, v *view, keys, prefixes []string) err
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	for i, k := range missing {
-		v.entries[k] = &entry{rev: got[i].rev}
-		v.set(k, got[i].rec, loaded)
-	}
+	v.locked(func() {
+		for i, k := range missing {
+			v.entries[k] = &entry{rev: got[i].rev}
+			v.set(k, got[i].rec, loaded)
+		}
+	})
 	return nil
 }
 

@@ -100,7 +100,7 @@ func (p *Projector) write(ctx context.Context, first, last uint64, items []item,
 	if err := settle(); err != nil {
 		return err
 	}
-	p.view.committed()
+	p.view.locked(p.view.committed)
 	return nil
 }
 

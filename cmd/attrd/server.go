@@ -301,7 +301,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
 		SessionMaxLifetime: cfg.SessionMaxLifetime, PasswordConcurrency: cfg.PasswordConcurrency, LoginsPerAddress: cfg.LoginsPerAddress, HistoryTimeout: cfg.HistoryTimeout,
 		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log, Limits: cfg.Limits,
-		History: projector.NewLog(histJS, opener(keys))}); err != nil {
+		History: projector.NewLog(histJS, opener(keys)), Local: s.parts}); err != nil {
 		return nil, err
 	}
 	if s.natsAPI, err = natsapi.Start(s.apiConn, s.svc, log); err != nil {
