@@ -89,6 +89,18 @@ func (s *Service) readAttrs(ctx context.Context, t *target, verb string, req *Re
 func (s *Service) getAttrs(ctx context.Context, prefix string, names []string, maxBytes int) (map[string]*events.AttrRecord, error) {
 	now := time.Now().UnixNano()
 	out := make(map[string]*events.AttrRecord, len(names))
+	if len(names) == 1 {
+		// One name: read it here (often from this instance's own projector, at once),
+		// without a goroutine.
+		r, err := s.read(ctx, prefix+events.EncodeName(names[0]))
+		if a, ok := r.(*events.AttrRecord); ok && a.Live(now) {
+			if maxBytes > 0 && len(a.Value)+len(names[0])+200 > maxBytes {
+				return nil, events.Errorf(events.CodeInvalidInput, "the reply would pass %d bytes: ask for fewer names", maxBytes)
+			}
+			out[names[0]] = a
+		}
+		return out, err
+	}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	var size atomic.Int64
