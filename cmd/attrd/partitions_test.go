@@ -75,6 +75,11 @@ func TestAPartitionedDeploymentPutsEveryUserInItsPartitionAndReplaysEqual(t *tes
 	if len(parts) < 2 {
 		t.Fatalf("every event fell in %v", parts)
 	}
+	// A user's history is read from its partition, with every decision.
+	evs, out := historyOf(t, f, f.admin.UST, map[string]any{"user_id": f.aliceID})
+	if len(evs) == 0 {
+		t.Fatalf("alice's history in a partitioned deployment: %v", out)
+	}
 	verifyReplay(t, f)
 }
 
