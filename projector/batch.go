@@ -48,7 +48,7 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 		items = append(items, it)
 	}
 	if len(items) == 0 {
-		return p.passTail(batch)
+		return p.endBatch(ctx, batch)
 	}
 	if err := p.load.load(ctx, p.view, keys, prefixes); err != nil {
 		return err
@@ -58,7 +58,11 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 	for start := 0; start < len(items); {
 		if it := items[start]; p.cross(it) {
 			// A decision that reads other partitions: they must have committed what came
-			// before it, and it reads their state as it stood then (cross.go).
+			// before it (this partition too: the chunk in flight lands first), and it
+			// reads their state as it stood then (cross.go).
+			if err := p.land(ctx); err != nil {
+				return err
+			}
 			if err := p.crossRead(ctx, it.seq, it.ev); err != nil {
 				return err
 			}
@@ -70,15 +74,31 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 		if err != nil {
 			return err
 		}
-		if err := p.commit(ctx, items[start:end], decisions[start:end], intent); err != nil {
+		more := end < len(items) || p.more != nil && p.more()
+		if err := p.commit(ctx, items[start:end], decisions[start:end], intent, more); err != nil {
 			return err
 		}
 		start = end
 	}
-	if len(p.view.entries) > p.cfg.MaxCacheEntries {
+	return p.endBatch(ctx, batch)
+}
+
+// endBatch ends a batch: the chunk in flight lands unless more events wait to be
+// folded (the next chunk's intent record will carry it), Applied passes the batch's
+// tail, and a cache grown past its bound is emptied.
+func (p *Projector) endBatch(ctx context.Context, batch []jetstream.Msg) error {
+	if p.flight != nil && (p.more == nil || !p.more()) {
+		if err := p.land(ctx); err != nil {
+			return err
+		}
+	}
+	if err := p.passTail(batch); err != nil {
+		return err
+	}
+	if p.flight == nil && len(p.view.entries) > p.cfg.MaxCacheEntries {
 		p.view.locked(p.view.reset)
 	}
-	return p.passTail(batch)
+	return nil
 }
 
 // ErrDeliveryGap says the consumer skipped deliveries: the run stops, and the next one
@@ -102,12 +122,17 @@ func (p *Projector) checkDelivery(md *jetstream.MsgMetadata) error {
 }
 
 // passTail moves Applied over recorded decisions that end a batch, once every event
-// before them is folded, so that the projector's position reaches the log's end.
+// before them is folded and committed, so that the projector's position reaches the
+// log's end. With a chunk in flight, that waits until it lands.
 func (p *Projector) passTail(batch []jetstream.Msg) error {
 	last := batch[len(batch)-1]
 	md, err := last.Metadata()
 	if err != nil || md.Sequence.Stream <= p.Applied() {
 		return err
+	}
+	if p.flight != nil {
+		p.tail = last
+		return nil
 	}
 	p.applied.Store(md.Sequence.Stream)
 	return last.Ack()
@@ -128,14 +153,14 @@ const (
 func (p *Projector) foldCommittable(items []item, decisions []events.Decision, start int) (int, []byte, error) {
 	limit := int(p.nc.MaxPayload()) - intentHeadroom
 	end := p.foldChunk(items, decisions, start, len(items))
-	intent, err := p.intent(items[start:end], decisions[start:end])
+	intent, err := p.intent(nil, items[start:end], decisions[start:end])
 	if err != nil || len(intent) <= limit {
 		return end, intent, err
 	}
 	p.view.rollback()
 	if end-start > 1 {
 		end = p.foldChunk(items, decisions, start, start+1)
-		if intent, err = p.intent(items[start:end], decisions[start:end]); err != nil || len(intent) <= limit {
+		if intent, err = p.intent(nil, items[start:end], decisions[start:end]); err != nil || len(intent) <= limit {
 			return end, intent, err
 		}
 		p.view.rollback()
@@ -145,7 +170,7 @@ func (p *Projector) foldCommittable(items []item, decisions []events.Decision, s
 		"bytes", len(intent), "max_payload", p.nc.MaxPayload())
 	decisions[start] = events.Decision{Seq: it.seq, EventID: it.ev.ID, UserID: it.ev.UserID, Fingerprint: it.ev.Fingerprint,
 		Code: events.CodeInvalidInput}
-	intent, err = p.intent(items[start:end], decisions[start:end])
+	intent, err = p.intent(nil, items[start:end], decisions[start:end])
 	return end, intent, err
 }
 
@@ -192,37 +217,6 @@ func (p *Projector) cross(it item) bool {
 	}
 	actor, username := p.crossReads(it.ev)
 	return actor || username
-}
-
-// commit writes a folded chunk (intent record, keys, kept decisions), sends its
-// decisions and acks it.
-func (p *Projector) commit(ctx context.Context, items []item, decisions []events.Decision, intent []byte) error {
-	first, last := items[0].seq, items[len(items)-1].seq
-	p.batches.Add(1)
-	p.events.Add(uint64(len(items)))
-	if p.recover != nil && last >= p.recover.Last {
-		p.recover = nil
-	}
-	if err := p.hook(p.cfg.Hooks.BeforeCheckpoint, first, last); err != nil {
-		return err
-	}
-	if err := p.write(ctx, first, last, items, decisions, intent); err != nil {
-		return err
-	}
-	if err := p.hook(p.cfg.Hooks.AfterWrites, first, last); err != nil {
-		return err
-	}
-	p.reply(items, decisions)
-	if err := p.hook(p.cfg.Hooks.BeforeAck, first, last); err != nil {
-		return err
-	}
-	p.applied.Store(last)
-	// AckAll: one ack covers the chunk. Losing it is harmless: a redelivered event at or
-	// below Applied is skipped.
-	if err := items[len(items)-1].msg.Ack(); err != nil {
-		p.log.Warn("ack failed", "seq", last, "err", err)
-	}
-	return nil
 }
 
 // reply hands the decisions to their observers and to the waiting attrd instances: one

@@ -67,6 +67,10 @@ type Hooks struct {
 	AfterCheckpoint  func(first, last uint64) error // intent written, keys not yet
 	AfterWrites      func(first, last uint64) error // keys written, no reply, no ack
 	BeforeAck        func(first, last uint64) error // replies sent, not acked
+	// InFlight is called for a chunk whose keys are on their way when the next chunk's
+	// intent record (covering both) has been sent, before the first chunk lands: between
+	// the two pipelined steps.
+	InFlight func(first, last uint64) error
 }
 
 // Projector is the single ordered writer of the projection.
@@ -93,6 +97,13 @@ type Projector struct {
 	// consumer sequence of the last message it delivered (see checkDelivery).
 	consumerName string
 	delivered    uint64
+
+	// flight is the chunk whose writes are on their way (pipeline.go); tail, the last
+	// message of a batch whose Applied waits for it to land; more reports whether
+	// events are waiting to be folded.
+	flight *flight
+	tail   jetstream.Msg
+	more   func() bool
 }
 
 // New returns a projector on nc.
@@ -131,7 +142,7 @@ func (p *Projector) Applied() uint64 { return p.applied.Load() }
 
 // Run folds the log until ctx is done (or, with StopAtEnd, until caught up). It returns
 // nil on a clean stop.
-func (p *Projector) Run(ctx context.Context) error {
+func (p *Projector) Run(ctx context.Context) (err error) {
 	kv, err := p.js.KeyValue(ctx, p.cfg.Bucket)
 	if err != nil {
 		return fmt.Errorf("projection bucket %s: %w", p.cfg.Bucket, err)
@@ -190,6 +201,13 @@ func (p *Projector) Run(ctx context.Context) error {
 		_ = evs.DeleteConsumer(dctx, p.consumerName)
 	}()
 	msgs := make(chan jetstream.Msg, 4*p.cfg.MaxBatch)
+	p.more = func() bool { return len(msgs) > 0 }
+	p.flight, p.tail = nil, nil
+	defer func() {
+		if err == nil {
+			p.stopCleanly(ctx)
+		}
+	}()
 	broken := make(chan error, 1)
 	cc, err := cons.Consume(func(m jetstream.Msg) {
 		select {
@@ -244,6 +262,33 @@ func (p *Projector) Run(ctx context.Context) error {
 		if p.cfg.StopAtEnd && p.Applied() >= end {
 			return nil
 		}
+	}
+}
+
+// stopCleanly lands the chunk in flight, so that its requests get their answers from
+// this run rather than from the next holder's recovery, and then writes an intent
+// record that says nothing is pending, so that the next run goes on after the last
+// event rather than fold the last chunks again. Neither is needed for correctness.
+func (p *Projector) stopCleanly(ctx context.Context) {
+	lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	if err := p.land(lctx); err != nil {
+		p.log.Warn("the chunk in flight did not land at the stop", "err", err)
+		return
+	}
+	applied := p.Applied()
+	if applied == 0 || p.ckptRev == 0 {
+		return
+	}
+	data, err := events.Marshal(&events.Checkpoint{First: applied + 1, Last: applied})
+	if err == nil {
+		var f jetstream.PubAckFuture
+		if f, err = p.sendIntent(data); err == nil {
+			err = p.waitCheckpoint(lctx, f)
+		}
+	}
+	if err != nil {
+		p.log.Debug("no closing intent record", "err", err)
 	}
 }
 

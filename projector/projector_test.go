@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -688,13 +689,13 @@ func TestAPausedProjectorWritesNothingAfterItsSuccessorStarted(t *testing.T) {
 	if err := within(t, done); err == nil || !strings.Contains(err.Error(), "intent record") {
 		t.Fatalf("the paused projector ended with %v, want its intent record refused", err)
 	}
-	if err := stop(); err != nil {
-		t.Fatal(err)
-	}
 	after := bucketRecords(t, en.js, en.store.Bucket)
 	sameRecords(t, after, before)
 	if e, err := en.kv.Get(context.Background(), events.CheckpointKey("0")); err != nil || e.Revision() != intent.Revision() {
 		t.Fatalf("the intent record was written after the successor's last batch (%v)", err)
+	}
+	if err := stop(); err != nil { // (a clean stop writes the successor's closing record)
+		t.Fatal(err)
 	}
 	if got := after[events.AttrKey(uid, "", "a")]; !bytes.Contains(got, []byte(later.ID)) {
 		t.Fatalf("attribute a holds %q, want the later event's value", got)
@@ -715,4 +716,105 @@ func holdBatch(from uint64) (hooks projector.Hooks, held chan struct{}, release 
 		return nil
 	}
 	return hooks, held, release
+}
+
+// TestAChunkInFlightIsRecoveredWithTheNext: with one event a batch, each chunk is in
+// flight while the next one's intent record (covering both) goes out. A crash right
+// there, between the two pipelined steps, and a restart apply every event exactly once:
+// the restart folds both chunks again from the record.
+func TestAChunkInFlightIsRecoveredWithTheNext(t *testing.T) {
+	en := mustEnv(t)
+	evs := scenario(newGen())
+	last := en.publish(t, evs...)
+	wantDecisions, wantRecords := reference(evs, 1)
+	crash := errors.New("crash")
+	crashed := 0
+	hooks := projector.Hooks{InFlight: func(first, l uint64) error {
+		if first >= 3 { // once some chunks have landed
+			crashed++
+			return crash
+		}
+		return nil
+	}}
+	_, done, _ := en.start(t, projector.Config{Bucket: en.store.Bucket, MaxBatch: 1, Hooks: hooks})
+	if err := within(t, done); !errors.Is(err, crash) {
+		t.Fatalf("the first run ended with %v, want the crash between the pipelined steps", err)
+	}
+	got := map[uint64]events.Code{}
+	p, stop := en.run(t, projector.Config{Bucket: en.store.Bucket, MaxBatch: 1, OnDecision: func(d events.Decision) { got[d.Seq] = d.Code }})
+	waitApplied(t, p, last)
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range wantDecisions {
+		if c, ok := got[d.Seq]; ok && c != d.Code {
+			t.Errorf("event %d: decision %q after the restart, want %q", d.Seq, c, d.Code)
+		}
+	}
+	sameRecords(t, bucketRecords(t, en.js, en.store.Bucket), wantRecords)
+}
+
+// TestAProjectorPausedBetweenThePipelinedStepsLandsNothingOfItsOwn: a projector
+// frozen with one chunk in flight and the next chunk's intent record sent, while a
+// successor takes over and folds both chunks and a later event on the same key, lands
+// nothing when it wakes: its next chunk's key finds the successor's later record (not
+// the one it would write) and it stops; the projection stays the successor's.
+func TestAProjectorPausedBetweenThePipelinedStepsLandsNothingOfItsOwn(t *testing.T) {
+	en := mustEnv(t)
+	g := newGen()
+	evs := scenario(g)
+	uid := evs[0].UserID
+	first := en.publish(t, evs...)
+	paused, resume := make(chan struct{}), make(chan struct{})
+	var from uint64 // the chunk to pause on: the first of the pair published below
+	var once bool
+	var mu sync.Mutex
+	hooks := projector.Hooks{InFlight: func(f, l uint64) error {
+		mu.Lock()
+		hold := from != 0 && f >= from && !once
+		if hold {
+			once = true
+		}
+		mu.Unlock()
+		if hold {
+			close(paused)
+			<-resume
+		}
+		return nil
+	}}
+	old, done, _ := en.start(t, projector.Config{Bucket: en.store.Bucket, MaxBatch: 1, Hooks: hooks})
+	waitApplied(t, old, first)
+	x, y := g.attr(events.AttrSet, uid, "", "p"), g.attr(events.AttrSet, uid, "", "p")
+	mu.Lock()
+	from = first + 1
+	mu.Unlock()
+	ySeq := en.publish(t, x, y)
+	<-paused // x in flight, the record of x and y sent
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		e, err := en.kv.Get(context.Background(), events.CheckpointKey("0"))
+		var ck events.Checkpoint
+		if err == nil && events.Unmarshal(e.Value(), &ck) == nil && ck.Last == ySeq {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the record of both chunks was not stored")
+		}
+	}
+	next, stop := en.run(t, projector.Config{Bucket: en.store.Bucket, Durable: "next"})
+	<-next.Ready()
+	z := g.attr(events.AttrSet, uid, "", "p")
+	last := en.publish(t, z)
+	waitApplied(t, next, last)
+	before := bucketRecords(t, en.js, en.store.Bucket)
+	close(resume)
+	if err := within(t, done); err == nil {
+		t.Fatal("the paused projector went on after waking")
+	}
+	sameRecords(t, bucketRecords(t, en.js, en.store.Bucket), before)
+	if got := before[events.AttrKey(uid, "", "p")]; !bytes.Contains(got, []byte(z.ID)) {
+		t.Fatalf("attribute p holds %q, want the successor's later value", got)
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
 }

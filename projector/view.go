@@ -39,6 +39,9 @@ type view struct {
 	before    map[string][]byte // encoded pre-batch record of each recorded dirty key; nil: absent
 	rewritten map[string]bool   // dirty keys not recorded
 	undo      map[string]*entry // entries as they were before the chunk (nil: no entry)
+	// flying is the undo of the chunk in flight (its writes sent, not all
+	// acknowledged): its keys' committed states, for Committed.
+	flying map[string]*entry
 }
 
 // change is how set treats a key.
@@ -110,6 +113,12 @@ func (m *Memory) Len() int {
 func (v *view) Committed(key string) (rec any, known bool) {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
+	if old, ok := v.flying[key]; ok {
+		if old == nil {
+			return nil, true
+		}
+		return old.rec, true
+	}
 	if old, ok := v.undo[key]; ok {
 		if old == nil {
 			return nil, true // created by the chunk in flight: absent until it commits
@@ -138,10 +147,23 @@ func (v *view) reset() {
 	v.before = map[string][]byte{}
 	v.rewritten = map[string]bool{}
 	v.undo = map[string]*entry{}
+	v.flying = nil
 	v.dirty = nil
 }
 
-// committed forgets the chunk's bookkeeping once its writes are stored.
+// inFlight keeps, once a chunk's writes are sent, the states before it of the keys it
+// changed (until it lands, they are what is committed), and clears the chunk's
+// bookkeeping for the next.
+func (v *view) inFlight() {
+	v.flying = v.undo
+	v.undo = map[string]*entry{}
+	v.committed()
+}
+
+// landed forgets the states before the chunk in flight: its writes are stored.
+func (v *view) landed() { v.flying = nil }
+
+// committed forgets the chunk's bookkeeping (its writes sent, or it was taken back).
 func (v *view) committed() {
 	v.dirty = v.dirty[:0]
 	clear(v.before)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/attrd/attrd/events"
@@ -13,79 +14,85 @@ import (
 
 // intent encodes the intent record of a folded chunk: its sequences, decisions, and
 // the state before the chunk of every recorded key (rewritten keys are not recorded).
-func (p *Projector) intent(items []item, decisions []events.Decision) ([]byte, error) {
+// With a chunk still in flight (prev: its writes not all acknowledged), the record
+// covers both: from prev's first event, with prev's decisions too, and the state
+// before prev of every key either changed, so that recovery folds both again from a
+// state that holds whatever part of prev reached KV.
+func (p *Projector) intent(prev *flight, items []item, decisions []events.Decision) ([]byte, error) {
 	ck := &events.Checkpoint{First: items[0].seq, Last: items[len(items)-1].seq, Decisions: decisions,
 		Before: make([]events.KeyState, 0, len(p.view.before))}
-	for _, k := range p.view.dirty {
-		if b, ok := p.view.before[k]; ok {
-			ck.Before = append(ck.Before, events.KeyState{Key: k, Data: b})
+	seen := map[string]bool{}
+	if prev != nil {
+		ck.First = prev.items[0].seq
+		ck.Decisions = append(slices.Clip(prev.decisions), decisions...)
+		for _, ks := range prev.before {
+			ck.Before = append(ck.Before, ks)
+			seen[ks.Key] = true
+		}
+	}
+	for _, ks := range p.recorded() {
+		if !seen[ks.Key] {
+			ck.Before = append(ck.Before, ks)
 		}
 	}
 	return events.Marshal(ck)
+}
+
+// recorded returns the chunk's recorded keys with their states before it.
+func (p *Projector) recorded() []events.KeyState {
+	out := make([]events.KeyState, 0, len(p.view.before))
+	for _, k := range p.view.dirty {
+		if b, ok := p.view.before[k]; ok {
+			out = append(out, events.KeyState{Key: k, Data: b})
+		}
+	}
+	return out
 }
 
 // writeWindow bounds the writes awaiting their acks, below the publisher's own limit
 // (a renewal or a logout may write thousands of keys).
 const writeWindow = 4096
 
-// write stores the intent record, then every changed key, then the recorded rejections,
-// and waits until all are stored. Nothing is kept per request key: a retry finds its
-// first event by the stream's de-duplication (the duplicate's ack names it) and its
-// decision among the recorded rejections (none: accepted).
-func (p *Projector) write(ctx context.Context, first, last uint64, items []item, decisions []events.Decision, ckData []byte) error {
-	// The intent record goes first, with compare-and-set on its own last revision: two
-	// projectors writing one partition is a conflict here, and stops the second.
-	ckFut, err := p.publish(events.CheckpointKey(p.part), ckData, p.ckptRev, 0, true)
-	if err != nil {
-		return err
-	}
-	// Nothing else of the batch is written before the intent record is stored: a
-	// deposed projector (another instance fenced the record since) must fail here,
-	// before any key of its batch can land.
-	if err := p.waitCheckpoint(ctx, ckFut); err != nil {
-		return err
-	}
-	if err := p.hook(p.cfg.Hooks.AfterCheckpoint, first, last); err != nil {
-		return err
-	}
+// pendingWrite is a write on its way: a key of the view with the record written (rec
+// nil: deleted), or, with key "", a recorded rejection.
+type pendingWrite struct {
+	key string
+	rec any
+	fut jetstream.PubAckFuture
+}
 
-	type pending struct {
-		key string
-		fut jetstream.PubAckFuture
-	}
-	now := time.Now().UnixNano()
-	writes := make([]pending, 0, min(len(p.view.dirty)+len(items), writeWindow))
-	settle := func() error {
-		for _, w := range writes {
-			ack, err := p.wait(ctx, w.fut)
-			if err != nil && w.key != "" && isConflict(err) {
-				ack, err = p.rewrite(ctx, w.key, now)
-			}
-			if err != nil {
-				return fmt.Errorf("write %s: %w", w.key, err)
-			}
-			if w.key != "" && ack != nil {
-				p.view.entries[w.key].rev = ack.Sequence
-			}
-		}
-		writes = writes[:0]
-		return nil
-	}
-	// enqueue adds a write in flight (key "": not a key of the view), settling the
-	// window when it is full.
-	enqueue := func(key string, f jetstream.PubAckFuture, err error) error {
-		if err != nil || f == nil {
+// sendIntent publishes a chunk's intent record, with compare-and-set on the record's
+// own last revision: two projectors writing one partition is a conflict there, and
+// stops the second. Nothing else of the chunk may be sent before it is stored
+// (awaitIntent): a deposed projector (another instance fenced the record since) must
+// fail there, before any key of its chunk can land.
+func (p *Projector) sendIntent(data []byte) (jetstream.PubAckFuture, error) {
+	return p.publish(events.CheckpointKey(p.part), data, p.ckptRev, 0, true)
+}
+
+// sendWrites publishes every changed key of the chunk just folded (its final state),
+// then its recorded rejections, settling in windows of writeWindow; it returns the
+// writes of the last window, still on their way. Nothing is kept per request key: a
+// retry finds its first event by the stream's de-duplication (the duplicate's ack names
+// it) and its decision among the recorded rejections (none: accepted).
+func (p *Projector) sendWrites(ctx context.Context, items []item, decisions []events.Decision, now int64) ([]pendingWrite, error) {
+	writes := make([]pendingWrite, 0, min(len(p.view.dirty)+len(items), writeWindow))
+	enqueue := func(w pendingWrite, err error) error {
+		if err != nil || w.fut == nil {
 			return err
 		}
-		if writes = append(writes, pending{key, f}); len(writes) == writeWindow {
-			return settle()
+		if writes = append(writes, w); len(writes) == writeWindow {
+			err := p.settle(ctx, writes, now)
+			writes = writes[:0]
+			return err
 		}
 		return nil
 	}
 	for _, k := range p.view.dirty {
-		f, err := p.writeKey(k, now)
-		if err := enqueue(k, f, err); err != nil {
-			return err
+		e := p.view.entries[k]
+		f, err := p.writeRecord(k, e.rec, e.rev, now)
+		if err := enqueue(pendingWrite{k, e.rec, f}, err); err != nil {
+			return nil, err
 		}
 	}
 	for i, it := range items {
@@ -93,14 +100,29 @@ func (p *Projector) write(ctx context.Context, first, last uint64, items []item,
 			continue
 		}
 		f, err := p.recordRejection(it, decisions[i])
-		if err := enqueue("", f, err); err != nil {
-			return err
+		if err := enqueue(pendingWrite{fut: f}, err); err != nil {
+			return nil, err
 		}
 	}
-	if err := settle(); err != nil {
-		return err
+	return writes, nil
+}
+
+// settle waits until writes are stored; a key write that lost its compare-and-set to
+// the server's expiry marker is written again (rewrite). Each stored key's revision is
+// the base of its next write.
+func (p *Projector) settle(ctx context.Context, writes []pendingWrite, now int64) error {
+	for _, w := range writes {
+		ack, err := p.wait(ctx, w.fut)
+		if err != nil && w.key != "" && isConflict(err) {
+			ack, err = p.rewrite(ctx, w.key, w.rec, now)
+		}
+		if err != nil {
+			return fmt.Errorf("write %s: %w", w.key, err)
+		}
+		if w.key != "" && ack != nil {
+			p.view.entries[w.key].rev = ack.Sequence
+		}
 	}
-	p.view.locked(p.view.committed)
 	return nil
 }
 
@@ -122,33 +144,32 @@ func (p *Projector) recordRejection(it item, d events.Decision) (jetstream.PubAc
 	return p.js.PublishMsgAsync(m, jetstream.WithMsgID(fmt.Sprintf("decision-%d", it.seq)), jetstream.WithExpectStream(events.StreamName))
 }
 
-// writeKey publishes a changed key's new state: its record with a TTL, or a delete.
-// It returns nil when there is nothing to write.
-func (p *Projector) writeKey(key string, now int64) (jetstream.PubAckFuture, error) {
-	e := p.view.entries[key]
-	if e.rec == nil {
-		if e.rev == 0 {
+// writeRecord publishes a key's new state on top of revision rev: its record with a
+// TTL, or (rec nil) a delete. It returns nil when there is nothing to write.
+func (p *Projector) writeRecord(key string, rec any, rev uint64, now int64) (jetstream.PubAckFuture, error) {
+	if rec == nil {
+		if rev == 0 {
 			return nil, nil // created and removed within the batch: nothing stored
 		}
-		return p.publishDelete(key, e.rev)
+		return p.publishDelete(key, rev)
 	}
-	if a, ok := e.rec.(*events.AttrRecord); ok && a.Value == nil {
+	if a, ok := rec.(*events.AttrRecord); ok && a.Value == nil {
 		// Recovery could not read the value of a key that only a session renewal
 		// rewrites: KV expired it meanwhile. Its record is dead; leave it.
 		return nil, nil
 	}
-	data, err := events.Marshal(e.rec)
+	data, err := events.Marshal(rec)
 	if err != nil {
 		return nil, err
 	}
-	ttl, ok := p.ttl(key, e.rec, now)
+	ttl, ok := p.ttl(key, rec, now)
 	if !ok {
-		if e.rev == 0 {
+		if rev == 0 {
 			return nil, nil // dead already and never stored (a replay of expired data)
 		}
-		return p.publishDelete(key, e.rev)
+		return p.publishDelete(key, rev)
 	}
-	f, err := p.publishMsg(&nats.Msg{Subject: events.KVSubject(p.cfg.Bucket, key), Data: data, Header: events.RecordHeaders(e.rec, ttl > 0)}, e.rev, ttl, true)
+	f, err := p.publishMsg(&nats.Msg{Subject: events.KVSubject(p.cfg.Bucket, key), Data: data, Header: events.RecordHeaders(rec, ttl > 0)}, rev, ttl, true)
 	return f, err
 }
 
@@ -227,12 +248,14 @@ func (p *Projector) publishDelete(key string, rev uint64) (jetstream.PubAckFutur
 // deleteMarkerTTL is how long a delete marker stays in the bucket.
 const deleteMarkerTTL = 10 * time.Minute
 
-// rewrite retries a write that lost its compare-and-set. The only other writer of a
-// projector's keys is the server, whose expiry marker advances the key's revision; so
-// the key is read again and, if its last message is such a marker or this very write
-// (an ack lost and the publish retried: on R1 the retry comes back as a conflict, not a
-// duplicate), written on top of it. Anything else is a second writer: stop.
-func (p *Projector) rewrite(ctx context.Context, key string, now int64) (*jetstream.PubAck, error) {
+// rewrite retries a write of rec to key that lost its compare-and-set. The only other
+// writer of a projector's keys is the server, whose expiry marker advances the key's
+// revision; so the key is read again and, if its last message is such a marker or this
+// very write (an ack lost and the publish retried: on R1 the retry comes back as a
+// conflict, not a duplicate), written on top of it. Anything else is a second writer:
+// stop. (rec is the record of the chunk the write belongs to: the view may hold a later
+// chunk's state of the key already.)
+func (p *Projector) rewrite(ctx context.Context, key string, rec any, now int64) (*jetstream.PubAck, error) {
 	e := p.view.entries[key]
 	m, err := p.load.stream.GetLastMsgForSubject(ctx, events.KVSubject(p.cfg.Bucket, key))
 	switch {
@@ -241,17 +264,17 @@ func (p *Projector) rewrite(ctx context.Context, key string, now int64) (*jetstr
 	case err != nil:
 		return nil, err
 	case isMarker(m.Header) && m.Header.Get(jetstream.MarkerReasonHeader) != "":
-		if e.rec == nil {
+		if rec == nil {
 			return &jetstream.PubAck{Sequence: m.Sequence}, nil // expired: already gone
 		}
 		e.rev = m.Sequence
 	default:
-		if e.rec != nil && sameStored(key, m.Data, e.rec) {
+		if rec != nil && sameStored(key, m.Data, rec) {
 			return &jetstream.PubAck{Sequence: m.Sequence}, nil
 		}
 		return nil, fmt.Errorf("key %s was written by another writer (seq %d): is a second projector running?", key, m.Sequence)
 	}
-	f, err := p.writeKey(key, now)
+	f, err := p.writeRecord(key, rec, e.rev, now)
 	if err != nil || f == nil {
 		return nil, err
 	}
