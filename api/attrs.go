@@ -84,6 +84,13 @@ func (s *Service) userCaller(ctx context.Context, req *Request) (*caller, string
 }
 
 func (s *Service) attr(ctx context.Context, session bool, verb string, req *Request, m *Meta) (map[string]any, error) {
+	switch verb {
+	case VerbGet, VerbExists, VerbNames:
+		var err error
+		if ctx, err = s.reading(ctx); err != nil {
+			return nil, err
+		}
+	}
 	t, err := s.resolve(ctx, session, req)
 	if err != nil {
 		return nil, err

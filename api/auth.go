@@ -92,7 +92,14 @@ func (s *Service) authenticate(ctx context.Context, ust string) (*caller, error)
 		}
 		return &caller{sid: sid, session: sess, user: u}, nil
 	}
-	sess, u, ok := s.sessions.get(sid)
+	// A write may take the cache's word (the fold checks the session again); a read
+	// reads afresh, so that it never honours a session ended elsewhere (quorum.go).
+	var sess *events.SessionRecord
+	var u *events.UserRecord
+	ok := false
+	if !isRead(ctx) {
+		sess, u, ok = s.sessions.get(sid)
+	}
 	// The cache answers only "live": a cached session that looks ended may have been
 	// renewed by another instance a moment ago, so KV decides before a refusal.
 	if !ok || !sess.Live(now) {

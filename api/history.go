@@ -241,6 +241,10 @@ func (s *Service) historyTarget(ctx context.Context, req *Request) (c *caller, u
 }
 
 func (s *Service) history(ctx context.Context, req *Request) (map[string]any, error) {
+	ctx, err := s.reading(ctx)
+	if err != nil {
+		return nil, err
+	}
 	_, uid, sid, err := s.historyTarget(ctx, req)
 	if err != nil {
 		return nil, err
@@ -323,6 +327,10 @@ func (s *Service) history(ctx context.Context, req *Request) (map[string]any, er
 
 func (s *Service) historyAt(ctx context.Context, req *Request) (map[string]any, error) {
 	if err := require(req, "at"); err != nil {
+		return nil, err
+	}
+	ctx, err := s.reading(ctx)
+	if err != nil {
 		return nil, err
 	}
 	_, uid, sid, err := s.historyTarget(ctx, req)

@@ -95,6 +95,9 @@ type Service struct {
 	ackSeq  uint64
 	// decisionMean is the recent mean time from append to decision, in ns (probeAfter).
 	decisionMean atomic.Int64
+	// quorum is when (Unix ns) the last acknowledged heartbeat was sent: reads are
+	// answered only shortly after one (quorum.go).
+	quorum atomic.Int64
 
 	sessions  *sessionCache
 	hashes    *Gate
@@ -237,6 +240,11 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		return nil, err
 	}
 	go s.countRefusals(wctx)
+	hb := events.KVSubject(cfg.Bucket, events.HeartbeatKey(events.NewID()))
+	if err := s.heartbeat(ctx, js, hb); err != nil {
+		s.log.Warn("no quorum heartbeat yet: reads wait for one", "err", err)
+	}
+	go s.keepQuorum(wctx, js, hb)
 	return s, nil
 }
 

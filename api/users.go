@@ -141,6 +141,10 @@ func (s *Service) logout(ctx context.Context, req *Request, m *Meta) (map[string
 }
 
 func (s *Service) whoAmI(ctx context.Context, req *Request) (map[string]any, error) {
+	ctx, err := s.reading(ctx)
+	if err != nil {
+		return nil, err
+	}
 	c, err := s.authenticate(ctx, req.UST)
 	if err != nil {
 		return nil, err

@@ -51,10 +51,11 @@ func DecisionKey(eventID string) string { return "d." + eventID }
 func LeaseKey(partition string) string { return "l." + partition }
 
 // IsProjectionKey reports whether a key of the bucket is part of the projection
-// proper, which a replay rebuilds, rather than the projectors' own (intent, recording,
-// lease and presence records; decisions kept by older versions).
+// proper, which a replay rebuilds, rather than the projectors' and instances' own
+// (intent, recording, lease, presence and heartbeat records; decisions kept by older
+// versions).
 func IsProjectionKey(key string) bool {
-	for _, own := range []string{"p.", "d.", "r.", "l.", "i."} {
+	for _, own := range []string{"p.", "d.", "r.", "l.", "i.", "h."} {
 		if strings.HasPrefix(key, own) {
 			return false
 		}
@@ -74,6 +75,10 @@ func OwnerOfKey(key string) string {
 	uid, _, _ := strings.Cut(rest, ".")
 	return uid
 }
+
+// HeartbeatKey is the key an attrd API instance writes every 250 ms to show that it
+// reaches a quorum (api/quorum.go): id is the instance's.
+func HeartbeatKey(id string) string { return "h." + id }
 
 // PresenceKey is the key of an attrd instance's presence.
 func PresenceKey(instance string) string { return "i." + EncodeName(instance) }

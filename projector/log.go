@@ -45,20 +45,33 @@ func (l *Log) read(ctx context.Context, filters []string, whole bool, fn func(se
 	if err != nil {
 		return fmt.Errorf("event stream: %w", err)
 	}
-	var opts []jetstream.StreamInfoOpt
-	if len(filters) > 0 {
-		opts = append(opts, jetstream.WithSubjectFilter(filters[0]))
-	}
-	info, err := st.Info(ctx, opts...)
+	info, err := st.Info(ctx)
 	if err != nil {
 		return err
 	}
 	if whole && info.State.FirstSeq > 1 {
 		return fmt.Errorf("%w (it starts at sequence %d)", ErrTruncated, info.State.FirstSeq)
 	}
+	// Read up to the last message on the filters as the stream's leader has it, and no
+	// shorter: the ordered consumer may be served by a replica that is behind, whose
+	// "nothing pending" would end the read early (a history or a replay without the
+	// latest events).
 	end := info.State.LastSeq
-	if info.State.Msgs == 0 || len(filters) > 0 && len(info.State.Subjects) == 0 {
-		return nil // nothing at all, or nothing on the first (main) filter
+	if len(filters) > 0 {
+		end = 0
+		for _, f := range filters {
+			m, err := st.GetLastMsgForSubject(ctx, f)
+			if errors.Is(err, jetstream.ErrMsgNotFound) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			end = max(end, m.Sequence)
+		}
+	}
+	if info.State.Msgs == 0 || end == 0 {
+		return nil // nothing at all, or nothing on the filters
 	}
 	// An ordered consumer: ephemeral, flow-controlled, recreated on a gap; the cheapest
 	// way to read a stream from its start.
@@ -80,7 +93,7 @@ func (l *Log) read(ctx context.Context, filters []string, whole bool, fn func(se
 		if err != nil {
 			return err
 		}
-		if !fn(md.Sequence.Stream, m.Subject(), m.Data()) || md.NumPending == 0 || md.Sequence.Stream >= end {
+		if !fn(md.Sequence.Stream, m.Subject(), m.Data()) || md.Sequence.Stream >= end {
 			return nil
 		}
 	}

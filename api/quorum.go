@@ -1,0 +1,89 @@
+package api
+
+import (
+	"context"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/events"
+)
+
+// Linearizable reads. A read must never return a value older than one whose write was
+// acknowledged before the read was sent, on either side of a network partition. A NATS
+// server cut off from the others may still be, for seconds, the leader of a stream's
+// Raft group in its own eyes (it steps down only after 10 s without a quorum), and
+// answer reads from what it has, while the other side elects a leader and acknowledges
+// writes. So an instance answers a read only while it has shown, within the last
+// quorumBound, that its server reaches a quorum: it writes a heartbeat key into the
+// projection bucket every quorumEvery, and a write is acknowledged only once a majority
+// of the bucket's Raft group stored it. The other side cannot acknowledge a write
+// through a new leader sooner than nats-server's minimum election timeout (4 s) after
+// its followers last heard from the old one, which was no earlier than the heartbeat
+// was sent; quorumBound (1.5 s) is well inside it. Otherwise the read is refused with
+// E008004: nothing was read, try again (another instance may answer it).
+//
+// Reads also authenticate their caller afresh (the session cache, fed by a KV watch,
+// can be behind a logout elsewhere by the watch's delay): from this instance's own
+// projector when it folds the caller's partition, else from KV. Writes may use the
+// cache: the fold checks the caller's session again, in log order.
+
+// The heartbeat's cadence, and how long after a heartbeat was sent reads are answered.
+const (
+	quorumEvery = 250 * time.Millisecond
+	quorumBound = 1500 * time.Millisecond
+	// quorumKeyTTL makes an instance's heartbeat key go away after it stops.
+	quorumKeyTTL = 10 * time.Second
+)
+
+// readKey marks a request context as a read that must be linearizable.
+type readKey struct{}
+
+// reading returns ctx marked as a linearizable read, or the refusal when this
+// instance has not shown within quorumBound that it reaches a quorum.
+func (s *Service) reading(ctx context.Context) (context.Context, error) {
+	if since := time.Since(time.Unix(0, s.quorum.Load())); since > quorumBound {
+		return ctx, events.Errorf(events.CodeOutcomeUnknown,
+			"this instance has not reached a quorum of NATS for %s: nothing read, try again", since.Round(time.Millisecond))
+	}
+	return context.WithValue(ctx, readKey{}, true), nil
+}
+
+// isRead reports whether ctx is a linearizable read's.
+func isRead(ctx context.Context) bool { return ctx.Value(readKey{}) != nil }
+
+// heartbeat writes this instance's heartbeat key once and, when the write is
+// acknowledged, notes when it was sent.
+func (s *Service) heartbeat(ctx context.Context, js jetstream.JetStream, subject string) error {
+	sent := time.Now()
+	ctx, cancel := context.WithTimeout(ctx, quorumBound)
+	defer cancel()
+	// Nats-TTL: the key of an instance that stopped goes away on its own.
+	_, err := js.PublishMsg(ctx, &nats.Msg{Subject: subject, Data: []byte(s.inbox)}, jetstream.WithMsgTTL(quorumKeyTTL))
+	if err != nil {
+		return err
+	}
+	for {
+		old := s.quorum.Load()
+		if old >= sent.UnixNano() || s.quorum.CompareAndSwap(old, sent.UnixNano()) {
+			return nil
+		}
+	}
+}
+
+// keepQuorum writes the heartbeat every quorumEvery until ctx ends.
+func (s *Service) keepQuorum(ctx context.Context, js jetstream.JetStream, subject string) {
+	t := time.NewTicker(quorumEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := s.heartbeat(ctx, js, subject); err != nil && ctx.Err() == nil {
+			s.log.Debug("no quorum heartbeat", "err", err)
+		}
+	}
+}
