@@ -186,6 +186,8 @@ type load struct {
 	// instances when no write succeeds in time (evidence).
 	last    []atomic.Value
 	stalled func() string
+	// ops holds every operation, for the linearizability check.
+	ops opLog
 }
 
 // loadUser is a user the load writes as: its session and its id.
@@ -237,12 +239,13 @@ func (l *load) ok() {
 
 // call sends op until it is answered with anything but E008004 or a transport error.
 func (l *load) call(nc *nats.Conn, op string, body map[string]any) map[string]any {
-	out, _ := l.callCounting(nc, -1, op, body)
+	out, _, _ := l.callCounting(nc, -1, op, body)
 	return out
 }
 
-// callCounting is call, and says how many times the request was sent.
-func (l *load) callCounting(nc *nats.Conn, w int, op string, body map[string]any) (map[string]any, int) {
+// callCounting is call, and says how many times the request was sent and when the last
+// time was (for a read, the attempt that was answered).
+func (l *load) callCounting(nc *nats.Conn, w int, op string, body map[string]any) (map[string]any, int, time.Time) {
 	seen := func(what string) {
 		if w >= 0 {
 			l.last[w].Store(time.Now().Format("15:04:05.000") + " " + what)
@@ -252,9 +255,10 @@ func (l *load) callCounting(nc *nats.Conn, w int, op string, body map[string]any
 	for tries := 1; ; tries++ {
 		select {
 		case <-l.stop:
-			return nil, tries
+			return nil, tries, time.Time{}
 		default:
 		}
+		sent := time.Now()
 		rep, err := nc.Request("attrd."+op, b, 8*time.Second)
 		if err != nil {
 			seen(fmt.Sprintf("try %d: %v (connected to %s)", tries, err, nc.ConnectedUrl()))
@@ -272,8 +276,29 @@ func (l *load) callCounting(nc *nats.Conn, w int, op string, body map[string]any
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		return out, tries
+		return out, tries, sent
 	}
+}
+
+// record notes an operation of writer w for the linearizability check: a write from
+// its first sending (a retry with the same request id is the same write), a read from
+// the attempt that was answered; out nil is a write whose outcome the run never
+// learned.
+func (l *load) record(w int, uid, kind, name string, value int64, call time.Time, out map[string]any) {
+	in := attrOp{Kind: kind, Key: uid + "/" + name, Value: value, Call: call.UnixNano(), Ret: time.Now().UnixNano()}
+	var res attrOut
+	switch {
+	case out == nil:
+		res.Unknown = true
+	case out["status"] == "ok":
+		res.OK = true
+		if v, ok := out["value"].(float64); ok && out["found"] == true {
+			res.Found, res.Value = true, int64(v)
+		}
+	default:
+		res.Code = subStatus(out)
+	}
+	l.ops.add(w, in, res)
 }
 
 func (l *load) writer(w int) {
@@ -285,10 +310,12 @@ func (l *load) writer(w int) {
 	}
 	defer nc.Close()
 	key := fmt.Sprintf("w%d", w)
-	ust := l.users[w%len(l.users)].ust
+	ust, uid := l.users[w%len(l.users)].ust, l.users[w%len(l.users)].uid
 	for i := int64(1); ; i++ {
-		out, tries := l.callCounting(nc, w, "user.attr.set", map[string]any{"ust": ust, "current_app": "CRM", "name": key, "value": i,
+		first := time.Now()
+		out, tries, _ := l.callCounting(nc, w, "user.attr.set", map[string]any{"ust": ust, "current_app": "CRM", "name": key, "value": i,
 			"request_id": fmt.Sprintf("%s-%d", key, i)})
+		l.record(w, uid, "set", key, i, first, out)
 		if out == nil {
 			return
 		}
@@ -298,10 +325,11 @@ func (l *load) writer(w int) {
 		}
 		l.acked[w].Store(i)
 		l.ok()
-		got := l.call(nc, "user.attr.get", map[string]any{"ust": ust, "current_app": "CRM", "name": key})
+		got, _, sent := l.callCounting(nc, -1, "user.attr.get", map[string]any{"ust": ust, "current_app": "CRM", "name": key})
 		if got == nil {
 			return
 		}
+		l.record(w, uid, "get", key, 0, sent, got)
 		if v, _ := got["value"].(float64); int64(v) < i {
 			l.stale.Add(1)
 			// When does it read right? (Evidence for the stale reads after a node
@@ -323,8 +351,10 @@ func (l *load) writer(w int) {
 		}
 		if i%5 == 0 {
 			name := fmt.Sprintf("c%d-%d", w, i)
+			first := time.Now()
 			out := l.call(nc, "user.attr.create", map[string]any{"ust": ust, "current_app": "CRM", "name": name, "value": i,
 				"request_id": "create-" + name})
+			l.record(w, uid, "create", name, i, first, out)
 			if out != nil && out["status"] != "ok" {
 				l.twice.Add(1)
 				l.note("create %s: %v", name, out)
@@ -458,6 +488,7 @@ func verifyLoad(t *testing.T, ld *load, s *Server) {
 	if ld.stale.Load() != 0 || ld.twice.Load() != 0 || ld.internal.Load() != 0 {
 		t.Fatalf("%d stale reads, %d creates applied twice, %d answers of 500", ld.stale.Load(), ld.twice.Load(), ld.internal.Load())
 	}
+	ld.ops.check(t)
 	kv := mustKV(t, s)
 	for w := range ld.acked {
 		uid := ld.users[w%len(ld.users)].uid
