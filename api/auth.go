@@ -96,30 +96,48 @@ func (s *Service) authenticate(ctx context.Context, ust string) (*caller, error)
 	// reads afresh, so that it never honours a session ended elsewhere (quorum.go).
 	var sess *events.SessionRecord
 	var u *events.UserRecord
-	ok := false
+	fresh, cached := false, false
 	if !isRead(ctx) {
-		sess, u, ok = s.sessions.get(sid)
+		sess, u, fresh, cached = s.sessions.get(sid)
 	}
 	// The cache answers only "live": a cached session that looks ended may have been
 	// renewed by another instance a moment ago, so KV decides before a refusal.
-	if !ok || !sess.Live(now) {
-		var err error
-		if sess, err = s.readSession(ctx, sid); err != nil {
+	if !fresh || !sess.Live(now) {
+		ks, ku, err := s.readSessionAndUser(ctx, sid)
+		switch {
+		case err == nil:
+			sess, u = ks, ku
+		case cached && sess.Live(now) && Unavailable(err):
+			// KV cannot answer now, and the NATS node this instance talks to may be
+			// the one that says so (a node healed from a network cut answers a
+			// stream's API requests "temporarily unavailable" until its Raft group
+			// has caught up with the leader, seconds after its routes are back,
+			// while events already reach the stream): a write takes the cache's
+			// older word, since the fold checks the session again (issue 21).
+		default:
 			return nil, err
-		}
-		if sess != nil {
-			if u, err = s.readUser(ctx, sess.UserID); err != nil {
-				return nil, err
-			}
-		}
-		if sess != nil && u != nil {
-			s.sessions.put(sid, sess, u)
 		}
 	}
 	if !sess.Live(now) || u == nil || !u.Approved {
 		return nil, events.Errorf(events.CodeNoSession, "no such session")
 	}
 	return &caller{sid: sid, session: sess, user: u}, nil
+}
+
+// readSessionAndUser reads a session and its user from KV, and caches both.
+func (s *Service) readSessionAndUser(ctx context.Context, sid string) (*events.SessionRecord, *events.UserRecord, error) {
+	sess, err := s.readSession(ctx, sid)
+	if err != nil || sess == nil {
+		return nil, nil, err
+	}
+	u, err := s.readUser(ctx, sess.UserID)
+	if err != nil {
+		return nil, nil, err
+	}
+	if u != nil {
+		s.sessions.put(sid, sess, u)
+	}
+	return sess, u, nil
 }
 
 // localSession reads a session and its user from this instance's projectors, when

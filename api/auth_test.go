@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -15,7 +16,7 @@ import (
 // TestACachedSessionThatLooksEndedIsCheckedAgainstKV: another instance may have renewed
 // the session a moment ago; the cache alone must not refuse it.
 func TestACachedSessionThatLooksEndedIsCheckedAgainstKV(t *testing.T) {
-	svc, ust, user, renewed := serviceWithSession(t)
+	svc, ust, user, renewed, _ := serviceWithSession(t)
 	ctx := context.Background()
 	uid, sid, now := user.UserID, events.SessionID(ust), time.Now()
 	// The cache still holds the session as it was before the renewal, ended a second ago.
@@ -32,9 +33,41 @@ func TestACachedSessionThatLooksEndedIsCheckedAgainstKV(t *testing.T) {
 	}
 }
 
+// TestAWriteAuthenticatesFromAnAgedCacheWhenKVCannotAnswer: a NATS node healed from
+// a network cut answers KV reads "temporarily unavailable" for seconds while it
+// already takes events; a write then takes the cache's older word (the fold checks the
+// session again), a read does not, and a session the cache never saw is not taken.
+func TestAWriteAuthenticatesFromAnAgedCacheWhenKVCannotAnswer(t *testing.T) {
+	svc, ust, user, _, ns := serviceWithSession(t)
+	ctx := context.Background()
+	if _, err := svc.authenticate(ctx, ust); err != nil { // cached now
+		t.Fatal(err)
+	}
+	svc.sessions.maxAge = 0 // every entry aged: KV is asked first
+	if err := ns.DisableJetStream(); err != nil {
+		t.Fatal(err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	c, err := svc.authenticate(rctx, ust)
+	if err != nil {
+		t.Fatalf("a write refused with a cached live session while KV cannot answer: %v", err)
+	}
+	if c.user.UserID != user.UserID {
+		t.Fatalf("authenticated as %s, want %s", c.user.UserID, user.UserID)
+	}
+	read := context.WithValue(rctx, readKey{}, true)
+	if _, err := svc.authenticate(read, ust); err == nil || !Unavailable(err) {
+		t.Fatalf("a read authenticated without KV: %v, want KV's error", err)
+	}
+	if _, err := svc.authenticate(rctx, NewUST()); err == nil || !Unavailable(err) {
+		t.Fatalf("an uncached session authenticated without KV: %v, want KV's error", err)
+	}
+}
+
 // serviceWithSession starts an embedded server with the stream and bucket, stores a
 // user with a session an hour long, and returns a Service on it with the session's UST.
-func serviceWithSession(t *testing.T) (*Service, string, *events.UserRecord, *events.SessionRecord) {
+func serviceWithSession(t *testing.T) (*Service, string, *events.UserRecord, *events.SessionRecord, *server.Server) {
 	t.Helper()
 	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir()})
 	if err != nil {
@@ -67,5 +100,5 @@ func serviceWithSession(t *testing.T) (*Service, string, *events.UserRecord, *ev
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { svc.Close() })
-	return svc, ust, user, sess
+	return svc, ust, user, sess, ns
 }

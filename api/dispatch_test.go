@@ -11,7 +11,7 @@ import (
 // requests it is handling; their reads fail with the context. That is no bug of the
 // request: it answers E008004 (503), so that the client sends it again elsewhere.
 func TestARequestCutShortByShutdownIsRetryableNot500(t *testing.T) {
-	svc, ust, _, _ := serviceWithSession(t)
+	svc, ust, _, _, _ := serviceWithSession(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	for _, op := range []Op{UserAttrOp(VerbGet), UserAttrOp(VerbSet)} {

@@ -369,13 +369,14 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 	// stream's ack of this probe says whether it is a duplicate, and of which event (or
 	// it appends the event now, if the first publish was lost). Every first request is
 	// spared the ack; a retry waits probeAfter longer.
-	var probe <-chan time.Time
+	//
+	// Any event is probed so, not only a retry's: a publish lost in an election (the
+	// stream without a leader) is stored by its probe once there is one, rather than
+	// the request waiting out the decision timeout. A probe that gets no ack at all
+	// (sent during the election, answered by nobody) is sent again every
+	// probeAgain, so that the request goes on within a moment of the new leader.
+	probe := time.After(s.probeAfter())
 	var ackc chan appendAck
-	if ev.RequestKey != "" {
-		t := time.NewTimer(s.probeAfter())
-		defer t.Stop()
-		probe = t.C
-	}
 	sent := time.Now()
 	for {
 		select {
@@ -383,7 +384,6 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 			s.decided(time.Since(sent))
 			return d, nil
 		case <-probe:
-			probe = nil
 			var token string
 			ackc, token = s.awaitAck()
 			defer s.forgetAck(token)
@@ -391,8 +391,9 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 			if err := s.nc.PublishMsg(msg); err != nil {
 				ackc = nil // the decision, or the timer, tells
 			}
+			probe = time.After(probeAgain)
 		case a := <-ackc:
-			ackc = nil
+			ackc, probe = nil, nil
 			var apiErr *jetstream.APIError
 			switch {
 			case a.duplicate:
@@ -414,9 +415,12 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 	}
 }
 
-// minProbeAfter is the shortest a request with a request id waits for its decision
-// before it asks the stream whether its event is a duplicate (probeAfter).
+// minProbeAfter is the shortest a request waits for its decision before it asks the
+// stream whether its event is stored, and whether as a duplicate (probeAfter).
 const minProbeAfter = 100 * time.Millisecond
+
+// probeAgain is how long a probe waits for its ack before it is sent again.
+const probeAgain = 500 * time.Millisecond
 
 // probeAfter is how long a request with a request id waits for its decision before its
 // probe: four times the recent mean time to a decision, at least minProbeAfter and at

@@ -36,14 +36,16 @@ func newSessionCache(maxAge time.Duration, size int) *sessionCache {
 	return &sessionCache{entries: map[string]cachedSession{}, maxAge: maxAge, size: size}
 }
 
-func (c *sessionCache) get(sid string) (*events.SessionRecord, *events.UserRecord, bool) {
+// get returns a session and its user as cached, and whether the entry is fresh (no
+// older than maxAge); ok is false when there is no entry.
+func (c *sessionCache) get(sid string) (s *events.SessionRecord, u *events.UserRecord, fresh, ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, ok := c.entries[sid]
-	if !ok || time.Since(e.at) > c.maxAge {
-		return nil, nil, false
+	if !ok {
+		return nil, nil, false, false
 	}
-	return e.session, e.user, true
+	return e.session, e.user, time.Since(e.at) <= c.maxAge, true
 }
 
 func (c *sessionCache) put(sid string, s *events.SessionRecord, u *events.UserRecord) {

@@ -58,18 +58,21 @@ func NewLease(ctx context.Context, js jetstream.JetStream, bucket, partition, ow
 func (l *Lease) TTL() time.Duration { return l.ttl }
 
 // Holder reads the lease of a partition from the bucket's stream (kvStream): its
-// record, and whether anybody holds it.
+// record, and whether anybody holds it (a lease not renewed for DefaultLeaseTTL is
+// nobody's).
 func Holder(ctx context.Context, kvStream jetstream.Stream, bucket, partition string) (LeaseRecord, bool, error) {
-	l := &Lease{stream: kvStream, subject: events.KVSubject(bucket, events.LeaseKey(partition))}
+	l := &Lease{stream: kvStream, subject: events.KVSubject(bucket, events.LeaseKey(partition)), ttl: DefaultLeaseTTL}
 	r, _, err := l.holder(ctx)
 	return r, r.Owner != "", err
 }
 
-// Acquire waits until it holds the lease, polling every poll, or ctx ends.
+// Acquire waits until it holds the lease, polling every poll, or ctx ends. A lease
+// that names this owner is a run of its own that ended without giving it up (its
+// release lost): it is taken over at once rather than at its expiry.
 func (l *Lease) Acquire(ctx context.Context, poll time.Duration) error {
 	for {
 		holder, rev, err := l.holder(ctx)
-		if err == nil && holder.Owner == "" {
+		if err == nil && (holder.Owner == "" || holder.Owner == l.owner) {
 			if err = l.write(ctx, rev); err == nil {
 				return nil
 			}
@@ -82,7 +85,11 @@ func (l *Lease) Acquire(ctx context.Context, poll time.Duration) error {
 	}
 }
 
-// holder reads the lease key: its record (Owner "": nobody holds it) and revision.
+// holder reads the lease key: its record (Owner "": nobody holds it) and revision. A
+// lease written longer ago than its TTL (and a margin for clocks) is nobody's, even
+// before the server has marked it expired: right after an election the new leader of
+// the bucket takes a moment to expire what is overdue, and its holder stopped counting
+// on it (Valid) before then.
 func (l *Lease) holder(ctx context.Context) (LeaseRecord, uint64, error) {
 	var r LeaseRecord
 	m, err := l.stream.GetLastMsgForSubject(ctx, l.subject)
@@ -92,7 +99,7 @@ func (l *Lease) holder(ctx context.Context) (LeaseRecord, uint64, error) {
 	if err != nil {
 		return r, 0, err
 	}
-	if isMarker(m.Header) {
+	if isMarker(m.Header) || l.ttl > 0 && time.Since(m.Time) > l.ttl+leaseMargin {
 		return r, m.Sequence, nil // expired or released
 	}
 	if err := events.Unmarshal(m.Data, &r); err != nil {

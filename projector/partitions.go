@@ -86,7 +86,8 @@ func NewPartitions(ctx context.Context, nc *nats.Conn, cfg PartitionsConfig) (*P
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	js, err := jetstream.New(nc)
+	// Short API timeouts: a request during an election waits out its timeout (see New).
+	js, err := jetstream.New(nc, jetstream.WithDefaultTimeout(apiTimeout))
 	if err != nil {
 		return nil, err
 	}
@@ -213,8 +214,12 @@ func (s *Partitions) watchPresence(ctx context.Context, w jetstream.KeyWatcher) 
 					continue // unreadable, or a renewal
 				}
 				present[e.Key()] = r
+				s.log.Info("instance present", "instance", r.Instance)
 			} else {
 				// A delete, a purge or the server's expiry marker: the instance is gone.
+				if r, ok := present[e.Key()]; ok {
+					s.log.Info("instance gone", "instance", r.Instance)
+				}
 				delete(present, e.Key())
 			}
 			recs := slices.Collect(maps.Values(present))
@@ -250,9 +255,12 @@ func (s *Partitions) assigned(p int) (mine, others bool, changed <-chan struct{}
 	return mine, !mine, s.changed
 }
 
-// partition folds partition p whenever this instance may hold it, until ctx ends.
+// partition folds partition p whenever this instance may hold it, until ctx ends. A
+// run that fails is started again after a pause that doubles up to a quarter of a
+// second: a start that fails costs little (a few requests), and during an election
+// every moment of pause is a moment more without writes once a leader is there.
 func (s *Partitions) partition(ctx context.Context, p int) {
-	const minPause, maxPause = 100 * time.Millisecond, 10 * time.Second
+	const minPause, maxPause = 50 * time.Millisecond, 250 * time.Millisecond
 	pause := minPause
 	for ctx.Err() == nil {
 		mine, _, _ := s.assigned(p)
@@ -293,10 +301,12 @@ func (s *Partitions) partition(ctx context.Context, p int) {
 // claim tries partition p's lease once: when p is assigned here, or when its lease has
 // been free for two TTLs. It notes a partition another instance holds as started.
 func (s *Partitions) claim(ctx context.Context, p int, mine bool) (bool, error) {
-	rec, held, err := Holder(ctx, s.kvs, s.cfg.Projector.Bucket, events.PartitionName(p))
+	l := &Lease{stream: s.kvs, subject: events.KVSubject(s.cfg.Projector.Bucket, events.LeaseKey(events.PartitionName(p))), ttl: s.cfg.LeaseTTL}
+	rec, _, err := l.holder(ctx)
 	if err != nil {
 		return false, err
 	}
+	held := rec.Owner != ""
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if held && rec.Owner != s.cfg.Instance {
@@ -307,7 +317,52 @@ func (s *Partitions) claim(ctx context.Context, p int, mine bool) (bool, error) 
 	if _, ok := s.freeAt[p]; !ok {
 		s.freeAt[p] = time.Now()
 	}
-	return mine || time.Since(s.freeAt[p]) > 2*s.cfg.LeaseTTL, nil
+	if !mine && time.Since(s.freeAt[p]) > 2*s.cfg.LeaseTTL {
+		s.log.Info("claiming a partition free for two lease TTLs", "partition", p)
+		return true, nil
+	}
+	if mine {
+		return true, nil
+	}
+	// The lease is free and the partition another's: if that instance is gone (its
+	// presence key expired, as the bucket's leader says, whatever this instance's watch
+	// has seen: the watch may be cut off with a node), take it now rather than after
+	// two TTLs.
+	owner := s.owner(p)
+	if owner == "" {
+		return false, nil
+	}
+	s.mu.Unlock()
+	gone, err := s.gone(ctx, owner)
+	s.mu.Lock()
+	if err == nil && gone {
+		s.log.Info("claiming a partition whose instance is gone", "partition", p, "instance", owner)
+		return true, nil
+	}
+	return false, nil
+}
+
+// owner returns the instance partition p is assigned to ("" while none is known);
+// s.mu is held.
+func (s *Partitions) owner(p int) string {
+	if len(s.present) == 0 {
+		return ""
+	}
+	return s.present[p%len(s.present)]
+}
+
+// gone reports whether an instance's presence key is expired or removed, read from the
+// bucket's leader; one not renewed for the TTL (and a margin) is gone, even before the
+// server marks it expired.
+func (s *Partitions) gone(ctx context.Context, instance string) (bool, error) {
+	m, err := s.kvs.GetLastMsgForSubject(ctx, events.KVSubject(s.cfg.Projector.Bucket, events.PresenceKey(instance)))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return isMarker(m.Header) || time.Since(m.Time) > s.cfg.LeaseTTL+leaseMargin, nil
 }
 
 func closeOnce(c chan struct{}) {
@@ -405,18 +460,28 @@ func (s *Partitions) fold(ctx context.Context, p int) error {
 }
 
 // handedOver returns a channel closed once partition p is assigned to another instance
-// present, or never (ctx ends first).
+// that is present, or never (ctx ends first). Present means present as the bucket's
+// leader says (gone): this instance's watch may be behind, cut off with a node, and
+// handing a partition to an instance that is gone would leave nobody folding it.
 func (s *Partitions) handedOver(ctx context.Context, p int) <-chan struct{} {
 	c := make(chan struct{})
 	go func() {
+		recheck := time.NewTicker(time.Second)
+		defer recheck.Stop()
 		for {
 			_, others, changed := s.assigned(p)
 			if others {
-				close(c)
-				return
+				s.mu.Lock()
+				owner := s.owner(p)
+				s.mu.Unlock()
+				if gone, err := s.gone(ctx, owner); err == nil && !gone {
+					close(c)
+					return
+				}
 			}
 			select {
 			case <-changed:
+			case <-recheck.C:
 			case <-ctx.Done():
 				return
 			}
@@ -449,7 +514,7 @@ func (s *Partitions) Read(key string) (rec any, ok bool) {
 		if prj == nil || lease == nil || !lease.Valid() {
 			return nil, false
 		}
-		return prj.view.Committed(key)
+		return prj.Committed(key)
 	}
 	if uid != "" {
 		return try(s.layout.Partition(uid))

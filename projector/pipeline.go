@@ -82,10 +82,11 @@ func (p *Projector) commit(ctx context.Context, items []item, decisions []events
 		return err
 	}
 	f := &flight{items: items, decisions: decisions, before: p.recorded(), now: time.Now().UnixNano()}
+	p.view.locked(p.view.sending)
 	if f.writes, err = p.sendWrites(ctx, items, decisions, f.now); err != nil {
 		return err
 	}
-	p.view.locked(p.view.inFlight)
+	p.view.locked(p.view.committed)
 	p.flight = f
 	if more {
 		return nil
@@ -114,6 +115,9 @@ func (p *Projector) land(ctx context.Context) error {
 		return err
 	}
 	p.applied.Store(last)
+	if p.recover == nil {
+		p.serving.Store(true) // a recovered batch has landed: the view is current
+	}
 	// AckAll: one ack covers the chunk. Losing it is harmless: a redelivered event at or
 	// below Applied is skipped.
 	if err := f.items[len(f.items)-1].msg.Ack(); err != nil {

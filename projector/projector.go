@@ -104,6 +104,11 @@ type Projector struct {
 	flight *flight
 	tail   jetstream.Msg
 	more   func() bool
+
+	// serving says the view may answer reads (Committed): not while a recovered batch
+	// is folded again, since the view then holds the states from before that batch,
+	// older than what KV may already hold of it.
+	serving atomic.Bool
 }
 
 // New returns a projector on nc.
@@ -126,13 +131,24 @@ func New(nc *nats.Conn, cfg Config) (*Projector, error) {
 	// An ack can be lost (a leader change, a node lost): without a timeout its future
 	// would never complete and the projector would hang holding its lease. With one,
 	// the write fails, the run stops, and the next run recovers from the intent record.
-	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(8192), jetstream.WithPublishAsyncTimeout(5*time.Second))
+	//
+	// A JetStream API request sent while a stream has no leader (an election after a
+	// node was cut off) is answered by nobody and waits out its timeout, even if a
+	// leader comes a moment later: apiTimeout, rather than the default five seconds,
+	// so that a run starting during an election tries again soon after it (issue 21).
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(8192), jetstream.WithPublishAsyncTimeout(5*time.Second),
+		jetstream.WithDefaultTimeout(apiTimeout))
 	if err != nil {
 		return nil, err
 	}
 	return &Projector{cfg: cfg, nc: nc, js: js, log: cfg.Logger, view: newView(), ready: make(chan struct{}),
 		part: events.PartitionName(cfg.Partition)}, nil
 }
+
+// apiTimeout bounds a JetStream API request of the projector and its supervisor (a
+// stream's info, a consumer's creation, a key's read): they take milliseconds, and one
+// sent during an election is never answered.
+const apiTimeout = 500 * time.Millisecond
 
 // Ready is closed once the projector has recovered and is consuming.
 func (p *Projector) Ready() <-chan struct{} { return p.ready }
@@ -164,10 +180,12 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	p.serving.Store(false)
 	start, err := p.recoverState(ctx, fenced, rev)
 	if err != nil {
 		return err
 	}
+	p.serving.Store(p.recover == nil)
 	if err := p.startRecording(ctx, start); err != nil {
 		return err
 	}
@@ -326,6 +344,15 @@ func (p *Projector) recovering(batch []jetstream.Msg) bool {
 	}
 	md, err := batch[len(batch)-1].Metadata()
 	return err == nil && md.Sequence.Stream < p.recover.Last
+}
+
+// Committed returns a key's record as this projector has it committed, when its view
+// knows the key and may answer (not while a recovered batch is folded again).
+func (p *Projector) Committed(key string) (rec any, known bool) {
+	if !p.serving.Load() {
+		return nil, false
+	}
+	return p.view.Committed(key)
 }
 
 // Stats returns how many batches and events the projector has folded.

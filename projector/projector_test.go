@@ -765,8 +765,8 @@ func TestAProjectorPausedBetweenThePipelinedStepsLandsNothingOfItsOwn(t *testing
 	evs := scenario(g)
 	uid := evs[0].UserID
 	first := en.publish(t, evs...)
-	paused, resume := make(chan struct{}), make(chan struct{})
-	var from uint64 // the chunk to pause on: the first of the pair published below
+	paused, resume := make(chan uint64, 1), make(chan struct{})
+	var from uint64 // pause on the first chunk in flight from this sequence on
 	var once bool
 	var mu sync.Mutex
 	hooks := projector.Hooks{InFlight: func(f, l uint64) error {
@@ -777,23 +777,33 @@ func TestAProjectorPausedBetweenThePipelinedStepsLandsNothingOfItsOwn(t *testing
 		}
 		mu.Unlock()
 		if hold {
-			close(paused)
+			paused <- l
 			<-resume
 		}
 		return nil
 	}}
 	old, done, _ := en.start(t, projector.Config{Bucket: en.store.Bucket, MaxBatch: 1, Hooks: hooks})
 	waitApplied(t, old, first)
-	x, y := g.attr(events.AttrSet, uid, "", "p"), g.attr(events.AttrSet, uid, "", "p")
 	mu.Lock()
 	from = first + 1
 	mu.Unlock()
-	ySeq := en.publish(t, x, y)
-	<-paused // x in flight, the record of x and y sent
+	// Several sets of one key, one a batch: some chunk is in flight when the next
+	// one's intent record goes out.
+	var sets []*events.Event
+	for range 6 {
+		sets = append(sets, g.attr(events.AttrSet, uid, "", "p"))
+	}
+	en.publish(t, sets...)
+	var inFlight uint64
+	select {
+	case inFlight = <-paused: // a chunk in flight, the record of it and the next sent
+	case <-time.After(10 * time.Second):
+		t.Fatal("no chunk was in flight while the next one's intent record went out")
+	}
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
 		e, err := en.kv.Get(context.Background(), events.CheckpointKey("0"))
 		var ck events.Checkpoint
-		if err == nil && events.Unmarshal(e.Value(), &ck) == nil && ck.Last == ySeq {
+		if err == nil && events.Unmarshal(e.Value(), &ck) == nil && ck.Last > inFlight {
 			break
 		}
 		if time.Now().After(deadline) {

@@ -178,6 +178,10 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 	if err != nil {
 		return nil, 0, err
 	}
+	kvs, err := js.Stream(ctx, events.KVStream(bucket))
+	if err != nil {
+		return nil, 0, err
+	}
 	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
 	if err != nil {
 		return nil, 0, err
@@ -239,6 +243,36 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 			diffs = append(diffs, Difference{Key: key, LiveErr: msg})
 		}
 	}
+	// The watch may be served by a replica that is behind (after a partition healed, a
+	// node catching up): a difference stands only if the key as the stream's leader has
+	// it differs too.
+	kept := diffs[:0]
+	for _, d := range diffs {
+		last, err := kvs.GetLastMsgForSubject(ctx, events.KVSubject(bucket, d.Key))
+		var l any
+		switch {
+		case errors.Is(err, jetstream.ErrMsgNotFound):
+		case err != nil:
+			return nil, 0, err
+		case isMarker(last.Header):
+		default:
+			if l, err = events.DecodeRecord(d.Key, last.Data); err != nil {
+				kept = append(kept, Difference{Key: d.Key, Replay: d.Replay, LiveErr: err.Error()})
+				continue
+			}
+		}
+		r := replay[d.Key]
+		rAlive := r != nil && alive(d.Key, r, m.v.Session)
+		lAlive := l != nil && alive(d.Key, l, liveSession)
+		if rAlive == lAlive && (!rAlive || sameRecord(l, r)) {
+			continue // the leader agrees with the replay
+		}
+		if !lAlive {
+			l = nil
+		}
+		kept = append(kept, Difference{Key: d.Key, Live: l, Replay: d.Replay})
+	}
+	diffs = kept
 	sort.Slice(diffs, func(i, j int) bool { return diffs[i].Key < diffs[j].Key })
 	return diffs, unopened, nil
 }

@@ -107,17 +107,18 @@ func (m *Memory) Len() int {
 	return n
 }
 
-// Committed returns a key's record as it is committed (written and acknowledged): the
-// state before the chunk in flight for a key it changes. known is false when the view
-// does not know the key (never loaded).
+// Committed returns a key's record as it is committed (written and acknowledged), and
+// so exactly as KV has it: for a key the chunk being folded changes, its state before
+// that chunk (nothing of it is sent yet). known is false when the view does not know
+// the key (never loaded), or when a write of it is on its way (KV may have it already
+// or not).
 func (v *view) Committed(key string) (rec any, known bool) {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
-	if old, ok := v.flying[key]; ok {
-		if old == nil {
-			return nil, true
-		}
-		return old.rec, true
+	if _, ok := v.flying[key]; ok {
+		// A write of it is on its way: KV may hold either state, and a read here must
+		// not answer older than a read of KV already did. Let KV answer.
+		return nil, false
 	}
 	if old, ok := v.undo[key]; ok {
 		if old == nil {
@@ -151,13 +152,12 @@ func (v *view) reset() {
 	v.dirty = nil
 }
 
-// inFlight keeps, once a chunk's writes are sent, the states before it of the keys it
-// changed (until it lands, they are what is committed), and clears the chunk's
-// bookkeeping for the next.
-func (v *view) inFlight() {
+// sending marks the keys of the chunk whose writes are about to be sent as on their
+// way (Committed leaves them to KV until the chunk lands); committed, once they are
+// sent, clears the chunk's bookkeeping for the next.
+func (v *view) sending() {
 	v.flying = v.undo
 	v.undo = map[string]*entry{}
-	v.committed()
 }
 
 // landed forgets the states before the chunk in flight: its writes are stored.

@@ -272,13 +272,35 @@ func (p *Projector) rewrite(ctx context.Context, key string, rec any, now int64)
 		if rec != nil && sameStored(key, m.Data, rec) {
 			return &jetstream.PubAck{Sequence: m.Sequence}, nil
 		}
-		return nil, fmt.Errorf("key %s was written by another writer (seq %d): is a second projector running?", key, m.Sequence)
+		return nil, fmt.Errorf("key %s was written by another writer (seq %d, %s; this write %s, on top of %d): is a second projector running?",
+			key, m.Sequence, describeStored(key, m.Data), describeRecord(rec), e.rev)
 	}
 	f, err := p.writeRecord(key, rec, e.rev, now)
 	if err != nil || f == nil {
 		return nil, err
 	}
 	return p.wait(ctx, f)
+}
+
+// describeStored and describeRecord name a record by the event that wrote it (evidence
+// in an error).
+func describeStored(key string, data []byte) string {
+	rec, err := events.DecodeRecord(key, data)
+	if err != nil {
+		return "unreadable"
+	}
+	return describeRecord(rec)
+}
+
+func describeRecord(rec any) string {
+	switch r := rec.(type) {
+	case *events.AttrRecord:
+		return fmt.Sprintf("written for the event at %d", r.Seq)
+	case nil:
+		return "a delete"
+	default:
+		return fmt.Sprintf("%T", rec)
+	}
 }
 
 // sameStored reports whether data, a stored record of key, is rec: compared decoded,

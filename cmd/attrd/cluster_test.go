@@ -544,16 +544,25 @@ func replayEqualsLive(t *testing.T, s *Server) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	m := projector.NewMemory()
-	if err := projector.NewLog(js, nil).FoldAll(ctx, m, nil); err != nil {
-		t.Fatal(err)
-	}
-	diffs, _, err := projector.Diff(ctx, js, events.DefaultBucket, m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, d := range diffs {
-		t.Error(d)
+	// Right after a heal the streams may still answer 503 for a moment: try again.
+	for try := 1; ; try++ {
+		m := projector.NewMemory()
+		err := projector.NewLog(js, nil).FoldAll(ctx, m, nil)
+		var diffs []projector.Difference
+		if err == nil {
+			diffs, _, err = projector.Diff(ctx, js, events.DefaultBucket, m)
+		}
+		if err != nil {
+			if try < 10 {
+				time.Sleep(time.Second)
+				continue
+			}
+			t.Fatal(err)
+		}
+		for _, d := range diffs {
+			t.Error(d)
+		}
+		return
 	}
 }
 

@@ -1,0 +1,116 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// netLogs keeps the instances' log records of note in memory (their warnings and
+// errors, and the reasons of refused requests), for a failed bound's evidence.
+type netLogs struct {
+	mu   sync.Mutex
+	recs []netLogRec
+}
+
+type netLogRec struct {
+	at   time.Time
+	node int
+	line string
+}
+
+// handler returns a slog handler recording node i's records.
+func (l *netLogs) handler(i int) slog.Handler { return &netLogHandler{logs: l, node: i} }
+
+// dump logs node i's records in [from, to], each distinct line once with its count
+// and first time.
+func (l *netLogs) dump(t *testing.T, i int, from, to time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	type seen struct {
+		first time.Time
+		n     int
+	}
+	lines, order := map[string]*seen{}, []string{}
+	for _, r := range l.recs {
+		if r.node != i || r.at.Before(from) || r.at.After(to) {
+			continue
+		}
+		if s := lines[r.line]; s != nil {
+			s.n++
+			continue
+		}
+		lines[r.line] = &seen{r.at, 1}
+		order = append(order, r.line)
+	}
+	for _, line := range order {
+		s := lines[line]
+		t.Logf("node %d log from %s, %d×: %s", i, s.first.Format("15:04:05.000"), s.n, line)
+	}
+}
+
+type netLogHandler struct {
+	logs  *netLogs
+	node  int
+	attrs []slog.Attr
+}
+
+func (h *netLogHandler) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelDebug }
+
+func (h *netLogHandler) Handle(_ context.Context, r slog.Record) error {
+	if r.Level < slog.LevelInfo && r.Message != "request refused" {
+		return nil
+	}
+	var b strings.Builder
+	b.WriteString(r.Message)
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key != "cid" {
+			// Ids and sequences vary: keep the reason, so that repeats count as one.
+			fmt.Fprintf(&b, " %s=%s", a.Key, idsOut.ReplaceAllString(a.Value.String(), "#"))
+		}
+		return true
+	})
+	h.logs.mu.Lock()
+	defer h.logs.mu.Unlock()
+	if len(h.logs.recs) < 500_000 {
+		h.logs.recs = append(h.logs.recs, netLogRec{r.Time, h.node, b.String()})
+	}
+	return nil
+}
+
+func (h *netLogHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &netLogHandler{logs: h.logs, node: h.node, attrs: append(slices.Clone(h.attrs), as...)}
+}
+
+func (h *netLogHandler) WithGroup(string) slog.Handler { return h }
+
+// idsOut matches ids and numbers in log values.
+var idsOut = regexp.MustCompile(`[0-9A-Za-z]{20,}|[0-9]+`)
+
+// serverLog logs node i's nats-server log lines stamped in [from, to].
+func (c *netCluster) serverLog(t *testing.T, i int, from, to time.Time) {
+	data, err := os.ReadFile(filepath.Join(c.dir, fmt.Sprintf("n%d.log", i)))
+	if err != nil {
+		t.Logf("node %d's server log: %v", i, err)
+		return
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		// [pid] 2006/01/02 15:04:05.000000 [INF] ...
+		f := strings.Fields(line)
+		if len(f) < 3 {
+			continue
+		}
+		at, err := time.ParseInLocation("2006/01/02 15:04:05.000000", f[1]+" "+f[2], time.Local)
+		if err == nil && !at.Before(from) && !at.After(to) {
+			t.Logf("node %d server: %s", i, line)
+		}
+	}
+}
