@@ -88,6 +88,8 @@ type Service struct {
 	// <acks>.<token>; ackSub is its subscription.
 	acks   string
 	ackSub *nats.Subscription
+	// leader reads KV keys and events as the streams' leaders have them.
+	leader *leaderReads
 
 	mu      sync.Mutex
 	waiting map[string][]chan events.Decision // by event id; two retries of one request share it
@@ -239,6 +241,9 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if err := s.ackSub.SetPendingLimits(-1, -1); err != nil {
 		return nil, err
 	}
+	if s.leader, err = newLeaderReads(nc); err != nil {
+		return nil, err
+	}
 	go s.countRefusals(wctx)
 	hb := events.KVSubject(cfg.Bucket, events.HeartbeatKey(events.NewID()))
 	if err := s.heartbeat(ctx, js, hb); err != nil {
@@ -254,7 +259,7 @@ func (s *Service) Config() Config { return s.cfg }
 // Close stops receiving decisions and watching sessions.
 func (s *Service) Close() error {
 	s.stop()
-	return errors.Join(s.sub.Unsubscribe(), s.ackSub.Unsubscribe())
+	return errors.Join(s.sub.Unsubscribe(), s.ackSub.Unsubscribe(), s.leader.close())
 }
 
 // CheckBodySize refuses a request body over the limit (E008002); transports call it, or
@@ -520,7 +525,7 @@ func appendError(err error) error {
 // request published: its probe found its own first publish), or whenever decided
 // delivers, the decision sent to this instance answers instead.
 func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline <-chan time.Time, own []byte, decided <-chan events.Decision) (events.Decision, error) {
-	msg, err := s.eventStream.GetMsg(ctx, seq)
+	msg, err := s.leader.get(ctx, events.StreamName, msgGet{Seq: seq})
 	if err != nil {
 		return events.Decision{}, fmt.Errorf("read the first event of a repeated request: %w", err)
 	}
@@ -585,11 +590,9 @@ func (s *Service) recordingSince(ctx context.Context, partition string) (uint64,
 // folded returns how far a partition's log is folded, as its projector's lease says.
 func (s *Service) folded(ctx context.Context, partition string) (uint64, error) {
 	var lease events.LeaseRecord
-	e, err := s.kv.Get(ctx, events.LeaseKey(partition))
-	if err == nil {
-		err = events.Unmarshal(e.Value(), &lease)
-	} else if errors.Is(err, jetstream.ErrKeyNotFound) {
-		err = nil
+	v, err := s.leader.lastValue(ctx, s.cfg.Bucket, events.LeaseKey(partition))
+	if err == nil && v != nil {
+		err = events.Unmarshal(v, &lease)
 	}
 	return lease.Applied, err
 }
@@ -604,7 +607,7 @@ func (s *Service) folded(ctx context.Context, partition string) (uint64, error) 
 func (s *Service) rejection(ctx context.Context, uid string, seq uint64) (events.Code, error) {
 	subject := s.layout.DecisionSubject(uid)
 	for from := seq; ; {
-		m, err := s.eventStream.GetMsg(ctx, from, jetstream.WithGetMsgSubject(subject))
+		m, err := s.leader.get(ctx, events.StreamName, msgGet{Seq: from, NextBySubj: subject})
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			return "", nil
 		}
@@ -678,14 +681,14 @@ func (s *Service) read(ctx context.Context, key string) (any, error) {
 			return rec, nil
 		}
 	}
-	e, err := s.kv.Get(ctx, key)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil, nil
-	}
+	v, err := s.leader.lastValue(ctx, s.cfg.Bucket, key)
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", key, err)
 	}
-	return events.DecodeRecord(key, e.Value())
+	if v == nil {
+		return nil, nil
+	}
+	return events.DecodeRecord(key, v)
 }
 
 func (s *Service) readUser(ctx context.Context, uid string) (*events.UserRecord, error) {

@@ -514,7 +514,7 @@ func verifyLoad(t *testing.T, ld *load, s *Server) {
 // replayEqualsLive waits until every partition is folded to its end (the load may
 // have stopped while a projector was starting again), then fails the test for every
 // difference between a replay of the log and the live projection.
-func replayEqualsLive(t *testing.T, s *Server) {
+func replayEqualsLive(t *testing.T, s *Server) bool {
 	t.Helper()
 	js, _ := jetstream.New(s.apiConn)
 	ctx := context.Background()
@@ -546,12 +546,7 @@ func replayEqualsLive(t *testing.T, s *Server) {
 	}
 	// Right after a heal the streams may still answer 503 for a moment: try again.
 	for try := 1; ; try++ {
-		m := projector.NewMemory()
-		err := projector.NewLog(js, nil).FoldAll(ctx, m, nil)
-		var diffs []projector.Difference
-		if err == nil {
-			diffs, _, err = projector.Diff(ctx, js, events.DefaultBucket, m)
-		}
+		diffs, _, err := diffOf(ctx, js)
 		if err != nil {
 			if try < 10 {
 				time.Sleep(time.Second)
@@ -562,8 +557,17 @@ func replayEqualsLive(t *testing.T, s *Server) {
 		for _, d := range diffs {
 			t.Error(d)
 		}
-		return
+		return len(diffs) == 0
 	}
+}
+
+// diffOf replays the log into memory and compares it with the live bucket.
+func diffOf(ctx context.Context, js jetstream.JetStream) ([]projector.Difference, int, error) {
+	m := projector.NewMemory()
+	if err := projector.NewLog(js, nil).FoldAll(ctx, m, nil); err != nil {
+		return nil, 0, err
+	}
+	return projector.Diff(ctx, js, events.DefaultBucket, m)
 }
 
 // TestClusterSoak repeats the failures of TestInstancesFailOverOnACluster, and rolling

@@ -57,6 +57,17 @@ func (l *netLogs) dump(t *testing.T, i int, from, to time.Time) {
 	}
 }
 
+// dumpAll logs every node's records of note but refused requests, in time order.
+func (l *netLogs) dumpAll(t *testing.T) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, r := range l.recs {
+		if !strings.HasPrefix(r.line, "request refused") {
+			t.Logf("%s node %d: %s", r.at.Format("15:04:05.000"), r.node, r.line)
+		}
+	}
+}
+
 type netLogHandler struct {
 	logs  *netLogs
 	node  int
@@ -95,22 +106,59 @@ func (h *netLogHandler) WithGroup(string) slog.Handler { return h }
 // idsOut matches ids and numbers in log values.
 var idsOut = regexp.MustCompile(`[0-9A-Za-z]{20,}|[0-9]+`)
 
-// serverLog logs node i's nats-server log lines stamped in [from, to].
+// serverLog logs node i's nats-server log lines stamped in [from, to], and the other
+// nodes' lines about leaders (elections the healed node may have caused).
 func (c *netCluster) serverLog(t *testing.T, i int, from, to time.Time) {
+	for j := range 3 {
+		if j != i {
+			c.serverLines(t, j, from, to, "leader")
+		}
+	}
+	c.serverLines(t, i, from, to, "")
+}
+
+// serverLines logs node i's nats-server log lines stamped in [from, to] that contain
+// match.
+func (c *netCluster) serverLines(t *testing.T, i int, from, to time.Time, match string) {
+	c.eachServerLine(i, from, to, func(line string) {
+		if strings.Contains(line, match) {
+			t.Logf("node %d server: %s", i, line)
+		}
+	})
+}
+
+// eachServerLine calls f with each of node i's nats-server log lines stamped in
+// [from, to].
+func (c *netCluster) eachServerLine(i int, from, to time.Time, f func(string)) {
 	data, err := os.ReadFile(filepath.Join(c.dir, fmt.Sprintf("n%d.log", i)))
 	if err != nil {
-		t.Logf("node %d's server log: %v", i, err)
+		f(fmt.Sprintf("(no log: %v)", err))
 		return
 	}
 	for _, line := range strings.Split(string(data), "\n") {
 		// [pid] 2006/01/02 15:04:05.000000 [INF] ...
-		f := strings.Fields(line)
-		if len(f) < 3 {
+		fs := strings.Fields(line)
+		if len(fs) < 3 {
 			continue
 		}
-		at, err := time.ParseInLocation("2006/01/02 15:04:05.000000", f[1]+" "+f[2], time.Local)
+		at, err := time.ParseInLocation("2006/01/02 15:04:05.000000", fs[1]+" "+fs[2], time.Local)
 		if err == nil && !at.Before(from) && !at.After(to) {
-			t.Logf("node %d server: %s", i, line)
+			f(line)
 		}
 	}
+}
+
+// metaReelected reports whether a node's server logged in [from, to] that its meta
+// group's leader stepped down for another with a higher term.
+func (c *netCluster) metaReelected(from, to time.Time) bool {
+	for i := range 3 {
+		found := false
+		c.eachServerLine(i, from, to, func(line string) {
+			found = found || strings.Contains(line, "_meta_] Detected another leader with higher term")
+		})
+		if found {
+			return true
+		}
+	}
+	return false
 }

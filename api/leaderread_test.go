@@ -1,0 +1,145 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/deploy/embedded"
+	"github.com/attrd/attrd/events"
+)
+
+// TestAReadTakesTheLeadersAnswerOverAMembersUnavailable: a member of a stream's group
+// that knows no leader (a node healed from a cut, catching up) answers a message read
+// 503 at once; the leader's answer, a moment later, is the one taken. With only the
+// 503, the read fails with it after the grace.
+func TestAReadTakesTheLeadersAnswerOverAMembersUnavailable(t *testing.T) {
+	// A server without JetStream: the test's responders are the stream's members.
+	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoSigs: true, NoLog: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns.Start()
+	if !ns.ReadyForConnections(5 * time.Second) {
+		t.Fatal("server not ready")
+	}
+	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	// The two members of a stream "S": one that knows no
+	// leader, and the leader, whose answer comes 20 ms later.
+	member, err := nc.Subscribe("$JS.API.STREAM.MSG.GET.S", func(m *nats.Msg) {
+		_ = m.Respond([]byte(`{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}`))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	leader, err := nc.Subscribe("$JS.API.STREAM.MSG.GET.S", func(m *nats.Msg) {
+		time.Sleep(20 * time.Millisecond)
+		_ = m.Respond([]byte(`{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","message":{"subject":"s.a","seq":7,"data":"aGk=","time":"2026-12-05T00:00:00Z"}}`))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lr, err := newLeaderReads(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lr.close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	m, err := lr.get(ctx, "S", msgGet{LastBySubj: "s.a"})
+	if err != nil {
+		t.Fatalf("the read failed with %v; the leader answered 20 ms after the member's 503", err)
+	}
+	if m.Sequence != 7 || string(m.Data) != "hi" {
+		t.Fatalf("read %d %q, want the leader's 7 \"hi\"", m.Sequence, m.Data)
+	}
+	if err := leader.Unsubscribe(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, err = lr.get(ctx, "S", msgGet{LastBySubj: "s.a"})
+	var apiErr *jetstream.APIError
+	if !errors.As(err, &apiErr) || apiErr.Code != 503 || !Unavailable(err) {
+		t.Fatalf("with no leader the read gave %v, want the member's 503", err)
+	}
+	if took := time.Since(start); took > leaderGrace+time.Second {
+		t.Fatalf("the read took %s with only a 503, want about %s", took, leaderGrace)
+	}
+	if err := member.Unsubscribe(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lr.get(ctx, "S", msgGet{LastBySubj: "s.a"}); !Unavailable(err) {
+		t.Fatalf("with nobody answering the read gave %v, want an unavailable error", err)
+	}
+}
+
+// TestAKeyReadFromTheLeaderSeesPutsDeletesAndPurges: lastValue reads a key's value,
+// and nothing for a key never written, deleted or purged.
+func TestAKeyReadFromTheLeaderSeesPutsDeletesAndPurges(t *testing.T) {
+	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	ctx := context.Background()
+	js, _ := jetstream.New(nc)
+	_, kv, err := events.EnsureStore(ctx, js, events.DefaultStoreConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	lr, err := newLeaderReads(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lr.close()
+	bucket := events.DefaultStoreConfig().Bucket
+	read := func(key string) []byte {
+		t.Helper()
+		v, err := lr.lastValue(ctx, bucket, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	if v := read("u.none"); v != nil {
+		t.Fatalf("a key never written read %q", v)
+	}
+	for _, k := range []string{"u.a", "u.b"} {
+		if _, err := kv.Put(ctx, k, []byte("v1")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := kv.Put(ctx, k, []byte("v2")); err != nil {
+			t.Fatal(err)
+		}
+		if v := read(k); string(v) != "v2" {
+			t.Fatalf("%s read %q, want v2", k, v)
+		}
+	}
+	if err := kv.Delete(ctx, "u.a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Purge(ctx, "u.b"); err != nil {
+		t.Fatal(err)
+	}
+	if v := read("u.a"); v != nil {
+		t.Fatalf("a deleted key read %q", v)
+	}
+	if v := read("u.b"); v != nil {
+		t.Fatalf("a purged key read %q", v)
+	}
+}
