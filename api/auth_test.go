@@ -65,9 +65,9 @@ func TestAWriteAuthenticatesFromAnAgedCacheWhenKVCannotAnswer(t *testing.T) {
 	}
 }
 
-// serviceWithSession starts an embedded server with the stream and bucket, stores a
-// user with a session an hour long, and returns a Service on it with the session's UST.
-func serviceWithSession(t *testing.T) (*Service, string, *events.UserRecord, *events.SessionRecord, *server.Server) {
+// embeddedStore starts an embedded server with attrd's stream and bucket, and returns
+// it, a connection to it and the bucket.
+func embeddedStore(t *testing.T) (*server.Server, *nats.Conn, jetstream.KeyValue) {
 	t.Helper()
 	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir()})
 	if err != nil {
@@ -79,12 +79,20 @@ func serviceWithSession(t *testing.T) (*Service, string, *events.UserRecord, *ev
 		t.Fatal(err)
 	}
 	t.Cleanup(nc.Close)
-	ctx := context.Background()
 	js, _ := jetstream.New(nc)
-	_, kv, err := events.EnsureStore(ctx, js, events.DefaultStoreConfig())
+	_, kv, err := events.EnsureStore(context.Background(), js, events.DefaultStoreConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
+	return ns, nc, kv
+}
+
+// serviceWithSession starts an embedded server with the stream and bucket, stores a
+// user with a session an hour long, and returns a Service on it with the session's UST.
+func serviceWithSession(t *testing.T) (*Service, string, *events.UserRecord, *events.SessionRecord, *server.Server) {
+	t.Helper()
+	ns, nc, kv := embeddedStore(t)
+	ctx := context.Background()
 	uid, ust := events.NewID(), NewUST()
 	sid := events.SessionID(ust)
 	user := &events.UserRecord{UserID: uid, Username: "u", Approved: true}

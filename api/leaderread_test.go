@@ -10,7 +10,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/attrd/attrd/deploy/embedded"
 	"github.com/attrd/attrd/events"
 )
 
@@ -49,11 +48,7 @@ func TestAReadTakesTheLeadersAnswerOverAMembersUnavailable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lr, err := newLeaderReads(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lr.close()
+	lr := mustLeaderReads(t, nc)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	m, err := lr.get(ctx, "S", msgGet{LastBySubj: "s.a"})
@@ -86,27 +81,9 @@ func TestAReadTakesTheLeadersAnswerOverAMembersUnavailable(t *testing.T) {
 // TestAKeyReadFromTheLeaderSeesPutsDeletesAndPurges: lastValue reads a key's value,
 // and nothing for a key never written, deleted or purged.
 func TestAKeyReadFromTheLeaderSeesPutsDeletesAndPurges(t *testing.T) {
-	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
+	_, nc, kv := embeddedStore(t)
 	ctx := context.Background()
-	js, _ := jetstream.New(nc)
-	_, kv, err := events.EnsureStore(ctx, js, events.DefaultStoreConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	lr, err := newLeaderReads(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lr.close()
+	lr := mustLeaderReads(t, nc)
 	bucket := events.DefaultStoreConfig().Bucket
 	read := func(key string) []byte {
 		t.Helper()
@@ -142,4 +119,14 @@ func TestAKeyReadFromTheLeaderSeesPutsDeletesAndPurges(t *testing.T) {
 	if v := read("u.b"); v != nil {
 		t.Fatalf("a purged key read %q", v)
 	}
+}
+
+func mustLeaderReads(t *testing.T, nc *nats.Conn) *leaderReads {
+	t.Helper()
+	lr, err := newLeaderReads(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = lr.close() })
+	return lr
 }
