@@ -66,6 +66,9 @@ type Meta struct {
 	// are ignored.
 	BodyAudit bool
 	RequestID string // from a transport header (Idempotency-Key, Nats-Msg-Id)
+	// Transport names the API the request came by (TransportNATS, TransportREST), for
+	// metrics.
+	Transport string
 	// Fingerprint identifies the request (operation, target, body) when it has a
 	// request id; Handle fills it.
 	Fingerprint string
@@ -102,10 +105,18 @@ func (s *Service) Handle(ctx context.Context, op Op, req *Request, m Meta) (rep 
 	if m.CID == "" {
 		m.CID = events.NewID()
 	}
+	start := time.Now()
 	defer func() {
 		if p := recover(); p != nil {
 			s.log.Error("request panicked", "cid", m.CID, "op", op, "panic", fmt.Sprint(p))
 			rep = ErrorReply(m.CID, fmt.Errorf("panic: %v", p))
+		}
+		s.metrics.answered(op, m.Transport, rep, time.Since(start))
+		switch {
+		case rep.Code == events.CodeInvalidInput:
+			s.metrics.refused(refusedInvalid)
+		case op == OpLogin && rep.Code == events.CodeNotAllowed && rep.RetryAfter > 0:
+			s.metrics.refused(refusedThrottled)
 		}
 	}()
 	out, err := s.handle(ctx, op, req, &m)
@@ -132,6 +143,20 @@ func (s *Service) Handle(ctx context.Context, op Op, req *Request, m Meta) (rep 
 	out["cid"] = m.CID
 	out["status"] = "ok"
 	return Reply{Status: 200, Body: out}
+}
+
+// Refuse answers a request refused before its operation ran (a body too large or
+// unreadable), counting it as Handle counts the others; reason, if set, is its refusal
+// reason in the metrics (RefusedOversize).
+func (s *Service) Refuse(op Op, m Meta, err error, reason string) Reply {
+	rep := ErrorReply(m.CID, err)
+	s.metrics.answered(op, m.Transport, rep, 0)
+	if reason != "" {
+		s.metrics.refused(reason)
+	} else if rep.Code == events.CodeInvalidInput {
+		s.metrics.refused(refusedInvalid)
+	}
+	return rep
 }
 
 // ErrorReply maps an error to the contract's status and body; every transport uses it.

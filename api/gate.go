@@ -5,6 +5,7 @@ import (
 	"context"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/attrd/attrd/events"
@@ -35,6 +36,24 @@ type Gate struct {
 	byKey map[string]*list.Element
 	// mean is the recent mean time of a run (an exponential moving average).
 	mean time.Duration
+	// refused counts the requests refused as busy (metrics).
+	refused atomic.Uint64
+}
+
+// busy counts a refusal and returns its error.
+func (g *Gate) busy(retryAfter time.Duration) error {
+	g.refused.Add(1)
+	return errBusy(g.what, retryAfter)
+}
+
+// Refused returns how many requests the gate refused as busy.
+func (g *Gate) Refused() uint64 { return g.refused.Load() }
+
+// Load returns the slots in use and the requests waiting for one.
+func (g *Gate) Load() (busy, waiting int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.slots - g.free, g.waiting
 }
 
 // gateKey is one key's waiters, first come first.
@@ -118,7 +137,7 @@ func (g *Gate) admit(key string) (victim *gateKey, err error) {
 		}
 	}
 	if victim == nil {
-		return nil, errBusy(g.what, ahead)
+		return nil, g.busy(ahead)
 	}
 	return victim, nil
 }
@@ -162,7 +181,7 @@ func (g *Gate) acquire(ctx context.Context, key string) error {
 	default:
 		g.dequeue(gk, el)
 	}
-	return errBusy(g.what, g.startsIn(g.waiting+1))
+	return g.busy(g.startsIn(g.waiting + 1))
 }
 
 // startsIn estimates how long the n-th waiter waits for its slot: n runs of the mean

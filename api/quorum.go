@@ -44,6 +44,7 @@ type readKey struct{}
 // instance has not shown within quorumBound that it reaches a quorum.
 func (s *Service) reading(ctx context.Context) (context.Context, error) {
 	if since := time.Since(time.Unix(0, s.quorum.Load())); since > quorumBound {
+		s.metrics.refused(refusedNoQuorum)
 		return ctx, events.Errorf(events.CodeOutcomeUnknown,
 			"this instance has not reached a quorum of NATS for %s: nothing read, try again", since.Round(time.Millisecond))
 	}

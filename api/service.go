@@ -22,6 +22,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/events/sealed"
@@ -68,6 +69,8 @@ type Config struct {
 	Local LocalReader
 	// Logger; nil uses slog.Default().
 	Logger *slog.Logger
+	// Metrics, if set, registers the service's Prometheus metrics.
+	Metrics prometheus.Registerer
 }
 
 // Service runs attrd's operations for the transports.
@@ -89,7 +92,8 @@ type Service struct {
 	acks   string
 	ackSub *nats.Subscription
 	// leader reads KV keys and events as the streams' leaders have them.
-	leader *leaderReads
+	leader  *leaderReads
+	metrics *metrics
 
 	mu      sync.Mutex
 	waiting map[string][]chan events.Decision // by event id; two retries of one request share it
@@ -244,6 +248,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if s.leader, err = newLeaderReads(nc); err != nil {
 		return nil, err
 	}
+	s.metrics = newMetrics(cfg.Metrics, s)
 	go s.countRefusals(wctx)
 	hb := events.KVSubject(cfg.Bucket, events.HeartbeatKey(events.NewID()))
 	if err := s.heartbeat(ctx, js, hb); err != nil {
@@ -266,6 +271,7 @@ func (s *Service) Close() error {
 // bound their reads by Config().Limits.MaxBodyBytes, before parsing.
 func (s *Service) CheckBodySize(n int) error {
 	if n > s.cfg.Limits.MaxBodyBytes {
+		s.metrics.refused(RefusedOversize)
 		return events.Errorf(events.CodeInvalidInput, "the body has %d bytes, the limit is %d", n, s.cfg.Limits.MaxBodyBytes)
 	}
 	return nil
@@ -387,8 +393,10 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 		select {
 		case d := <-ch:
 			s.decided(time.Since(sent))
+			s.metrics.decided(time.Since(sent))
 			return d, nil
 		case <-probe:
+			s.metrics.probed()
 			var token string
 			ackc, token = s.awaitAck()
 			defer s.forgetAck(token)
@@ -403,6 +411,7 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 			switch {
 			case a.duplicate:
 				// A duplicate's ack names the first event's sequence.
+				s.metrics.keptAnswer()
 				return s.recorded(ctx, a.seq, ev.RequestKey, timer.C, data, ch)
 			case errors.As(a.err, &apiErr) && apiErr.ErrorCode == 10158: // JSStreamDuplicateMessageConflict: "duplicate message id is in process"
 				// The first publish is still being stored: its decision will tell.

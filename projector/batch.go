@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/attrd/attrd/events"
 	"github.com/nats-io/nats.go/jetstream"
@@ -19,7 +20,14 @@ type item struct {
 }
 
 // process folds one batch: decode, load, fold, write intent and keys, reply, ack.
-func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
+func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) (err error) {
+	start := time.Now()
+	var appended time.Time // the last event's append
+	defer func() {
+		if err == nil {
+			p.cfg.Metrics.batchDone(p.cfg.Partition, len(batch), time.Since(start), p.Applied(), appended)
+		}
+	}()
 	items := make([]item, 0, len(batch))
 	var keys, prefixes []string
 	for _, m := range batch {
@@ -28,8 +36,11 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) error {
 			return fmt.Errorf("event metadata: %w", err)
 		}
 		if err := p.checkDelivery(md); err != nil {
+			p.cfg.Metrics.gap(p.cfg.Partition)
 			return err
 		}
+		p.cfg.Metrics.delivered(p.cfg.Partition, md)
+		appended = md.Timestamp
 		it := item{msg: m, seq: md.Sequence.Stream, reply: m.Headers().Get(events.HeaderReply)}
 		if it.seq <= p.Applied() {
 			continue // redelivered after it was folded

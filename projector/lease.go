@@ -32,6 +32,8 @@ type Lease struct {
 	// Progress, if set, is written with every renewal (the holder's applied sequence),
 	// so that any instance can tell how far the log is folded.
 	Progress func() uint64
+	// RenewFailed, if set, is called for each renewal that fails (metrics).
+	RenewFailed func()
 }
 
 // LeaseRecord is the lease key's value (events.LeaseRecord).
@@ -159,6 +161,9 @@ func (l *Lease) Keep(ctx context.Context) error {
 		rctx, cancel := context.WithTimeout(ctx, l.ttl/3)
 		err := l.write(rctx, l.rev)
 		cancel()
+		if err != nil && l.RenewFailed != nil {
+			l.RenewFailed()
+		}
 		switch {
 		case err == nil:
 		case isConflict(err):

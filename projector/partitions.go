@@ -394,6 +394,10 @@ func (s *Partitions) fold(ctx context.Context, p int) error {
 	s.mu.Lock()
 	delete(s.freeAt, p)
 	s.mu.Unlock()
+	m := s.cfg.Projector.Metrics
+	m.leaseHeld(p, true)
+	defer m.leaseHeld(p, false)
+	lease.RenewFailed = func() { m.renewFailure(p) }
 	nc := s.js.Conn()
 	if s.cfg.Dial != nil {
 		if nc, err = s.cfg.Dial("attrd-projector-" + part); err != nil {

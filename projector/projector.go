@@ -58,6 +58,8 @@ type Config struct {
 	Logger *slog.Logger
 	// Hooks let tests stop the projector between the steps of a batch.
 	Hooks Hooks
+	// Metrics, if set, records the projector's progress for Prometheus.
+	Metrics *Metrics
 }
 
 // Hooks are called between the steps of folding a batch; an error stops Run at that
@@ -159,6 +161,7 @@ func (p *Projector) Applied() uint64 { return p.applied.Load() }
 // Run folds the log until ctx is done (or, with StopAtEnd, until caught up). It returns
 // nil on a clean stop.
 func (p *Projector) Run(ctx context.Context) (err error) {
+	p.cfg.Metrics.runStarted(p.cfg.Partition)
 	kv, err := p.js.KeyValue(ctx, p.cfg.Bucket)
 	if err != nil {
 		return fmt.Errorf("projection bucket %s: %w", p.cfg.Bucket, err)

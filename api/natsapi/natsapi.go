@@ -140,12 +140,12 @@ func (s *Server) run(j job) {
 }
 
 func (s *Server) handle(op api.Op, r micro.Request) {
-	m := api.Meta{CID: events.NewID(), RequestID: r.Headers().Get(nats.MsgIdHdr), BodyAudit: true}
+	m := api.Meta{CID: events.NewID(), RequestID: r.Headers().Get(nats.MsgIdHdr), BodyAudit: true, Transport: api.TransportNATS}
 	isMsgpack := r.Headers().Get("Content-Type") == ContentTypeMsgpack
 	req, err := s.api.ParseBody(r.Data(), isMsgpack)
 	var rep api.Reply
 	if err != nil {
-		rep = api.ErrorReply(m.CID, err)
+		rep = s.api.Refuse(op, m, err, "")
 	} else {
 		rep = s.api.Handle(s.ctx, op, req, m)
 	}

@@ -207,7 +207,7 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
 	// The caller is the end user: its address comes from the connection (or a trusted
 	// proxy's X-Forwarded-For) and its user agent from the header; remote_addr and
 	// user_agent in the body are ignored (Meta.BodyAudit is false).
-	m := api.Meta{CID: events.NewID(), UserAgent: api.CleanAuditField(r.UserAgent(), api.MaxUserAgentBytes),
+	m := api.Meta{CID: events.NewID(), Transport: api.TransportREST, UserAgent: api.CleanAuditField(r.UserAgent(), api.MaxUserAgentBytes),
 		RequestID: r.Header.Get("Idempotency-Key"), RemoteAddr: ClientAddr(r, h.cfg.TrustedProxies)}
 	if sw, ok := w.(*statusWriter); ok {
 		sw.cid = m.CID
@@ -222,20 +222,24 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
 func (h *handler) handle(w http.ResponseWriter, r *http.Request, op api.Op, m api.Meta) {
 	body, err := readBody(w, r, h.svc.Config().Limits.MaxBodyBytes)
 	if err != nil {
-		rep := api.ErrorReply(m.CID, err)
+		reason := ""
 		if events.CodeOf(err) == events.CodeInvalidInput {
+			reason = api.RefusedOversize
+		}
+		rep := h.svc.Refuse(op, m, err, reason)
+		if reason != "" {
 			rep.Status = http.StatusRequestEntityTooLarge
 		}
 		writeReply(w, rep)
 		return
 	}
 	if body, err = browserFields(body, r, op); err != nil {
-		writeReply(w, api.ErrorReply(m.CID, err))
+		writeReply(w, h.svc.Refuse(op, m, err, ""))
 		return
 	}
 	req, err := h.svc.ParseBody(body, false)
 	if err != nil {
-		writeReply(w, api.ErrorReply(m.CID, err))
+		writeReply(w, h.svc.Refuse(op, m, err, ""))
 		return
 	}
 	writeReplyChecked(w, h.svc.Handle(r.Context(), op, req, m), h.svc.CheckReplySize)

@@ -129,6 +129,7 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	var apps, origins, proxies, clientUsers string
 	fs.StringVar(&cfg.DataDir, "data-dir", env("ATTRD_DATA_DIR", "./attrd-data"), "data directory of the embedded NATS server and the generated key (ATTRD_DATA_DIR)")
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", env("ATTRD_HTTP_ADDR", "127.0.0.1:17010"), "HTTP listen address (ATTRD_HTTP_ADDR)")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", env("ATTRD_METRICS_ADDR", ""), "serve /metrics on this address instead of the HTTP port's (ATTRD_METRICS_ADDR)")
 	fs.StringVar(&cfg.NATSAddr, "nats-addr", env("ATTRD_NATS_ADDR", "127.0.0.1:4222"), "embedded NATS server's client address (ATTRD_NATS_ADDR)")
 	fs.StringVar(&cfg.NATSURL, "nats-url", env("ATTRD_NATS_URL", ""), "use this NATS server instead of the embedded one (ATTRD_NATS_URL)")
 	fs.IntVar(&cfg.Partitions, "partitions", int(envInt("ATTRD_PARTITIONS", 0)), "partitions of the event log, each folded by one instance at a time; chosen when the deployment is created and kept (0: the default for a new one, whatever an existing one has) (ATTRD_PARTITIONS)")

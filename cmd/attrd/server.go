@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/api/natsapi"
@@ -64,6 +65,9 @@ type Config struct {
 	ProjectorHooks projector.Hooks
 	// Limits bound values, items and bodies (zero: the contract's defaults).
 	Limits api.Limits
+	// MetricsAddr, if set, serves /metrics on its own listener (host:port) instead of
+	// the HTTP port's.
+	MetricsAddr string
 	// NATSConnectTimeout is how long Start waits for an external NATS and its
 	// JetStream (default 3m).
 	NATSConnectTimeout time.Duration
@@ -106,6 +110,12 @@ type Server struct {
 	natsAPI  *natsapi.Server
 	httpSrv  *http.Server
 	httpLn   net.Listener
+
+	// metrics is this instance's Prometheus registry, served at /metrics (on the HTTP
+	// port, or on its own listener with Config.MetricsAddr).
+	metrics    *prometheus.Registry
+	metricsSrv *http.Server
+	metricsLn  net.Listener
 
 	ready     *readiness
 	instance  string // this process's name in logs and in the projector lease
@@ -264,8 +274,9 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if err := s.ensureStore(ctx, js, store); err != nil {
 		return nil, err
 	}
+	s.metrics = newRegistry(js, store.Bucket)
 	pcfg := projector.Config{Bucket: store.Bucket, Opener: opener(keys), Replies: true,
-		Logger: log, Hooks: cfg.ProjectorHooks, OnDecision: cfg.OnDecision}
+		Logger: log, Hooks: cfg.ProjectorHooks, OnDecision: cfg.OnDecision, Metrics: projector.NewMetrics(s.metrics)}
 	pctx, cancel := context.WithCancel(context.Background())
 	s.prjCancel = cancel
 	s.instance = instanceName()
@@ -301,7 +312,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
 		SessionMaxLifetime: cfg.SessionMaxLifetime, PasswordConcurrency: cfg.PasswordConcurrency, LoginsPerAddress: cfg.LoginsPerAddress, HistoryTimeout: cfg.HistoryTimeout,
 		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log, Limits: cfg.Limits,
-		History: projector.NewLog(histJS, opener(keys)), Local: s.parts}); err != nil {
+		History: projector.NewLog(histJS, opener(keys)), Local: s.parts, Metrics: s.metrics}); err != nil {
 		return nil, err
 	}
 	if s.natsAPI, err = natsapi.Start(s.apiConn, s.svc, log); err != nil {
@@ -322,6 +333,9 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	go s.ready.run(pctx)
 	if s.httpLn, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
 		return nil, fmt.Errorf("http listen: %w", err)
+	}
+	if err := s.serveMetrics(); err != nil {
+		return nil, err
 	}
 	rht := cfg.HTTPReadHeaderTimeout
 	if rht <= 0 {
@@ -400,7 +414,36 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET /livez", serveLive)
 	mux.HandleFunc("GET /readyz", s.ready.serveReady)
 	mux.HandleFunc("GET /healthz", s.ready.serveReady) // the older name of /readyz
+	if s.cfg.MetricsAddr == "" {
+		mux.Handle("GET /metrics", metricsHandler(s.metrics))
+	}
 	return mux
+}
+
+// serveMetrics serves /metrics on its own listener when Config.MetricsAddr names one.
+func (s *Server) serveMetrics() error {
+	if s.cfg.MetricsAddr == "" {
+		return nil
+	}
+	ln, err := net.Listen("tcp", s.cfg.MetricsAddr)
+	if err != nil {
+		return fmt.Errorf("metrics listen: %w", err)
+	}
+	s.metricsLn = ln
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", metricsHandler(s.metrics))
+	s.metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, WriteTimeout: 30 * time.Second}
+	go func() { _ = s.metricsSrv.Serve(ln) }()
+	return nil
+}
+
+// MetricsAddr is the address /metrics is served on (the HTTP listener's unless
+// Config.MetricsAddr names another).
+func (s *Server) MetricsAddr() string {
+	if s.metricsLn != nil {
+		return s.metricsLn.Addr().String()
+	}
+	return s.httpLn.Addr().String()
 }
 
 // Close drains and stops everything: no new requests, requests in flight get their
@@ -412,6 +455,9 @@ func (s *Server) Close() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			errs = append(errs, s.httpSrv.Shutdown(ctx))
 			cancel()
+		}
+		if s.metricsSrv != nil {
+			errs = append(errs, s.metricsSrv.Close())
 		}
 		if s.natsAPI != nil {
 			errs = append(errs, s.natsAPI.Stop())

@@ -1,0 +1,113 @@
+package api
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the service's Prometheus metrics; a nil *metrics records nothing.
+type metrics struct {
+	requests *prometheus.CounterVec
+	duration *prometheus.HistogramVec
+	decision prometheus.Histogram
+	refusals *prometheus.CounterVec
+	probes   prometheus.Counter
+	kept     prometheus.Counter
+}
+
+// Refusal reasons (attrd_refusals_total's reason label); busy gates have their own
+// metric, attrd_gate_refusals_total.
+const (
+	refusedThrottled = "throttled_login" // a login refused by the throttle or the bounds on logins in flight
+	// RefusedOversize is the reason of a body over the limit, refused before its
+	// operation (transports pass it to Refuse).
+	RefusedOversize = "oversize"
+	refusedInvalid  = "invalid_input" // E008002: malformed, or over a limit
+	refusedNoQuorum = "no_quorum"     // a read refused: no recent quorum heartbeat
+)
+
+// Transports, as Meta.Transport names them.
+const (
+	TransportNATS = "nats"
+	TransportREST = "rest"
+)
+
+func newMetrics(reg prometheus.Registerer, s *Service) *metrics {
+	if reg == nil {
+		return nil
+	}
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "attrd_requests_total",
+			Help: "Requests answered, by operation, transport and outcome code (ok, or the contract's code)."},
+			[]string{"op", "transport", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "attrd_request_duration_seconds",
+			Help:    "Seconds from a request's arrival to its answer, by operation.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}}, []string{"op"}),
+		decision: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "attrd_decision_wait_seconds",
+			Help:    "Seconds a write waited for the projector's decision on its event, from the append.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "attrd_refusals_total",
+			Help: "Requests refused before or instead of their operation, by reason."}, []string{"reason"}),
+		probes: prometheus.NewCounter(prometheus.CounterOpts{Name: "attrd_append_probes_total",
+			Help: "Appends probed for their ack because no decision came in time (a retry, a lost publish, an election)."}),
+		kept: prometheus.NewCounter(prometheus.CounterOpts{Name: "attrd_retries_answered_total",
+			Help: "Retried requests (a request id seen before) answered with the first request's decision."}),
+	}
+	reg.MustRegister(m.requests, m.duration, m.decision, m.refusals, m.probes, m.kept)
+	for name, g := range map[string]*Gate{"password": s.hashes, "history": s.histories} {
+		g := g
+		labels := prometheus.Labels{"gate": name}
+		reg.MustRegister(
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "attrd_gate_refusals_total", ConstLabels: labels,
+				Help: "Requests a load gate refused as busy (E008004 with Retry-After)."},
+				func() float64 { return float64(g.Refused()) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "attrd_gate_busy", ConstLabels: labels,
+				Help: "Slots of a load gate in use."},
+				func() float64 { b, _ := g.Load(); return float64(b) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "attrd_gate_waiting", ConstLabels: labels,
+				Help: "Requests waiting for a slot of a load gate."},
+				func() float64 { _, w := g.Load(); return float64(w) }))
+	}
+	return m
+}
+
+// answered records a request's answer.
+func (m *metrics) answered(op Op, transport string, rep Reply, took time.Duration) {
+	if m == nil {
+		return
+	}
+	if transport == "" {
+		transport = "other" // a caller that names none (tests, tools)
+	}
+	code := "ok"
+	if rep.Code != "" {
+		code = string(rep.Code)
+	}
+	m.requests.WithLabelValues(string(op), transport, code).Inc()
+	m.duration.WithLabelValues(string(op)).Observe(took.Seconds())
+}
+
+func (m *metrics) refused(reason string) {
+	if m != nil {
+		m.refusals.WithLabelValues(reason).Inc()
+	}
+}
+
+func (m *metrics) decided(took time.Duration) {
+	if m != nil {
+		m.decision.Observe(took.Seconds())
+	}
+}
+
+func (m *metrics) probed() {
+	if m != nil {
+		m.probes.Inc()
+	}
+}
+
+func (m *metrics) keptAnswer() {
+	if m != nil {
+		m.kept.Inc()
+	}
+}

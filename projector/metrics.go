@@ -1,0 +1,130 @@
+package projector
+
+import (
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the projectors' and leases' Prometheus metrics, labelled by partition.
+// A nil *Metrics records nothing (replays, tools).
+type Metrics struct {
+	applied     *prometheus.GaugeVec
+	pending     *prometheus.GaugeVec
+	delay       *prometheus.GaugeVec
+	batch       *prometheus.HistogramVec
+	commit      *prometheus.HistogramVec
+	runs        *prometheus.CounterVec
+	redelivered *prometheus.CounterVec
+	gaps        *prometheus.CounterVec
+	held        *prometheus.GaugeVec
+	acquired    *prometheus.CounterVec
+	renewFailed *prometheus.CounterVec
+}
+
+// NewMetrics registers the projectors' metrics with reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	part := []string{"partition"}
+	gauge := func(name, help string) *prometheus.GaugeVec {
+		return prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: name, Help: help}, part)
+	}
+	counter := func(name, help string) *prometheus.CounterVec {
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, part)
+	}
+	histogram := func(name, help string, buckets []float64) *prometheus.HistogramVec {
+		return prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: name, Help: help, Buckets: buckets}, part)
+	}
+	m := &Metrics{
+		applied: gauge("attrd_projector_applied_sequence",
+			"The last event stream sequence this instance's projector folded and committed, by partition."),
+		pending: gauge("attrd_projector_lag_events",
+			"Events of the partition in the stream after the last one delivered to its projector here."),
+		delay: gauge("attrd_projector_lag_seconds",
+			"Seconds between the append of the last event of the latest batch and its commit."),
+		batch: histogram("attrd_projector_batch_events", "Events folded in one batch.",
+			prometheus.ExponentialBuckets(1, 4, 6)),
+		commit: histogram("attrd_projector_batch_seconds", "Seconds to fold and commit one batch (intent record, keys, replies).",
+			prometheus.ExponentialBuckets(0.0005, 4, 8)),
+		runs: counter("attrd_projector_runs_total",
+			"Projector runs started here (each holds the lease, recovers and consumes)."),
+		redelivered: counter("attrd_projector_redeliveries_total", "Events delivered to a projector more than once."),
+		gaps: counter("attrd_projector_delivery_gaps_total",
+			"Runs stopped because the consumer skipped deliveries (the next run consumes again)."),
+		held:     gauge("attrd_lease_held", "1 while this instance holds the partition's lease."),
+		acquired: counter("attrd_lease_acquired_total", "Leases this instance took (a start, a handover or a takeover)."),
+		renewFailed: counter("attrd_lease_renew_failures_total",
+			"Lease renewals that failed (the lease is lost once one fails past its TTL)."),
+	}
+	reg.MustRegister(m.applied, m.pending, m.delay, m.batch, m.commit, m.runs, m.redelivered, m.gaps,
+		m.held, m.acquired, m.renewFailed)
+	return m
+}
+
+func partLabel(p int) string { return strconv.Itoa(p) }
+
+// runStarted counts a run of partition p's projector.
+func (m *Metrics) runStarted(p int) {
+	if m != nil {
+		l := partLabel(p)
+		m.runs.WithLabelValues(l).Inc()
+		// Present from the first run on, at zero until something happens.
+		m.redelivered.WithLabelValues(l)
+		m.gaps.WithLabelValues(l)
+	}
+}
+
+// delivered records what a delivered event's metadata says of the partition's lag.
+func (m *Metrics) delivered(p int, md *jetstream.MsgMetadata) {
+	if m == nil {
+		return
+	}
+	m.pending.WithLabelValues(partLabel(p)).Set(float64(md.NumPending))
+	if md.NumDelivered > 1 {
+		m.redelivered.WithLabelValues(partLabel(p)).Inc()
+	}
+}
+
+// gap counts a delivery gap.
+func (m *Metrics) gap(p int) {
+	if m != nil {
+		m.gaps.WithLabelValues(partLabel(p)).Inc()
+	}
+}
+
+// batchDone records a folded batch: its size, how long it took, how far it got, and
+// how long its last event waited since it was appended.
+func (m *Metrics) batchDone(p int, events int, took time.Duration, applied uint64, appended time.Time) {
+	if m == nil {
+		return
+	}
+	l := partLabel(p)
+	m.batch.WithLabelValues(l).Observe(float64(events))
+	m.commit.WithLabelValues(l).Observe(took.Seconds())
+	m.applied.WithLabelValues(l).Set(float64(applied))
+	if !appended.IsZero() {
+		m.delay.WithLabelValues(l).Set(time.Since(appended).Seconds())
+	}
+}
+
+// leaseHeld records whether this instance holds partition p's lease.
+func (m *Metrics) leaseHeld(p int, held bool) {
+	if m == nil {
+		return
+	}
+	v := 0.0
+	if held {
+		v = 1
+		m.acquired.WithLabelValues(partLabel(p)).Inc()
+		m.renewFailed.WithLabelValues(partLabel(p))
+	}
+	m.held.WithLabelValues(partLabel(p)).Set(v)
+}
+
+// renewFailure counts a failed lease renewal.
+func (m *Metrics) renewFailure(p int) {
+	if m != nil {
+		m.renewFailed.WithLabelValues(partLabel(p)).Inc()
+	}
+}
