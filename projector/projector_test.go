@@ -828,3 +828,60 @@ func TestAProjectorPausedBetweenThePipelinedStepsLandsNothingOfItsOwn(t *testing
 		t.Fatal(err)
 	}
 }
+
+// TestAFoldOnAStaleReadIsNotWrittenOverAnExpiry: a projector whose view holds a key as
+// a server behind answered it (a stream leader cut off and back goes on answering reads
+// as the leader for a moment) folds an event on that old state; its write loses the
+// compare-and-set to what the key really holds, an expiry marker of a later record that
+// expired. The expiry cannot be the old record's (it lives on): the run stops with
+// ErrStaleRead rather than write a record folded from the old state on top.
+func TestAFoldOnAStaleReadIsNotWrittenOverAnExpiry(t *testing.T) {
+	en := mustEnv(t)
+	g := newGen()
+	g.t = time.Now()
+	alice := g.user("alice")
+	login := g.login(alice.UserID)
+	set := g.attr(events.AttrSet, alice.UserID, "", "a") // no expiry
+	last := en.publish(t, alice, login, set)
+	p, done, _ := en.start(t, projector.Config{Bucket: en.store.Bucket})
+	waitApplied(t, p, last)
+	// What the view does not know: a later record of the key, written with a 1 s TTL
+	// on top of the one it holds, has expired since.
+	ctx := context.Background()
+	key := events.AttrKey(alice.UserID, "", "a")
+	e, err := en.kv.Get(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	later := &events.AttrRecord{Value: []byte(`"later"`), Created: time.Now().UnixNano(), Modified: time.Now().UnixNano(),
+		ExpiresAt: time.Now().Add(time.Second).UnixNano(), Seq: last + 100}
+	data, err := events.Marshal(later)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &nats.Msg{Subject: events.KVSubject(en.store.Bucket, key), Data: data, Header: nats.Header{}}
+	if _, err := en.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(e.Revision()), jetstream.WithMsgTTL(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := en.js.Stream(ctx, events.KVStream(en.store.Bucket))
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) { // expiry test
+		lm, err := st.GetLastMsgForSubject(ctx, events.KVSubject(en.store.Bucket, key))
+		if err == nil && lm.Header.Get(jetstream.MarkerReasonHeader) != "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the later record left no expiry marker")
+		}
+	}
+	en.publish(t, g.attr(events.AttrSet, alice.UserID, "", "a"))
+	if err := within(t, done); !errors.Is(err, projector.ErrStaleRead) {
+		t.Fatalf("the run ended with %v, want ErrStaleRead", err)
+	}
+	lm, err := st.GetLastMsgForSubject(ctx, events.KVSubject(en.store.Bucket, key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lm.Header.Get(jetstream.MarkerReasonHeader) == "" {
+		t.Fatalf("a record folded on the old state was written over the expiry: %q", lm.Data)
+	}
+}

@@ -59,6 +59,10 @@ type pendingWrite struct {
 	key string
 	rec any
 	fut jetstream.PubAckFuture
+	// prior is the key's entry as the view read it before this chunk changed it (nil:
+	// absent); priorKnown is false for a bulk effect's rewrite, which keeps none.
+	prior      *entry
+	priorKnown bool
 }
 
 // sendIntent publishes a chunk's intent record, with compare-and-set on the record's
@@ -91,7 +95,8 @@ func (p *Projector) sendWrites(ctx context.Context, items []item, decisions []ev
 	for _, k := range p.view.dirty {
 		e := p.view.entries[k]
 		f, err := p.writeRecord(k, e.rec, e.rev, now)
-		if err := enqueue(pendingWrite{k, e.rec, f}, err); err != nil {
+		prior, known := p.view.flying[k]
+		if err := enqueue(pendingWrite{key: k, rec: e.rec, fut: f, prior: prior, priorKnown: known}, err); err != nil {
 			return nil, err
 		}
 	}
@@ -114,7 +119,7 @@ func (p *Projector) settle(ctx context.Context, writes []pendingWrite, now int64
 	for _, w := range writes {
 		ack, err := p.wait(ctx, w.fut)
 		if err != nil && w.key != "" && isConflict(err) {
-			ack, err = p.rewrite(ctx, w.key, w.rec, now)
+			ack, err = p.rewrite(ctx, w, now)
 		}
 		if err != nil {
 			return fmt.Errorf("write %s: %w", w.key, err)
@@ -255,15 +260,29 @@ const deleteMarkerTTL = 10 * time.Minute
 // conflict, not a duplicate), written on top of it. Anything else is a second writer:
 // stop. (rec is the record of the chunk the write belongs to: the view may hold a later
 // chunk's state of the key already.)
-func (p *Projector) rewrite(ctx context.Context, key string, rec any, now int64) (*jetstream.PubAck, error) {
+//
+// The server's expiry explains the conflict only if the record the write replaces has
+// expired by now: a key that shows an expiry marker (or nothing) while that record
+// would still live was read, for the fold, from a server that was behind — a stream
+// leader cut off by a network partition and back, which goes on answering reads as the
+// leader until it hears of the new one (issue 17). Writing on top would land a record
+// folded from an old state: stop instead (ErrStaleRead), and the next run reads again.
+func (p *Projector) rewrite(ctx context.Context, w pendingWrite, now int64) (*jetstream.PubAck, error) {
+	key, rec := w.key, w.rec
 	e := p.view.entries[key]
 	m, err := p.load.stream.GetLastMsgForSubject(ctx, events.KVSubject(p.cfg.Bucket, key))
 	switch {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
+		if err := p.expiredPrior(w, now); err != nil {
+			return nil, err
+		}
 		e.rev = 0
 	case err != nil:
 		return nil, err
 	case isMarker(m.Header) && m.Header.Get(jetstream.MarkerReasonHeader) != "":
+		if err := p.expiredPrior(w, now); err != nil {
+			return nil, err
+		}
 		if rec == nil {
 			return &jetstream.PubAck{Sequence: m.Sequence}, nil // expired: already gone
 		}
@@ -280,6 +299,27 @@ func (p *Projector) rewrite(ctx context.Context, key string, rec any, now int64)
 		return nil, err
 	}
 	return p.wait(ctx, f)
+}
+
+// ErrStaleRead says a key write's compare-and-set failed in a way only a fold on an
+// old state of the key explains: the run stops, and the next one reads again.
+var ErrStaleRead = errors.New("the fold read a key from a server that was behind")
+
+// expiredPrior checks that the record w replaces, if any, has expired by now (or is
+// about to: the server keeps whole seconds), as an expiry marker or a key gone says.
+func (p *Projector) expiredPrior(w pendingWrite, now int64) error {
+	if !w.priorKnown {
+		return nil // a bulk effect's rewrite keeps no prior state
+	}
+	if w.prior == nil || w.prior.rec == nil {
+		// Absent when folded: a marker of the server's since (its delete markers
+		// expire into expiry markers) leaves it absent.
+		return nil
+	}
+	if ttl, live := p.ttl(w.key, w.prior.rec, now); live && (ttl == 0 || ttl > time.Second) {
+		return fmt.Errorf("%w: key %s shows an expiry while the record folded on (%s) lives on", ErrStaleRead, w.key, describeRecord(w.prior.rec))
+	}
+	return nil
 }
 
 // describeStored and describeRecord name a record by the event that wrote it (evidence

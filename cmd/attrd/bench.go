@@ -49,6 +49,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the measurements to this file (with --ops, of those alone)")
 	only := fs.String("ops", "", "comma-separated operations to run (default all): put, update, get-raw, get, many10, many100, echo")
 	dedup := fs.Duration("dedup-window", 2*time.Minute, "the server's de-duplication window (how long request ids are remembered)")
+	metricsOn := fs.Bool("metrics", true, "keep attrd's Prometheus metrics on (false measures what they cost)")
 	child := fs.Bool("child", false, "measure as a client over TCP: start `attrd serve` as a child process on a temp dir")
 	tools := addToolFlags(fs, false)
 	adminUser := fs.String("admin-user", env("ATTRD_ADMIN_USERNAME", "admin"), "with --nats-url: the super-user the benchmark logs in as; its password from ATTRD_ADMIN_PASSWORD (ATTRD_ADMIN_USERNAME)")
@@ -82,7 +83,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	case external:
 		b, err = newExternalBenchEnv(ctx, tools, *adminUser, os.Getenv("ATTRD_ADMIN_PASSWORD"), slices.Max(levels)*100)
 	default:
-		b, err = newBenchEnv(ctx, slices.Max(levels)*100, *dedup)
+		b, err = newBenchEnv(ctx, slices.Max(levels)*100, *dedup, !*metricsOn)
 	}
 	if err != nil {
 		return err
@@ -263,7 +264,7 @@ func (b *benchEnv) stats() (batches, events uint64) {
 }
 
 // newBenchEnv runs attrd in this process, on an embedded server in a temp dir.
-func newBenchEnv(ctx context.Context, keys int, dedup time.Duration) (*benchEnv, error) {
+func newBenchEnv(ctx context.Context, keys int, dedup time.Duration, noMetrics bool) (*benchEnv, error) {
 	b := &benchEnv{where: "attrd and the raw operations in this process"}
 	var err error
 	if b.dir, err = os.MkdirTemp("", "attrd-bench-"); err != nil {
@@ -278,7 +279,7 @@ func newBenchEnv(ctx context.Context, keys int, dedup time.Duration) (*benchEnv,
 	if b.srv, err = Start(ctx, Config{DataDir: b.dir, HTTPAddr: "127.0.0.1:0", NATSAddr: "127.0.0.1:0", AdminUsername: "admin",
 		AdminPassword: "bench", Password: api.PasswordParams{Time: 1, MemoryK: 64, Threads: 1},
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Limits: api.Limits{MaxAttrsPerUser: -1}, DedupWindow: dedup}); err != nil { // update_many needs 100 names a writer
+		Limits: api.Limits{MaxAttrsPerUser: -1}, DedupWindow: dedup, NoMetrics: noMetrics}); err != nil { // update_many needs 100 names a writer
 		return nil, err
 	}
 	b.dial = func(name string) (*nats.Conn, error) { return b.srv.InternalConn(name) }

@@ -21,7 +21,7 @@ import (
 // published async and every ack awaited, as the projector writes them now, against the
 // same n keys as one fast batch, at each concurrency, in alternating rounds.
 func benchBatch(ctx context.Context, n int, levels []int, dur time.Duration, stdout *os.File) error {
-	b, err := newBenchEnv(ctx, 1, 2*time.Minute)
+	b, err := newBenchEnv(ctx, 1, 2*time.Minute, false)
 	if err != nil {
 		return err
 	}

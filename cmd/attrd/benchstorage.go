@@ -21,7 +21,7 @@ import (
 // stream per live key, the event log's bytes per event, and the heap of this process
 // (the embedded server's included) after each, once the server's block caches expired.
 func benchStorage(ctx context.Context, n int, stdout *os.File) error {
-	b, err := newBenchEnv(ctx, 1, 2*time.Minute)
+	b, err := newBenchEnv(ctx, 1, 2*time.Minute, false)
 	if err != nil {
 		return err
 	}

@@ -68,6 +68,8 @@ type Config struct {
 	// MetricsAddr, if set, serves /metrics on its own listener (host:port) instead of
 	// the HTTP port's.
 	MetricsAddr string
+	// NoMetrics turns the metrics off (benchmarks measure what they cost).
+	NoMetrics bool
 	// NATSConnectTimeout is how long Start waits for an external NATS and its
 	// JetStream (default 3m).
 	NATSConnectTimeout time.Duration
@@ -274,9 +276,14 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if err := s.ensureStore(ctx, js, store); err != nil {
 		return nil, err
 	}
-	s.metrics = newRegistry(js, store.Bucket)
+	var reg prometheus.Registerer // nil: no metrics
+	var pm *projector.Metrics
+	if !cfg.NoMetrics {
+		s.metrics = newRegistry(js, store.Bucket)
+		reg, pm = s.metrics, projector.NewMetrics(s.metrics)
+	}
 	pcfg := projector.Config{Bucket: store.Bucket, Opener: opener(keys), Replies: true,
-		Logger: log, Hooks: cfg.ProjectorHooks, OnDecision: cfg.OnDecision, Metrics: projector.NewMetrics(s.metrics)}
+		Logger: log, Hooks: cfg.ProjectorHooks, OnDecision: cfg.OnDecision, Metrics: pm}
 	pctx, cancel := context.WithCancel(context.Background())
 	s.prjCancel = cancel
 	s.instance = instanceName()
@@ -312,7 +319,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
 		SessionMaxLifetime: cfg.SessionMaxLifetime, PasswordConcurrency: cfg.PasswordConcurrency, LoginsPerAddress: cfg.LoginsPerAddress, HistoryTimeout: cfg.HistoryTimeout,
 		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log, Limits: cfg.Limits,
-		History: projector.NewLog(histJS, opener(keys)), Local: s.parts, Metrics: s.metrics}); err != nil {
+		History: projector.NewLog(histJS, opener(keys)), Local: s.parts, Metrics: reg}); err != nil {
 		return nil, err
 	}
 	if s.natsAPI, err = natsapi.Start(s.apiConn, s.svc, log); err != nil {
@@ -414,7 +421,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET /livez", serveLive)
 	mux.HandleFunc("GET /readyz", s.ready.serveReady)
 	mux.HandleFunc("GET /healthz", s.ready.serveReady) // the older name of /readyz
-	if s.cfg.MetricsAddr == "" {
+	if s.cfg.MetricsAddr == "" && s.metrics != nil {
 		mux.Handle("GET /metrics", metricsHandler(s.metrics))
 	}
 	return mux
@@ -422,7 +429,7 @@ func (s *Server) routes() http.Handler {
 
 // serveMetrics serves /metrics on its own listener when Config.MetricsAddr names one.
 func (s *Server) serveMetrics() error {
-	if s.cfg.MetricsAddr == "" {
+	if s.cfg.MetricsAddr == "" || s.metrics == nil {
 		return nil
 	}
 	ln, err := net.Listen("tcp", s.cfg.MetricsAddr)
