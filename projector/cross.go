@@ -210,9 +210,15 @@ func (p *Projector) waitCommitted(ctx context.Context, q int, seq uint64) error 
 
 // askApplied asks partition q's projector how far it has committed.
 func (p *Projector) askApplied(ctx context.Context, q int) (uint64, error) {
+	return AskApplied(ctx, p.nc, p.cfg.Bucket, q)
+}
+
+// AskApplied asks the projector folding partition q of bucket how far it has
+// committed (within a second; nats.ErrNoResponders when no projector folds it).
+func AskApplied(ctx context.Context, nc *nats.Conn, bucket string, q int) (uint64, error) {
 	rctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
-	m, err := p.nc.RequestWithContext(rctx, appliedSubject(p.cfg.Bucket, events.PartitionName(q)), nil)
+	m, err := nc.RequestWithContext(rctx, appliedSubject(bucket, events.PartitionName(q)), nil)
 	if err != nil {
 		return 0, err
 	}

@@ -185,8 +185,9 @@ func (l *opLog) add(client int, in attrOp, out attrOut) {
 
 // check fails the test unless the run is linearizable, printing the smallest failing
 // prefix (by the time operations were sent) of the first key that fails, and writing
-// porcupine's visualization of it to a file.
-func (l *opLog) check(t *testing.T) {
+// porcupine's visualization of it to a file; it reports whether the run was
+// linearizable.
+func (l *opLog) check(t *testing.T) bool {
 	t.Helper()
 	l.mu.Lock()
 	ops := slices.Clone(l.ops)
@@ -196,7 +197,7 @@ func (l *opLog) check(t *testing.T) {
 	switch res {
 	case porcupine.Ok:
 		t.Logf("linearizable: %d operations on %d keys", len(ops), len(attrModel.Partition(ops)))
-		return
+		return true
 	case porcupine.Unknown:
 		t.Fatalf("the linearizability check of %d operations did not finish in time", len(ops))
 	}
@@ -231,10 +232,12 @@ func (l *opLog) check(t *testing.T) {
 			f.Close()
 			b.WriteString("\n  visualization: " + f.Name())
 		}
-		t.Fatalf("not linearizable: the smallest failing history of %s (%d of its %d operations):%s",
+		t.Errorf("not linearizable: the smallest failing history of %s (%d of its %d operations):%s",
 			failing[0].Input.(attrOp).Key, len(failing), len(keyOps), b.String())
+		return false
 	}
-	t.Fatal("not linearizable, but no key alone fails")
+	t.Error("not linearizable, but no key alone fails")
+	return false
 }
 
 // TestTheCheckerAcceptsLinearizableHistoriesAndCatchesAStaleRead: the model itself,

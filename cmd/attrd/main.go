@@ -42,6 +42,7 @@ const usage = `usage:
                                             rebuild the projection from the log into fresh
                                             buckets, or compare a rebuild with the live one
   attrd probe URL                           exit 0 if URL answers 200 (container health checks)
+  attrd status [--json]                     is the deployment healthy, and why (exit 1 if not)
   attrd bench [--duration D] [--conc 1,16,64,256]
                                             raw KV puts vs attrd updates, in one process
 Run "attrd <command> -h" for a command's flags.
@@ -66,6 +67,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr *os
 		err = historyCmd(ctx, args[1:], stdout, stderr)
 	case "probe":
 		err = probeCmd(ctx, args[1:], stdout)
+	case "status":
+		err = statusCmd(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -594,8 +594,8 @@ func (r *netRun) verify(t *testing.T) {
 	if n := r.load.errored.Load(); n != 0 {
 		t.Errorf("%d answers of 500", n)
 	}
-	r.load.ops.check(t)
-	if !replayEqualsLive(t, r.insts[0]) {
+	linear := r.load.ops.check(t)
+	if equal := replayEqualsLive(t, r.insts[0]); !linear || !equal {
 		// Which node holds what: each instance's view of the bucket, and the
 		// instances' logs of note since the load began.
 		for i, inst := range r.insts {

@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -62,6 +63,16 @@ func NewKeyring(primary string, keys map[string][]byte) (*Keyring, error) {
 
 // Primary returns the id of the key that seals new values.
 func (r *Keyring) Primary() string { return r.primary }
+
+// IDs returns the ids of every key of the ring, sorted.
+func (r *Keyring) IDs() []string {
+	ids := make([]string, 0, len(r.keys))
+	for id := range r.keys {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
+}
 
 // AAD is the additional data of a value: owner user, session ("" for a user attribute)
 // and attribute name.
