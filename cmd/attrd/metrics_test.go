@@ -2,6 +2,8 @@ package main
 
 import (
 	"net/http"
+	"os"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -157,5 +159,36 @@ func TestMetricsCanHaveTheirOwnListener(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode == 200 && resp.Header.Get("Content-Type") != "application/json" {
 		t.Fatalf("the HTTP port serves metrics too (%s)", resp.Header.Get("Content-Type"))
+	}
+}
+
+// TestTheShippedDashboardAndRulesUseDocumentedMetrics: every attrd metric the Grafana
+// dashboard and the alerting rules query is one attrd exports (a renamed metric would
+// leave a panel empty and an alert silent).
+func TestTheShippedDashboardAndRulesUseDocumentedMetrics(t *testing.T) {
+	known := map[string]bool{}
+	for _, m := range documentedMetrics {
+		known[m] = true
+	}
+	name := regexp.MustCompile(`attrd_[a-z_]+`)
+	for _, path := range []string{"../../deploy/grafana/attrd-dashboard.json", "../../deploy/prometheus/attrd-rules.yml"} {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		used := 0
+		for _, m := range name.FindAllString(string(data), -1) {
+			if strings.HasPrefix(m, "attrd_rules") {
+				continue
+			}
+			base := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(m, "_bucket"), "_count"), "_sum")
+			if !known[base] {
+				t.Errorf("%s queries %s, which attrd does not export", path, m)
+			}
+			used++
+		}
+		if used == 0 {
+			t.Errorf("%s queries no attrd metric", path)
+		}
 	}
 }
