@@ -105,6 +105,11 @@ type LeaseRecord struct {
 type PresenceRecord struct {
 	Instance string `msgpack:"i"`
 	Joined   int64  `msgpack:"j"` // Unix ns of the instance's start
+	// Unsettled says the instance has not yet renewed its presence and read it back
+	// without a failure for a while (it has just started, or its NATS node was cut off
+	// and is catching up): no partition is assigned to it meanwhile. Records of older
+	// versions lack it: settled.
+	Unsettled bool `msgpack:"u,omitempty"`
 }
 
 // RecordingRecord says from which stream sequence on the projector records decisions:

@@ -175,20 +175,41 @@ func (s *Partitions) Run(ctx context.Context) error {
 }
 
 // announce writes this instance's presence key every TTL/3 (with a TTL, so that it
-// goes when the instance dies).
+// goes when the instance dies), and reads it back from the bucket's leader. The record
+// says Unsettled until renewals and reads have both succeeded for settleFor without a
+// failure: a node back from a network cut takes renewals (they reach the leader through
+// the healed routes) seconds before it answers reads (its groups catch up, or elect
+// again), and a partition handed to its instance then would stop there (issue 21).
 func (s *Partitions) announce(ctx context.Context) {
-	subject := events.KVSubject(s.cfg.Projector.Bucket, events.PresenceKey(s.cfg.Instance))
-	data, err := events.Marshal(&events.PresenceRecord{Instance: s.cfg.Instance, Joined: time.Now().UnixNano()})
-	if err != nil {
-		panic(err) // a plain struct
-	}
+	key := events.PresenceKey(s.cfg.Instance)
+	subject := events.KVSubject(s.cfg.Projector.Bucket, key)
+	rec := events.PresenceRecord{Instance: s.cfg.Instance, Joined: time.Now().UnixNano(), Unsettled: true}
+	var steadySince time.Time
 	t := time.NewTicker(s.cfg.LeaseTTL / 3)
 	defer t.Stop()
 	for {
-		// Nats-TTL: the server removes the key of an instance that stops renewing it.
-		if _, err := s.js.PublishMsg(ctx, &nats.Msg{Subject: subject, Data: data}, jetstream.WithMsgTTL(s.cfg.LeaseTTL)); err != nil && ctx.Err() == nil {
-			s.log.Warn("presence not renewed", "err", err)
+		data, err := events.Marshal(&rec)
+		if err != nil {
+			panic(err) // a plain struct
 		}
+		rctx, cancel := context.WithTimeout(ctx, s.cfg.LeaseTTL/3)
+		// Nats-TTL: the server removes the key of an instance that stops renewing it.
+		ack, err := s.js.PublishMsg(rctx, &nats.Msg{Subject: subject, Data: data}, jetstream.WithMsgTTL(s.cfg.LeaseTTL))
+		if err == nil {
+			var e jetstream.KeyValueEntry
+			if e, err = s.kv.Get(rctx, key); err == nil && e.Revision() < ack.Sequence {
+				err = fmt.Errorf("read back revision %d, wrote %d", e.Revision(), ack.Sequence)
+			}
+		}
+		cancel()
+		switch {
+		case err != nil && ctx.Err() == nil:
+			s.log.Warn("presence not renewed", "err", err)
+			steadySince = time.Time{}
+		case err == nil && steadySince.IsZero():
+			steadySince = time.Now()
+		}
+		rec.Unsettled = steadySince.IsZero() || time.Since(steadySince) < s.settleFor()
 		select {
 		case <-ctx.Done():
 			return
@@ -196,6 +217,10 @@ func (s *Partitions) announce(ctx context.Context) {
 		}
 	}
 }
+
+// settleFor is how long an instance renews and reads its presence without a failure
+// before partitions are assigned to it.
+func (s *Partitions) settleFor() time.Duration { return s.cfg.LeaseTTL }
 
 // watchPresence keeps the list of instances present, oldest first.
 func (s *Partitions) watchPresence(ctx context.Context, w jetstream.KeyWatcher) {
@@ -229,9 +254,18 @@ func (s *Partitions) watchPresence(ctx context.Context, w jetstream.KeyWatcher) 
 				}
 				return cmp.Compare(a.Instance, b.Instance)
 			})
-			names := make([]string, len(recs))
-			for i, r := range recs {
-				names[i] = r.Instance
+			// Partitions go to settled instances; to every instance present while none
+			// is settled (the first to start, or all at once).
+			names := make([]string, 0, len(recs))
+			for _, r := range recs {
+				if !r.Unsettled {
+					names = append(names, r.Instance)
+				}
+			}
+			if len(names) == 0 {
+				for _, r := range recs {
+					names = append(names, r.Instance)
+				}
 			}
 			s.mu.Lock()
 			s.present = names

@@ -148,13 +148,17 @@ func (c *netCluster) eachServerLine(i int, from, to time.Time, f func(string)) {
 	}
 }
 
-// metaReelected reports whether a node's server logged in [from, to] that its meta
-// group's leader stepped down for another with a higher term.
-func (c *netCluster) metaReelected(from, to time.Time) bool {
+// electedAgain reports whether a node other than healed logged in [from, to] that a
+// Raft group's leader (the meta group's or a stream's) stepped down for another with a
+// higher term: the healed node, back with the terms it raised while cut off, deposed it.
+func (c *netCluster) electedAgain(healed int, from, to time.Time) bool {
 	for i := range 3 {
+		if i == healed {
+			continue
+		}
 		found := false
 		c.eachServerLine(i, from, to, func(line string) {
-			found = found || strings.Contains(line, "_meta_] Detected another leader with higher term")
+			found = found || strings.Contains(line, "Detected another leader with higher term")
 		})
 		if found {
 			return true

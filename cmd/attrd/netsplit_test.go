@@ -612,7 +612,7 @@ func (r *netRun) verify(t *testing.T) {
 	}
 }
 
-// healSlow bounds how soon the healed node writes again when the heal caused a meta
+// healSlow bounds how soon the healed node writes again when the heal caused an
 // election: nats-server's longest election timeout (9 s), a catch-up, and room.
 const healSlow = 12 * time.Second
 
@@ -650,17 +650,19 @@ func (r *netRun) reportCut(t *testing.T, name string, cut int, cutAt, healAt tim
 		if !after.IsZero() {
 			back = after.Sub(healAt).Round(time.Millisecond).String()
 		}
-		t.Logf("%s: node %d (%s): longest write outage during the cut %s; first write after the heal %s", name, i, side,
-			during.Round(time.Millisecond), back)
+		t.Logf("%s: node %d (%s): longest write outage during the cut %s; first write after the heal %s; longest outage in the %s after it %s",
+			name, i, side, during.Round(time.Millisecond), back, time.Since(healAt).Round(time.Second),
+			r.load.outage(i, healAt, time.Now()).Round(time.Millisecond))
 		if i != cut && during > 10*time.Second {
 			t.Errorf("%s: writes through node %d (majority side) stopped for %s during the cut, bound 10 s", name, i, during.Round(time.Millisecond))
 		}
 		if i == cut && !after.IsZero() && after.Sub(healAt) > 5*time.Second && after.Sub(healAt) <= healSlow && os.Getenv("ATTRD_NETSPLIT_STRICT") == "" &&
-			r.c.metaReelected(healAt, healAt.Add(6*time.Second)) {
-			// The healed node made the meta group elect again (nats-server 2.15: a node
-			// back from a cut can depose the meta leader; every server then answers a
-			// stream's reads 503 until the election ends, up to its 9 s timeout).
-			t.Logf("%s: node %d wrote again %s after the heal: later than issue 21's 5 s, after a meta election the heal caused (bound %s)",
+			r.c.electedAgain(cut, healAt, healAt.Add(6*time.Second)) {
+			// The healed node made a Raft group elect again (nats-server 2.15: a node
+			// back from a cut can depose the meta group's or a stream's leader with the
+			// terms it raised while cut off; the group then has no leader until the
+			// election ends, up to its 9 s timeout).
+			t.Logf("%s: node %d wrote again %s after the heal: later than issue 21's 5 s, after an election the heal caused (bound %s)",
 				name, i, after.Sub(healAt).Round(time.Millisecond), healSlow)
 			continue
 		}
