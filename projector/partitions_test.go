@@ -5,9 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/attrd/attrd/deploy/embedded"
 	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/projector"
@@ -19,25 +16,10 @@ import (
 // partition handed to it then stopped there), and then takes its share by handover.
 func TestAnInstanceTakesPartitionsOnlyOnceSettled(t *testing.T) {
 	const n = 4
-	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, _ := jetstream.New(nc)
-	ctx := context.Background()
 	store := events.DefaultStoreConfig()
 	store.Partitions = n
-	_, kv, err := events.EnsureStore(ctx, js, store)
-	if err != nil {
-		t.Fatal(err)
-	}
-	en := &env{nc: nc, js: js, kv: kv, store: store}
+	en := mustEnvStore(t, embedded.Options{}, store)
+	ctx := context.Background()
 	start := func(name string) *projector.Partitions {
 		p, err := projector.NewPartitions(ctx, en.nc, projector.PartitionsConfig{Instance: name, LeaseTTL: time.Second, Logger: quiet,
 			Projector: projector.Config{Bucket: store.Bucket, Logger: quiet}})

@@ -32,6 +32,12 @@ func mustEnv(t *testing.T) *env { return mustEnvWith(t, embedded.Options{}) }
 
 func mustEnvWith(t *testing.T, o embedded.Options) *env {
 	t.Helper()
+	return mustEnvStore(t, o, events.DefaultStoreConfig())
+}
+
+// mustEnvStore starts an embedded server with o and creates store's stream and bucket.
+func mustEnvStore(t *testing.T, o embedded.Options, store events.StoreConfig) *env {
+	t.Helper()
 	o.DataDir = t.TempDir()
 	ns, err := embedded.Start(o)
 	if err != nil {
@@ -44,7 +50,6 @@ func mustEnvWith(t *testing.T, o embedded.Options) *env {
 	}
 	t.Cleanup(nc.Close)
 	js, _ := jetstream.New(nc)
-	store := events.DefaultStoreConfig()
 	_, kv, err := events.EnsureStore(context.Background(), js, store)
 	if err != nil {
 		t.Fatal(err)
