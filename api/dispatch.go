@@ -106,11 +106,13 @@ func (s *Service) Handle(ctx context.Context, op Op, req *Request, m Meta) (rep 
 		m.CID = events.NewID()
 	}
 	start := time.Now()
+	ctx, span := startRequest(ctx, op, m.Transport)
 	defer func() {
 		if p := recover(); p != nil {
 			s.log.Error("request panicked", "cid", m.CID, "op", op, "panic", fmt.Sprint(p))
 			rep = ErrorReply(m.CID, fmt.Errorf("panic: %v", p))
 		}
+		endRequest(span, rep)
 		s.metrics.answered(op, m.Transport, rep, time.Since(start))
 		switch {
 		case rep.Code == events.CodeInvalidInput:

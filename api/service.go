@@ -347,6 +347,9 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 	msg.Header.Set(events.HeaderType, string(ev.Type))
 	msg.Header.Set(events.HeaderVersion, fmt.Sprint(events.SchemaVersion))
 	msg.Header.Set(events.HeaderReply, s.inbox)
+	// The event carries the request's trace context: the fold that decides it, on
+	// whichever instance holds the partition, continues the trace.
+	InjectTrace(ctx, NATSHeader(msg.Header))
 
 	ch := make(chan events.Decision, 1)
 	s.mu.Lock()

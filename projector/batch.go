@@ -8,6 +8,7 @@ import (
 
 	"github.com/attrd/attrd/events"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // item is one event of a batch.
@@ -17,6 +18,7 @@ type item struct {
 	ev    *events.Event
 	reply string
 	bad   error
+	span  trace.Span // the fold's span, when the event carries a trace (tracing.go)
 }
 
 // process folds one batch: decode, load, fold, write intent and keys, reply, ack.
@@ -55,6 +57,7 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) (err err
 		if it.bad == nil {
 			k, pr := Keys(it.ev)
 			keys, prefixes = append(keys, k...), append(prefixes, pr...)
+			it.span = p.startFold(m, it.seq, it.ev)
 		}
 		items = append(items, it)
 	}
@@ -233,6 +236,7 @@ func (p *Projector) cross(it item) bool {
 // reply hands the decisions to their observers and to the waiting attrd instances: one
 // message per instance per batch, whatever the batch's size.
 func (p *Projector) reply(items []item, decisions []events.Decision) {
+	endFolds(items, decisions)
 	byInbox := map[string][]events.Decision{}
 	for i, it := range items {
 		if p.cfg.OnDecision != nil {

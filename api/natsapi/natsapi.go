@@ -147,7 +147,9 @@ func (s *Server) handle(op api.Op, r micro.Request) {
 	if err != nil {
 		rep = s.api.Refuse(op, m, err, "")
 	} else {
-		rep = s.api.Handle(s.ctx, op, req, m)
+		// A caller's W3C traceparent, in the request's headers, continues its trace.
+		ctx := api.ExtractTrace(s.ctx, api.NATSHeader(r.Headers()))
+		rep = s.api.Handle(ctx, op, req, m)
 	}
 	body, ctype, err := encode(rep.Body, isMsgpack)
 	if err == nil {

@@ -22,6 +22,8 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/propagation"
+
 	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/events"
 )
@@ -242,7 +244,9 @@ func (h *handler) handle(w http.ResponseWriter, r *http.Request, op api.Op, m ap
 		writeReply(w, h.svc.Refuse(op, m, err, ""))
 		return
 	}
-	writeReplyChecked(w, h.svc.Handle(r.Context(), op, req, m), h.svc.CheckReplySize)
+	// A caller's W3C traceparent header continues its trace.
+	ctx := api.ExtractTrace(r.Context(), propagation.HeaderCarrier(r.Header))
+	writeReplyChecked(w, h.svc.Handle(ctx, op, req, m), h.svc.CheckReplySize)
 }
 
 // readBody reads at most limit bytes; a larger body is refused without being read

@@ -204,6 +204,15 @@ func serve(ctx context.Context, args []string, stderr *os.File) error {
 	cfg.AdminUsername = os.Getenv("ATTRD_ADMIN_USERNAME")
 	cfg.AdminPassword = os.Getenv("ATTRD_ADMIN_PASSWORD")
 	cfg.Stderr = stderr
+	stopTracing, err := setupTracing(ctx)
+	if err != nil {
+		return fmt.Errorf("tracing: %w", err)
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = stopTracing(sctx) // flush the spans of the last requests
+	}()
 	srv, err := Start(ctx, cfg)
 	if err != nil {
 		return err
