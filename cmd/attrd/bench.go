@@ -50,6 +50,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	only := fs.String("ops", "", "comma-separated operations to run (default all): put, update, get-raw, get, many10, many100, echo")
 	dedup := fs.Duration("dedup-window", 2*time.Minute, "the server's de-duplication window (how long request ids are remembered)")
 	metricsOn := fs.Bool("metrics", true, "keep attrd's Prometheus metrics on (false measures what they cost)")
+	traceRatio := fs.Float64("trace-ratio", 0, "trace this fraction of requests (spans made and dropped: measures what tracing costs; 0: off)")
 	child := fs.Bool("child", false, "measure as a client over TCP: start `attrd serve` as a child process on a temp dir")
 	tools := addToolFlags(fs, false)
 	adminUser := fs.String("admin-user", env("ATTRD_ADMIN_USERNAME", "admin"), "with --nats-url: the super-user the benchmark logs in as; its password from ATTRD_ADMIN_PASSWORD (ATTRD_ADMIN_USERNAME)")
@@ -83,6 +84,10 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	case external:
 		b, err = newExternalBenchEnv(ctx, tools, *adminUser, os.Getenv("ATTRD_ADMIN_PASSWORD"), slices.Max(levels)*100)
 	default:
+		if *traceRatio > 0 {
+			stop := benchTracing(*traceRatio)
+			defer stop()
+		}
 		b, err = newBenchEnv(ctx, slices.Max(levels)*100, *dedup, !*metricsOn)
 	}
 	if err != nil {

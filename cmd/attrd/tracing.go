@@ -56,3 +56,20 @@ func tracingWanted() bool {
 		return false // "none", or an exporter attrd does not ship
 	}
 }
+
+// benchTracing sets a tracer provider that samples ratio of the new traces and drops
+// the spans it ends (attrd bench --trace-ratio): what tracing costs the process without
+// a collector's cost. The returned function restores no-op tracing.
+func benchTracing(ratio float64) func() {
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSampler(sdktrace.ParentBased(sdktrace.TraceIDRatioBased(ratio))),
+		sdktrace.WithBatcher(discardSpans{}))
+	otel.SetTracerProvider(tp)
+	otel.SetTextMapPropagator(propagation.TraceContext{})
+	return func() { _ = tp.Shutdown(context.Background()) }
+}
+
+// discardSpans is a span exporter that drops what it is given.
+type discardSpans struct{}
+
+func (discardSpans) ExportSpans(context.Context, []sdktrace.ReadOnlySpan) error { return nil }
+func (discardSpans) Shutdown(context.Context) error                             { return nil }
