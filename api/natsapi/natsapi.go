@@ -69,6 +69,25 @@ func Subject(op api.Op) string { return SubjectPrefix + "." + string(op) }
 // Start registers the service on nc. Requests are handled concurrently (micro calls a
 // handler one request at a time per endpoint), at most the API's MaxInFlight at once.
 func Start(nc *nats.Conn, a *api.Service, log *slog.Logger) (*Server, error) {
+	return StartWith(nc, a, log, Instance{})
+}
+
+// Instance is what service discovery says of this instance beyond micro's own: its
+// name, and whether it is ready (as /readyz says), in each endpoint's STATS data.
+type Instance struct {
+	Name  string
+	Ready func() (ready bool, reason string)
+}
+
+// InstanceStats is the data of each endpoint in a STATS answer ($SRV.STATS.attrd).
+type InstanceStats struct {
+	Instance string `json:"instance,omitempty"`
+	Ready    bool   `json:"ready"`
+	Reason   string `json:"reason,omitempty"`
+}
+
+// StartWith is Start with what discovery says of the instance.
+func StartWith(nc *nats.Conn, a *api.Service, log *slog.Logger, in Instance) (*Server, error) {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -76,6 +95,13 @@ func Start(nc *nats.Conn, a *api.Service, log *slog.Logger) (*Server, error) {
 		Name:        "attrd",
 		Version:     Version,
 		Description: "user and session attributes",
+		StatsHandler: func(*micro.Endpoint) any {
+			st := InstanceStats{Instance: in.Name, Ready: true}
+			if in.Ready != nil {
+				st.Ready, st.Reason = in.Ready()
+			}
+			return st
+		},
 	})
 	if err != nil {
 		return nil, err

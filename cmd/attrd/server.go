@@ -322,7 +322,13 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 		History: projector.NewLog(histJS, opener(keys)), Local: s.parts, Metrics: reg}); err != nil {
 		return nil, err
 	}
-	if s.natsAPI, err = natsapi.Start(s.apiConn, s.svc, log); err != nil {
+	ready := func() (bool, string) {
+		if s.ready == nil {
+			return false, "starting"
+		}
+		return s.ready.status()
+	}
+	if s.natsAPI, err = natsapi.StartWith(s.apiConn, s.svc, log, natsapi.Instance{Name: s.instance, Ready: ready}); err != nil {
 		return nil, err
 	}
 	if err := s.bootstrap(ctx, log); err != nil {

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/attrd/attrd/api/natsapi"
 	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/projector"
 )
@@ -30,8 +31,11 @@ type status struct {
 }
 
 type statusInstance struct {
-	ID      string `json:"id"` // micro's service instance id
-	Version string `json:"version"`
+	ID       string `json:"id"`       // micro's service instance id
+	Instance string `json:"instance"` // the name it holds leases by
+	Version  string `json:"version"`
+	Ready    bool   `json:"ready"`
+	Reason   string `json:"reason,omitempty"` // why it is not ready
 }
 
 type statusPartition struct {
@@ -165,11 +169,17 @@ func readStatus(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, wait
 	if len(st.Instances) == 0 {
 		st.Problems = append(st.Problems, "no attrd instance answered service discovery")
 	}
+	for _, in := range st.Instances {
+		if !in.Ready {
+			st.Problems = append(st.Problems, fmt.Sprintf("instance %s is not ready: %s", in.Instance, in.Reason))
+		}
+	}
 	st.Healthy = len(st.Problems) == 0
 	return st, nil
 }
 
-// discover collects the answers of attrd's instances to micro's INFO request.
+// discover collects the answers of attrd's instances to micro's STATS request: each
+// says its version, its name and whether it is ready (natsapi.InstanceStats).
 func discover(ctx context.Context, nc *nats.Conn, wait time.Duration) ([]statusInstance, error) {
 	inbox := nc.NewRespInbox()
 	sub, err := nc.SubscribeSync(inbox)
@@ -177,7 +187,7 @@ func discover(ctx context.Context, nc *nats.Conn, wait time.Duration) ([]statusI
 		return nil, err
 	}
 	defer sub.Unsubscribe()
-	if err := nc.PublishRequest("$SRV.INFO.attrd", inbox, nil); err != nil {
+	if err := nc.PublishRequest("$SRV.STATS.attrd", inbox, nil); err != nil {
 		return nil, err
 	}
 	var out []statusInstance
@@ -190,11 +200,18 @@ func discover(ctx context.Context, nc *nats.Conn, wait time.Duration) ([]statusI
 		if err != nil {
 			return nil, err
 		}
-		var info micro.Info
-		if json.Unmarshal(m.Data, &info) != nil {
+		var stats micro.Stats
+		if json.Unmarshal(m.Data, &stats) != nil {
 			continue
 		}
-		out = append(out, statusInstance{ID: info.ID, Version: info.Version})
+		in := statusInstance{ID: stats.ID, Version: stats.Version}
+		if len(stats.Endpoints) > 0 {
+			var d natsapi.InstanceStats
+			if json.Unmarshal(stats.Endpoints[0].Data, &d) == nil {
+				in.Instance, in.Ready, in.Reason = d.Instance, d.Ready, d.Reason
+			}
+		}
+		out = append(out, in)
 	}
 	slices.SortFunc(out, func(a, b statusInstance) int { return strings.Compare(a.ID, b.ID) })
 	return out, nil
@@ -212,7 +229,11 @@ func printStatus(w io.Writer, st *status) {
 	}
 	fmt.Fprintf(w, "\ninstances (service discovery): %d\n", len(st.Instances))
 	for _, in := range st.Instances {
-		fmt.Fprintf(w, "  %s  version %s\n", in.ID, in.Version)
+		ready := "ready"
+		if !in.Ready {
+			ready = "NOT READY: " + in.Reason
+		}
+		fmt.Fprintf(w, "  %s (%s)  version %s  %s\n", in.Instance, in.ID, in.Version, ready)
 	}
 	fmt.Fprintf(w, "\npartitions: %d\n", len(st.Partitions))
 	for _, p := range st.Partitions {

@@ -9,7 +9,7 @@ import (
 )
 
 // TestStatusSaysHealthyAndWhy: `attrd status --json` on a running attrd finds the
-// instance by service discovery, its lease on the one partition with what it folded,
+// instance by service discovery, ready and under its name, its lease on the one partition with what it folded,
 // and the streams; the text form says healthy. With the instance gone, status exits 1
 // and names what is wrong.
 func TestStatusSaysHealthyAndWhy(t *testing.T) {
@@ -29,8 +29,8 @@ func TestStatusSaysHealthyAndWhy(t *testing.T) {
 	if !st.Healthy || len(st.Problems) != 0 {
 		t.Fatalf("a running attrd reported unhealthy: %v", st.Problems)
 	}
-	if len(st.Instances) != 1 || st.Instances[0].Version == "" {
-		t.Fatalf("instances %+v, want the one running", st.Instances)
+	if len(st.Instances) != 1 || st.Instances[0].Version == "" || st.Instances[0].Instance != f.srv.instance || !st.Instances[0].Ready {
+		t.Fatalf("instances %+v, want the one running (%s), ready", st.Instances, f.srv.instance)
 	}
 	if len(st.Partitions) != 1 || st.Partitions[0].Holder != f.srv.instance || st.Partitions[0].Applied == 0 {
 		t.Fatalf("partitions %+v, want partition 0 held by %s with events folded", st.Partitions, f.srv.instance)
