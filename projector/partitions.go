@@ -176,15 +176,15 @@ func (s *Partitions) Run(ctx context.Context) error {
 
 // announce writes this instance's presence key every TTL/3 (with a TTL, so that it
 // goes when the instance dies), and reads it back from the bucket's leader. The record
-// says Unsettled until renewals and reads have both succeeded for settleFor without a
-// failure: a node back from a network cut takes renewals (they reach the leader through
+// says Unsettled until renewals and reads have both succeeded for settleFor, at the
+// start and after failures that lasted a lease TTL: a node back from a network cut takes renewals (they reach the leader through
 // the healed routes) seconds before it answers reads (its groups catch up, or elect
 // again), and a partition handed to its instance then would stop there (issue 21).
 func (s *Partitions) announce(ctx context.Context) {
 	key := events.PresenceKey(s.cfg.Instance)
 	subject := events.KVSubject(s.cfg.Projector.Bucket, key)
 	rec := events.PresenceRecord{Instance: s.cfg.Instance, Joined: time.Now().UnixNano(), Unsettled: true}
-	var steadySince time.Time
+	var steadySince, failingSince time.Time
 	t := time.NewTicker(s.cfg.LeaseTTL / 3)
 	defer t.Stop()
 	for {
@@ -205,9 +205,20 @@ func (s *Partitions) announce(ctx context.Context) {
 		switch {
 		case err != nil && ctx.Err() == nil:
 			s.log.Warn("presence not renewed", "err", err)
-			steadySince = time.Time{}
-		case err == nil && steadySince.IsZero():
-			steadySince = time.Now()
+			if failingSince.IsZero() {
+				failingSince = time.Now()
+			}
+			// Failures for a lease TTL (the key has expired meanwhile: the others saw
+			// this instance gone) unsettle it; a slow renewal under load does not, and
+			// its partitions stay.
+			if time.Since(failingSince) >= s.cfg.LeaseTTL {
+				steadySince = time.Time{}
+			}
+		case err == nil:
+			failingSince = time.Time{}
+			if steadySince.IsZero() {
+				steadySince = time.Now()
+			}
 		}
 		rec.Unsettled = steadySince.IsZero() || time.Since(steadySince) < s.settleFor()
 		select {
