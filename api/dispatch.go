@@ -113,13 +113,7 @@ func (s *Service) Handle(ctx context.Context, op Op, req *Request, m Meta) (rep 
 			rep = ErrorReply(m.CID, fmt.Errorf("panic: %v", p))
 		}
 		endRequest(span, rep)
-		s.metrics.answered(op, m.Transport, rep, time.Since(start))
-		switch {
-		case rep.Code == events.CodeInvalidInput:
-			s.metrics.refused(refusedInvalid)
-		case op == OpLogin && rep.Code == events.CodeNotAllowed && rep.RetryAfter > 0:
-			s.metrics.refused(refusedThrottled)
-		}
+		s.metrics.answered(op, m.Transport, rep, time.Since(start), "")
 	}()
 	out, err := s.handle(ctx, op, req, &m)
 	var ad *accessDenied
@@ -152,12 +146,7 @@ func (s *Service) Handle(ctx context.Context, op Op, req *Request, m Meta) (rep 
 // reason in the metrics (RefusedOversize).
 func (s *Service) Refuse(op Op, m Meta, err error, reason string) Reply {
 	rep := ErrorReply(m.CID, err)
-	s.metrics.answered(op, m.Transport, rep, 0)
-	if reason != "" {
-		s.metrics.refused(reason)
-	} else if rep.Code == events.CodeInvalidInput {
-		s.metrics.refused(refusedInvalid)
-	}
+	s.metrics.answered(op, m.Transport, rep, 0, reason)
 	return rep
 }
 

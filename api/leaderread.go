@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strconv"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -27,12 +25,8 @@ import (
 // away, would have answered. Here a member's 503 only counts when no other answer
 // comes within leaderGrace of it.
 type leaderReads struct {
-	nc     *nats.Conn
-	prefix string
-	sub    *nats.Subscription
-	mu     sync.Mutex
-	seq    uint64
-	wait   map[string]chan *nats.Msg
+	nc      *nats.Conn
+	answers *replies
 }
 
 // leaderGrace is how long a read waits for the leader's answer after a member said
@@ -43,32 +37,14 @@ const leaderGrace = 100 * time.Millisecond
 const readTimeout = 5 * time.Second
 
 func newLeaderReads(nc *nats.Conn) (*leaderReads, error) {
-	lr := &leaderReads{nc: nc, prefix: nc.NewInbox(), wait: map[string]chan *nats.Msg{}}
-	sub, err := nc.Subscribe(lr.prefix+".*", lr.onReply)
+	answers, err := newReplies(nc, nil)
 	if err != nil {
 		return nil, err
 	}
-	if err := sub.SetPendingLimits(-1, -1); err != nil {
-		return nil, err
-	}
-	lr.sub = sub
-	return lr, nil
+	return &leaderReads{nc: nc, answers: answers}, nil
 }
 
-func (lr *leaderReads) close() error { return lr.sub.Unsubscribe() }
-
-func (lr *leaderReads) onReply(m *nats.Msg) {
-	token := m.Subject[len(lr.prefix)+1:]
-	lr.mu.Lock()
-	ch := lr.wait[token]
-	lr.mu.Unlock()
-	if ch != nil {
-		select {
-		case ch <- m:
-		default: // more answers than any read waits for
-		}
-	}
-}
+func (lr *leaderReads) close() error { return lr.answers.close() }
 
 // msgGet is the body of a message read: by sequence, the next on a subject from a
 // sequence, or the last on a subject.
@@ -90,18 +66,9 @@ func (lr *leaderReads) get(ctx context.Context, stream string, req msgGet) (*jet
 		ctx, cancel = context.WithTimeout(ctx, readTimeout)
 		defer cancel()
 	}
-	ch := make(chan *nats.Msg, 4)
-	lr.mu.Lock()
-	lr.seq++
-	token := strconv.FormatUint(lr.seq, 36)
-	lr.wait[token] = ch
-	lr.mu.Unlock()
-	defer func() {
-		lr.mu.Lock()
-		delete(lr.wait, token)
-		lr.mu.Unlock()
-	}()
-	if err := lr.nc.PublishRequest("$JS.API.STREAM.MSG.GET."+stream, lr.prefix+"."+token, body); err != nil {
+	ch, reply, forget := lr.answers.await(4) // the leader's, and members' 503s
+	defer forget()
+	if err := lr.nc.PublishRequest("$JS.API.STREAM.MSG.GET."+stream, reply, body); err != nil {
 		return nil, err
 	}
 	var unavailable error

@@ -4,6 +4,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/attrd/attrd/events"
 )
 
 // metrics are the service's Prometheus metrics; a nil *metrics records nothing.
@@ -72,10 +74,21 @@ func newMetrics(reg prometheus.Registerer, s *Service) *metrics {
 	return m
 }
 
-// answered records a request's answer.
-func (m *metrics) answered(op Op, transport string, rep Reply, took time.Duration) {
+// answered records a request's answer, and its refusal: reason if given, else what
+// the answer says (bad input, a throttled login).
+func (m *metrics) answered(op Op, transport string, rep Reply, took time.Duration, reason string) {
 	if m == nil {
 		return
+	}
+	switch {
+	case reason != "":
+	case rep.Code == events.CodeInvalidInput:
+		reason = refusedInvalid
+	case op == OpLogin && rep.Code == events.CodeNotAllowed && rep.RetryAfter > 0:
+		reason = refusedThrottled
+	}
+	if reason != "" {
+		m.refusals.WithLabelValues(reason).Inc()
 	}
 	if transport == "" {
 		transport = "other" // a caller that names none (tests, tools)

@@ -14,8 +14,6 @@ import (
 	"log/slog"
 	"runtime"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -87,18 +85,14 @@ type Service struct {
 	log         *slog.Logger
 	inbox       string
 	sub         *nats.Subscription
-	// acks receives the stream's acknowledgements of appends with a request id, on
-	// <acks>.<token>; ackSub is its subscription.
-	acks   string
-	ackSub *nats.Subscription
+	// acks receives the stream's acknowledgements of probed appends (ackOfNote).
+	acks *replies
 	// leader reads KV keys and events as the streams' leaders have them.
 	leader  *leaderReads
 	metrics *metrics
 
 	mu      sync.Mutex
 	waiting map[string][]chan events.Decision // by event id; two retries of one request share it
-	ackWait map[string]chan appendAck         // by token: the append waiting for its ack
-	ackSeq  uint64
 	// decisionMean is the recent mean time from append to decision, in ns (probeAfter).
 	decisionMean atomic.Int64
 	// quorum is when (Unix ns) the last acknowledged heartbeat was sent: reads are
@@ -202,7 +196,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		return nil, fmt.Errorf("event stream: %w", err)
 	}
 	s := &Service{cfg: cfg, nc: nc, kv: kv, kvStream: kvStream, eventStream: eventStream, layout: events.LayoutOf(eventStream.CachedInfo().Config), log: cfg.Logger,
-		inbox: nats.NewInbox(), acks: nats.NewInbox(), waiting: map[string][]chan events.Decision{}, ackWait: map[string]chan appendAck{},
+		inbox: nats.NewInbox(), waiting: map[string][]chan events.Decision{},
 		sessions:  newSessionCache(5*time.Second, 100_000),
 		hashes:    NewGate(cfg.PasswordConcurrency, cfg.PasswordQueue, cfg.PasswordWait, "password checks"),
 		logins:    newLoginFlights(cfg.LoginsPerAddress),
@@ -239,10 +233,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if err := s.sub.SetPendingLimits(-1, -1); err != nil {
 		return nil, err
 	}
-	if s.ackSub, err = nc.Subscribe(s.acks+".*", s.onAck); err != nil {
-		return nil, err
-	}
-	if err := s.ackSub.SetPendingLimits(-1, -1); err != nil {
+	if s.acks, err = newReplies(nc, ackOfNote); err != nil {
 		return nil, err
 	}
 	if s.leader, err = newLeaderReads(nc); err != nil {
@@ -264,7 +255,7 @@ func (s *Service) Config() Config { return s.cfg }
 // Close stops receiving decisions and watching sessions.
 func (s *Service) Close() error {
 	s.stop()
-	return errors.Join(s.sub.Unsubscribe(), s.ackSub.Unsubscribe(), s.leader.close())
+	return errors.Join(s.sub.Unsubscribe(), s.acks.close(), s.leader.close())
 }
 
 // CheckBodySize refuses a request body over the limit (E008002); transports call it, or
@@ -349,7 +340,7 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 	msg.Header.Set(events.HeaderReply, s.inbox)
 	// The event carries the request's trace context: the fold that decides it, on
 	// whichever instance holds the partition, continues the trace.
-	InjectTrace(ctx, NATSHeader(msg.Header))
+	InjectTrace(ctx, events.TraceCarrier(msg.Header))
 
 	ch := make(chan events.Decision, 1)
 	s.mu.Lock()
@@ -390,7 +381,7 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 	// (sent during the election, answered by nobody) is sent again every
 	// probeAgain, so that the request goes on within a moment of the new leader.
 	probe := time.After(s.probeAfter())
-	var ackc chan appendAck
+	var acks, ackc <-chan *nats.Msg // ackc: acks while a probe is out
 	sent := time.Now()
 	for {
 		select {
@@ -400,15 +391,21 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 			return d, nil
 		case <-probe:
 			s.metrics.probed()
-			var token string
-			ackc, token = s.awaitAck()
-			defer s.forgetAck(token)
-			msg.Reply = s.acks + "." + token
+			if acks == nil { // the first probe: every probe of this append shares it
+				var forget func()
+				acks, msg.Reply, forget = s.acks.await(1)
+				defer forget()
+			}
+			ackc = acks
 			if err := s.nc.PublishMsg(msg); err != nil {
 				ackc = nil // the decision, or the timer, tells
 			}
 			probe = time.After(probeAgain)
-		case a := <-ackc:
+		case m := <-ackc:
+			a, ok := decodeAck(m)
+			if !ok {
+				continue // an ack of a plain store after all
+			}
 			ackc, probe = nil, nil
 			var apiErr *jetstream.APIError
 			switch {
@@ -462,59 +459,31 @@ type appendAck struct {
 	err       error
 }
 
-// awaitAck registers a probe waiting for its ack and returns the token of its reply
-// subject.
-func (s *Service) awaitAck() (chan appendAck, string) {
-	ch := make(chan appendAck, 1)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.ackSeq++
-	token := strconv.FormatUint(s.ackSeq, 36)
-	s.ackWait[token] = ch
-	return ch, token
+// ackOfNote keeps the acks of probes that a request must see: a duplicate or an error,
+// found by a byte search (a plain ack, the probe stored the event, is dropped: the
+// decision will answer), and a 503 status (no stream answered).
+func ackOfNote(m *nats.Msg) bool {
+	return len(m.Data) == 0 && m.Header.Get("Status") != "" ||
+		bytes.Contains(m.Data, []byte(`"duplicate"`)) || bytes.Contains(m.Data, []byte(`"error"`))
 }
 
-func (s *Service) forgetAck(token string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.ackWait, token)
-}
-
-// onAck reads a stream's ack of a probe. A plain ack (the probe stored the event: the
-// decision will answer) is dropped after a byte search; a duplicate or an error is
-// decoded and handed to its request. A 503 status (no stream answered) is an error too.
-func (s *Service) onAck(m *nats.Msg) {
-	var a appendAck
-	switch {
-	case len(m.Data) == 0 && m.Header.Get("Status") != "":
-		a.err = fmt.Errorf("%w (status %s)", nats.ErrNoResponders, m.Header.Get("Status"))
-	case bytes.Contains(m.Data, []byte(`"duplicate"`)) || bytes.Contains(m.Data, []byte(`"error"`)):
-		var ack struct {
-			Seq       uint64              `json:"seq"`
-			Duplicate bool                `json:"duplicate"`
-			Error     *jetstream.APIError `json:"error"`
-		}
-		if err := json.Unmarshal(m.Data, &ack); err != nil {
-			a.err = fmt.Errorf("unreadable ack: %w", err)
-		} else if ack.Error != nil {
-			a.err = ack.Error
-		} else if !ack.Duplicate {
-			return
-		}
-		a.duplicate, a.seq = ack.Duplicate, ack.Seq
-	default:
-		return
+// decodeAck reads an ack of note; ok is false when it turns out a plain one.
+func decodeAck(m *nats.Msg) (a appendAck, ok bool) {
+	if len(m.Data) == 0 {
+		return appendAck{err: fmt.Errorf("%w (status %s)", nats.ErrNoResponders, m.Header.Get("Status"))}, true
 	}
-	token := m.Subject[strings.LastIndexByte(m.Subject, '.')+1:]
-	s.mu.Lock()
-	ch := s.ackWait[token]
-	s.mu.Unlock()
-	if ch != nil {
-		select {
-		case ch <- a:
-		default:
-		}
+	var ack struct {
+		Seq       uint64              `json:"seq"`
+		Duplicate bool                `json:"duplicate"`
+		Error     *jetstream.APIError `json:"error"`
 	}
+	switch err := json.Unmarshal(m.Data, &ack); {
+	case err != nil:
+		return appendAck{err: fmt.Errorf("unreadable ack: %w", err)}, true
+	case ack.Error != nil:
+		return appendAck{err: ack.Error}, true
+	}
+	return appendAck{duplicate: true, seq: ack.Seq}, ack.Duplicate
 }
 
 // appendError explains a failed append: an event over the server's maximum payload is

@@ -8,17 +8,12 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
-
-	"github.com/attrd/attrd/events"
 )
 
 // tracer returns the tracer of the api's spans, from the global provider (a no-op
 // unless the binary configured one), looked up at each use so that a provider set
 // later takes effect.
 func tracer() trace.Tracer { return otel.Tracer("github.com/attrd/attrd/api") }
-
-// NATSHeader carries W3C trace context in NATS headers (events.TraceCarrier).
-type NATSHeader = events.TraceCarrier
 
 // ExtractTrace returns ctx with the trace context a request's headers carry (none: a
 // new trace starts at the request's span).

@@ -174,7 +174,7 @@ func (s *Server) handle(op api.Op, r micro.Request) {
 		rep = s.api.Refuse(op, m, err, "")
 	} else {
 		// A caller's W3C traceparent, in the request's headers, continues its trace.
-		ctx := api.ExtractTrace(s.ctx, api.NATSHeader(r.Headers()))
+		ctx := api.ExtractTrace(s.ctx, events.TraceCarrier(r.Headers()))
 		rep = s.api.Handle(ctx, op, req, m)
 	}
 	body, ctype, err := encode(rep.Body, isMsgpack)
