@@ -27,7 +27,7 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) (err err
 	var appended time.Time // the last event's append
 	defer func() {
 		if err == nil {
-			p.cfg.Metrics.batchDone(p.cfg.Partition, len(batch), time.Since(start), p.Applied(), appended)
+			p.metrics.batchDone(len(batch), time.Since(start), p.Applied(), appended)
 		}
 	}()
 	items := make([]item, 0, len(batch))
@@ -38,10 +38,10 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) (err err
 			return fmt.Errorf("event metadata: %w", err)
 		}
 		if err := p.checkDelivery(md); err != nil {
-			p.cfg.Metrics.gap(p.cfg.Partition)
+			p.metrics.gap()
 			return err
 		}
-		p.cfg.Metrics.delivered(p.cfg.Partition, md)
+		p.metrics.delivered(md)
 		appended = md.Timestamp
 		it := item{msg: m, seq: md.Sequence.Stream, reply: m.Headers().Get(events.HeaderReply)}
 		if it.seq <= p.Applied() {

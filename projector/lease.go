@@ -63,7 +63,12 @@ func (l *Lease) TTL() time.Duration { return l.ttl }
 // record, and whether anybody holds it (a lease not renewed for DefaultLeaseTTL is
 // nobody's).
 func Holder(ctx context.Context, kvStream jetstream.Stream, bucket, partition string) (LeaseRecord, bool, error) {
-	l := &Lease{stream: kvStream, subject: events.KVSubject(bucket, events.LeaseKey(partition)), ttl: DefaultLeaseTTL}
+	return holderWithin(ctx, kvStream, bucket, partition, DefaultLeaseTTL)
+}
+
+// holderWithin is Holder for leases of the given TTL.
+func holderWithin(ctx context.Context, kvStream jetstream.Stream, bucket, partition string, ttl time.Duration) (LeaseRecord, bool, error) {
+	l := &Lease{stream: kvStream, subject: events.KVSubject(bucket, events.LeaseKey(partition)), ttl: ttl}
 	r, _, err := l.holder(ctx)
 	return r, r.Owner != "", err
 }
@@ -87,6 +92,13 @@ func (l *Lease) Acquire(ctx context.Context, poll time.Duration) error {
 	}
 }
 
+// lapsed reports whether a key kept alive by renewals every TTL/3 (a lease, a presence)
+// has lapsed: its last message is a marker (expired, released), or was written longer
+// ago than ttl and a margin for clocks (ttl 0: no such test).
+func lapsed(m *jetstream.RawStreamMsg, ttl time.Duration) bool {
+	return isMarker(m.Header) || ttl > 0 && time.Since(m.Time) > ttl+leaseMargin
+}
+
 // holder reads the lease key: its record (Owner "": nobody holds it) and revision. A
 // lease written longer ago than its TTL (and a margin for clocks) is nobody's, even
 // before the server has marked it expired: right after an election the new leader of
@@ -101,7 +113,7 @@ func (l *Lease) holder(ctx context.Context) (LeaseRecord, uint64, error) {
 	if err != nil {
 		return r, 0, err
 	}
-	if isMarker(m.Header) || l.ttl > 0 && time.Since(m.Time) > l.ttl+leaseMargin {
+	if lapsed(m, l.ttl) {
 		return r, m.Sequence, nil // expired or released
 	}
 	if err := events.Unmarshal(m.Data, &r); err != nil {

@@ -62,69 +62,83 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	return m
 }
 
-func partLabel(p int) string { return strconv.Itoa(p) }
+// partitionMetrics are one partition's metrics, resolved once (no label lookup per
+// event); a nil *partitionMetrics records nothing.
+type partitionMetrics struct {
+	applied, pending, delay, held     prometheus.Gauge
+	batch, commit                     prometheus.Observer
+	runs, redelivered, gaps, acquired prometheus.Counter
+	renewFailed                       prometheus.Counter
+}
 
-// runStarted counts a run of partition p's projector.
-func (m *Metrics) runStarted(p int) {
+// of returns partition p's metrics (nil for a nil *Metrics).
+func (m *Metrics) of(p int) *partitionMetrics {
+	if m == nil {
+		return nil
+	}
+	l := strconv.Itoa(p)
+	// Every one is created here, so that it is exported, at zero, from the first run on.
+	return &partitionMetrics{applied: m.applied.WithLabelValues(l), pending: m.pending.WithLabelValues(l),
+		delay: m.delay.WithLabelValues(l), held: m.held.WithLabelValues(l), batch: m.batch.WithLabelValues(l),
+		commit: m.commit.WithLabelValues(l), runs: m.runs.WithLabelValues(l), redelivered: m.redelivered.WithLabelValues(l),
+		gaps: m.gaps.WithLabelValues(l), acquired: m.acquired.WithLabelValues(l), renewFailed: m.renewFailed.WithLabelValues(l)}
+}
+
+// runStarted counts a run of the partition's projector.
+func (m *partitionMetrics) runStarted() {
 	if m != nil {
-		l := partLabel(p)
-		m.runs.WithLabelValues(l).Inc()
-		// Present from the first run on, at zero until something happens.
-		m.redelivered.WithLabelValues(l)
-		m.gaps.WithLabelValues(l)
+		m.runs.Inc()
 	}
 }
 
 // delivered records what a delivered event's metadata says of the partition's lag.
-func (m *Metrics) delivered(p int, md *jetstream.MsgMetadata) {
+func (m *partitionMetrics) delivered(md *jetstream.MsgMetadata) {
 	if m == nil {
 		return
 	}
-	m.pending.WithLabelValues(partLabel(p)).Set(float64(md.NumPending))
+	m.pending.Set(float64(md.NumPending))
 	if md.NumDelivered > 1 {
-		m.redelivered.WithLabelValues(partLabel(p)).Inc()
+		m.redelivered.Inc()
 	}
 }
 
 // gap counts a delivery gap.
-func (m *Metrics) gap(p int) {
+func (m *partitionMetrics) gap() {
 	if m != nil {
-		m.gaps.WithLabelValues(partLabel(p)).Inc()
+		m.gaps.Inc()
 	}
 }
 
 // batchDone records a folded batch: its size, how long it took, how far it got, and
 // how long its last event waited since it was appended.
-func (m *Metrics) batchDone(p int, events int, took time.Duration, applied uint64, appended time.Time) {
+func (m *partitionMetrics) batchDone(events int, took time.Duration, applied uint64, appended time.Time) {
 	if m == nil {
 		return
 	}
-	l := partLabel(p)
-	m.batch.WithLabelValues(l).Observe(float64(events))
-	m.commit.WithLabelValues(l).Observe(took.Seconds())
-	m.applied.WithLabelValues(l).Set(float64(applied))
+	m.batch.Observe(float64(events))
+	m.commit.Observe(took.Seconds())
+	m.applied.Set(float64(applied))
 	if !appended.IsZero() {
-		m.delay.WithLabelValues(l).Set(time.Since(appended).Seconds())
+		m.delay.Set(time.Since(appended).Seconds())
 	}
 }
 
-// leaseHeld records whether this instance holds partition p's lease.
-func (m *Metrics) leaseHeld(p int, held bool) {
+// leaseHeld records whether this instance holds the partition's lease.
+func (m *partitionMetrics) leaseHeld(held bool) {
 	if m == nil {
 		return
 	}
 	v := 0.0
 	if held {
 		v = 1
-		m.acquired.WithLabelValues(partLabel(p)).Inc()
-		m.renewFailed.WithLabelValues(partLabel(p))
+		m.acquired.Inc()
 	}
-	m.held.WithLabelValues(partLabel(p)).Set(v)
+	m.held.Set(v)
 }
 
 // renewFailure counts a failed lease renewal.
-func (m *Metrics) renewFailure(p int) {
+func (m *partitionMetrics) renewFailure() {
 	if m != nil {
-		m.renewFailed.WithLabelValues(partLabel(p)).Inc()
+		m.renewFailed.Inc()
 	}
 }

@@ -177,9 +177,10 @@ func (s *Partitions) Run(ctx context.Context) error {
 // announce writes this instance's presence key every TTL/3 (with a TTL, so that it
 // goes when the instance dies), and reads it back from the bucket's leader. The record
 // says Unsettled until renewals and reads have both succeeded for settleFor, at the
-// start and after failures that lasted a lease TTL: a node back from a network cut takes renewals (they reach the leader through
-// the healed routes) seconds before it answers reads (its groups catch up, or elect
-// again), and a partition handed to its instance then would stop there (issue 21).
+// start and after failures that lasted a lease TTL: a node back from a network cut
+// takes renewals (they reach the leader through the healed routes) seconds before it
+// answers reads (its groups catch up, or elect again), and a partition handed to its
+// instance then would stop there (issue 21).
 func (s *Partitions) announce(ctx context.Context) {
 	key := events.PresenceKey(s.cfg.Instance)
 	subject := events.KVSubject(s.cfg.Projector.Bucket, key)
@@ -346,12 +347,10 @@ func (s *Partitions) partition(ctx context.Context, p int) {
 // claim tries partition p's lease once: when p is assigned here, or when its lease has
 // been free for two TTLs. It notes a partition another instance holds as started.
 func (s *Partitions) claim(ctx context.Context, p int, mine bool) (bool, error) {
-	l := &Lease{stream: s.kvs, subject: events.KVSubject(s.cfg.Projector.Bucket, events.LeaseKey(events.PartitionName(p))), ttl: s.cfg.LeaseTTL}
-	rec, _, err := l.holder(ctx)
+	rec, held, err := holderWithin(ctx, s.kvs, s.cfg.Projector.Bucket, events.PartitionName(p), s.cfg.LeaseTTL)
 	if err != nil {
 		return false, err
 	}
-	held := rec.Owner != ""
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if held && rec.Owner != s.cfg.Instance {
@@ -362,11 +361,11 @@ func (s *Partitions) claim(ctx context.Context, p int, mine bool) (bool, error) 
 	if _, ok := s.freeAt[p]; !ok {
 		s.freeAt[p] = time.Now()
 	}
-	if !mine && time.Since(s.freeAt[p]) > 2*s.cfg.LeaseTTL {
-		s.log.Info("claiming a partition free for two lease TTLs", "partition", p)
+	if mine {
 		return true, nil
 	}
-	if mine {
+	if time.Since(s.freeAt[p]) > 2*s.cfg.LeaseTTL {
+		s.log.Info("claiming a partition free for two lease TTLs", "partition", p)
 		return true, nil
 	}
 	// The lease is free and the partition another's: if that instance is gone (its
@@ -407,7 +406,7 @@ func (s *Partitions) gone(ctx context.Context, instance string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	return isMarker(m.Header) || time.Since(m.Time) > s.cfg.LeaseTTL+leaseMargin, nil
+	return lapsed(m, s.cfg.LeaseTTL), nil
 }
 
 func closeOnce(c chan struct{}) {
@@ -439,10 +438,10 @@ func (s *Partitions) fold(ctx context.Context, p int) error {
 	s.mu.Lock()
 	delete(s.freeAt, p)
 	s.mu.Unlock()
-	m := s.cfg.Projector.Metrics
-	m.leaseHeld(p, true)
-	defer m.leaseHeld(p, false)
-	lease.RenewFailed = func() { m.renewFailure(p) }
+	m := s.cfg.Projector.Metrics.of(p)
+	m.leaseHeld(true)
+	defer m.leaseHeld(false)
+	lease.RenewFailed = m.renewFailure
 	nc := s.js.Conn()
 	if s.cfg.Dial != nil {
 		if nc, err = s.cfg.Dial("attrd-projector-" + part); err != nil {

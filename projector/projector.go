@@ -111,6 +111,8 @@ type Projector struct {
 	// is folded again, since the view then holds the states from before that batch,
 	// older than what KV may already hold of it.
 	serving atomic.Bool
+
+	metrics *partitionMetrics // nil: none
 }
 
 // New returns a projector on nc.
@@ -144,7 +146,7 @@ func New(nc *nats.Conn, cfg Config) (*Projector, error) {
 		return nil, err
 	}
 	return &Projector{cfg: cfg, nc: nc, js: js, log: cfg.Logger, view: newView(), ready: make(chan struct{}),
-		part: events.PartitionName(cfg.Partition)}, nil
+		part: events.PartitionName(cfg.Partition), metrics: cfg.Metrics.of(cfg.Partition)}, nil
 }
 
 // apiTimeout bounds a JetStream API request of the projector and its supervisor (a
@@ -161,7 +163,7 @@ func (p *Projector) Applied() uint64 { return p.applied.Load() }
 // Run folds the log until ctx is done (or, with StopAtEnd, until caught up). It returns
 // nil on a clean stop.
 func (p *Projector) Run(ctx context.Context) (err error) {
-	p.cfg.Metrics.runStarted(p.cfg.Partition)
+	p.metrics.runStarted()
 	kv, err := p.js.KeyValue(ctx, p.cfg.Bucket)
 	if err != nil {
 		return fmt.Errorf("projection bucket %s: %w", p.cfg.Bucket, err)
