@@ -849,40 +849,34 @@ func (r *netRun) timeline(t *testing.T, from time.Time, d time.Duration, cut int
 const metaGroup = "meta"
 
 // moveMeta asks the meta group's leader to step down in favour of node n, until n
-// leads it.
+// leads it (the system account's request).
 func (r *netRun) moveMeta(t *testing.T, n int) {
 	t.Helper()
-	nc, err := nats.Connect(r.c.url(n), nats.UserInfo("sys", r.c.intPW))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	for deadline := time.Now().Add(30 * time.Second); r.c.leaders()[metaGroup] != n; time.Sleep(500 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the meta group would not move its leader to node %d: %v", n, r.c.leaders())
-		}
-		req := fmt.Sprintf(`{"placement":{"preferred":"n%d"}}`, n)
-		if _, err := nc.Request("$JS.API.META.LEADER.STEPDOWN", []byte(req), 5*time.Second); err != nil && !errors.Is(err, nats.ErrTimeout) {
-			t.Logf("step down the meta leader: %v", err)
-		}
-	}
+	r.moveGroup(t, metaGroup, "sys", "$JS.API.META.LEADER.STEPDOWN", n)
 }
 
 // moveLeader asks stream's leader to step down in favour of node n, until n leads it.
 func (r *netRun) moveLeader(t *testing.T, stream string, n int) {
 	t.Helper()
-	nc, err := nats.Connect(r.c.url(n), nats.UserInfo("attrd", r.c.intPW))
+	r.moveGroup(t, stream, "attrd", "$JS.API.STREAM.LEADER.STEPDOWN."+stream, n)
+}
+
+// moveGroup sends a Raft group's step-down request (as user, to subject) preferring
+// node n, until n leads the group as leaders names it.
+func (r *netRun) moveGroup(t *testing.T, group, user, subject string, n int) {
+	t.Helper()
+	nc, err := nats.Connect(r.c.url(n), nats.UserInfo(user, r.c.intPW))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer nc.Close()
-	for deadline := time.Now().Add(30 * time.Second); r.c.leaders()[stream] != n; time.Sleep(500 * time.Millisecond) {
+	for deadline := time.Now().Add(30 * time.Second); r.c.leaders()[group] != n; time.Sleep(500 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("stream %s would not move its leader to node %d: %v", stream, n, r.c.leaders())
+			t.Fatalf("%s would not move its leader to node %d: %v", group, n, r.c.leaders())
 		}
 		req := fmt.Sprintf(`{"placement":{"preferred":"n%d"}}`, n)
-		if _, err := nc.Request("$JS.API.STREAM.LEADER.STEPDOWN."+stream, []byte(req), 5*time.Second); err != nil && !errors.Is(err, nats.ErrTimeout) {
-			t.Logf("step down %s: %v", stream, err)
+		if _, err := nc.Request(subject, []byte(req), 5*time.Second); err != nil && !errors.Is(err, nats.ErrTimeout) {
+			t.Logf("step down %s: %v", group, err)
 		}
 	}
 }
