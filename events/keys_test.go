@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // kvKey is what NATS KV accepts as a key token here (no dots: EncodeName must not emit
@@ -149,3 +150,24 @@ type errPlain struct{}
 func (errPlain) Error() string { return "plain" }
 
 func errorsIs(err, target error) bool { return errors.Is(fmt.Errorf("wrapped: %w", err), target) }
+
+// TestAStreamFromBeforePartitionsIsOnePartition: the event stream of a deployment the
+// previous version created has no partitions in its metadata: it is read as one
+// partition, and events keep the subjects that version wrote (no p<k> token), so an
+// upgrade needs no migration.
+func TestAStreamFromBeforePartitionsIsOnePartition(t *testing.T) {
+	for _, md := range []map[string]string{nil, {}, {MetadataPartitions: "not a number"}} {
+		l := LayoutOf(jetstream.StreamConfig{Name: StreamName, Subjects: []string{EventsPrefix + ".>"}, Metadata: md})
+		if l.N() != 1 {
+			t.Fatalf("metadata %v: %d partitions, want 1", md, l.N())
+		}
+		uid := NewID()
+		ev := &Event{Type: AttrSet, UserID: uid}
+		if got, want := l.Subject(ev), EventsPrefix+"."+uid+".attr"; got != want {
+			t.Fatalf("metadata %v: subject %s, want the earlier version's %s", md, got, want)
+		}
+		if l.Partition(uid) != 0 || l.PartitionSubjects(0) != EventsPrefix+".>" {
+			t.Fatalf("metadata %v: partition %d, its subjects %s", md, l.Partition(uid), l.PartitionSubjects(0))
+		}
+	}
+}
