@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/deploy/embedded"
+	"github.com/attrd/attrd/deploy/embedded/embeddedtest"
 	"github.com/attrd/attrd/events"
 )
 
@@ -69,16 +70,7 @@ func TestAWriteAuthenticatesFromAnAgedCacheWhenKVCannotAnswer(t *testing.T) {
 // it, a connection to it and the bucket.
 func embeddedStore(t *testing.T) (*server.Server, *nats.Conn, jetstream.KeyValue) {
 	t.Helper()
-	ns, err := embedded.Start(embedded.Options{DataDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
+	ns, nc := embeddedtest.Start(t, embedded.Options{})
 	js, _ := jetstream.New(nc)
 	_, kv, err := events.EnsureStore(context.Background(), js, events.DefaultStoreConfig())
 	if err != nil {

@@ -4,7 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -24,10 +25,44 @@ import (
 // leader, retrying), so every read through it failed although the leader, one route
 // away, would have answered. Here a member's 503 only counts when no other answer
 // comes within leaderGrace of it.
+//
+// NATS subtlety: a stream leader cut off from the others by a network partition goes
+// on believing it leads (it steps down only after 10 s without a quorum), and when the
+// cut heals it answers reads from its old copy until it hears of the new leader, as
+// the new leader does from the current one. Both answers come, and the first is taken:
+// so every read listens a while longer (twoLeadersLinger) for a second answer, and one
+// that differs from the first (another sequence, or found against not found) shows two
+// servers answering as the leader; reads are then refused (E008004) for
+// twoLeadersHold (quorum.go). The reads answered before the second answer came are the
+// residual risk (DESIGN-NOTES "Network partitions").
 type leaderReads struct {
 	nc      *nats.Conn
 	answers *replies
+	// lingering holds the reads answered within twoLeadersLinger, oldest first, to
+	// compare any later answer with the one taken.
+	mu        sync.Mutex
+	lingering []lingeringRead
+	// twoLeaders is when (Unix ns) two different answers to one read last came.
+	twoLeaders atomic.Int64
+	stop       chan struct{}
 }
+
+// lingeringRead is a read answered, still listening for a second answer.
+type lingeringRead struct {
+	until  time.Time
+	ch     <-chan *nats.Msg
+	forget func()
+	taken  answerPrint
+}
+
+// answerPrint is what two answers to one read must agree on.
+type answerPrint struct {
+	found bool
+	seq   uint64
+}
+
+// twoLeadersLinger is how long a read listens for a second answer after the one it took.
+const twoLeadersLinger = 200 * time.Millisecond
 
 // leaderGrace is how long a read waits for the leader's answer after a member said
 // it knows no leader: a route's hop, with room.
@@ -41,10 +76,87 @@ func newLeaderReads(nc *nats.Conn) (*leaderReads, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &leaderReads{nc: nc, answers: answers}, nil
+	lr := &leaderReads{nc: nc, answers: answers, stop: make(chan struct{})}
+	go lr.compareLate()
+	return lr, nil
 }
 
-func (lr *leaderReads) close() error { return lr.answers.close() }
+func (lr *leaderReads) close() error {
+	close(lr.stop)
+	return lr.answers.close()
+}
+
+// linger keeps a read answered listening for a second answer until twoLeadersLinger.
+func (lr *leaderReads) linger(ch <-chan *nats.Msg, forget func(), taken answerPrint) {
+	lr.mu.Lock()
+	lr.lingering = append(lr.lingering, lingeringRead{until: time.Now().Add(twoLeadersLinger), ch: ch, forget: forget, taken: taken})
+	lr.mu.Unlock()
+}
+
+// compareLate looks at the answers that came after each read's first, as the reads'
+// lingering ends, until close.
+func (lr *leaderReads) compareLate() {
+	t := time.NewTicker(twoLeadersLinger / 8)
+	defer t.Stop()
+	for {
+		select {
+		case <-lr.stop:
+			return
+		case now := <-t.C:
+			lr.mu.Lock()
+			n := 0
+			for n < len(lr.lingering) && !lr.lingering[n].until.After(now) {
+				n++
+			}
+			done := lr.lingering[:n:n]
+			lr.lingering = lr.lingering[n:]
+			lr.mu.Unlock()
+			for _, r := range done {
+				r.forget()
+				lr.compare(r)
+			}
+		}
+	}
+}
+
+// compare notes two leaders when an answer r got after the one it took differs from it.
+func (lr *leaderReads) compare(r lingeringRead) {
+	for {
+		select {
+		case m := <-r.ch:
+			if p, ok := printOf(m); ok && p != r.taken {
+				lr.twoLeaders.Store(time.Now().UnixNano())
+			}
+		default:
+			return
+		}
+	}
+}
+
+// printOf reads what an answer says of the message: false for an answer that is not
+// about it (a member's 503, an error).
+func printOf(m *nats.Msg) (answerPrint, bool) { return printOfResult(events.DecodeMsgGet(m)) }
+
+// printOfResult is printOf of an answer decoded.
+func printOfResult(msg *jetstream.RawStreamMsg, err error) (answerPrint, bool) {
+	switch {
+	case err == nil:
+		return answerPrint{found: true, seq: msg.Sequence}, true
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return answerPrint{}, true
+	default:
+		return answerPrint{}, false
+	}
+}
+
+// twoLeadersSince is how long ago two servers last answered one read differently.
+func (lr *leaderReads) twoLeadersSince() time.Duration {
+	at := lr.twoLeaders.Load()
+	if at == 0 {
+		return time.Duration(1<<63 - 1)
+	}
+	return time.Since(time.Unix(0, at))
+}
 
 // msgGet is the body of a message read: by sequence, the next on a subject from a
 // sequence, or the last on a subject.
@@ -66,8 +178,13 @@ func (lr *leaderReads) get(ctx context.Context, stream string, req msgGet) (*jet
 		ctx, cancel = context.WithTimeout(ctx, readTimeout)
 		defer cancel()
 	}
-	ch, reply, forget := lr.answers.await(4) // the leader's, and members' 503s
-	defer forget()
+	ch, reply, forget := lr.answers.await(4) // the leader's, a second leader's, and members' 503s
+	lingers := false
+	defer func() {
+		if !lingers {
+			forget()
+		}
+	}()
 	if err := lr.nc.PublishRequest("$JS.API.STREAM.MSG.GET."+stream, reply, body); err != nil {
 		return nil, err
 	}
@@ -76,13 +193,17 @@ func (lr *leaderReads) get(ctx context.Context, stream string, req msgGet) (*jet
 	for {
 		select {
 		case m := <-ch:
-			msg, err := decodeMsgGet(m)
+			msg, err := events.DecodeMsgGet(m)
 			var apiErr *jetstream.APIError
 			if errors.As(err, &apiErr) && apiErr.Code == 503 || errors.Is(err, nats.ErrNoResponders) {
 				if unavailable == nil {
 					unavailable, grace = err, time.After(leaderGrace)
 				}
 				continue
+			}
+			if p, ok := printOfResult(msg, err); ok {
+				lingers = true
+				lr.linger(ch, forget, p)
 			}
 			return msg, err
 		case <-grace:
@@ -94,45 +215,6 @@ func (lr *leaderReads) get(ctx context.Context, stream string, req msgGet) (*jet
 			return nil, ctx.Err()
 		}
 	}
-}
-
-// decodeMsgGet reads an answer to a message read.
-func decodeMsgGet(m *nats.Msg) (*jetstream.RawStreamMsg, error) {
-	if len(m.Data) == 0 && m.Header.Get("Status") == "503" {
-		return nil, nats.ErrNoResponders
-	}
-	var resp struct {
-		Error   *jetstream.APIError `json:"error"`
-		Message *struct {
-			Subject  string    `json:"subject"`
-			Sequence uint64    `json:"seq"`
-			Header   []byte    `json:"hdrs"`
-			Data     []byte    `json:"data"`
-			Time     time.Time `json:"time"`
-		} `json:"message"`
-	}
-	if err := json.Unmarshal(m.Data, &resp); err != nil {
-		return nil, fmt.Errorf("unreadable answer to a message read: %w", err)
-	}
-	if resp.Error != nil {
-		if resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound {
-			return nil, jetstream.ErrMsgNotFound
-		}
-		return nil, resp.Error
-	}
-	if resp.Message == nil {
-		return nil, jetstream.ErrInvalidJetStreamResponse
-	}
-	msg := &jetstream.RawStreamMsg{Subject: resp.Message.Subject, Sequence: resp.Message.Sequence,
-		Data: resp.Message.Data, Time: resp.Message.Time}
-	if len(resp.Message.Header) > 0 {
-		h, err := nats.DecodeHeadersMsg(resp.Message.Header)
-		if err != nil {
-			return nil, err
-		}
-		msg.Header = h
-	}
-	return msg, nil
 }
 
 // lastValue reads a KV key's value as the bucket stream's leader has it: nil when

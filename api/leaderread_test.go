@@ -3,13 +3,15 @@ package api
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/attrd/attrd/deploy/embedded"
+	"github.com/attrd/attrd/deploy/embedded/embeddedtest"
 	"github.com/attrd/attrd/events"
 )
 
@@ -18,21 +20,7 @@ import (
 // 503 at once; the leader's answer, a moment later, is the one taken. With only the
 // 503, the read fails with it after the grace.
 func TestAReadTakesTheLeadersAnswerOverAMembersUnavailable(t *testing.T) {
-	// A server without JetStream: the test's responders are the stream's members.
-	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoSigs: true, NoLog: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ns.Start()
-	if !ns.ReadyForConnections(5 * time.Second) {
-		t.Fatal("server not ready")
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
+	nc := noJetStreamServer(t)
 	// The two members of a stream "S": one that knows no
 	// leader, and the leader, whose answer comes 20 ms later.
 	member, err := nc.Subscribe("$JS.API.STREAM.MSG.GET.S", func(m *nats.Msg) {
@@ -121,6 +109,14 @@ func TestAKeyReadFromTheLeaderSeesPutsDeletesAndPurges(t *testing.T) {
 	}
 }
 
+// noJetStreamServer starts a NATS server without JetStream and connects to it: the
+// test's responders play the stream's servers.
+func noJetStreamServer(t *testing.T) *nats.Conn {
+	t.Helper()
+	_, nc := embeddedtest.Start(t, embedded.Options{NoJetStream: true})
+	return nc
+}
+
 func mustLeaderReads(t *testing.T, nc *nats.Conn) *leaderReads {
 	t.Helper()
 	lr, err := newLeaderReads(nc)
@@ -129,4 +125,57 @@ func mustLeaderReads(t *testing.T, nc *nats.Conn) *leaderReads {
 	}
 	t.Cleanup(func() { _ = lr.close() })
 	return lr
+}
+
+// TestAReadIsRefusedOnceTwoServersAnsweredItDifferently: a stream leader cut off by a
+// partition and back answers a read from its old copy, first; the new leader answers
+// too, with a later message. The read took the first answer, but the second shows two
+// leaders, and reads are refused until twoLeadersHold has passed. One answer alone
+// (or two that agree) refuses nothing.
+func TestAReadIsRefusedOnceTwoServersAnsweredItDifferently(t *testing.T) {
+	nc := noJetStreamServer(t)
+	respond := func(seq int, delay time.Duration) *nats.Subscription {
+		sub, err := nc.Subscribe("$JS.API.STREAM.MSG.GET.S", func(m *nats.Msg) {
+			time.Sleep(delay)
+			_ = m.Respond(fmt.Appendf(nil, `{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","message":{"subject":"s.a","seq":%d,"data":"aGk=","time":"2026-12-05T00:00:00Z"}}`, seq))
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return sub
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s := &Service{leader: mustLeaderReads(t, nc)}
+	s.quorum.Store(time.Now().Add(time.Hour).UnixNano()) // the heartbeat is not what this test is about
+
+	// One leader, and a second server that agrees: nothing refused.
+	current := respond(9, 0)
+	agreeing := respond(9, 5*time.Millisecond)
+	if _, err := s.leader.get(ctx, "S", msgGet{LastBySubj: "s.a"}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(twoLeadersLinger + twoLeadersLinger/4)
+	if _, err := s.reading(ctx); err != nil {
+		t.Fatalf("refused after two answers that agree: %v", err)
+	}
+	_ = agreeing.Unsubscribe()
+
+	// The old leader answers first, from its old copy (7); the current one, 9, after.
+	_ = current.Unsubscribe()
+	old := respond(7, 0)
+	current = respond(9, 10*time.Millisecond)
+	m, err := s.leader.get(ctx, "S", msgGet{LastBySubj: "s.a"})
+	if err != nil || m.Sequence != 7 {
+		t.Fatalf("got %v %v: the old leader's answer came first", m, err)
+	}
+	deadline := time.Now().Add(twoLeadersLinger * 3)
+	for s.leader.twoLeadersSince() > twoLeadersHold && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err = s.reading(ctx); !isOutcomeUnknown(err) {
+		t.Fatalf("a read after two different answers: %v, want E008004", err)
+	}
+	_ = old.Unsubscribe()
+	_ = current.Unsubscribe()
 }

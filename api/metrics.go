@@ -26,7 +26,10 @@ const (
 	// operation (transports pass it to Refuse).
 	RefusedOversize = "oversize"
 	refusedInvalid  = "invalid_input" // E008002: malformed, or over a limit
-	refusedNoQuorum = "no_quorum"     // a read refused: no recent quorum heartbeat
+	refusedNoQuorum = "no_quorum"     // a read refused: no recent quorum heartbeat, or one just back
+	// refusedTwoLeaders: a read refused because two servers answered one read as a
+	// stream's leader, differently, within twoLeadersHold.
+	refusedTwoLeaders = "two_leaders"
 )
 
 // Transports, as Meta.Transport names them.

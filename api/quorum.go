@@ -29,10 +29,22 @@ import (
 // projector when it folds the caller's partition, else from KV. Writes may use the
 // cache: the fold checks the caller's session again, in log order.
 
-// The heartbeat's cadence, and how long after a heartbeat was sent reads are answered.
+// Two servers answering as a stream's leader. A read takes the first answer, and the
+// stream leader cut off with this instance's node answers first, from its old copy,
+// when the cut heals and before it hears of the new leader (the quorum heartbeat,
+// acknowledged by the new leader, does not rule that out). So after a loss of the
+// quorum, reads wait until heartbeats have been acknowledged for quorumSettle: the old
+// leader hears of the new one within a Raft heartbeat (1 s) of the routes' return, and
+// the acknowledgement shows they are back. And when two answers to one read differ
+// (leaderread.go), reads are refused for twoLeadersHold.
+
+// The heartbeat's cadence, how long after a heartbeat was sent reads are answered, and
+// how long after a loss of the quorum and after two leaders they wait.
 const (
-	quorumEvery = 250 * time.Millisecond
-	quorumBound = 1500 * time.Millisecond
+	quorumEvery    = 250 * time.Millisecond
+	quorumBound    = 1500 * time.Millisecond
+	quorumSettle   = 1500 * time.Millisecond
+	twoLeadersHold = 2 * time.Second
 	// quorumKeyTTL makes an instance's heartbeat key go away after it stops.
 	quorumKeyTTL = 10 * time.Second
 )
@@ -47,6 +59,16 @@ func (s *Service) reading(ctx context.Context) (context.Context, error) {
 		s.metrics.refused(refusedNoQuorum)
 		return ctx, events.Errorf(events.CodeOutcomeUnknown,
 			"this instance has not reached a quorum of NATS for %s: nothing read, try again", since.Round(time.Millisecond))
+	}
+	if back := time.Since(time.Unix(0, s.quorumBack.Load())); back < quorumSettle {
+		s.metrics.refused(refusedNoQuorum)
+		return ctx, events.Errorf(events.CodeOutcomeUnknown,
+			"this instance reached a quorum of NATS again %s ago, after losing it: nothing read, try again", back.Round(time.Millisecond))
+	}
+	if since := s.leader.twoLeadersSince(); since < twoLeadersHold {
+		s.metrics.refused(refusedTwoLeaders)
+		return ctx, events.Errorf(events.CodeOutcomeUnknown,
+			"two NATS servers answered as a stream's leader %s ago (one is back from a network cut): nothing read, try again", since.Round(time.Millisecond))
 	}
 	return context.WithValue(ctx, readKey{}, true), nil
 }
@@ -67,7 +89,13 @@ func (s *Service) heartbeat(ctx context.Context, js jetstream.JetStream, subject
 	}
 	for {
 		old := s.quorum.Load()
-		if old >= sent.UnixNano() || s.quorum.CompareAndSwap(old, sent.UnixNano()) {
+		if old >= sent.UnixNano() {
+			return nil
+		}
+		if s.quorum.CompareAndSwap(old, sent.UnixNano()) {
+			if old != 0 && sent.Sub(time.Unix(0, old)) > quorumBound {
+				s.quorumBack.Store(sent.UnixNano()) // acknowledged again after a loss
+			}
 			return nil
 		}
 	}

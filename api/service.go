@@ -98,6 +98,9 @@ type Service struct {
 	// quorum is when (Unix ns) the last acknowledged heartbeat was sent: reads are
 	// answered only shortly after one (quorum.go).
 	quorum atomic.Int64
+	// quorumBack is when (Unix ns) the first heartbeat acknowledged after a loss of the
+	// quorum was sent: reads wait quorumSettle after it (quorum.go).
+	quorumBack atomic.Int64
 
 	sessions  *sessionCache
 	hashes    *Gate

@@ -331,7 +331,11 @@ func (s *Partitions) partition(ctx context.Context, p int) {
 		select {
 		case <-s.started[p]:
 		default:
-			closeOnce(s.failedC)
+			// A stale server's answer (a node back from a cut) passes within seconds:
+			// the start waits for the next run rather than fail.
+			if !errors.Is(err, ErrStaleRead) {
+				closeOnce(s.failedC)
+			}
 		}
 		s.mu.Unlock()
 		s.log.Error("projector stopped; starting it again", "partition", p, "err", err, "pause", pause)

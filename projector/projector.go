@@ -154,6 +154,10 @@ func New(nc *nats.Conn, cfg Config) (*Projector, error) {
 // sent during an election is never answered.
 const apiTimeout = 500 * time.Millisecond
 
+// oneLeaderLinger is how long a run's start listens for a second server answering as
+// the bucket's leader: a route's hop, with room.
+const oneLeaderLinger = 100 * time.Millisecond
+
 // Ready is closed once the projector has recovered and is consuming.
 func (p *Projector) Ready() <-chan struct{} { return p.ready }
 
@@ -184,6 +188,14 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 	fenced, rev, err := p.fence(ctx)
 	if err != nil {
 		return err
+	}
+	if kvs.CachedInfo().Config.Replicas > 1 {
+		// NATS subtlety: a node back from a network cut may still answer as the bucket's
+		// leader, from its old copy, and a run that starts loads every key it folds:
+		// none is loaded while a server without the fence answers as the leader.
+		if err := events.OneLeader(ctx, p.nc, kvs.CachedInfo().Config.Name, rev, oneLeaderLinger); err != nil {
+			return fmt.Errorf("%w (%w)", ErrStaleRead, err)
+		}
 	}
 	p.serving.Store(false)
 	start, err := p.recoverState(ctx, fenced, rev)

@@ -16,6 +16,7 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/attrd/attrd/deploy/embedded"
+	"github.com/attrd/attrd/deploy/embedded/embeddedtest"
 	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/projector"
 )
@@ -38,17 +39,7 @@ func mustEnvWith(t *testing.T, o embedded.Options) *env {
 // mustEnvStore starts an embedded server with o and creates store's stream and bucket.
 func mustEnvStore(t *testing.T, o embedded.Options, store events.StoreConfig) *env {
 	t.Helper()
-	o.DataDir = t.TempDir()
-	ns, err := embedded.Start(o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
+	_, nc := embeddedtest.Start(t, o)
 	js, _ := jetstream.New(nc)
 	_, kv, err := events.EnsureStore(context.Background(), js, store)
 	if err != nil {

@@ -830,3 +830,56 @@ func startAccountsNATS(t *testing.T, addr string) (*server.Server, *embedded.Acc
 	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
 	return ns, accts
 }
+
+// TestAProjectorStartsOnlyWhenOneServerAnswersAsTheBucketsLeader: a projector's run
+// loads every key it folds from the bucket, and right after a network cut heals, the
+// node back from it may still answer reads as the bucket's leader, from its old copy.
+// So a run reads back the intent record it just fenced from every server answering as
+// the leader, and starts only when none lacks it. Here a responder plays such a server
+// for 1.5 s from the first such read, answering "no message": the projector starts
+// only after it is gone, and the instance starts meanwhile (the run is retried, not
+// failed).
+func TestAProjectorStartsOnlyWhenOneServerAnswersAsTheBucketsLeader(t *testing.T) {
+	c := startNATSCluster(t)
+	nc, err := nats.Connect(c.urls(), nats.UserInfo(embedded.OperatorUser, c.accts.OperatorPassword))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	var probes atomic.Int64
+	var gone atomic.Int64
+	var stale *nats.Subscription
+	stale, err = nc.Subscribe("$JS.API.STREAM.MSG.GET."+events.KVStream(events.DefaultStoreConfig().Bucket), func(m *nats.Msg) {
+		var req struct {
+			Seq uint64 `json:"seq"`
+		}
+		if json.Unmarshal(m.Data, &req) != nil || req.Seq == 0 {
+			return // only the read of a message by its sequence, as a run's start sends
+		}
+		if probes.Add(1) == 1 {
+			time.AfterFunc(1500*time.Millisecond, func() {
+				_ = stale.Unsubscribe()
+				_ = nc.Flush()
+				gone.Store(time.Now().UnixNano())
+			})
+		}
+		_ = m.Respond([]byte(`{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","error":{"code":404,"err_code":10037,"description":"no message found"}}`))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := c.instance(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := s.parts.Started(ctx); err != nil {
+		t.Fatal(err)
+	}
+	started := time.Now()
+	if probes.Load() == 0 {
+		t.Fatal("no run read its fenced intent record back by sequence")
+	}
+	if g := gone.Load(); g == 0 || started.Before(time.Unix(0, g)) {
+		t.Fatalf("the projector started while a server answered without its intent record (%d reads answered so)", probes.Load())
+	}
+	t.Logf("%d runs refused while the stale server answered; started %s after it went", probes.Load(), started.Sub(time.Unix(0, gone.Load())).Round(time.Millisecond))
+}

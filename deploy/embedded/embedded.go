@@ -36,6 +36,9 @@ type Options struct {
 	// client account (the request subjects only). nil: one global account, for tests
 	// of the projector alone.
 	Accounts *Accounts
+	// NoJetStream starts a plain NATS server: for tests whose own responders play the
+	// JetStream servers (DataDir is then unused).
+	NoJetStream bool
 }
 
 // Cluster is a node's cluster configuration.
@@ -68,7 +71,7 @@ func Start(o Options) (*server.Server, error) {
 		ServerName: name,
 		Host:       host,
 		Port:       port,
-		JetStream:  true,
+		JetStream:  !o.NoJetStream,
 		StoreDir:   filepath.Join(o.DataDir),
 		NoSigs:     true,
 		MaxPayload: o.MaxPayload,
