@@ -47,7 +47,7 @@ func SessionAttrOp(verb string) Op { return Op("session.attr." + verb) }
 
 // Ops lists every operation.
 func Ops() []Op {
-	ops := []Op{OpLogin, OpLogout, OpWhoAmI, OpUserCreate, OpUserApprove, OpSessionRenew, OpHistory, OpHistoryAt}
+	ops := []Op{OpLogin, OpLogout, OpWhoAmI, OpUserCreate, OpUserApprove, OpUserDelete, OpSessionRenew, OpHistory, OpHistoryAt}
 	for _, v := range Verbs {
 		ops = append(ops, UserAttrOp(v), SessionAttrOp(v))
 	}
@@ -201,7 +201,7 @@ func (s *Service) handle(ctx context.Context, op Op, req *Request, m *Meta) (map
 		if err := require(req, "ust", "username", "password"); err != nil {
 			return nil, err
 		}
-	case OpUserApprove:
+	case OpUserApprove, OpUserDelete:
 		if err := require(req, "ust", "user_id"); err != nil {
 			return nil, err
 		}
@@ -250,6 +250,8 @@ func (s *Service) handle(ctx context.Context, op Op, req *Request, m *Meta) (map
 		return s.createUser(ctx, req, m)
 	case OpUserApprove:
 		return s.approveUser(ctx, req, m)
+	case OpUserDelete:
+		return s.deleteUser(ctx, req, m)
 	case OpSessionRenew:
 		return s.renew(ctx, req, m)
 	case OpHistory, OpHistoryAt:

@@ -18,6 +18,9 @@ const (
 	CodeNotAllowed Code = "E005001"
 	// CodeNoSession: unknown, expired or logged-out UST.
 	CodeNoSession Code = "E007001"
+	// CodeInvalidOperation: an operation that cannot be done on its target, as Zato
+	// answers a user's deletion of themselves or of a user that does not exist.
+	CodeInvalidOperation Code = "E008001"
 	// CodeInvalidInput: a field is present but its value breaks a rule.
 	CodeInvalidInput Code = "E008002"
 	// CodeOutcomeUnknown: the event is in the log but its decision did not arrive in time.
@@ -78,16 +81,18 @@ func (e *Error) Is(target error) bool {
 
 // Sentinels for errors.Is; each matches any *Error with its code.
 var (
-	ErrBadApp         = &Error{Code: CodeBadApp}
-	ErrNotAllowed     = &Error{Code: CodeNotAllowed}
-	ErrNoSession      = &Error{Code: CodeNoSession}
-	ErrInvalidInput   = &Error{Code: CodeInvalidInput}
-	ErrOutcomeUnknown = &Error{Code: CodeOutcomeUnknown}
-	ErrAttrExists     = &Error{Code: CodeAttrExists}
-	ErrNoAttr         = &Error{Code: CodeNoAttr}
-	ErrUsernameExists = &Error{Code: CodeUsernameExists}
-	ErrBadRequest     = &Error{Code: CodeBadRequest}
-	ErrInternal       = &Error{Code: CodeInternal}
+	ErrBadApp       = &Error{Code: CodeBadApp}
+	ErrNotAllowed   = &Error{Code: CodeNotAllowed}
+	ErrNoSession    = &Error{Code: CodeNoSession}
+	ErrInvalidInput = &Error{Code: CodeInvalidInput}
+	// ErrInvalidOperation matches E008001.
+	ErrInvalidOperation = &Error{Code: CodeInvalidOperation}
+	ErrOutcomeUnknown   = &Error{Code: CodeOutcomeUnknown}
+	ErrAttrExists       = &Error{Code: CodeAttrExists}
+	ErrNoAttr           = &Error{Code: CodeNoAttr}
+	ErrUsernameExists   = &Error{Code: CodeUsernameExists}
+	ErrBadRequest       = &Error{Code: CodeBadRequest}
+	ErrInternal         = &Error{Code: CodeInternal}
 )
 
 // RetryAfterOf returns when err says to come back (its *Error's RetryAfter), or 0.

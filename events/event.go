@@ -17,8 +17,11 @@ type Type string
 
 // Event types.
 const (
-	UserCreated    Type = "user.created"
-	UserApproved   Type = "user.approved"
+	UserCreated  Type = "user.created"
+	UserApproved Type = "user.approved"
+	// UserDeleted erases a user: the user's sessions end, their attributes and the
+	// user's record go, and the username is free again (docs/EVENTS.md).
+	UserDeleted    Type = "user.deleted"
 	SessionCreated Type = "session.created"
 	SessionRenewed Type = "session.renewed"
 	SessionEnded   Type = "session.ended"

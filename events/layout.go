@@ -72,7 +72,7 @@ func (l Layout) prefix(uid string) string {
 // Subject returns the subject an event is published on.
 func (l Layout) Subject(e *Event) string {
 	switch e.Type {
-	case UserCreated, UserApproved, LoginFailed:
+	case UserCreated, UserApproved, UserDeleted, LoginFailed:
 		return l.prefix(e.UserID) + ".user"
 	case SessionCreated, SessionRenewed, SessionEnded:
 		return l.prefix(e.UserID) + ".session." + e.SessionID
@@ -92,7 +92,7 @@ func (l Layout) DecisionSubject(uid string) string { return l.prefix(uid) + ".de
 // UserSubjects is the filter for all events about one user.
 func (l Layout) UserSubjects(uid string) string { return l.prefix(uid) + ".>" }
 
-// UserSubject is the subject of a user's own lifecycle events (created, approved).
+// UserSubject is the subject of a user's own lifecycle events (created, approved, deleted).
 func (l Layout) UserSubject(uid string) string { return l.prefix(uid) + ".user" }
 
 // SessionSubject is the subject of a session's events.

@@ -67,6 +67,9 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) (err err
 	if err := p.load.load(ctx, p.view, keys, prefixes); err != nil {
 		return err
 	}
+	if err := p.loadErasures(ctx, items); err != nil {
+		return err
+	}
 
 	decisions := make([]events.Decision, len(items))
 	for start := 0; start < len(items); {

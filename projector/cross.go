@@ -18,8 +18,8 @@ import (
 // A partition's projector folds its own users' events, in log order, against a view
 // that only it writes. Two kinds of decision also read what other partitions fold:
 // an event whose actor is a user of another partition (a super-user acting on someone
-// else: its actor's session and user record), and user.created (whether its username
-// is taken: any partition may have claimed it). Replay folds the whole log into one
+// else: its actor's session and user record), user.created (whether its username
+// is taken: any partition may have claimed it) and user.deleted (which frees one). Replay folds the whole log into one
 // state, so for every such event it reads the other user's state as it stood right
 // before the event's sequence S. The live projector reads exactly that:
 //
@@ -34,9 +34,9 @@ import (
 //     expired away) it folds that user's lifecycle events before S from the log, each
 //     as its partition decided it.
 //
-// Usernames are never freed, so a username record written before S means taken, and
-// none (or one written after S, which cannot happen: that claim would wait for this
-// event) means free.
+// A username record written before S means taken, and none means free: a claim after
+// S would wait for this event, and so would a deletion that frees the username
+// (user.deleted, erase.go), which waits for every partition too.
 
 // appliedSubject is where a partition's projector answers how far it has committed
 // (the internal account only).
@@ -58,7 +58,9 @@ func (p *Projector) crossReads(ev *events.Event) (actor bool, username bool) {
 		return false, false
 	}
 	actor = ev.Actor != "" && p.layout.Partition(ev.Actor) != p.cfg.Partition
-	username = ev.Type == events.UserCreated && ev.User != nil
+	// A claim of a username reads it; a deletion frees one (erase.go): both wait for
+	// every partition.
+	username = ev.Type == events.UserCreated && ev.User != nil || ev.Type == events.UserDeleted
 	return actor, username
 }
 
@@ -72,6 +74,8 @@ func (p *Projector) crossRead(ctx context.Context, seq uint64, ev *events.Event)
 				return err
 			}
 		}
+	}
+	if username && ev.Type == events.UserCreated {
 		key := events.UsernameKey(ev.User.Username)
 		e, err := p.load.read(ctx, key)
 		if err != nil {

@@ -135,6 +135,9 @@ func decide(st State, seq uint64, ev *events.Event, open Opener) (events.Code, [
 			st.Put(events.UsernameKey(u.Username), &events.UsernameRecord{UserID: u.UserID, Seq: seq})
 		}}
 
+	case events.UserDeleted:
+		return decideUserDeleted(st, ev)
+
 	case events.UserApproved:
 		if c := authorizeAdmin(st, ev); c != "" {
 			return c, nil
@@ -323,6 +326,10 @@ func effectsAnyway(st State, seq uint64, ev *events.Event, open Opener) []func()
 		}
 	case events.SessionEnded:
 		return []func(){func() { endSession(st, ev.UserID, ev.SessionID) }}
+	case events.UserDeleted:
+		if u := st.User(ev.UserID); u != nil {
+			return []func(){func() { eraseUser(st, ev.UserID, u.Username) }}
+		}
 	case events.AttrDeleted:
 		var plan []func()
 		for _, it := range ev.Attrs {
@@ -437,6 +444,11 @@ func Keys(ev *events.Event) (keys []string, prefixes []string) {
 		}
 	case events.UserApproved:
 		add(events.UserKey(ev.UserID))
+	case events.UserDeleted:
+		// The sessions' keys and attributes and the username come once these are
+		// loaded (loadErasures).
+		add(events.UserKey(ev.UserID))
+		prefixes = append(prefixes, events.SessionIndexPrefix(ev.UserID), events.AttrPrefix(ev.UserID, ""))
 	case events.SessionCreated:
 		add(events.UserKey(ev.UserID), events.SessionKey(ev.SessionID), events.SessionIndexKey(ev.UserID, ev.SessionID))
 		if ev.Cap > 0 {

@@ -175,6 +175,12 @@ func (s *Session) ApproveUser(ctx context.Context, userID string) error {
 	return s.c.Call(ctx, "user.approve", map[string]any{"ust": s.UST, "user_id": userID}, nil)
 }
 
+// DeleteUser deletes another user for good (super-user only): their sessions end,
+// their and their sessions' attributes go, and the username is free again.
+func (s *Session) DeleteUser(ctx context.Context, userID string) error {
+	return s.c.Call(ctx, "user.delete", map[string]any{"ust": s.UST, "user_id": userID}, nil)
+}
+
 // Bool returns a pointer to b, for Item.Encrypt.
 func Bool(b bool) *bool { return &b }
 

@@ -43,6 +43,7 @@ func Routes() []Route {
 		{"GET", "/zato/sso/user", api.OpWhoAmI},
 		{"POST", "/zato/sso/user", api.OpUserCreate},
 		{"POST", "/zato/sso/user/approve", api.OpUserApprove},
+		{"DELETE", "/zato/sso/user", api.OpUserDelete},
 		{"PATCH", "/zato/sso/user/session", api.OpSessionRenew},
 		{"GET", "/attrd/history", api.OpHistory},
 		{"GET", "/attrd/history/at", api.OpHistoryAt},

@@ -279,58 +279,20 @@ func TestASuperUsersLogoutInFlightDecidesItsWriteToAnotherPartitionAsReplayDoes(
 // the second claim (later in the log) would be folded first. The second waits for the
 // first's partition and is refused (E001002); the first is created; replay agrees.
 func TestTwoClaimsOfOneUsernameInTwoPartitionsAreDecidedInLogOrder(t *testing.T) {
-	var mu sync.Mutex
-	decided := map[string]events.Code{} // by event id
-	f, h := heldFixture(t, func(c *Config) {
-		c.OnDecision = func(d events.Decision) {
-			mu.Lock()
-			decided[d.EventID] = d.Code
-			mu.Unlock()
-		}
-	})
+	decided := &decisionLog{}
+	f, h := heldFixture(t, func(c *Config) { c.OnDecision = decided.record })
 	ctx := ctxT(t)
 	lay := events.Layout{Partitions: 4}
 	js, _ := jetstream.New(f.srv.apiConn)
 	// Users created by attrd itself (no actor), in partitions 1 and 2.
-	claim := func(part int, name string) *events.Event {
-		for {
-			uid := events.NewID()
-			if lay.Partition(uid) != part {
-				continue
-			}
-			ev := &events.Event{ID: events.NewID(), Version: events.SchemaVersion, Type: events.UserCreated, Time: time.Now().UnixNano(),
-				UserID: uid, App: "attrd", User: &events.UserData{Username: name, PasswordHash: mustHash(t, "pw"), Approved: true}}
-			data, err := events.Encode(ev)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := js.Publish(ctx, lay.Subject(ev), data, jetstream.WithMsgID(ev.ID)); err != nil {
-				t.Fatal(err)
-			}
-			return ev
-		}
-	}
+	claim := func(part int, name string) *events.Event { return appendUserIn(t, js, lay, part, name) }
 	h.start(1)
 	first := claim(1, "contested")
 	<-h.seen // partition 1 holds the first claim, unwritten
 	second := claim(2, "contested")
 	time.Sleep(200 * time.Millisecond) // partition 2 would fold the second claim now
 	h.release()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		mu.Lock()
-		_, d1 := decided[first.ID]
-		_, d2 := decided[second.ID]
-		mu.Unlock()
-		if d1 && d2 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the claims were not decided")
-		}
-	}
-	mu.Lock()
-	c1, c2 := decided[first.ID], decided[second.ID]
-	mu.Unlock()
+	c1, c2 := decided.await(t, first.ID), decided.await(t, second.ID)
 	if c1 != "" || c2 != events.CodeUsernameExists {
 		t.Fatalf("the first claim in the log: %q, the second: %q; want accepted, then E001002", c1, c2)
 	}
@@ -338,6 +300,59 @@ func TestTwoClaimsOfOneUsernameInTwoPartitionsAreDecidedInLogOrder(t *testing.T)
 		t.Fatalf("the user who got the name cannot log in: %v", err)
 	}
 	verifyReplay(t, f)
+}
+
+// decisionLog records the decisions an instance hands out (Config.OnDecision), by
+// event id.
+type decisionLog struct {
+	mu sync.Mutex
+	m  map[string]events.Code
+}
+
+func (l *decisionLog) record(d events.Decision) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.m == nil {
+		l.m = map[string]events.Code{}
+	}
+	l.m[d.EventID] = d.Code
+}
+
+// await returns the decision on event id, waiting up to 10 s for it.
+func (l *decisionLog) await(t *testing.T, id string) events.Code {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		l.mu.Lock()
+		c, ok := l.m[id]
+		l.mu.Unlock()
+		if ok {
+			return c
+		}
+	}
+	t.Fatalf("event %s was not decided", id)
+	return ""
+}
+
+// appendUserIn appends user.created of name (password "pw") as attrd itself would,
+// for a new user id in partition part of lay, and returns the event.
+func appendUserIn(t *testing.T, js jetstream.JetStream, lay events.Layout, part int, name string) *events.Event {
+	t.Helper()
+	for {
+		uid := events.NewID()
+		if lay.Partition(uid) != part {
+			continue
+		}
+		ev := &events.Event{ID: events.NewID(), Version: events.SchemaVersion, Type: events.UserCreated, Time: time.Now().UnixNano(),
+			UserID: uid, App: "attrd", User: &events.UserData{Username: name, PasswordHash: mustHash(t, "pw"), Approved: true}}
+		data, err := events.Encode(ev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := js.Publish(ctxT(t), lay.Subject(ev), data, jetstream.WithMsgID(ev.ID)); err != nil {
+			t.Fatal(err)
+		}
+		return ev
+	}
 }
 
 // TestAnApprovalRacingALoginIsDecidedAsReplayDoes: users of one partition, not yet

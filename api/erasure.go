@@ -1,0 +1,47 @@
+package api
+
+import (
+	"context"
+
+	"github.com/attrd/attrd/events"
+)
+
+// OpUserDelete deletes a user for good (a super-user only; nobody deletes themselves).
+const OpUserDelete Op = "user.delete"
+
+// deleteUser appends user.deleted for a super-user. The projector decides it (the
+// target must exist and not be the caller: E008001 otherwise, as in Zato) and applies
+// it: the user's sessions end, their UST stops working for every operation, the
+// user's and sessions' attributes go and the username is free again
+// (projector/erase.go). The history keeps the user's events.
+func (s *Service) deleteUser(ctx context.Context, req *Request, m *Meta) (map[string]any, error) {
+	c, err := s.superUser(ctx, req.UST)
+	if err != nil {
+		return nil, err
+	}
+	if !events.ValidUserID(req.UserID) {
+		return nil, events.Errorf(events.CodeInvalidOperation, "no such user")
+	}
+	if req.UserID == c.user.UserID {
+		return nil, events.Errorf(events.CodeInvalidOperation, "nobody deletes themselves")
+	}
+	// Read for the login counter's key only: the fold decides whether the user exists
+	// (a retry, with its request id, finds the user gone and must answer as the first).
+	u, err := s.readUser(ctx, req.UserID)
+	if err != nil {
+		return nil, err
+	}
+	ev := c.event(events.UserDeleted, *m)
+	ev.UserID = req.UserID
+	ev.RequestKey = c.requestKey(req.RequestID)
+	if _, err := s.apply(ctx, ev); err != nil {
+		return nil, err
+	}
+	if u != nil && s.throttle != nil {
+		// The failed-login counter is keyed by the username: it goes with the user.
+		if err := s.throttle.succeeded(ctx, u.Username); err != nil {
+			s.log.Warn("the deleted user's login counter stays until it expires", "cid", m.CID, "err", err)
+		}
+	}
+	return nil, nil
+}
