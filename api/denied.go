@@ -79,8 +79,9 @@ func (s *Service) recordDenied(ev *events.Event) {
 	if ev.Time == 0 {
 		ev.Time = time.Now().UnixNano()
 	}
-	data, err := events.Encode(ev)
+	data, err := s.encode(context.Background(), ev)
 	if err != nil {
+		s.log.Warn("denied attempt not recorded", "type", ev.Type, "err", err)
 		return
 	}
 	msg := &nats.Msg{Subject: s.layout.Subject(ev), Data: data, Header: nats.Header{}}

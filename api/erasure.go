@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/attrd/attrd/events"
 )
@@ -37,6 +38,13 @@ func (s *Service) deleteUser(ctx context.Context, req *Request, m *Meta) (map[st
 	if _, err := s.apply(ctx, ev); err != nil {
 		return nil, err
 	}
+	if s.dataKeys != nil {
+		// The projector destroys the data key as it applies the deletion; this is the
+		// same, in case its run ended right after.
+		if err := s.dataKeys.Destroy(ctx, req.UserID); err != nil {
+			s.log.Warn("the deleted user's data key is left for the projector to destroy", "cid", m.CID, "err", err)
+		}
+	}
 	if u != nil && s.throttle != nil {
 		// The failed-login counter is keyed by the username: it goes with the user.
 		if err := s.throttle.succeeded(ctx, u.Username); err != nil {
@@ -44,4 +52,23 @@ func (s *Service) deleteUser(ctx context.Context, req *Request, m *Meta) (map[st
 		}
 	}
 	return nil, nil
+}
+
+// encode returns the wire form of ev, with what is personal in it sealed with its
+// person's data key when this deployment has them. ev itself is left as it is: the
+// request goes on reading it.
+func (s *Service) encode(ctx context.Context, ev *events.Event) ([]byte, error) {
+	if s.dataKeys == nil {
+		return events.Encode(ev)
+	}
+	c := *ev
+	if ev.User != nil {
+		u := *ev.User
+		c.User = &u
+	}
+	c.Attrs = append([]events.AttrItem(nil), ev.Attrs...)
+	if err := s.dataKeys.Seal(ctx, &c); err != nil {
+		return nil, fmt.Errorf("seal the event's personal data: %w", err)
+	}
+	return events.Encode(&c)
 }

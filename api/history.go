@@ -94,6 +94,11 @@ func HistoryEvent(e events.Entry, after events.View, keys *sealed.Keyring, decry
 	if e.Decision.Code != "" {
 		out["decision"], out["code"] = "rejected", string(e.Decision.Code)
 	}
+	if ev.Erased {
+		// What is personal in it is sealed, and this reader cannot open it: its
+		// person's data key is destroyed (the user was deleted), or there is no key file.
+		out["personal_data"] = "sealed"
+	}
 	if ev.Type == events.LoginFailed || ev.Type == events.AccessDenied {
 		// A request the API refused before the log: recorded so an audit sees it.
 		out["decision"], out["code"] = "rejected", string(events.CodeNotAllowed)
@@ -110,7 +115,10 @@ func HistoryEvent(e events.Entry, after events.View, keys *sealed.Keyring, decry
 	switch ev.Type {
 	case events.UserCreated:
 		if ev.User != nil {
-			out["username"], out["is_super_user"] = ev.User.Username, ev.User.SuperUser
+			out["is_super_user"] = ev.User.SuperUser
+			if ev.User.Username != "" {
+				out["username"] = ev.User.Username
+			}
 		}
 	case events.SessionCreated, events.SessionRenewed:
 		out["expiration_time"] = formatTime(ev.ExpiresAt)
@@ -132,6 +140,10 @@ func HistoryEvent(e events.Entry, after events.View, keys *sealed.Keyring, decry
 					encrypted = a != nil && a.Encrypted
 				}
 				switch {
+				case ev.Erased && it.Value == nil:
+					// Sealed with the user's personal data, and no key here for it (no
+					// key file, or the user was deleted).
+					c["value_unavailable"] = true
 				case it.Enc == events.Plain:
 					c["value"] = json.RawMessage(it.Value)
 				case (decrypt || !encrypted) && keys != nil:

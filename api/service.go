@@ -102,12 +102,14 @@ type Service struct {
 	// quorum was sent: reads wait quorumSettle after it (quorum.go).
 	quorumBack atomic.Int64
 
-	sessions  *sessionCache
-	hashes    *Gate
-	logins    *loginFlights // password checks in flight
-	denied    *rateLimiter  // records of denied attempts
-	throttle  *throttle     // failed-login counters; nil without their bucket
-	histories *Gate         // history folds at once
+	sessions *sessionCache
+	hashes   *Gate
+	logins   *loginFlights // password checks in flight
+	denied   *rateLimiter  // records of denied attempts
+	throttle *throttle     // failed-login counters; nil without their bucket
+	// dataKeys seal what is personal in events (erasure.go); nil without a key file.
+	dataKeys  *events.DataKeys
+	histories *Gate // history folds at once
 	stop      context.CancelFunc
 }
 
@@ -205,6 +207,16 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		logins:    newLoginFlights(cfg.LoginsPerAddress),
 		histories: NewGate(cfg.HistoryConcurrency, -1, 2*time.Second, "history requests"),
 		denied:    newRateLimiter(deniedPerMinute, time.Minute, 100_000)}
+	if cfg.Keyring != nil {
+		// With the key file, what is personal in every event is sealed with its
+		// person's data key (erasure.go).
+		if s.dataKeys, err = events.OpenDataKeys(ctx, js, cfg.Keyring); err != nil {
+			return nil, fmt.Errorf("data keys: %w", err)
+		}
+	}
+	if s.dataKeys == nil {
+		s.log.Warn("events keep personal data in clear: a deleted user's earlier events keep it", "why", "no key file, or no data keys bucket")
+	}
 	if tkv, err := js.KeyValue(ctx, events.ThrottleBucket); err == nil {
 		s.throttle = &throttle{kv: tkv, perUser: ThrottleFreeUserFailures, perAddr: ThrottleFreeAddrFailures, maxBackoff: ThrottleMaxBackoff}
 	} else {
@@ -333,7 +345,7 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 	if ev.Time == 0 {
 		ev.Time = time.Now().UnixNano()
 	}
-	data, err := events.Encode(ev)
+	data, err := s.encode(ctx, ev)
 	if err != nil {
 		return events.Decision{}, err
 	}

@@ -41,7 +41,9 @@ const (
 //
 //	1  the first released format
 //	2  adds actor_name, the acting user's username, for audits
-const SchemaVersion = 2
+//	3  seals what is personal (usernames, password hashes, values, addresses, user
+//	   agents) with its person's data key, in pii and apii (personal.go)
+const SchemaVersion = 3
 
 // Headers carried by event messages.
 const (
@@ -125,6 +127,15 @@ type Event struct {
 	User      *UserData  `msgpack:"user,omitempty"` // user.created
 	ExpiresAt int64      `msgpack:"exp,omitempty"`  // session.created, session.renewed
 	Attrs     []AttrItem `msgpack:"attrs,omitempty"`
+
+	// PII and APII hold, sealed, what is personal of the event's user and of its actor
+	// (version 3, personal.go): until OpenPersonal opens them, the fields they hold
+	// are empty.
+	PII  []byte `msgpack:"pii,omitempty"`
+	APII []byte `msgpack:"apii,omitempty"`
+	// Erased, after OpenPersonal, says a sealed part could not be opened: its person's
+	// data key is destroyed (the user was deleted) or the reader has none. Never stored.
+	Erased bool `msgpack:"-"`
 }
 
 // At returns the event's time.
@@ -173,6 +184,8 @@ func upgrade(e *Event) error {
 		switch e.Version {
 		case 1:
 			// Version 1 did not record the actor's username: it stays unknown ("").
+		case 2:
+			// Version 2 holds personal data in clear: nothing to open.
 		}
 		e.Version++
 	}

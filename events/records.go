@@ -20,6 +20,10 @@ type UserRecord struct {
 	Approved     bool   `msgpack:"approved,omitempty"`
 	Created      int64  `msgpack:"created"`
 	Seq          uint64 `msgpack:"seq"`
+	// Unopened marks, in a reader's fold, a user whose username and password hash are
+	// sealed in the log under a key it does not have (no key file, or the user's data
+	// key destroyed). Never stored.
+	Unopened bool `msgpack:"-"`
 }
 
 // UsernameRecord maps a username to its user (key n.<enc(username)>).
@@ -37,6 +41,9 @@ type SessionRecord struct {
 	RemoteAddr string `msgpack:"addr,omitempty"`
 	UserAgent  string `msgpack:"ua,omitempty"`
 	Seq        uint64 `msgpack:"seq"`
+	// Unopened marks, in a reader's fold, a session whose address and user agent are
+	// sealed in the log under a key it does not have. Never stored.
+	Unopened bool `msgpack:"-"`
 }
 
 // Live reports whether the session is live at t (Unix nanoseconds).

@@ -154,6 +154,26 @@ func EnsureStore(ctx context.Context, js jetstream.JetStream, c StoreConfig) (je
 	if _, err := js.CreateOrUpdateKeyValue(ctx, c.ThrottleConfig()); err != nil {
 		return nil, nil, fmt.Errorf("ensure bucket %s: %w", ThrottleBucket, err)
 	}
+	// An existing data keys bucket is left as it is: a KV config update would turn
+	// direct gets on again (see EnsureBucket).
+	if _, err := js.Stream(ctx, KVStream(DataKeysBucket)); errors.Is(err, jetstream.ErrStreamNotFound) {
+		if _, err := js.CreateKeyValue(ctx, c.DataKeysConfig()); err != nil && !errors.Is(err, jetstream.ErrBucketExists) {
+			return nil, nil, fmt.Errorf("ensure bucket %s: %w", DataKeysBucket, err)
+		}
+	} else if err != nil {
+		return nil, nil, fmt.Errorf("bucket %s: %w", DataKeysBucket, err)
+	}
+	if c.Replicas > 1 {
+		// A data key made on one instance and read on another through a replica that
+		// is behind would read as destroyed: its reads go to the leader.
+		dst, err := js.Stream(ctx, KVStream(DataKeysBucket))
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := leaderReads(ctx, js, dst); err != nil {
+			return nil, nil, fmt.Errorf("bucket %s: read from the leader: %w", DataKeysBucket, err)
+		}
+	}
 	return st, kv, nil
 }
 

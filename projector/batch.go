@@ -51,6 +51,13 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) (err err
 			continue // a decision this projector recorded: not an event
 		}
 		it.ev, it.bad = events.Decode(m.Data())
+		if it.bad == nil {
+			// A data key that cannot be read now (or unwrapped: a key file without the
+			// key that wrapped it) stops the run rather than reject the event.
+			if err := p.openPersonal(ctx, it.ev); err != nil {
+				return err
+			}
+		}
 		if it.bad == nil && p.layout.Subject(it.ev) != m.Subject() {
 			it.bad = fmt.Errorf("event %s on subject %s, want %s", it.ev.ID, m.Subject(), p.layout.Subject(it.ev))
 		}

@@ -129,7 +129,7 @@ func decide(st State, seq uint64, ev *events.Event, open Opener) (events.Code, [
 			return events.CodeUsernameExists, nil
 		}
 		u := &events.UserRecord{UserID: ev.UserID, Username: ev.User.Username, PasswordHash: ev.User.PasswordHash,
-			SuperUser: ev.User.SuperUser, Approved: ev.User.Approved, Created: t, Seq: seq}
+			SuperUser: ev.User.SuperUser, Approved: ev.User.Approved, Created: t, Seq: seq, Unopened: ev.Erased}
 		return "", []func(){func() {
 			st.Put(events.UserKey(ev.UserID), u)
 			st.Put(events.UsernameKey(u.Username), &events.UsernameRecord{UserID: u.UserID, Seq: seq})
@@ -162,7 +162,7 @@ func decide(st State, seq uint64, ev *events.Event, open Opener) (events.Code, [
 			return events.CodeInvalidInput, nil // too many live sessions
 		}
 		s := &events.SessionRecord{UserID: ev.UserID, Created: t, ExpiresAt: ev.ExpiresAt, App: ev.App,
-			RemoteAddr: ev.RemoteAddr, UserAgent: ev.UserAgent, Seq: seq}
+			RemoteAddr: ev.RemoteAddr, UserAgent: ev.UserAgent, Seq: seq, Unopened: ev.Erased}
 		return "", []func(){func() {
 			st.Put(events.SessionKey(ev.SessionID), s)
 			st.Put(events.SessionIndexKey(ev.UserID, ev.SessionID), &events.SessionRefRecord{ExpiresAt: s.ExpiresAt, Seq: seq})
@@ -255,6 +255,9 @@ func decideAttrs(st State, seq uint64, ev *events.Event, open Opener) (events.Co
 // when the attribute is live (update), from nothing otherwise (create).
 func newAttr(ev *events.Event, it events.AttrItem, old *events.AttrRecord, seq uint64, open Opener) (*events.AttrRecord, events.Code) {
 	rec := &events.AttrRecord{Value: it.Value, Created: ev.Time, Modified: ev.Time, ExpiresAt: it.ExpiresAt, Seq: seq}
+	if ev.Erased && it.Value == nil {
+		rec.Unopened = true // sealed with its user's personal data: only their key shows it
+	}
 	if old != nil {
 		rec.Created = old.Created
 		if it.ExpiresAt == 0 {
@@ -268,6 +271,9 @@ func newAttr(ev *events.Event, it events.AttrItem, old *events.AttrRecord, seq u
 		if old != nil && old.Encrypted {
 			rec.Encrypted = true
 			break
+		}
+		if rec.Unopened {
+			break // erased with its user's personal data
 		}
 		if open == nil {
 			return nil, events.CodeInvalidInput
@@ -297,10 +303,12 @@ func effectsAnyway(st State, seq uint64, ev *events.Event, open Opener) []func()
 			return nil
 		}
 		u := &events.UserRecord{UserID: ev.UserID, Username: ev.User.Username, PasswordHash: ev.User.PasswordHash,
-			SuperUser: ev.User.SuperUser, Approved: ev.User.Approved, Created: t, Seq: seq}
+			SuperUser: ev.User.SuperUser, Approved: ev.User.Approved, Created: t, Seq: seq, Unopened: ev.Erased}
 		return []func(){func() {
 			st.Put(events.UserKey(ev.UserID), u)
-			st.Put(events.UsernameKey(u.Username), &events.UsernameRecord{UserID: u.UserID, Seq: seq})
+			if u.Username != "" { // "": erased with its user (the user is deleted later in the log)
+				st.Put(events.UsernameKey(u.Username), &events.UsernameRecord{UserID: u.UserID, Seq: seq})
+			}
 		}}
 	case events.UserApproved:
 		if u := st.User(ev.UserID); u != nil {
@@ -310,7 +318,7 @@ func effectsAnyway(st State, seq uint64, ev *events.Event, open Opener) []func()
 		}
 	case events.SessionCreated:
 		s := &events.SessionRecord{UserID: ev.UserID, Created: t, ExpiresAt: ev.ExpiresAt, App: ev.App,
-			RemoteAddr: ev.RemoteAddr, UserAgent: ev.UserAgent, Seq: seq}
+			RemoteAddr: ev.RemoteAddr, UserAgent: ev.UserAgent, Seq: seq, Unopened: ev.Erased}
 		return []func(){func() {
 			st.Put(events.SessionKey(ev.SessionID), s)
 			st.Put(events.SessionIndexKey(ev.UserID, ev.SessionID), &events.SessionRefRecord{ExpiresAt: s.ExpiresAt, Seq: seq})

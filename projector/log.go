@@ -17,6 +17,15 @@ type Log struct {
 	js     jetstream.JetStream
 	opener Opener
 	bucket string
+	// dataKeys open what is personal in events (version 3); nil: it stays sealed.
+	dataKeys *events.DataKeys
+}
+
+// WithDataKeys makes the log open what is personal in events with the users' data
+// keys; a deleted user's stays sealed (erased).
+func (l *Log) WithDataKeys(dk *events.DataKeys) *Log {
+	l.dataKeys = dk
+	return l
 }
 
 // NewLog returns a reader of the event log; opener opens sealed Inherit values (nil:
@@ -101,10 +110,40 @@ func (l *Log) read(ctx context.Context, filters []string, whole bool, fn func(se
 
 // fold decodes and folds one message into st, as the projector would; forced, if not
 // nil, is the decision the projector recorded for it.
-func (l *Log) fold(st State, lay events.Layout, seq uint64, subject string, data []byte, forced *events.Code) events.Entry {
-	e := events.Entry{Seq: seq, Subject: subject}
+func (l *Log) fold(ctx context.Context, st State, lay events.Layout, seq uint64, subject string, data []byte, forced *events.Code) (events.Entry, error) {
+	ev, err := l.decode(ctx, data)
+	if err != nil && !errors.Is(err, errUnreadable) {
+		return events.Entry{}, err
+	}
+	return l.foldEvent(st, lay, seq, subject, ev, forced), nil
+}
+
+// errUnreadable marks an event that cannot be decoded or opened: it is rejected.
+var errUnreadable = errors.New("unreadable event")
+
+// decode decodes a message of the log and opens what is personal in it, with the data
+// keys there are; an event that cannot be read is errUnreadable (ev nil), and any other
+// error is the data keys' (try again).
+func (l *Log) decode(ctx context.Context, data []byte) (*events.Event, error) {
 	ev, err := events.Decode(data)
-	if err != nil || lay.Subject(ev) != subject {
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errUnreadable, err)
+	}
+	switch {
+	case l.dataKeys != nil:
+		if err := l.dataKeys.Open(ctx, ev); err != nil {
+			return nil, err // a data key that cannot be read, or unwrapped
+		}
+	case ev.PII != nil || ev.APII != nil:
+		ev.Erased = true // no key file: what is personal stays sealed
+	}
+	return ev, nil
+}
+
+// foldEvent folds a decoded event (nil: unreadable, rejected) into st.
+func (l *Log) foldEvent(st State, lay events.Layout, seq uint64, subject string, ev *events.Event, forced *events.Code) events.Entry {
+	e := events.Entry{Seq: seq, Subject: subject}
+	if ev == nil || lay.Subject(ev) != subject {
 		e.Decision = events.Decision{Seq: seq, Code: events.CodeInvalidInput}
 		return e
 	}
@@ -137,7 +176,9 @@ func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) err
 	}
 	m.since = rec.Since
 	m.Recorded = map[uint64]events.Code{}
-	return l.read(ctx, nil, true, func(seq uint64, subject string, data []byte) bool {
+	er := &erasures{log: l, since: rec.Since, unnamed: map[string]bool{}}
+	var foldErr error
+	err = l.read(ctx, nil, true, func(seq uint64, subject string, data []byte) bool {
 		if events.IsDecisionSubject(subject) {
 			var d events.Decision
 			if events.Unmarshal(data, &d) == nil {
@@ -147,12 +188,17 @@ func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) err
 			}
 			return true
 		}
-		e := l.fold(st, lay, seq, subject, data, nil)
+		e, err := er.fold(ctx, st, lay, seq, subject, data)
+		if err != nil {
+			foldErr = err
+			return false
+		}
 		if fn != nil {
 			fn(e)
 		}
 		return true
 	})
+	return errors.Join(err, foldErr)
 }
 
 // recording reads from which sequence a partition's projector records decisions
@@ -251,6 +297,7 @@ func (l *Log) FoldUser(ctx context.Context, uid string, at int64, hasAt bool, fn
 	prefix := strings.TrimSuffix(own, ">")
 	st := m.State()
 	accepted := events.Code("")
+	var foldErr error
 	err = l.read(ctx, filters, false, func(seq uint64, subject string, data []byte) bool {
 		if hasAt && seq > stop {
 			return false
@@ -265,11 +312,15 @@ func (l *Log) FoldUser(ctx context.Context, uid string, at int64, hasAt bool, fn
 				forced = &c
 			}
 		}
-		e := l.fold(st, lay, seq, subject, data, forced)
+		e, err := l.fold(ctx, st, lay, seq, subject, data, forced)
+		if err != nil {
+			foldErr = err
+			return false
+		}
 		if strings.HasPrefix(subject, prefix) && fn != nil {
 			return fn(e, st)
 		}
 		return true
 	})
-	return m.State(), err
+	return m.State(), errors.Join(err, foldErr)
 }

@@ -111,6 +111,7 @@ func (p *Projector) land(ctx context.Context) error {
 		return err
 	}
 	p.reply(f.items, f.decisions)
+	p.destroyDataKeys(ctx, f.items, f.decisions)
 	if err := p.hook(p.cfg.Hooks.BeforeAck, first, last); err != nil {
 		return err
 	}

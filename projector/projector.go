@@ -45,6 +45,9 @@ type Config struct {
 	MaxBatch int
 	// Opener opens sealed values for Inherit items; nil rejects them.
 	Opener Opener
+	// DataKeys open what is personal in events (version 3) and are destroyed when a
+	// user is deleted (erase.go); nil: events are folded as they come.
+	DataKeys *events.DataKeys
 	// Replies sends decisions to waiting requests (off for a replay).
 	Replies bool
 	// StopAtEnd makes Run return once it has folded every event the stream held when

@@ -44,7 +44,7 @@ func Write(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory
 	}
 	recs := m.recs()
 	for k, r := range recs {
-		if a, ok := r.(*events.AttrRecord); ok && a.Unopened {
+		if isUnopened(r) {
 			return fmt.Errorf("%s: %w", k, ErrNeedsKey)
 		}
 	}
@@ -226,7 +226,7 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 			diffs = append(diffs, Difference{Key: key, Replay: r})
 			continue
 		}
-		if a, ok := r.(*events.AttrRecord); ok && a.Unopened {
+		if isUnopened(r) {
 			unopened++
 		}
 		if !sameRecord(l, r) {
@@ -235,6 +235,12 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 	}
 	for key, l := range live {
 		if _, ok := replay[key]; !ok && alive(key, l, liveSession) {
+			if n, ok := l.(*events.UsernameRecord); ok {
+				if u, _ := replay[events.UserKey(n.UserID)].(*events.UserRecord); u != nil && u.Unopened {
+					unopened++
+					continue // the replay cannot read whose username this is
+				}
+			}
 			diffs = append(diffs, Difference{Key: key, Live: l})
 		}
 	}
@@ -277,16 +283,42 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 	return diffs, unopened, nil
 }
 
+// isUnopened reports whether a replay's record holds something sealed in the log
+// that the replay could not open (no key file, or a deleted user's data).
+func isUnopened(rec any) bool {
+	switch r := rec.(type) {
+	case *events.AttrRecord:
+		return r.Unopened
+	case *events.UserRecord:
+		return r.Unopened
+	case *events.SessionRecord:
+		return r.Unopened
+	}
+	return false
+}
+
 func sameRecord(a, b any) bool {
-	if r, ok := b.(*events.AttrRecord); ok && r.Unopened {
-		// Without the key the replay knows all of this record but its value.
-		l, ok := a.(*events.AttrRecord)
-		if !ok {
-			return false
+	// Without a key the replay knows all of a record but what is sealed in the log:
+	// compare the rest.
+	switch r := b.(type) {
+	case *events.AttrRecord:
+		if l, ok := a.(*events.AttrRecord); ok && r.Unopened {
+			lc, rc := *l, *r
+			lc.Value, rc.Value, rc.Unopened = nil, nil, false
+			a, b = &lc, &rc
 		}
-		lc, rc := *l, *r
-		lc.Value, rc.Value, rc.Unopened = nil, nil, false
-		a, b = &lc, &rc
+	case *events.UserRecord:
+		if l, ok := a.(*events.UserRecord); ok && r.Unopened {
+			lc, rc := *l, *r
+			lc.Username, lc.PasswordHash, rc.Username, rc.PasswordHash, rc.Unopened = "", "", "", "", false
+			a, b = &lc, &rc
+		}
+	case *events.SessionRecord:
+		if l, ok := a.(*events.SessionRecord); ok && r.Unopened {
+			lc, rc := *l, *r
+			lc.RemoteAddr, lc.UserAgent, rc.RemoteAddr, rc.UserAgent, rc.Unopened = "", "", "", "", false
+			a, b = &lc, &rc
+		}
 	}
 	x, err1 := events.Marshal(a)
 	y, err2 := events.Marshal(b)

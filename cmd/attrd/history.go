@@ -17,7 +17,6 @@ import (
 
 	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/events"
-	"github.com/attrd/attrd/projector"
 )
 
 // historyCmd is `attrd history`: a user's (or a session's, or an attribute's) events
@@ -50,7 +49,10 @@ func historyCmd(ctx context.Context, args []string, stdout, stderr *os.File) err
 	if err != nil {
 		return err
 	}
-	log := projector.NewLog(js, opener(keys))
+	log, err := newLog(ctx, js, keys)
+	if err != nil {
+		return err
+	}
 	if *at != "" {
 		t, err := api.ParseTime("--at", *at)
 		if err != nil {
@@ -155,6 +157,8 @@ func change(r map[string]any) string {
 			switch {
 			case c["value_encrypted"] == true:
 				p += "=<encrypted>"
+			case c["value_unavailable"] == true:
+				p += "=<sealed>"
 			case c["value"] != nil:
 				b, _ := json.Marshal(c["value"])
 				p += "=" + string(b)
@@ -188,6 +192,9 @@ func printAttrs(w io.Writer, attrs map[string]any, asJSON bool) error {
 	for _, n := range names {
 		a := attrs[n].(map[string]any)
 		b, _ := json.Marshal(a["value"])
+		if a["value_unavailable"] == true {
+			b = []byte("<sealed>")
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%s\t%s\n", esc(n), esc(string(b)), a["is_encrypted"], a["creation_time"], a["last_modified"], a["expiration_time"])
 	}
 	return tw.Flush()

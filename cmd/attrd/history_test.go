@@ -2,6 +2,7 @@ package main
 
 import (
 	"net/url"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -241,17 +242,27 @@ func TestHistoryCommandPrintsATableOrJSON(t *testing.T) {
 	u, _ := f.alice.User(ctx)
 	expectCode(t, u.Attr.Create(ctx, "theme", "dark"), noError)
 	expectCode(t, u.Attr.Update(ctx, "nope", 1), events.CodeNoAttr)
-	code, out := runCmd(t, "history", "--user", "alice", "--nats-url", f.srv.ClientURL())
+	key := "--encryption-key-file=" + filepath.Join(f.srv.cfg.DataDir, "encryption.key")
+	code, out := runCmd(t, "history", "--user", "alice", "--nats-url", f.srv.ClientURL(), key)
 	if code != 0 || !strings.Contains(out, "DECISION") || !strings.Contains(out, `theme="dark"`) || !strings.Contains(out, "rejected E009002") {
 		t.Fatalf("table: exit %d\n%s", code, out)
+	}
+	// Values are personal data, sealed in the log: without the key file they do not show.
+	code, out = runCmd(t, "history", "--user", "alice", "--nats-url", f.srv.ClientURL())
+	if code != 0 || strings.Contains(out, "dark") || !strings.Contains(out, "rejected E009002") {
+		t.Fatalf("table without the key file: exit %d\n%s", code, out)
 	}
 	code, out = runCmd(t, "history", "--user", f.aliceID, "--attr", "theme", "--json", "--nats-url", f.srv.ClientURL())
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	if code != 0 || len(lines) != 1 || !strings.Contains(lines[0], `"type":"attr.created"`) {
 		t.Fatalf("json: exit %d\n%s", code, out)
 	}
-	code, out = runCmd(t, "history", "--user", "alice", "--at", time.Now().Format(time.RFC3339Nano), "--nats-url", f.srv.ClientURL())
+	code, out = runCmd(t, "history", "--user", "alice", "--at", time.Now().Format(time.RFC3339Nano), "--nats-url", f.srv.ClientURL(), key)
 	if code != 0 || !strings.Contains(out, "theme") || !strings.Contains(out, `"dark"`) {
 		t.Fatalf("--at: exit %d\n%s", code, out)
+	}
+	code, out = runCmd(t, "history", "--user", "alice", "--at", time.Now().Format(time.RFC3339Nano), "--nats-url", f.srv.ClientURL())
+	if code != 0 || !strings.Contains(out, "theme") || !strings.Contains(out, "<sealed>") || strings.Contains(out, "dark") {
+		t.Fatalf("--at without the key file: exit %d\n%s", code, out)
 	}
 }

@@ -40,7 +40,11 @@ func replayCmd(ctx context.Context, args []string, stdout, stderr *os.File) erro
 		return err
 	}
 	defer nc.Close()
-	r := replayer{js: js, log: projector.NewLog(js, opener(keys)), out: stdout, progress: newProgress(stderr)}
+	log, err := newLog(ctx, js, keys)
+	if err != nil {
+		return err
+	}
+	r := replayer{js: js, log: log, out: stdout, progress: newProgress(stderr)}
 	if *verify {
 		return r.verify(ctx, events.DefaultBucket)
 	}

@@ -191,7 +191,11 @@ func TestLongRandomTrafficReplaysToTheSameProjectionAndDecisions(t *testing.T) {
 	}
 	m := projector.NewMemory()
 	var replayed []events.Decision
-	if err := projector.NewLog(js, keys).FoldAll(ctxT(t), m, func(e events.Entry) { replayed = append(replayed, e.Decision) }); err != nil {
+	log, err := newLog(ctxT(t), js, keys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := log.FoldAll(ctxT(t), m, func(e events.Entry) { replayed = append(replayed, e.Decision) }); err != nil {
 		t.Fatal(err)
 	}
 	mu.Lock()

@@ -284,6 +284,11 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	}
 	pcfg := projector.Config{Bucket: store.Bucket, Opener: opener(keys), Replies: true,
 		Logger: log, Hooks: cfg.ProjectorHooks, OnDecision: cfg.OnDecision, Metrics: pm}
+	if keys != nil {
+		if pcfg.DataKeys, err = events.OpenDataKeys(ctx, js, keys); err != nil {
+			return nil, fmt.Errorf("data keys: %w", err)
+		}
+	}
 	pctx, cancel := context.WithCancel(context.Background())
 	s.prjCancel = cancel
 	s.instance = instanceName()
@@ -316,10 +321,14 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
+	histLog, err := newLog(ctx, histJS, keys)
+	if err != nil {
+		return nil, err
+	}
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
 		SessionMaxLifetime: cfg.SessionMaxLifetime, PasswordConcurrency: cfg.PasswordConcurrency, LoginsPerAddress: cfg.LoginsPerAddress, HistoryTimeout: cfg.HistoryTimeout,
 		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log, Limits: cfg.Limits,
-		History: projector.NewLog(histJS, opener(keys)), Local: s.parts, Metrics: reg}); err != nil {
+		History: histLog, Local: s.parts, Metrics: reg}); err != nil {
 		return nil, err
 	}
 	ready := func() (bool, string) {

@@ -115,6 +115,20 @@ func (t toolFlags) keys(w io.Writer) (*sealed.Keyring, error) {
 }
 
 // opener is keys as a projector.Opener, nil (not a nil *Keyring) when there are none.
+// newLog returns a reader of the event log: with the key file, it opens encrypted
+// values and what is personal in events (a deleted user's stays sealed).
+func newLog(ctx context.Context, js jetstream.JetStream, keys *sealed.Keyring) (*projector.Log, error) {
+	log := projector.NewLog(js, opener(keys))
+	if keys == nil {
+		return log, nil
+	}
+	dk, err := events.OpenDataKeys(ctx, js, keys)
+	if err != nil {
+		return nil, fmt.Errorf("data keys: %w", err)
+	}
+	return log.WithDataKeys(dk), nil
+}
+
 func opener(keys *sealed.Keyring) projector.Opener {
 	if keys == nil {
 		return nil

@@ -11,7 +11,6 @@ package sealed
 import (
 	"bufio"
 	"bytes"
-	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
 	"encoding/base64"
@@ -45,11 +44,7 @@ func NewKeyring(primary string, keys map[string][]byte) (*Keyring, error) {
 		if len(k) != 32 {
 			return nil, fmt.Errorf("sealed: key %q has %d bytes, want 32", id, len(k))
 		}
-		block, err := aes.NewCipher(k)
-		if err != nil {
-			return nil, err
-		}
-		aead, err := cipher.NewGCM(block)
+		aead, err := newGCM(k)
 		if err != nil {
 			return nil, err
 		}

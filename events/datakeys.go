@@ -1,0 +1,268 @@
+package events
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/events/sealed"
+)
+
+// DataKeysBucket holds every user's data key, wrapped by the deployment's key ring
+// (sealed.Keyring.Wrap), one key k.<uid> with one revision: deleting a user purges
+// it, and what the user's events hold sealed under it is erased (personal.go).
+const DataKeysBucket = "attrd_datakeys"
+
+// DataKeysConfig is the data keys bucket's configuration: one revision a key (a purge
+// leaves no older one), replicated as the rest.
+func (c StoreConfig) DataKeysConfig() jetstream.KeyValueConfig {
+	return jetstream.KeyValueConfig{Bucket: DataKeysBucket, Description: "attrd users' data keys, wrapped", History: 1,
+		Storage: jetstream.FileStorage, Replicas: max(c.Replicas, 1)}
+}
+
+// DataKeyKey is the key of a user's wrapped data key.
+func DataKeyKey(uid string) string { return "k." + uid }
+
+// DataKeys reads, makes and destroys users' data keys, with a cache: a key read is
+// kept for dataKeyTTL, so that a key destroyed on another instance is gone from this
+// one's memory soon after.
+//
+// A destroyed key leaves a tombstone (erasedMark) in its place, so that no key is made
+// again for a deleted user: what a late request about them holds is dropped, not
+// sealed under a new key that would not open their earlier events.
+type DataKeys struct {
+	kv   jetstream.KeyValue
+	st   jetstream.Stream // the bucket's, for secure deletes
+	ring *sealed.Keyring
+	mu   sync.Mutex
+	keys map[string]cachedKey
+}
+
+type cachedKey struct {
+	key    *sealed.DataKey // nil: the user has none
+	erased bool            // the user's key was destroyed
+	at     time.Time
+}
+
+// erasedMark is the value left where a user's data key was destroyed.
+var erasedMark = []byte("erased")
+
+// ErrErased says a user's data key was destroyed: the user was deleted.
+var ErrErased = errors.New("the user was deleted: their data key is destroyed")
+
+// dataKeyTTL is how long a data key (or its absence) is kept in memory, and
+// dataKeysCached how many are.
+const (
+	dataKeyTTL     = time.Minute
+	dataKeysCached = 100_000
+)
+
+// NewDataKeys returns the data keys of the bucket kv (whose stream is st), wrapped by
+// ring.
+func NewDataKeys(kv jetstream.KeyValue, st jetstream.Stream, ring *sealed.Keyring) *DataKeys {
+	return &DataKeys{kv: kv, st: st, ring: ring, keys: map[string]cachedKey{}}
+}
+
+// OpenDataKeys opens the data keys bucket of a deployment (nil, nil when it has none:
+// one made before version 3).
+func OpenDataKeys(ctx context.Context, js jetstream.JetStream, ring *sealed.Keyring) (*DataKeys, error) {
+	kv, err := js.KeyValue(ctx, DataKeysBucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	st, err := js.Stream(ctx, KVStream(DataKeysBucket))
+	if err != nil {
+		return nil, err
+	}
+	return NewDataKeys(kv, st, ring), nil
+}
+
+// Get returns uid's data key; nil when there is none (the user was deleted, or never
+// had one).
+func (d *DataKeys) Get(ctx context.Context, uid string) (*sealed.DataKey, error) {
+	c, err := d.lookup(ctx, uid)
+	return c.key, err
+}
+
+// lookup reads uid's data key, from the cache when it is fresh there.
+func (d *DataKeys) lookup(ctx context.Context, uid string) (cachedKey, error) {
+	if uid == "" {
+		return cachedKey{}, nil
+	}
+	if c, ok := d.cached(uid); ok {
+		return c, nil
+	}
+	e, err := d.kv.Get(ctx, DataKeyKey(uid))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return d.keep(uid, cachedKey{}), nil
+	}
+	if err != nil {
+		return cachedKey{}, fmt.Errorf("data key of %s: %w", uid, err)
+	}
+	if bytes.Equal(e.Value(), erasedMark) {
+		return d.keep(uid, cachedKey{erased: true}), nil
+	}
+	k, err := d.ring.Unwrap(e.Value(), uid)
+	if err != nil {
+		return cachedKey{}, fmt.Errorf("data key of %s: %w", uid, err)
+	}
+	return d.keep(uid, cachedKey{key: k}), nil
+}
+
+// Ensure returns uid's data key, making one if the user has none yet (a new user, or
+// one made before version 3); ErrErased for a deleted user. Two instances making one
+// at once agree on the first.
+func (d *DataKeys) Ensure(ctx context.Context, uid string) (*sealed.DataKey, error) {
+	c, err := d.lookup(ctx, uid)
+	switch {
+	case err != nil:
+		return nil, err
+	case c.erased:
+		return nil, ErrErased
+	case c.key != nil:
+		return c.key, nil
+	}
+	raw, err := sealed.NewDataKey()
+	if err != nil {
+		return nil, err
+	}
+	wrapped, err := d.ring.Wrap(raw, uid)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := d.kv.Create(ctx, DataKeyKey(uid), wrapped); err != nil {
+		if errors.Is(err, jetstream.ErrKeyExists) {
+			d.forget(uid)
+			return d.Ensure(ctx, uid) // another instance made it first, or destroyed it
+		}
+		return nil, fmt.Errorf("make the data key of %s: %w", uid, err)
+	}
+	k, err := sealed.OpenDataKey(raw)
+	if err == nil {
+		d.keep(uid, cachedKey{key: k})
+	}
+	return k, err
+}
+
+// Destroy destroys uid's data key: its message is erased from the bucket's stream
+// (overwritten on disk, not only marked deleted), then a tombstone takes its place.
+// What the key sealed cannot be opened again, in any copy of the log, taken before or
+// after. Destroying a key twice, or one never made, is no error.
+func (d *DataKeys) Destroy(ctx context.Context, uid string) error {
+	d.forget(uid)
+	defer d.forget(uid) // a lookup racing the destruction may have kept the key
+	e, err := d.kv.Get(ctx, DataKeyKey(uid))
+	switch {
+	case errors.Is(err, jetstream.ErrKeyNotFound):
+	case err != nil:
+		return fmt.Errorf("data key of %s: %w", uid, err)
+	case bytes.Equal(e.Value(), erasedMark):
+		return nil // destroyed already
+	default:
+		// NATS subtlety: a message the stream removes (a purge, or a new revision in a
+		// bucket of one) stays on disk until its block is compacted; a secure delete
+		// overwrites it. So the key's message is erased first, and only then replaced.
+		// A crash in between leaves no key and no tombstone: the key is gone all the same.
+		err := d.st.SecureDeleteMsg(ctx, e.Revision())
+		var apiErr *jetstream.APIError
+		if err != nil && !(errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeMessageNotFound) {
+			return fmt.Errorf("erase the data key of %s: %w", uid, err)
+		}
+	}
+	if _, err := d.kv.Put(ctx, DataKeyKey(uid), erasedMark); err != nil {
+		return fmt.Errorf("leave a tombstone for the data key of %s: %w", uid, err)
+	}
+	return nil
+}
+
+func (d *DataKeys) cached(uid string) (cachedKey, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	c, ok := d.keys[uid]
+	if !ok || time.Since(c.at) > dataKeyTTL {
+		return cachedKey{}, false
+	}
+	return c, true
+}
+
+func (d *DataKeys) keep(uid string, c cachedKey) cachedKey {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.keys) >= dataKeysCached {
+		clear(d.keys) // bounded: start again rather than track recency
+	}
+	c.at = time.Now()
+	d.keys[uid] = c
+	return c
+}
+
+func (d *DataKeys) forget(uid string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.keys, uid)
+}
+
+// Seal seals ev's personal data with its user's and actor's data keys, making them
+// when missing (a new user's, or one made before version 3). What belongs to a
+// deleted user (a late request about them, which the fold rejects) is dropped.
+func (d *DataKeys) Seal(ctx context.Context, ev *Event) error {
+	target, actor := PersonalOwners(ev)
+	tk, err := d.Ensure(ctx, target)
+	if errors.Is(err, ErrErased) {
+		dropTargetPersonal(ev)
+	} else if err != nil {
+		return err
+	}
+	ak := tk
+	if actor != target {
+		ak, err = d.Ensure(ctx, actor)
+		if errors.Is(err, ErrErased) {
+			dropActorPersonal(ev)
+		} else if err != nil {
+			return err
+		}
+	}
+	return SealPersonal(ev, tk, ak)
+}
+
+// Open opens ev's personal data with the keys there are; what belongs to a user
+// without one (deleted) stays sealed, and ev.Erased says so.
+func (d *DataKeys) Open(ctx context.Context, ev *Event) error {
+	if ev.PII == nil && ev.APII == nil {
+		return nil
+	}
+	target, actor := PersonalOwners(ev)
+	tk, err := d.Get(ctx, target)
+	if err != nil {
+		return err
+	}
+	ak := tk
+	if actor != target {
+		if ak, err = d.Get(ctx, actor); err != nil {
+			return err
+		}
+	}
+	OpenPersonal(ev, tk, ak)
+	return nil
+}
+
+// dropTargetPersonal removes what ev holds of its user (who was deleted).
+func dropTargetPersonal(ev *Event) {
+	if ev.User != nil {
+		ev.User.Username, ev.User.PasswordHash = "", ""
+	}
+	for i := range ev.Attrs {
+		ev.Attrs[i].Value = nil
+	}
+}
+
+// dropActorPersonal removes what ev holds of its actor (who was deleted).
+func dropActorPersonal(ev *Event) { ev.ActorName, ev.RemoteAddr, ev.UserAgent = "", "", "" }
