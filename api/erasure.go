@@ -47,7 +47,7 @@ func (s *Service) deleteUser(ctx context.Context, req *Request, m *Meta) (map[st
 	}
 	if u != nil && s.throttle != nil {
 		// The failed-login counter is keyed by the username: it goes with the user.
-		if err := s.throttle.succeeded(ctx, u.Username); err != nil {
+		if err := s.throttle.forget(ctx, u.Username); err != nil {
 			s.log.Warn("the deleted user's login counter stays until it expires", "cid", m.CID, "err", err)
 		}
 	}

@@ -217,8 +217,9 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if s.dataKeys == nil {
 		s.log.Warn("events keep personal data in clear: a deleted user's earlier events keep it", "why", "no key file, or no data keys bucket")
 	}
-	if tkv, err := js.KeyValue(ctx, events.ThrottleBucket); err == nil {
-		s.throttle = &throttle{kv: tkv, perUser: ThrottleFreeUserFailures, perAddr: ThrottleFreeAddrFailures, maxBackoff: ThrottleMaxBackoff}
+	tst, serr := js.Stream(ctx, events.KVStream(events.ThrottleBucket))
+	if tkv, err := js.KeyValue(ctx, events.ThrottleBucket); err == nil && serr == nil {
+		s.throttle = &throttle{kv: tkv, st: tst, perUser: ThrottleFreeUserFailures, perAddr: ThrottleFreeAddrFailures, maxBackoff: ThrottleMaxBackoff}
 	} else {
 		s.log.Warn("no login throttling: its bucket is missing", "bucket", events.ThrottleBucket, "err", err)
 	}

@@ -19,6 +19,7 @@ import (
 // forgotten.
 type throttle struct {
 	kv jetstream.KeyValue
+	st jetstream.Stream // the bucket's: forget purges a username's subject
 	// Failures allowed before the back-off starts, per username and per address.
 	perUser, perAddr int
 	maxBackoff       time.Duration
@@ -129,6 +130,13 @@ func (t *throttle) bump(ctx context.Context, key string, n int) error {
 		}
 	}
 	return nil // lost every race: others counted meanwhile
+}
+
+// forget removes every message about username from the bucket's stream, its subject
+// (which holds the username) included: a purge of the key would leave a marker there.
+func (t *throttle) forget(ctx context.Context, username string) error {
+	uk, _ := throttleKeys(username, "")
+	return t.st.Purge(ctx, jetstream.WithPurgeSubject(events.KVSubject(events.ThrottleBucket, uk)))
 }
 
 // succeeded resets username's count.

@@ -18,11 +18,27 @@ import (
 // it, and what the user's events hold sealed under it is erased (personal.go).
 const DataKeysBucket = "attrd_datakeys"
 
-// DataKeysConfig is the data keys bucket's configuration: one revision a key (a purge
-// leaves no older one), replicated as the rest.
-func (c StoreConfig) DataKeysConfig() jetstream.KeyValueConfig {
-	return jetstream.KeyValueConfig{Bucket: DataKeysBucket, Description: "attrd users' data keys, wrapped", History: 1,
-		Storage: jetstream.FileStorage, Replicas: max(c.Replicas, 1)}
+// DataKeysConfig is the data keys bucket's stream: a key-value bucket of one revision a
+// key, replicated as the rest, read from its leader, and, unlike what a KV config
+// makes, allowing a message to be deleted, so that a destroyed key's message is erased
+// (overwritten on disk; DenyDelete cannot be turned off once a stream has it).
+func (c StoreConfig) DataKeysConfig() jetstream.StreamConfig {
+	return jetstream.StreamConfig{
+		Name:              KVStream(DataKeysBucket),
+		Description:       "attrd users' data keys, wrapped",
+		Subjects:          []string{"$KV." + DataKeysBucket + ".>"},
+		MaxMsgsPerSubject: 1,
+		MaxBytes:          -1,
+		MaxMsgs:           -1,
+		MaxMsgSize:        -1,
+		Storage:           jetstream.FileStorage,
+		Replicas:          max(c.Replicas, 1),
+		AllowRollup:       true,
+		DenyPurge:         false,
+		DenyDelete:        false,
+		Discard:           jetstream.DiscardNew,
+		Duplicates:        2 * time.Minute,
+	}
 }
 
 // DataKeyKey is the key of a user's wrapped data key.

@@ -157,7 +157,7 @@ func EnsureStore(ctx context.Context, js jetstream.JetStream, c StoreConfig) (je
 	// An existing data keys bucket is left as it is: a KV config update would turn
 	// direct gets on again (see EnsureBucket).
 	if _, err := js.Stream(ctx, KVStream(DataKeysBucket)); errors.Is(err, jetstream.ErrStreamNotFound) {
-		if _, err := js.CreateKeyValue(ctx, c.DataKeysConfig()); err != nil && !errors.Is(err, jetstream.ErrBucketExists) {
+		if _, err := js.CreateStream(ctx, c.DataKeysConfig()); err != nil && !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
 			return nil, nil, fmt.Errorf("ensure bucket %s: %w", DataKeysBucket, err)
 		}
 	} else if err != nil {

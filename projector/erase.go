@@ -3,7 +3,10 @@ package projector
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
+
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/events"
 )
@@ -96,21 +99,69 @@ func (p *Projector) openPersonal(ctx context.Context, ev *events.Event) error {
 	return p.cfg.DataKeys.Open(ctx, ev)
 }
 
-// destroyDataKeys destroys the data key of every user whose deletion has landed: what
-// their events hold sealed is erased from then on. A failure is logged; the instance
-// that appended the deletion destroys the key too.
-func (p *Projector) destroyDataKeys(ctx context.Context, items []item, decisions []events.Decision) {
-	if p.cfg.DataKeys == nil {
-		return
-	}
+// erases reports whether a chunk deletes a user.
+func erases(items []item, decisions []events.Decision) bool {
 	for i, it := range items {
-		if it.ev == nil || it.ev.Type != events.UserDeleted || decisions[i].Code != "" {
+		if it.ev != nil && it.ev.Type == events.UserDeleted && decisions[i].Code == "" {
+			return true
+		}
+	}
+	return false
+}
+
+// finishErasures completes the user deletions of a chunk whose writes have landed,
+// before their decisions go out, so that "deleted" means erased:
+//
+//   - the users' data keys are destroyed: what their events hold sealed is erased;
+//   - the subject of each username's key is purged: the delete marker written there
+//     would keep the username in the bucket's stream, in its subject, and a purge of
+//     the subject leaves no message at all (the key reads as absent, revision 0);
+//   - the intent record, which holds the users' records as they were before (their
+//     usernames and password hashes), is replaced by one that says nothing is pending
+//     (a chunk that erases lands alone: no other record is on its way).
+//
+// A data key that cannot be destroyed now stops the run: the deletion, recovered, is
+// finished by the next.
+func (p *Projector) finishErasures(ctx context.Context, f *flight, last uint64) error {
+	deleted := map[string]bool{}
+	for i, it := range f.items {
+		if it.ev != nil && it.ev.Type == events.UserDeleted && f.decisions[i].Code == "" {
+			deleted[it.ev.UserID] = true
+		}
+	}
+	if p.cfg.DataKeys != nil {
+		for uid := range deleted {
+			if err := p.cfg.DataKeys.Destroy(ctx, uid); err != nil {
+				return fmt.Errorf("destroy the data key of deleted user %s: %w", uid, err)
+			}
+		}
+	}
+	for _, ks := range f.before { // the usernames the chunk deleted, as they were
+		if !strings.HasPrefix(ks.Key, "n.") || ks.Data == nil {
 			continue
 		}
-		if err := p.cfg.DataKeys.Destroy(ctx, it.ev.UserID); err != nil {
-			p.log.Warn("data key of a deleted user not destroyed", "user", it.ev.UserID, "err", err)
+		if r, err := events.DecodeRecord(ks.Key, ks.Data); err != nil || !deleted[r.(*events.UsernameRecord).UserID] {
+			continue
 		}
+		gone := false
+		p.view.locked(func() { e := p.view.entries[ks.Key]; gone = e != nil && e.rec == nil })
+		if !gone {
+			continue // claimed again since, in this chunk
+		}
+		if err := p.load.stream.Purge(ctx, jetstream.WithPurgeSubject(events.KVSubject(p.cfg.Bucket, ks.Key))); err != nil {
+			return fmt.Errorf("purge a deleted user's username key: %w", err)
+		}
+		p.view.locked(func() { p.view.entries[ks.Key].rev = 0 })
 	}
+	data, err := events.Marshal(&events.Checkpoint{First: last + 1, Last: last})
+	if err != nil {
+		return err
+	}
+	ck, err := p.sendIntent(data)
+	if err != nil {
+		return err
+	}
+	return p.waitCheckpoint(ctx, ck)
 }
 
 // erasures makes a replay of the whole log decide as the projector did where a

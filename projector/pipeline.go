@@ -33,6 +33,9 @@ type flight struct {
 	writes    []pendingWrite
 	before    []events.KeyState // its recorded keys' states before it
 	now       int64             // the time its TTLs were computed at
+	// erases says it deletes users (erase.go): it lands alone, before any other
+	// intent record is sent, and its own is replaced before its decisions go out.
+	erases bool
 }
 
 func (f *flight) span() (first, last uint64) { return f.items[0].seq, f.items[len(f.items)-1].seq }
@@ -50,6 +53,11 @@ func (p *Projector) commit(ctx context.Context, items []item, decisions []events
 	}
 	if err := p.hook(p.cfg.Hooks.BeforeCheckpoint, first, last); err != nil {
 		return err
+	}
+	if p.flight != nil && p.flight.erases {
+		if err := p.land(ctx); err != nil {
+			return err // a deletion lands alone (erase.go)
+		}
 	}
 	if p.flight != nil {
 		both, err := p.intent(p.flight, items, decisions)
@@ -81,7 +89,7 @@ func (p *Projector) commit(ctx context.Context, items []item, decisions []events
 	if err := p.hook(p.cfg.Hooks.AfterCheckpoint, first, last); err != nil {
 		return err
 	}
-	f := &flight{items: items, decisions: decisions, before: p.recorded(), now: time.Now().UnixNano()}
+	f := &flight{items: items, decisions: decisions, before: p.recorded(), now: time.Now().UnixNano(), erases: erases(items, decisions)}
 	p.view.locked(p.view.sending)
 	if f.writes, err = p.sendWrites(ctx, items, decisions, f.now); err != nil {
 		return err
@@ -110,8 +118,13 @@ func (p *Projector) land(ctx context.Context) error {
 	if err := p.hook(p.cfg.Hooks.AfterWrites, first, last); err != nil {
 		return err
 	}
+	if f.erases {
+		// Before the decisions go out: "deleted" means erased.
+		if err := p.finishErasures(ctx, f, last); err != nil {
+			return err
+		}
+	}
 	p.reply(f.items, f.decisions)
-	p.destroyDataKeys(ctx, f.items, f.decisions)
 	if err := p.hook(p.cfg.Hooks.BeforeAck, first, last); err != nil {
 		return err
 	}

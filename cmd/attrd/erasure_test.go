@@ -5,7 +5,10 @@ package main
 // it was decided, across partitions too.
 
 import (
+	"bytes"
 	"context"
+	"errors"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -128,4 +131,149 @@ func TestAClaimOfADeletedUsersNameBeforeTheDeletionIsDecidedAsReplayDoes(t *test
 		t.Fatalf("a claim after the deletion: %v", err)
 	}
 	verifyReplay(t, f)
+}
+
+// TestAfterADeletionNothingYieldsTheUsersPersonalData: zelda logs in through a service
+// that passes on her address and user agent, fails a login, and stores a plain, an
+// encrypted and a session attribute. A copy of the event stream is taken, as a backup
+// would. After a super-user deletes her, none of her username, password hash, values,
+// address or user agent is in the event stream read raw, the projection bucket's or
+// the other buckets' streams read raw, `attrd history` with the key file, a bucket
+// rebuilt by `attrd replay --into`, or the copy taken before, opened with the key file.
+// (In the log they were sealed from the start; the copy shows it too.)
+func TestAfterADeletionNothingYieldsTheUsersPersonalData(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	secrets := []string{"zelda-the-user", "203.0.113.77", "ZeldaAgent/9.1", "plain-secret-5521", "enc-secret-8842", "sess-secret-3310"}
+	zid, err := f.admin.CreateUser(ctx, "zelda-the-user", "Zpw-9137-secret", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, out := rawJSON(t, f.srv, "user.login", map[string]any{"username": "zelda-the-user", "password": "Zpw-9137-secret",
+		"current_app": "CRM", "remote_addr": "203.0.113.77", "user_agent": "ZeldaAgent/9.1"})
+	ust, _ := out["ust"].(string)
+	if ust == "" {
+		t.Fatalf("login: %v", out)
+	}
+	_, out = rawJSON(t, f.srv, "user.login", map[string]any{"username": "zelda-the-user", "password": "wrong",
+		"current_app": "CRM", "remote_addr": "203.0.113.77", "user_agent": "ZeldaAgent/9.1"})
+	if subStatus(out) != string(events.CodeNotAllowed) {
+		t.Fatalf("a wrong password: %v", out)
+	}
+	z := f.c.Resume(ust)
+	u, err := z.User(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectCode(t, u.Attr.Create(ctx, "pref", "plain-secret-5521"), noError)
+	expectCode(t, u.Attr.Create(ctx, "card", "enc-secret-8842", client.Encrypt(true)), noError)
+	expectCode(t, z.SessionAttr(z.UST).Create(ctx, "cart", "sess-secret-3310"), noError)
+	rec, err := mustKV(t, f.srv).Get(ctx, events.UserKey(zid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var zu events.UserRecord
+	if err := events.Unmarshal(rec.Value(), &zu); err != nil || zu.PasswordHash == "" {
+		t.Fatalf("zelda's record: %v", err)
+	}
+	secrets = append(secrets, zu.PasswordHash)
+	js, err := jetstream.New(f.srv.apiConn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	backup := readStream(t, js, events.StreamName)
+
+	expectCode(t, f.admin.DeleteUser(ctx, zid), noError)
+
+	leaks := func(where string, data []byte) {
+		t.Helper()
+		for _, s := range secrets {
+			if bytes.Contains(data, []byte(s)) {
+				t.Errorf("%s holds %q after the deletion: %.80s", where, s, data)
+			}
+		}
+	}
+	for _, stream := range []string{events.StreamName, events.KVStream(events.DefaultBucket), events.KVStream(events.ThrottleBucket), events.KVStream(events.DataKeysBucket)} {
+		for _, m := range readStream(t, js, stream) {
+			leaks("stream "+stream, wholeMsg(m))
+		}
+	}
+	key := "--encryption-key-file=" + filepath.Join(f.srv.cfg.DataDir, "encryption.key")
+	code, hist := runCmd(t, "history", "--user", zid, "--json", "--nats-url", f.srv.ClientURL(), key)
+	if code != 0 || !strings.Contains(hist, `"type":"user.deleted"`) || !strings.Contains(hist, `"personal_data":"sealed"`) {
+		t.Fatalf("history of the deleted user: exit %d\n%s", code, hist)
+	}
+	leaks("attrd history", []byte(hist))
+	if code, out := runCmd(t, "replay", "--into", "rebuilt_", "--nats-url", f.srv.ClientURL(), key); code != 0 {
+		t.Fatalf("replay --into: exit %d\n%s", code, out)
+	}
+	for _, m := range readStream(t, js, events.KVStream("rebuilt_"+events.DefaultBucket)) {
+		leaks("the rebuilt bucket", wholeMsg(m))
+	}
+	// The copy of the log taken before the deletion, opened now with the key file.
+	keys, err := loadKeys(filepath.Join(f.srv.cfg.DataDir, "encryption.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dk, err := events.OpenDataKeys(ctx, js, keys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	erased := 0
+	for _, m := range backup {
+		leaks("the copy of the log", wholeMsg(m))
+		ev, err := events.Decode(m.Data)
+		if err != nil {
+			continue // a recorded decision
+		}
+		if err := dk.Open(ctx, ev); err != nil {
+			t.Fatal(err)
+		}
+		if ev.Erased {
+			erased++
+		}
+		opened, _ := events.Encode(ev)
+		leaks("the copy of the log, opened with the key file", opened)
+	}
+	if erased == 0 {
+		t.Fatal("no event of the copy was left sealed")
+	}
+}
+
+// readStream returns every message of a stream.
+func readStream(t *testing.T, js jetstream.JetStream, name string) []*jetstream.RawStreamMsg {
+	t.Helper()
+	ctx := ctxT(t)
+	st, err := js.Stream(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []*jetstream.RawStreamMsg
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		m, err := st.GetMsg(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// wholeMsg is a message's subject, headers and data in one.
+func wholeMsg(m *jetstream.RawStreamMsg) []byte {
+	whole := append([]byte(m.Subject+"\n"), m.Data...)
+	for k, vs := range m.Header {
+		whole = append(whole, k...)
+		for _, v := range vs {
+			whole = append(whole, v...)
+		}
+	}
+	return whole
 }

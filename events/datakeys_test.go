@@ -1,0 +1,85 @@
+package events_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/deploy/embedded"
+	"github.com/attrd/attrd/deploy/embedded/embeddedtest"
+	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/sealed"
+)
+
+// TestADestroyedDataKeyIsGoneAndNeverMadeAgain: a user's data key is made once (two
+// makers agree), opens what it sealed, and once destroyed its message is gone from the
+// bucket's stream, a tombstone stands in its place, no key is made again for the user,
+// and what it sealed stays sealed (erased) for a reader with the key file.
+func TestADestroyedDataKeyIsGoneAndNeverMadeAgain(t *testing.T) {
+	_, nc := embeddedtest.Start(t, embedded.Options{})
+	js, _ := jetstream.New(nc)
+	ctx := context.Background()
+	if _, _, err := events.EnsureStore(ctx, js, events.DefaultStoreConfig()); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := sealed.NewDataKey()
+	ring, err := sealed.NewKeyring("k1", map[string][]byte{"k1": raw})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := events.OpenDataKeys(ctx, js, ring)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := events.OpenDataKeys(ctx, js, ring)
+	uid := events.NewID()
+	ka, err := a.Ensure(ctx, uid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := b.Ensure(ctx, uid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := &events.Event{ID: events.NewID(), Type: events.AttrCreated, UserID: uid, Actor: uid, RemoteAddr: "192.0.2.1",
+		Attrs: []events.AttrItem{{Name: "n", Value: []byte(`"secret"`)}}}
+	if err := events.SealPersonal(ev, ka, ka); err != nil {
+		t.Fatal(err)
+	}
+	if ev.Attrs[0].Value != nil || ev.RemoteAddr != "" || ev.PII == nil || ev.APII == nil {
+		t.Fatalf("sealed event still holds personal data: %+v", ev)
+	}
+	sealedCopy := *ev
+	sealedCopy.Attrs = append([]events.AttrItem(nil), ev.Attrs...)
+	if events.OpenPersonal(ev, kb, kb); ev.Erased || string(ev.Attrs[0].Value) != `"secret"` || ev.RemoteAddr != "192.0.2.1" {
+		t.Fatalf("the other maker's key does not open it: %+v", ev)
+	}
+
+	kv, _ := js.KeyValue(ctx, events.DataKeysBucket)
+	e, err := kv.Get(ctx, events.DataKeyKey(uid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Destroy(ctx, uid); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := js.Stream(ctx, events.KVStream(events.DataKeysBucket))
+	if _, err := st.GetMsg(ctx, e.Revision()); !errors.Is(err, jetstream.ErrMsgNotFound) {
+		t.Fatalf("the key's message is still in the stream: %v", err)
+	}
+	fresh, _ := events.OpenDataKeys(ctx, js, ring)
+	if k, err := fresh.Get(ctx, uid); k != nil || err != nil {
+		t.Fatalf("a destroyed key reads as %v, %v", k, err)
+	}
+	if _, err := fresh.Ensure(ctx, uid); !errors.Is(err, events.ErrErased) {
+		t.Fatalf("a key made again for a deleted user: %v", err)
+	}
+	if err := fresh.Open(ctx, &sealedCopy); err != nil || !sealedCopy.Erased || sealedCopy.Attrs[0].Value != nil {
+		t.Fatalf("what the destroyed key sealed opens: %v %+v", err, sealedCopy)
+	}
+	if err := a.Destroy(ctx, uid); err != nil {
+		t.Fatalf("destroying twice: %v", err)
+	}
+}
