@@ -7,6 +7,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"path/filepath"
 	"strings"
@@ -276,4 +277,80 @@ func wholeMsg(m *jetstream.RawStreamMsg) []byte {
 		}
 	}
 	return whole
+}
+
+// TestASuperUserDeletedAfterActingOnOthersReplaysAsDecided: a super-user creates a
+// user, writes that user's attributes and approves another; then the super-user is
+// deleted (their username and data are erased from the log). Everything they did
+// stays, the other users keep working, and the replay reproduces every decision and
+// state though it cannot read the deleted super-user's personal data.
+func TestASuperUserDeletedAfterActingOnOthersReplaysAsDecided(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	superID, err := f.admin.CreateUser(ctx, "root2", "root2-pw", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root2 := mustLogin(t, f.c, "root2", "root2-pw")
+	xID, err := root2.CreateUser(ctx, "xavier", "x-pw", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectCode(t, root2.UserByID(xID).Attr.Create(ctx, "plan", "gold"), noError)
+	expectCode(t, root2.UserByID(f.aliceID).Attr.Set(ctx, "note", "from root2", client.Encrypt(true)), noError)
+	// A claim of root2's username while root2 exists is refused; after, it is not.
+	_, err = f.admin.CreateUser(ctx, "root2", "other", false)
+	expectCode(t, err, events.CodeUsernameExists)
+	expectCode(t, f.admin.DeleteUser(ctx, superID), noError)
+
+	x := mustLogin(t, f.c, "xavier", "x-pw")
+	u, err := x.User(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a, err := u.Attr.Get(ctx, "plan"); err != nil || string(a.Value) != `"gold"` {
+		t.Fatalf("what the deleted super-user wrote: %v %v", a, err)
+	}
+	if _, err := f.admin.CreateUser(ctx, "root2", "again", false); err != nil {
+		t.Fatalf("the deleted super-user's username: %v", err)
+	}
+	verifyReplay(t, f)
+}
+
+// TestTheHistoryOfADeletedUserKeepsItsMetadata: after a deletion a super-user still
+// reads the deleted user's history over the API: types, times, actors and decisions,
+// with what was personal shown as sealed.
+func TestTheHistoryOfADeletedUserKeepsItsMetadata(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	u, err := f.alice.User(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectCode(t, u.Attr.Create(ctx, "colour", "teal-7731"), noError)
+	expectCode(t, f.admin.DeleteUser(ctx, f.aliceID), noError)
+	_, out := rawJSON(t, f.srv, "history.list", map[string]any{"ust": f.admin.UST, "current_app": "CRM", "user_id": f.aliceID})
+	evs, _ := out["events"].([]any)
+	if len(evs) == 0 {
+		t.Fatalf("no history for the deleted user: %v", out)
+	}
+	types := map[string]bool{}
+	for _, e := range evs {
+		m := e.(map[string]any)
+		types[m["type"].(string)] = true
+		if m["type"] != "user.deleted" && m["type"] != "user.created" && m["personal_data"] != "sealed" {
+			t.Errorf("an event of the deleted user not shown sealed: %v", m)
+		}
+		if m["decision"] == nil || m["time"] == nil {
+			t.Errorf("an event without its metadata: %v", m)
+		}
+	}
+	for _, want := range []string{"user.created", "session.created", "attr.created", "user.deleted"} {
+		if !types[want] {
+			t.Errorf("the history lacks %s: %v", want, types)
+		}
+	}
+	if b, _ := json.Marshal(out); bytes.Contains(b, []byte("teal-7731")) || bytes.Contains(b, []byte(`"alice"`)) {
+		t.Fatalf("the history shows the deleted user's data: %s", b)
+	}
 }
