@@ -9,13 +9,16 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/api/client"
 	"github.com/attrd/attrd/events"
 )
@@ -352,5 +355,87 @@ func TestTheHistoryOfADeletedUserKeepsItsMetadata(t *testing.T) {
 	}
 	if b, _ := json.Marshal(out); bytes.Contains(b, []byte("teal-7731")) || bytes.Contains(b, []byte(`"alice"`)) {
 		t.Fatalf("the history shows the deleted user's data: %s", b)
+	}
+}
+
+// TestDeletingAUserWithTenThousandAttributesAndAThousandSessions: the largest user the
+// default limits allow (10,000 attributes, 1,000 sessions with an attribute each) is
+// deleted in one request within the decision timeout, while another user's writes go
+// on, every one answered ok; nothing of the deleted user is left.
+func TestDeletingAUserWithTenThousandAttributesAndAThousandSessions(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	big, err := f.admin.CreateUser(ctx, "big", "big-pw", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sessions []*client.Session
+	for i := 0; i < api.DefaultMaxSessionsPerUser; i++ {
+		s := mustLogin(t, f.c, "big", "big-pw")
+		expectCode(t, s.SessionAttr(s.UST).Set(ctx, "s", i), noError)
+		sessions = append(sessions, s)
+	}
+	attrs := f.admin.UserByID(big).Attr
+	for i := 0; i < api.DefaultMaxAttrsPerUser; i += 1000 {
+		items := make([]client.Item, 1000)
+		for j := range items {
+			items[j] = client.Item{Name: fmt.Sprintf("a%05d", i+j), Value: i + j}
+		}
+		expectCode(t, attrs.CreateMany(ctx, items), noError)
+	}
+	_, bobSession := f.regularUser(t, "bob")
+	stop := make(chan struct{})
+	type result struct {
+		n       int
+		slowest time.Duration
+		err     error
+	}
+	done := make(chan result)
+	go func() {
+		var r result
+		for {
+			select {
+			case <-stop:
+				done <- r
+				return
+			default:
+			}
+			start := time.Now()
+			if err := bobSession.UserByID("").Attr.Set(context.Background(), "tick", r.n); err != nil {
+				r.err = err
+			}
+			r.slowest = max(r.slowest, time.Since(start))
+			r.n++
+		}
+	}()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	heapBefore := ms.HeapAlloc
+	start := time.Now()
+	expectCode(t, f.admin.DeleteUser(ctx, big), noError)
+	took := time.Since(start)
+	runtime.ReadMemStats(&ms)
+	close(stop)
+	r := <-done
+	t.Logf("deleted 10,000 attributes and 1,000 sessions in %s (heap %+d MiB); bob wrote %d times meanwhile, the slowest in %s",
+		took.Round(time.Millisecond), (int64(ms.HeapAlloc)-int64(heapBefore))>>20, r.n, r.slowest.Round(time.Millisecond))
+	if r.err != nil {
+		t.Fatalf("another user's write failed during the deletion: %v", r.err)
+	}
+	if _, err := sessions[500].User(ctx); !errors.Is(err, events.ErrNoSession) {
+		t.Fatalf("a session of the deleted user: %v", err)
+	}
+	keys, err := mustKV(t, f.srv).ListKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	left := 0
+	for k := range keys.Keys() {
+		if strings.Contains(k, big) {
+			left++
+		}
+	}
+	if left != 0 {
+		t.Fatalf("%d keys of the deleted user are left", left)
 	}
 }
