@@ -47,7 +47,7 @@ func SessionAttrOp(verb string) Op { return Op("session.attr." + verb) }
 
 // Ops lists every operation.
 func Ops() []Op {
-	ops := []Op{OpLogin, OpLogout, OpWhoAmI, OpUserCreate, OpUserApprove, OpUserDelete, OpSessionRenew, OpHistory, OpHistoryAt}
+	ops := []Op{OpLogin, OpLogout, OpWhoAmI, OpUserCreate, OpUserApprove, OpUserDelete, OpUserExport, OpSessionRenew, OpHistory, OpHistoryAt}
 	for _, v := range Verbs {
 		ops = append(ops, UserAttrOp(v), SessionAttrOp(v))
 	}
@@ -252,6 +252,8 @@ func (s *Service) handle(ctx context.Context, op Op, req *Request, m *Meta) (map
 		return s.approveUser(ctx, req, m)
 	case OpUserDelete:
 		return s.deleteUser(ctx, req, m)
+	case OpUserExport:
+		return s.exportUser(ctx, req)
 	case OpSessionRenew:
 		return s.renew(ctx, req, m)
 	case OpHistory, OpHistoryAt:

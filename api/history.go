@@ -32,7 +32,7 @@ const (
 	MaxHistoryLimit     = 1000
 )
 
-var eventTypes = []events.Type{events.UserCreated, events.UserApproved, events.SessionCreated, events.SessionRenewed,
+var eventTypes = []events.Type{events.UserCreated, events.UserApproved, events.UserDeleted, events.SessionCreated, events.SessionRenewed,
 	events.SessionEnded, events.AttrCreated, events.AttrUpdated, events.AttrSet, events.AttrDeleted,
 	events.LoginFailed, events.AccessDenied}
 

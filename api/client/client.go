@@ -181,6 +181,18 @@ func (s *Session) DeleteUser(ctx context.Context, userID string) error {
 	return s.c.Call(ctx, "user.delete", map[string]any{"ust": s.UST, "user_id": userID}, nil)
 }
 
+// Export returns everything attrd holds of a user, as one JSON document: the caller's
+// own (userID ""), or, for a super-user, anyone's.
+func (s *Session) Export(ctx context.Context, userID string) (map[string]any, error) {
+	body := map[string]any{"ust": s.UST}
+	if userID != "" {
+		body["user_id"] = userID
+	}
+	var out map[string]any
+	err := s.c.Call(ctx, "user.export", body, &out)
+	return out, err
+}
+
 // Bool returns a pointer to b, for Item.Encrypt.
 func Bool(b bool) *bool { return &b }
 

@@ -47,6 +47,7 @@ func Routes() []Route {
 		{"PATCH", "/zato/sso/user/session", api.OpSessionRenew},
 		{"GET", "/attrd/history", api.OpHistory},
 		{"GET", "/attrd/history/at", api.OpHistoryAt},
+		{"GET", "/attrd/user/export", api.OpUserExport},
 	}
 	for _, scope := range []struct {
 		base string

@@ -439,3 +439,71 @@ func TestDeletingAUserWithTenThousandAttributesAndAThousandSessions(t *testing.T
 		t.Fatalf("%d keys of the deleted user are left", left)
 	}
 }
+
+// TestAUserExportsEverythingAttrdHoldsOfThem: alice's export (hers, a super-user's
+// about her, the operator's `attrd user export`, and REST's) holds her record without
+// the password hash, her attributes decrypted, her two live sessions with their
+// attributes, address and user agent, and her history; another regular user cannot
+// export her.
+func TestAUserExportsEverythingAttrdHoldsOfThem(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	u, err := f.alice.User(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectCode(t, u.Attr.Create(ctx, "email", "alice@example.com"), noError)
+	expectCode(t, u.Attr.Create(ctx, "card", "4111-1111", client.Encrypt(true)), noError)
+	_, out := rawJSON(t, f.srv, "user.login", map[string]any{"username": "alice", "password": "alice-pw", "current_app": "CRM",
+		"remote_addr": "198.51.100.9", "user_agent": "AliceBrowser/2"})
+	second := f.c.Resume(out["ust"].(string))
+	expectCode(t, second.SessionAttr(second.UST).Create(ctx, "cart", []int{3}), noError)
+	_, bob := f.regularUser(t, "bob")
+
+	check := func(who string, doc map[string]any) {
+		t.Helper()
+		b, _ := json.Marshal(doc)
+		if bytes.Contains(b, []byte("argon2id")) {
+			t.Errorf("%s: the export holds the password hash", who)
+		}
+		user, _ := doc["user"].(map[string]any)
+		attrs, _ := doc["attributes"].(map[string]any)
+		sessions, _ := doc["sessions"].([]any)
+		history, _ := doc["history"].([]any)
+		card, _ := attrs["card"].(map[string]any)
+		if user["username"] != "alice" || user["user_id"] != f.aliceID || card["value"] != "4111-1111" || attrs["email"] == nil {
+			t.Errorf("%s: record or attributes wrong: %s", who, b)
+		}
+		if len(sessions) != 2 || !bytes.Contains(b, []byte("AliceBrowser/2")) || !bytes.Contains(b, []byte("198.51.100.9")) || !bytes.Contains(b, []byte(`"cart"`)) {
+			t.Errorf("%s: sessions wrong: %s", who, b)
+		}
+		if len(history) < 5 {
+			t.Errorf("%s: history of %d events: %s", who, len(history), b)
+		}
+	}
+	own, err := f.alice.Export(ctx, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("her own", own)
+	bySuper, err := f.admin.Export(ctx, f.aliceID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("a super-user's", bySuper)
+	_, err = bob.Export(ctx, f.aliceID)
+	expectCode(t, err, events.CodeNotAllowed)
+
+	code, cli := runCmd(t, "user", "export", "--user", "alice", "--nats-url", f.srv.ClientURL(),
+		"--encryption-key-file="+filepath.Join(f.srv.cfg.DataDir, "encryption.key"))
+	var doc map[string]any
+	if code != 0 || json.Unmarshal([]byte(cli), &doc) != nil {
+		t.Fatalf("attrd user export: exit %d\n%s", code, cli)
+	}
+	check("attrd user export", doc)
+	st, _, body := httpDo(t, f.srv, "GET", "/attrd/user/export", map[string]any{"current_app": "CRM"}, map[string]string{"Authorization": "Bearer " + f.alice.UST})
+	if st != 200 {
+		t.Fatalf("REST export: %d %v", st, body)
+	}
+	check("REST", body)
+}

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -16,10 +17,14 @@ import (
 )
 
 // userCmd is `attrd user create`: it appends user.created as attrd itself, through the
-// running server's NATS, and waits for the projector's decision.
+// running server's NATS, and waits for the projector's decision; and `attrd user
+// export`.
 func userCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr *os.File) error {
+	if len(args) > 0 && args[0] == "export" {
+		return userExportCmd(ctx, args[1:], stdout, stderr)
+	}
 	if len(args) == 0 || args[0] != "create" {
-		return errors.New("usage: attrd user create --username U [--super-user] [--nats-url URL]")
+		return errors.New("usage: attrd user create --username U [--super-user] [--nats-url URL]\n       attrd user export --user ID|USERNAME [--encryption-key-file F] [--nats-url URL]")
 	}
 	fs := flag.NewFlagSet("user create", flag.ContinueOnError)
 	username := fs.String("username", "", "the new user's username")
@@ -58,4 +63,42 @@ func userCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	}
 	fmt.Fprintln(stdout, uid)
 	return nil
+}
+
+// userExportCmd is `attrd user export`: everything attrd holds of a user as one JSON
+// document (their record, live sessions, attributes and whole history), read from the
+// log as an operator, for a request under the right of access. Values open with the
+// key file.
+func userExportCmd(ctx context.Context, args []string, stdout, stderr *os.File) error {
+	fs := flag.NewFlagSet("user export", flag.ContinueOnError)
+	user := fs.String("user", "", "the user: id or username")
+	tool := addToolFlags(fs, true)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *user == "" {
+		return errors.New("--user is required")
+	}
+	nc, js, keys, err := tool.open("attrd-export", stderr)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	uid, err := resolveUser(ctx, js, *user)
+	if err != nil {
+		return err
+	}
+	log, err := newLog(ctx, js, keys)
+	if err != nil {
+		return err
+	}
+	doc, err := api.Export(func(fn func(events.Entry, events.View) bool) (events.View, error) {
+		return log.FoldUser(ctx, uid, 0, false, fn)
+	}, uid, keys, keys != nil, 0)
+	if err != nil {
+		return err
+	}
+	enc := json.NewEncoder(stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(doc)
 }
