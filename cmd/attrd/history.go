@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -37,22 +36,11 @@ func historyCmd(ctx context.Context, args []string, stdout, stderr *os.File) err
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if *user == "" {
-		return errors.New("--user is required")
-	}
-	nc, js, keys, err := tool.open("attrd-history", stderr)
+	nc, uid, log, keys, err := tool.openUserLog(ctx, "attrd-history", *user, stderr)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	uid, err := resolveUser(ctx, js, *user)
-	if err != nil {
-		return err
-	}
-	log, err := newLog(ctx, js, keys)
-	if err != nil {
-		return err
-	}
 	if *at != "" {
 		t, err := api.ParseTime("--at", *at)
 		if err != nil {

@@ -115,6 +115,27 @@ func (t toolFlags) keys(w io.Writer) (*sealed.Keyring, error) {
 }
 
 // opener is keys as a projector.Opener, nil (not a nil *Keyring) when there are none.
+// openUserLog connects as an operator's tool named name and returns the id of user (an
+// id or a username, "" refused) and a reader of the log with the key file's keys.
+func (t toolFlags) openUserLog(ctx context.Context, name, user string, stderr *os.File) (*nats.Conn, string, *projector.Log, *sealed.Keyring, error) {
+	if user == "" {
+		return nil, "", nil, nil, errors.New("--user is required")
+	}
+	nc, js, keys, err := t.open(name, stderr)
+	if err != nil {
+		return nil, "", nil, nil, err
+	}
+	uid, err := resolveUser(ctx, js, user)
+	if err == nil {
+		var log *projector.Log
+		if log, err = newLog(ctx, js, keys); err == nil {
+			return nc, uid, log, keys, nil
+		}
+	}
+	nc.Close()
+	return nil, "", nil, nil, err
+}
+
 // newLog returns a reader of the event log: with the key file, it opens encrypted
 // values and what is personal in events (a deleted user's stays sealed).
 func newLog(ctx context.Context, js jetstream.JetStream, keys *sealed.Keyring) (*projector.Log, error) {

@@ -76,22 +76,11 @@ func userExportCmd(ctx context.Context, args []string, stdout, stderr *os.File) 
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if *user == "" {
-		return errors.New("--user is required")
-	}
-	nc, js, keys, err := tool.open("attrd-export", stderr)
+	nc, uid, log, keys, err := tool.openUserLog(ctx, "attrd-export", *user, stderr)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	uid, err := resolveUser(ctx, js, *user)
-	if err != nil {
-		return err
-	}
-	log, err := newLog(ctx, js, keys)
-	if err != nil {
-		return err
-	}
 	doc, err := api.Export(func(fn func(events.Entry, events.View) bool) (events.View, error) {
 		return log.FoldUser(ctx, uid, 0, false, fn)
 	}, uid, keys, keys != nil, 0)
