@@ -177,7 +177,7 @@ func (s *Service) writeAttrs(ctx context.Context, t *target, verb string, req *R
 			if s.cfg.Keyring == nil {
 				return events.Errorf(events.CodeInvalidInput, "encryption is not configured")
 			}
-			if ai.Value, err = s.cfg.Keyring.Seal(it.Value, sealed.AAD(t.uid, t.sid, it.Name)); err != nil {
+			if ai.Value, err = s.sealValue(ctx, t.uid, it.Value, sealed.AAD(t.uid, t.sid, it.Name)); err != nil {
 				return err
 			}
 		}

@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/attrd/attrd/events"
@@ -71,4 +72,18 @@ func (s *Service) encode(ctx context.Context, ev *events.Event) ([]byte, error) 
 		return nil, fmt.Errorf("seal the event's personal data: %w", err)
 	}
 	return events.Encode(&c)
+}
+
+// sealValue seals an attribute value of uid's: with uid's own data key when this
+// deployment has them (deleting the user then erases it everywhere, and a rotation of
+// the key file re-wraps the data keys only), else with the key ring.
+func (s *Service) sealValue(ctx context.Context, uid string, plain, aad []byte) ([]byte, error) {
+	if s.dataKeys == nil {
+		return s.cfg.Keyring.Seal(plain, aad)
+	}
+	v, err := s.dataKeys.SealValue(ctx, uid, plain, aad)
+	if errors.Is(err, events.ErrErased) {
+		return nil, events.Errorf(events.CodeNotAllowed, "no such user")
+	}
+	return v, err
 }

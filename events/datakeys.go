@@ -79,9 +79,29 @@ const (
 )
 
 // NewDataKeys returns the data keys of the bucket kv (whose stream is st), wrapped by
-// ring.
+// ring; ring then opens values sealed with them too (sealed.Keyring.WithUserKeys).
 func NewDataKeys(kv jetstream.KeyValue, st jetstream.Stream, ring *sealed.Keyring) *DataKeys {
-	return &DataKeys{kv: kv, st: st, ring: ring, keys: map[string]cachedKey{}}
+	d := &DataKeys{kv: kv, st: st, ring: ring, keys: map[string]cachedKey{}}
+	ring.WithUserKeys(func(uid string) (*sealed.DataKey, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), dataKeyReadTimeout)
+		defer cancel()
+		return d.Get(ctx, uid)
+	})
+	return d
+}
+
+// dataKeyReadTimeout bounds the read of a data key to open a value (the ring's Open
+// takes no context).
+const dataKeyReadTimeout = 5 * time.Second
+
+// SealValue seals an attribute value of uid's with uid's data key (made if missing);
+// ErrErased for a deleted user.
+func (d *DataKeys) SealValue(ctx context.Context, uid string, plain, aad []byte) ([]byte, error) {
+	k, err := d.Ensure(ctx, uid)
+	if err != nil {
+		return nil, err
+	}
+	return k.Seal(plain, aad)
 }
 
 // OpenDataKeys opens the data keys bucket of a deployment (nil, nil when it has none:

@@ -1,6 +1,7 @@
 package sealed
 
 import (
+	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
@@ -108,4 +109,34 @@ func (r *Keyring) Rewrap(wrapped []byte, userID string) (out []byte, rewrapped b
 	}
 	out, err = r.Wrap(raw, userID)
 	return out, err == nil, err
+}
+
+// ErrNoUserKey says a value is sealed with the data key of a user who has none any
+// more (deleted), or that the reader has no way to find users' keys.
+var ErrNoUserKey = fmt.Errorf("%w: its user's data key is gone", ErrOpen)
+
+// openForUser opens a value sealed with the data key of the user aad names.
+func (r *Keyring) openForUser(v, aad []byte) ([]byte, error) {
+	uid, ok := userOfAAD(aad)
+	if r.userKey == nil || !ok {
+		return nil, ErrNoUserKey
+	}
+	k, err := r.userKey(uid)
+	if err != nil {
+		return nil, err
+	}
+	if k == nil {
+		return nil, ErrNoUserKey
+	}
+	return k.Open(v, aad)
+}
+
+// userOfAAD returns the user an attribute value's additional data (AAD) names.
+func userOfAAD(aad []byte) (string, bool) {
+	rest, ok := bytes.CutPrefix(aad, []byte(aadPrefix))
+	if !ok {
+		return "", false
+	}
+	uid, _, ok := bytes.Cut(rest, []byte{0})
+	return string(uid), ok
 }

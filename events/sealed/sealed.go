@@ -32,7 +32,14 @@ var ErrOpen = errors.New("sealed: cannot open value")
 type Keyring struct {
 	primary string
 	keys    map[string]cipher.AEAD
+	// userKey, when set, finds the data key that opens a value sealed with a user's own
+	// key (SealFor): nil key when the user has none (deleted).
+	userKey func(userID string) (*DataKey, error)
 }
+
+// WithUserKeys makes the ring open values sealed with users' data keys too, finding
+// each user's with find. Set it before the ring is used.
+func (r *Keyring) WithUserKeys(find func(userID string) (*DataKey, error)) { r.userKey = find }
 
 // NewKeyring builds a ring from key ids and 32-byte keys; primary seals new values.
 func NewKeyring(primary string, keys map[string][]byte) (*Keyring, error) {
@@ -72,8 +79,10 @@ func (r *Keyring) IDs() []string {
 // AAD is the additional data of a value: owner user, session ("" for a user attribute)
 // and attribute name.
 func AAD(userID, sessionID, name string) []byte {
-	return []byte("attrd/v1\x00" + userID + "\x00" + sessionID + "\x00" + name)
+	return []byte(aadPrefix + userID + "\x00" + sessionID + "\x00" + name)
 }
+
+const aadPrefix = "attrd/v1\x00"
 
 // Seal encrypts plain under the primary key.
 func (r *Keyring) Seal(plain, aad []byte) ([]byte, error) {
@@ -97,8 +106,12 @@ func KeyID(v []byte) (string, error) {
 	return string(v[2 : 2+int(v[1])]), nil
 }
 
-// Open decrypts a sealed value.
+// Open decrypts a sealed value: one sealed by the ring, or, with WithUserKeys, one
+// sealed with the data key of the user its additional data names.
 func (r *Keyring) Open(v, aad []byte) ([]byte, error) {
+	if len(v) > 0 && v[0] == formatDataKey {
+		return r.openForUser(v, aad)
+	}
 	id, err := KeyID(v)
 	if err != nil {
 		return nil, err
