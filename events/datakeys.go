@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -302,3 +303,64 @@ func dropTargetPersonal(ev *Event) {
 
 // dropActorPersonal removes what ev holds of its actor (who was deleted).
 func dropActorPersonal(ev *Event) { ev.ActorName, ev.RemoteAddr, ev.UserAgent = "", "", "" }
+
+// Rotation is what Rotate did.
+type Rotation struct {
+	Rewrapped int // wrapped again with the ring's primary key
+	Current   int // wrapped with it already
+	Erased    int // tombstones of deleted users' keys
+}
+
+// Rotate wraps every data key again with the ring's primary key (the key file's first),
+// so that the other keys of the file wrap none; after it they can be removed from the
+// file. Each key is replaced with compare-and-set, so that a key destroyed meanwhile
+// stays destroyed; a rotation stopped half-way is finished by running it again.
+// limit > 0 stops after that many keys re-wrapped.
+func (d *DataKeys) Rotate(ctx context.Context, limit int) (Rotation, error) {
+	var r Rotation
+	lister, err := d.kv.ListKeys(ctx)
+	if err != nil {
+		return r, fmt.Errorf("list the data keys: %w", err)
+	}
+	var keys []string
+	for k := range lister.Keys() {
+		keys = append(keys, k)
+	}
+	for _, key := range keys {
+		if limit > 0 && r.Rewrapped >= limit {
+			break
+		}
+		uid := strings.TrimPrefix(key, "k.")
+		for try := 0; ; try++ {
+			e, err := d.kv.Get(ctx, key)
+			if errors.Is(err, jetstream.ErrKeyNotFound) {
+				break
+			}
+			if err != nil {
+				return r, fmt.Errorf("data key of %s: %w", uid, err)
+			}
+			if bytes.Equal(e.Value(), erasedMark) {
+				r.Erased++
+				break
+			}
+			out, rewrapped, err := d.ring.Rewrap(e.Value(), uid)
+			if err != nil {
+				return r, fmt.Errorf("data key of %s: %w", uid, err)
+			}
+			if !rewrapped {
+				r.Current++
+				break
+			}
+			if _, err := d.kv.Update(ctx, key, out, e.Revision()); err != nil {
+				if try < 3 && errors.Is(err, jetstream.ErrKeyExists) {
+					continue // changed meanwhile (destroyed, most likely): read it again
+				}
+				return r, fmt.Errorf("re-wrap the data key of %s: %w", uid, err)
+			}
+			d.forget(uid)
+			r.Rewrapped++
+			break
+		}
+	}
+	return r, nil
+}

@@ -3,7 +3,10 @@ package events_test
 import (
 	"context"
 	"errors"
+	"os"
+	"strconv"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -81,5 +84,52 @@ func TestADestroyedDataKeyIsGoneAndNeverMadeAgain(t *testing.T) {
 	}
 	if err := a.Destroy(ctx, uid); err != nil {
 		t.Fatalf("destroying twice: %v", err)
+	}
+}
+
+// TestARotationReWrapsEveryDataKey: a rotation to a new primary key re-wraps every
+// data key (ATTRD_ROTATE_USERS of them, 2,000 by default; the figure in
+// docs/PERFORMANCE.md is for 100,000), after which a ring of the new key alone opens
+// each; a second rotation re-wraps none. It prints the rate.
+func TestARotationReWrapsEveryDataKey(t *testing.T) {
+	n := 2000
+	if v, err := strconv.Atoi(os.Getenv("ATTRD_ROTATE_USERS")); err == nil && v > 0 {
+		n = v
+	}
+	_, nc := embeddedtest.Start(t, embedded.Options{})
+	js, _ := jetstream.New(nc)
+	ctx := context.Background()
+	if _, _, err := events.EnsureStore(ctx, js, events.DefaultStoreConfig()); err != nil {
+		t.Fatal(err)
+	}
+	k1, _ := sealed.NewDataKey()
+	k2, _ := sealed.NewDataKey()
+	oldRing, _ := sealed.NewKeyring("k1", map[string][]byte{"k1": k1})
+	bothRing, _ := sealed.NewKeyring("k2", map[string][]byte{"k1": k1, "k2": k2})
+	newRing, _ := sealed.NewKeyring("k2", map[string][]byte{"k2": k2})
+	old, _ := events.OpenDataKeys(ctx, js, oldRing)
+	uids := make([]string, n)
+	for i := range uids {
+		uids[i] = events.NewID()
+		if _, err := old.Ensure(ctx, uids[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	both, _ := events.OpenDataKeys(ctx, js, bothRing)
+	start := time.Now()
+	r, err := both.Rotate(ctx, 0)
+	took := time.Since(start)
+	if err != nil || r.Rewrapped != n {
+		t.Fatalf("rotation: %+v %v", r, err)
+	}
+	t.Logf("re-wrapped %d data keys in %s (%.0f a second)", n, took.Round(time.Millisecond), float64(n)/took.Seconds())
+	fresh, _ := events.OpenDataKeys(ctx, js, newRing)
+	for _, uid := range []string{uids[0], uids[n/2], uids[n-1]} {
+		if k, err := fresh.Get(ctx, uid); k == nil || err != nil {
+			t.Fatalf("a re-wrapped key does not open with the new key alone: %v", err)
+		}
+	}
+	if r, err := both.Rotate(ctx, 0); err != nil || r.Rewrapped != 0 || r.Current != n {
+		t.Fatalf("a second rotation: %+v %v", r, err)
 	}
 }
