@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -250,24 +251,39 @@ func (d *DataKeys) forget(uid string) {
 // Seal seals ev's personal data with its user's and actor's data keys, making them
 // when missing (a new user's, or one made before version 3). What belongs to a
 // deleted user (a late request about them, which the fold rejects) is dropped.
+//
+// A key is made only for a part that holds something: an event about a user id that
+// names nobody (an access.denied for a made-up id) makes no key.
 func (d *DataKeys) Seal(ctx context.Context, ev *Event) error {
 	target, actor := PersonalOwners(ev)
-	tk, err := d.Ensure(ctx, target)
-	if errors.Is(err, ErrErased) {
-		dropTargetPersonal(ev)
-	} else if err != nil {
-		return err
-	}
-	ak := tk
-	if actor != target {
-		ak, err = d.Ensure(ctx, actor)
+	var tk, ak *sealed.DataKey
+	var err error
+	if hasTargetPersonal(ev) {
+		tk, err = d.Ensure(ctx, target)
 		if errors.Is(err, ErrErased) {
+			dropTargetPersonal(ev)
+		} else if err != nil {
+			return err
+		}
+	}
+	if ev.ActorName != "" || ev.RemoteAddr != "" || ev.UserAgent != "" {
+		if actor == target && tk != nil {
+			ak = tk
+		} else if ak, err = d.Ensure(ctx, actor); errors.Is(err, ErrErased) {
 			dropActorPersonal(ev)
 		} else if err != nil {
 			return err
 		}
 	}
 	return SealPersonal(ev, tk, ak)
+}
+
+// hasTargetPersonal reports whether ev holds anything personal of its user.
+func hasTargetPersonal(ev *Event) bool {
+	if ev.User != nil && (ev.User.Username != "" || ev.User.PasswordHash != "") {
+		return true
+	}
+	return slices.ContainsFunc(ev.Attrs, func(it AttrItem) bool { return it.Value != nil })
 }
 
 // Open opens ev's personal data with the keys there are; what belongs to a user

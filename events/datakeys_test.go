@@ -133,3 +133,33 @@ func TestARotationReWrapsEveryDataKey(t *testing.T) {
 		t.Fatalf("a second rotation: %+v %v", r, err)
 	}
 }
+
+// TestAnEventAboutAMadeUpUserMakesNoDataKey: an access.denied for a user id that names
+// nobody (a caller probing ids) seals its actor's address with the actor's key and
+// makes no key for the made-up id: attackers cannot fill the data keys bucket.
+func TestAnEventAboutAMadeUpUserMakesNoDataKey(t *testing.T) {
+	_, nc := embeddedtest.Start(t, embedded.Options{})
+	js, _ := jetstream.New(nc)
+	ctx := context.Background()
+	if _, _, err := events.EnsureStore(ctx, js, events.DefaultStoreConfig()); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := sealed.NewDataKey()
+	ring, _ := sealed.NewKeyring("k1", map[string][]byte{"k1": raw})
+	dk, _ := events.OpenDataKeys(ctx, js, ring)
+	caller, madeUp := events.NewID(), events.NewID()
+	ev := &events.Event{ID: events.NewID(), Type: events.AccessDenied, UserID: madeUp, Actor: caller, ActorName: "mallory", RemoteAddr: "192.0.2.66"}
+	if err := dk.Seal(ctx, ev); err != nil {
+		t.Fatal(err)
+	}
+	if ev.APII == nil || ev.RemoteAddr != "" || ev.ActorName != "" {
+		t.Fatalf("the caller's address is not sealed: %+v", ev)
+	}
+	kv, _ := js.KeyValue(ctx, events.DataKeysBucket)
+	if _, err := kv.Get(ctx, events.DataKeyKey(madeUp)); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("a data key was made for a made-up user id: %v", err)
+	}
+	if _, err := kv.Get(ctx, events.DataKeyKey(caller)); err != nil {
+		t.Fatalf("the caller has no data key: %v", err)
+	}
+}

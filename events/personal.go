@@ -2,6 +2,7 @@ package events
 
 import (
 	"fmt"
+	"slices"
 
 	"github.com/attrd/attrd/events/sealed"
 )
@@ -56,10 +57,7 @@ func SealPersonal(ev *Event, target, actor *sealed.DataKey) error {
 	if ev.User != nil {
 		tp.Username, tp.PasswordHash = ev.User.Username, ev.User.PasswordHash
 	}
-	hasValue := false
-	for _, it := range ev.Attrs {
-		hasValue = hasValue || it.Value != nil
-	}
+	hasValue := slices.ContainsFunc(ev.Attrs, func(it AttrItem) bool { return it.Value != nil })
 	if hasValue {
 		tp.Values = make([][]byte, len(ev.Attrs))
 		for i, it := range ev.Attrs {
@@ -67,7 +65,7 @@ func SealPersonal(ev *Event, target, actor *sealed.DataKey) error {
 		}
 	}
 	ap := actorPersonal{ActorName: ev.ActorName, RemoteAddr: ev.RemoteAddr, UserAgent: ev.UserAgent}
-	if tp.Username != "" || tp.PasswordHash != "" || hasValue {
+	if hasTargetPersonal(ev) {
 		if target == nil {
 			return fmt.Errorf("event %s: no data key for user %s", ev.ID, ev.UserID)
 		}
