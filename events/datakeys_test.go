@@ -21,12 +21,7 @@ import (
 // bucket's stream, a tombstone stands in its place, no key is made again for the user,
 // and what it sealed stays sealed (erased) for a reader with the key file.
 func TestADestroyedDataKeyIsGoneAndNeverMadeAgain(t *testing.T) {
-	_, nc := embeddedtest.Start(t, embedded.Options{})
-	js, _ := jetstream.New(nc)
-	ctx := context.Background()
-	if _, _, err := events.EnsureStore(ctx, js, events.DefaultStoreConfig()); err != nil {
-		t.Fatal(err)
-	}
+	js, ctx := storeForKeys(t)
 	raw, _ := sealed.NewDataKey()
 	ring, err := sealed.NewKeyring("k1", map[string][]byte{"k1": raw})
 	if err != nil {
@@ -96,12 +91,7 @@ func TestARotationReWrapsEveryDataKey(t *testing.T) {
 	if v, err := strconv.Atoi(os.Getenv("ATTRD_ROTATE_USERS")); err == nil && v > 0 {
 		n = v
 	}
-	_, nc := embeddedtest.Start(t, embedded.Options{})
-	js, _ := jetstream.New(nc)
-	ctx := context.Background()
-	if _, _, err := events.EnsureStore(ctx, js, events.DefaultStoreConfig()); err != nil {
-		t.Fatal(err)
-	}
+	js, ctx := storeForKeys(t)
 	k1, _ := sealed.NewDataKey()
 	k2, _ := sealed.NewDataKey()
 	oldRing, _ := sealed.NewKeyring("k1", map[string][]byte{"k1": k1})
@@ -138,12 +128,7 @@ func TestARotationReWrapsEveryDataKey(t *testing.T) {
 // nobody (a caller probing ids) seals its actor's address with the actor's key and
 // makes no key for the made-up id: attackers cannot fill the data keys bucket.
 func TestAnEventAboutAMadeUpUserMakesNoDataKey(t *testing.T) {
-	_, nc := embeddedtest.Start(t, embedded.Options{})
-	js, _ := jetstream.New(nc)
-	ctx := context.Background()
-	if _, _, err := events.EnsureStore(ctx, js, events.DefaultStoreConfig()); err != nil {
-		t.Fatal(err)
-	}
+	js, ctx := storeForKeys(t)
 	raw, _ := sealed.NewDataKey()
 	ring, _ := sealed.NewKeyring("k1", map[string][]byte{"k1": raw})
 	dk, _ := events.OpenDataKeys(ctx, js, ring)
@@ -162,4 +147,16 @@ func TestAnEventAboutAMadeUpUserMakesNoDataKey(t *testing.T) {
 	if _, err := kv.Get(ctx, events.DataKeyKey(caller)); err != nil {
 		t.Fatalf("the caller has no data key: %v", err)
 	}
+}
+
+// storeForKeys starts an embedded server with attrd's stream and buckets.
+func storeForKeys(t *testing.T) (jetstream.JetStream, context.Context) {
+	t.Helper()
+	_, nc := embeddedtest.Start(t, embedded.Options{})
+	js, _ := jetstream.New(nc)
+	ctx := context.Background()
+	if _, _, err := events.EnsureStore(ctx, js, events.DefaultStoreConfig()); err != nil {
+		t.Fatal(err)
+	}
+	return js, ctx
 }

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/api"
@@ -506,4 +507,80 @@ func TestAUserExportsEverythingAttrdHoldsOfThem(t *testing.T) {
 		t.Fatalf("REST export: %d %v", st, body)
 	}
 	check("REST", body)
+}
+
+// TestALogOfVersionTwoGoesOnAndItsUsersCanBeDeleted: a user whose events were written
+// by the previous version (schema 2: personal data in clear, no data key) logs in and
+// writes with this one: the new events are sealed with a data key made then, the old
+// and new values read back, and the replay reproduces everything. Deleting the user
+// erases the projection and what the new events hold; the old events keep what they
+// hold in clear (docs/SECURITY.md "Erasure": the limit of logs of earlier versions),
+// and the replay still reproduces every decision and state.
+func TestALogOfVersionTwoGoesOnAndItsUsersCanBeDeleted(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	js, _ := jetstream.New(f.srv.apiConn)
+	lay := events.Layout{Partitions: 1}
+	uid := events.NewID()
+	now := time.Now().UnixNano()
+	sid := events.SessionID("legacy-ust")
+	for _, ev := range []*events.Event{
+		{Type: events.UserCreated, Time: now, UserID: uid, App: "attrd",
+			User: &events.UserData{Username: "legacy", PasswordHash: mustHash(t, "legacy-pw"), Approved: true}},
+		{Type: events.SessionCreated, Time: now + 1, UserID: uid, SessionID: sid, Actor: uid, ActorSession: sid, ActorName: "legacy",
+			App: "CRM", RemoteAddr: "192.0.2.22", ExpiresAt: now + int64(time.Hour)},
+		{Type: events.AttrCreated, Time: now + 2, UserID: uid, Actor: uid, ActorSession: sid, ActorName: "legacy", App: "CRM",
+			Attrs: []events.AttrItem{{Name: "old", Value: []byte(`"old-clear-4471"`)}}},
+	} {
+		ev.ID, ev.Version = events.NewID(), 2 // as the previous version wrote them
+		data, err := events.Encode(ev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		msg := &nats.Msg{Subject: lay.Subject(ev), Data: data, Header: nats.Header{}}
+		msg.Header.Set(events.HeaderType, string(ev.Type))
+		msg.Header.Set(events.HeaderVersion, "2")
+		msg.Header.Set(nats.MsgIdHdr, ev.ID)
+		if _, err := js.PublishMsg(ctx, msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var s *client.Session
+	for deadline := time.Now().Add(10 * time.Second); s == nil; time.Sleep(20 * time.Millisecond) {
+		var err error
+		if s, err = f.c.Login(ctx, "legacy", "legacy-pw"); err != nil && time.Now().After(deadline) {
+			t.Fatalf("the user of version 2 cannot log in: %v", err)
+		}
+	}
+	me, err := s.User(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectCode(t, me.Attr.Create(ctx, "new", "new-sealed-9902"), noError)
+	for name, want := range map[string]string{"old": `"old-clear-4471"`, "new": `"new-sealed-9902"`} {
+		if a, err := me.Attr.Get(ctx, name); err != nil || string(a.Value) != want {
+			t.Fatalf("%s: %v %v", name, a, err)
+		}
+	}
+	verifyReplay(t, f)
+
+	expectCode(t, f.admin.DeleteUser(ctx, uid), noError)
+	verifyReplay(t, f)
+	clear := 0
+	for _, m := range readStream(t, js, events.StreamName) {
+		if bytes.Contains(m.Data, []byte("new-sealed-9902")) {
+			t.Fatal("the value written by this version is in the log in clear")
+		}
+		if bytes.Contains(m.Data, []byte("old-clear-4471")) {
+			clear++
+		}
+	}
+	if clear != 1 {
+		t.Fatalf("the value written by version 2 is in %d events, want the 1 it was written in", clear)
+	}
+	for _, m := range readStream(t, js, events.KVStream(events.DefaultBucket)) {
+		if bytes.Contains(wholeMsg(m), []byte("old-clear-4471")) || bytes.Contains(wholeMsg(m), []byte("legacy")) {
+			t.Fatalf("the projection keeps the deleted user: %s", wholeMsg(m))
+		}
+	}
 }
