@@ -87,3 +87,17 @@ func (s *Service) sealValue(ctx context.Context, uid string, plain, aad []byte) 
 	}
 	return v, err
 }
+
+// keyFingerprint replaces the fingerprint of a request with a request id (a hash of
+// its body, values included) by one keyed with its target user's data key, so that
+// the log does not let anyone confirm a guessed value, and, once the user is deleted,
+// nothing at all. Retries are compared keyed too. Without data keys (or for a user
+// already deleted) it stays as it is.
+func (s *Service) keyFingerprint(ctx context.Context, ev *events.Event) {
+	if s.dataKeys == nil || ev.Fingerprint == "" || ev.UserID == "" {
+		return
+	}
+	if k, err := s.dataKeys.Ensure(ctx, ev.UserID); err == nil {
+		ev.Fingerprint = k.Fingerprint(ev.Fingerprint)
+	}
+}

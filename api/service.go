@@ -346,6 +346,7 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 	if ev.Time == 0 {
 		ev.Time = time.Now().UnixNano()
 	}
+	s.keyFingerprint(ctx, ev)
 	data, err := s.encode(ctx, ev)
 	if err != nil {
 		return events.Decision{}, err

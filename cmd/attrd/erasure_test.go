@@ -584,3 +584,31 @@ func TestALogOfVersionTwoGoesOnAndItsUsersCanBeDeleted(t *testing.T) {
 		}
 	}
 }
+
+// TestARequestsFingerprintIsKeyedByItsUsersDataKey: the fingerprint a request with a
+// request id leaves in the log is keyed with its user's data key. Two users sending
+// the same body under the same request id (an unkeyed hash of it would be one and the
+// same, and would let anyone test a guessed value against it) leave two different
+// ones, and a retry is still told from a reuse.
+func TestARequestsFingerprintIsKeyedByItsUsersDataKey(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	_, bob := f.regularUser(t, "bob")
+	for _, s := range []*client.Session{f.alice, bob} {
+		a := s.UserByID("").Attr
+		expectCode(t, a.Set(ctx, "consent", true, client.RequestID("same")), noError)
+		expectCode(t, a.Set(ctx, "consent", true, client.RequestID("same")), noError)                  // a retry
+		expectCode(t, a.Set(ctx, "consent", false, client.RequestID("same")), events.CodeInvalidInput) // a reuse
+	}
+	js, _ := jetstream.New(f.srv.apiConn)
+	fps := map[string]bool{}
+	for _, m := range readStream(t, js, events.StreamName) {
+		ev, err := events.Decode(m.Data)
+		if err == nil && ev.Type == events.AttrSet && ev.Fingerprint != "" {
+			fps[ev.Fingerprint] = true
+		}
+	}
+	if len(fps) != 2 {
+		t.Fatalf("the two users' requests left %d fingerprints, want 2 different ones: %v", len(fps), fps)
+	}
+}

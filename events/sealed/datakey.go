@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
 	"fmt"
 )
 
@@ -21,6 +24,7 @@ const formatDataKey = 0x02
 // DataKey is a user's data key, ready to seal and open.
 type DataKey struct {
 	aead cipher.AEAD
+	mac  []byte // the key of Fingerprint, derived from the data key
 }
 
 // NewDataKey returns 32 random bytes: a new user's data key, to be wrapped.
@@ -39,7 +43,18 @@ func OpenDataKey(raw []byte) (*DataKey, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &DataKey{aead: aead}, nil
+	h := hmac.New(sha256.New, raw)
+	h.Write([]byte("attrd/fingerprint/v1"))
+	return &DataKey{aead: aead, mac: h.Sum(nil)}, nil
+}
+
+// Fingerprint returns a keyed hash of s (HMAC-SHA256 under a key derived from the
+// data key), in base64: it tells two equal inputs apart from different ones, and once
+// the data key is destroyed nobody can test a guess of s against it.
+func (k *DataKey) Fingerprint(s string) string {
+	h := hmac.New(sha256.New, k.mac)
+	h.Write([]byte(s))
+	return base64.RawStdEncoding.EncodeToString(h.Sum(nil))
 }
 
 // newGCM returns AES-256-GCM under a 32-byte key.
