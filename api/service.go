@@ -44,6 +44,9 @@ type Config struct {
 	Limits Limits
 	// Keyring seals encrypted values; nil makes encrypt:true an error.
 	Keyring *sealed.Keyring
+	// DataKeys seal what is personal in events (erasure.go); nil with a Keyring: the
+	// service opens its own.
+	DataKeys *events.DataKeys
 	// Password is the argon2id cost of new password hashes.
 	Password PasswordParams
 	// PasswordConcurrency bounds password hashes computed at once (default: half the
@@ -207,7 +210,8 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		logins:    newLoginFlights(cfg.LoginsPerAddress),
 		histories: NewGate(cfg.HistoryConcurrency, -1, 2*time.Second, "history requests"),
 		denied:    newRateLimiter(deniedPerMinute, time.Minute, 100_000)}
-	if cfg.Keyring != nil {
+	s.dataKeys = cfg.DataKeys
+	if s.dataKeys == nil && cfg.Keyring != nil {
 		// With the key file, what is personal in every event is sealed with its
 		// person's data key (erasure.go).
 		if s.dataKeys, err = events.OpenDataKeys(ctx, js, cfg.Keyring); err != nil {

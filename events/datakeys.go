@@ -74,11 +74,40 @@ var erasedMark = []byte("erased")
 var ErrErased = errors.New("the user was deleted: their data key is destroyed")
 
 // dataKeyTTL is how long a data key (or its absence) is kept in memory, and
-// dataKeysCached how many are.
+// dataKeysCached how many are. A key destroyed on another instance leaves this one's
+// memory as soon as its watch (Follow) sees it; the TTL bounds it when nothing
+// follows.
 const (
-	dataKeyTTL     = time.Minute
+	dataKeyTTL     = 5 * time.Minute
 	dataKeysCached = 100_000
 )
+
+// Follow drops from the cache every key destroyed elsewhere, as the bucket's changes
+// come, until ctx ends: so that an instance does not open a deleted user's data with a
+// key it read before the deletion.
+func (d *DataKeys) Follow(ctx context.Context) error {
+	w, err := d.kv.WatchAll(ctx, jetstream.UpdatesOnly())
+	if err != nil {
+		return fmt.Errorf("follow the data keys: %w", err)
+	}
+	go func() {
+		defer w.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case e, ok := <-w.Updates():
+				if !ok {
+					return
+				}
+				if e != nil && (e.Operation() != jetstream.KeyValuePut || bytes.Equal(e.Value(), erasedMark)) {
+					d.forget(strings.TrimPrefix(e.Key(), "k."))
+				}
+			}
+		}
+	}()
+	return nil
+}
 
 // NewDataKeys returns the data keys of the bucket kv (whose stream is st), wrapped by
 // ring; ring then opens values sealed with them too (sealed.Keyring.WithUserKeys).

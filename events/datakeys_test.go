@@ -160,3 +160,44 @@ func storeForKeys(t *testing.T) (jetstream.JetStream, context.Context) {
 	}
 	return js, ctx
 }
+
+// TestAKeyDestroyedElsewhereLeavesEveryInstancesMemory: an instance that read a user's
+// data key (and keeps it for minutes) forgets it as soon as another instance destroys
+// it: it follows the bucket's changes. Without that it would go on opening the deleted
+// user's data.
+func TestAKeyDestroyedElsewhereLeavesEveryInstancesMemory(t *testing.T) {
+	js, ctx := storeForKeys(t)
+	raw, _ := sealed.NewDataKey()
+	ring, _ := sealed.NewKeyring("k1", map[string][]byte{"k1": raw})
+	here, _ := events.OpenDataKeys(ctx, js, ring)
+	there, _ := events.OpenDataKeys(ctx, js, ring)
+	fctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if err := here.Follow(fctx); err != nil {
+		t.Fatal(err)
+	}
+	uid := events.NewID()
+	if _, err := there.Ensure(ctx, uid); err != nil {
+		t.Fatal(err)
+	}
+	if k, err := here.Get(ctx, uid); k == nil || err != nil {
+		t.Fatalf("read here: %v %v", k, err)
+	}
+	if err := there.Destroy(ctx, uid); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		k, err := here.Get(ctx, uid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if k == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a key destroyed elsewhere is still in this instance's memory")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -285,12 +285,19 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	pcfg := projector.Config{Bucket: store.Bucket, Opener: opener(keys), Replies: true,
 		Logger: log, Hooks: cfg.ProjectorHooks, OnDecision: cfg.OnDecision, Metrics: pm}
 	if keys != nil {
+		// One set of data keys for the projector and the API, following the keys
+		// destroyed on other instances (a deletion elsewhere).
 		if pcfg.DataKeys, err = events.OpenDataKeys(ctx, js, keys); err != nil {
 			return nil, fmt.Errorf("data keys: %w", err)
 		}
 	}
 	pctx, cancel := context.WithCancel(context.Background())
 	s.prjCancel = cancel
+	if pcfg.DataKeys != nil {
+		if err := pcfg.DataKeys.Follow(pctx); err != nil {
+			return nil, err
+		}
+	}
 	s.instance = instanceName()
 	if s.parts, err = projector.NewPartitions(ctx, s.prjConn, projector.PartitionsConfig{Projector: pcfg, Instance: s.instance,
 		LeaseTTL: cfg.LeaseTTL, Dial: connect, Logger: log}); err != nil {
@@ -327,7 +334,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	}
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
 		SessionMaxLifetime: cfg.SessionMaxLifetime, PasswordConcurrency: cfg.PasswordConcurrency, LoginsPerAddress: cfg.LoginsPerAddress, HistoryTimeout: cfg.HistoryTimeout,
-		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, Password: cfg.Password, Logger: log, Limits: cfg.Limits,
+		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, DataKeys: pcfg.DataKeys, Password: cfg.Password, Logger: log, Limits: cfg.Limits,
 		History: histLog, Local: s.parts, Metrics: reg}); err != nil {
 		return nil, err
 	}
