@@ -76,31 +76,12 @@ func (c *sessionCache) forget(sid, uid string) {
 // an ordered consumer: it recreates itself after a disconnect, and while it cannot,
 // maxAge still bounds staleness.
 func (c *sessionCache) watch(ctx context.Context, kv jetstream.KeyValue) error {
-	w, err := kv.WatchFiltered(ctx, []string{"s.>", "u.>"}, jetstream.UpdatesOnly())
-	if err != nil {
-		return err
-	}
-	go func() {
-		defer w.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case e, ok := <-w.Updates():
-				if !ok {
-					return
-				}
-				if e == nil {
-					continue
-				}
-				switch k := e.Key(); {
-				case strings.HasPrefix(k, "s."):
-					c.forget(k[2:], "")
-				case strings.HasPrefix(k, "u."):
-					c.forget("", k[2:])
-				}
-			}
+	return events.FollowKV(ctx, kv, []string{"s.>", "u.>"}, func(e jetstream.KeyValueEntry) {
+		switch k := e.Key(); {
+		case strings.HasPrefix(k, "s."):
+			c.forget(k[2:], "")
+		case strings.HasPrefix(k, "u."):
+			c.forget("", k[2:])
 		}
-	}()
-	return nil
+	})
 }

@@ -86,26 +86,14 @@ const (
 // come, until ctx ends: so that an instance does not open a deleted user's data with a
 // key it read before the deletion.
 func (d *DataKeys) Follow(ctx context.Context) error {
-	w, err := d.kv.WatchAll(ctx, jetstream.UpdatesOnly())
+	err := FollowKV(ctx, d.kv, nil, func(e jetstream.KeyValueEntry) {
+		if e.Operation() != jetstream.KeyValuePut || bytes.Equal(e.Value(), erasedMark) {
+			d.forget(strings.TrimPrefix(e.Key(), "k."))
+		}
+	})
 	if err != nil {
 		return fmt.Errorf("follow the data keys: %w", err)
 	}
-	go func() {
-		defer w.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case e, ok := <-w.Updates():
-				if !ok {
-					return
-				}
-				if e != nil && (e.Operation() != jetstream.KeyValuePut || bytes.Equal(e.Value(), erasedMark)) {
-					d.forget(strings.TrimPrefix(e.Key(), "k."))
-				}
-			}
-		}
-	}()
 	return nil
 }
 
