@@ -80,9 +80,12 @@ func (l Layout) Subject(e *Event) string {
 		if e.SessionID != "" {
 			return l.prefix(e.UserID) + ".session." + e.SessionID
 		}
-		return l.prefix(e.UserID) + ".attr"
+		return l.AttrSubject(e.UserID)
 	}
 }
+
+// AttrSubject is the subject of the events on a user's own attributes.
+func (l Layout) AttrSubject(uid string) string { return l.prefix(uid) + ".attr" }
 
 // DecisionSubject is where the projector records the rejections of a user's events,
 // under the user's own prefix: one filter gives the user's events and their recorded

@@ -47,8 +47,8 @@ func (p *Projector) process(ctx context.Context, batch []jetstream.Msg) (err err
 		if it.seq <= p.Applied() {
 			continue // redelivered after it was folded
 		}
-		if events.IsDecisionSubject(m.Subject()) {
-			continue // a decision this projector recorded: not an event
+		if !events.IsEventSubject(m.Subject()) {
+			continue // a decision or an erasure record this projector wrote: not an event
 		}
 		it.ev, it.bad = events.Decode(m.Data())
 		if it.bad == nil {

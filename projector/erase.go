@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -134,6 +135,9 @@ func (p *Projector) finishErasures(ctx context.Context, f *flight, last uint64) 
 			if err := p.cfg.DataKeys.Destroy(ctx, uid); err != nil {
 				return fmt.Errorf("destroy the data key of deleted user %s: %w", uid, err)
 			}
+			if err := p.eraseClearEvents(ctx, uid); err != nil {
+				return fmt.Errorf("erase the events of deleted user %s: %w", uid, err)
+			}
 		}
 	}
 	for _, ks := range f.before { // the usernames the chunk deleted, as they were
@@ -164,6 +168,70 @@ func (p *Projector) finishErasures(ctx context.Context, f *flight, last uint64) 
 	return p.waitCheckpoint(ctx, ck)
 }
 
+// eraseClearEvents removes from the log the events of a deleted user that hold
+// personal data in clear (written before version 3, or before the deployment had data
+// keys), after writing what an audit needs of them (events.ErasureRecord) on the
+// user's erased subject. Run again (a recovered deletion), it finds none left.
+//
+// NATS subtlety: the event stream denies message deletes (an audit log's protection,
+// which cannot be lifted once set) but allows purges; a purge of a subject up to a
+// sequence removes every message on it below that sequence. A user's clear events
+// come before their sealed ones (written before the upgrade), so each of the user's
+// event subjects is purged up to the last clear event: the sealed events it may take
+// with it are listed in the record too. Recorded decisions are on another subject and
+// stay.
+func (p *Projector) eraseClearEvents(ctx context.Context, uid string) error {
+	log := &Log{js: p.js, bucket: p.cfg.Bucket}
+	var all []events.ErasedEvent
+	var until uint64 // one past the last event with personal data in clear
+	err := log.read(ctx, []string{p.layout.UserSubjects(uid)}, false, func(seq uint64, subject string, data []byte) bool {
+		if !events.IsEventSubject(subject) {
+			return true
+		}
+		ev, err := events.Decode(data)
+		if err != nil {
+			return true
+		}
+		if ev.Type == events.UserDeleted {
+			return false // this deletion, and what comes after it, stays
+		}
+		all = append(all, events.Erased(seq, ev))
+		if events.ClearPersonal(ev) {
+			until = seq + 1
+		}
+		return true
+	})
+	if err != nil || until == 0 {
+		return err
+	}
+	rec := events.ErasureRecord{UserID: uid}
+	for _, e := range all {
+		if e.Seq < until {
+			rec.Events = append(rec.Events, e)
+		}
+	}
+	data, err := events.Marshal(&rec)
+	if err != nil {
+		return err
+	}
+	// The id keeps a retry within the de-duplication window from writing it twice.
+	if _, err := p.js.Publish(ctx, p.layout.ErasedSubject(uid), data,
+		jetstream.WithMsgID("erased-"+uid+"-"+strconv.FormatUint(until, 10))); err != nil {
+		return err
+	}
+	evs, err := p.js.Stream(ctx, events.StreamName)
+	if err != nil {
+		return err
+	}
+	for _, subject := range []string{p.layout.UserSubject(uid), p.layout.AttrSubject(uid), p.layout.SessionSubject(uid, "*")} {
+		if err := evs.Purge(ctx, jetstream.WithPurgeSubject(subject), jetstream.WithPurgeSequence(until)); err != nil {
+			return err
+		}
+	}
+	p.log.Info("erased the events of a deleted user written with personal data in clear", "user", uid, "events", len(rec.Events))
+	return nil
+}
+
 // erasures makes a replay of the whole log decide as the projector did where a
 // deleted user's erased data would be needed: their events, whose personal data is
 // sealed under a destroyed key, and the claims of a username while a user whose
@@ -171,11 +239,41 @@ func (p *Projector) finishErasures(ctx context.Context, f *flight, last uint64) 
 // decision the projector recorded (every rejection from since on is recorded; every
 // other event was accepted) instead of being decided again: the replay needs the
 // erased data for nothing but those decisions.
+//
+// The events of earlier versions that a deletion removed from the log (ErasureRecord)
+// are the same case: a replay folds the log without them, and takes the recorded
+// decision for every event about or acted by one of their users whom it does not
+// know (their creation was removed), and for every claim of a username while the log
+// holds such users.
 type erasures struct {
-	log      *Log
-	since    uint64
-	unnamed  map[string]bool        // users whose username is erased, while they exist
-	recorded map[uint64]events.Code // the recorded rejections, read once needed
+	log          *Log
+	since        uint64
+	unnamed      map[string]bool        // users whose username is erased, while they exist
+	recorded     map[uint64]events.Code // the recorded rejections, read once needed
+	removedSeqs  map[uint64]bool        // events removed from the log by erasures
+	removedUsers map[string]bool        // their users
+}
+
+// readRemoved reads the erasure records: which events were removed, of which users.
+func (er *erasures) readRemoved(ctx context.Context) error {
+	er.removedSeqs, er.removedUsers = map[uint64]bool{}, map[string]bool{}
+	filters := []string{events.EventsPrefix + ".*.erased", events.EventsPrefix + ".*.*.erased"}
+	return er.log.read(ctx, filters, false, func(_ uint64, subject string, data []byte) bool {
+		var r events.ErasureRecord
+		if events.IsErasedSubject(subject) && events.Unmarshal(data, &r) == nil {
+			er.removedUsers[r.UserID] = true
+			for _, e := range r.Events {
+				er.removedSeqs[e.Seq] = true
+			}
+		}
+		return true
+	})
+}
+
+// unknownRemoved reports whether uid is a user whose events were removed and whom st
+// does not know.
+func (er *erasures) unknownRemoved(st State, uid string) bool {
+	return uid != "" && er.removedUsers[uid] && st.User(uid) == nil
 }
 
 // fold folds one message of the log, as Log.fold, with the decision recorded where
@@ -186,7 +284,9 @@ func (er *erasures) fold(ctx context.Context, st State, lay events.Layout, seq u
 		return events.Entry{}, err
 	}
 	var forced *events.Code
-	if ev != nil && (ev.Erased || ev.Type == events.UserCreated && len(er.unnamed) > 0) && er.since != 0 && seq >= er.since {
+	needsErased := ev != nil && (ev.Erased || ev.Type == events.UserCreated && (len(er.unnamed) > 0 || len(er.removedUsers) > 0) ||
+		er.unknownRemoved(st, ev.UserID) || er.unknownRemoved(st, ev.Actor))
+	if needsErased && er.since != 0 && seq >= er.since {
 		if er.recorded == nil {
 			if er.recorded, err = er.log.rejections(ctx); err != nil {
 				return events.Entry{}, err

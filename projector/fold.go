@@ -335,9 +335,13 @@ func effectsAnyway(st State, seq uint64, ev *events.Event, open Opener) []func()
 	case events.SessionEnded:
 		return []func(){func() { endSession(st, ev.UserID, ev.SessionID) }}
 	case events.UserDeleted:
+		// The user's record may be missing (their creation removed from the log by an
+		// erasure): what is left of them goes all the same.
+		username := ""
 		if u := st.User(ev.UserID); u != nil {
-			return []func(){func() { eraseUser(st, ev.UserID, u.Username) }}
+			username = u.Username
 		}
+		return []func(){func() { eraseUser(st, ev.UserID, username) }}
 	case events.AttrDeleted:
 		var plan []func()
 		for _, it := range ev.Attrs {

@@ -1,9 +1,11 @@
 package projector
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -48,8 +50,9 @@ func (l *Log) Layout(ctx context.Context) (events.Layout, error) {
 
 // read calls fn with every message on the filters (all: none) in log order, up to the
 // log's end when the read began; fn returns false to stop. whole asks for the log from
-// its first event: a log cut by retention is then ErrTruncated.
-func (l *Log) read(ctx context.Context, filters []string, whole bool, fn func(seq uint64, subject string, data []byte) bool) error {
+// its first event: a log cut by retention is then ErrTruncated (a start past events
+// that erasures removed, erased, is not a cut).
+func (l *Log) read(ctx context.Context, filters []string, whole bool, fn func(seq uint64, subject string, data []byte) bool, erased ...map[uint64]bool) error {
 	st, err := l.js.Stream(ctx, events.StreamName)
 	if err != nil {
 		return fmt.Errorf("event stream: %w", err)
@@ -59,7 +62,11 @@ func (l *Log) read(ctx context.Context, filters []string, whole bool, fn func(se
 		return err
 	}
 	if whole && info.State.FirstSeq > 1 {
-		return fmt.Errorf("%w (it starts at sequence %d)", ErrTruncated, info.State.FirstSeq)
+		for seq := uint64(1); seq < info.State.FirstSeq; seq++ {
+			if len(erased) == 0 || !erased[0][seq] {
+				return fmt.Errorf("%w (it starts at sequence %d)", ErrTruncated, info.State.FirstSeq)
+			}
+		}
 	}
 	// Read up to the last message on the filters as the stream's leader has it, and no
 	// shorter: the ordered consumer may be served by a replica that is behind, whose
@@ -177,8 +184,14 @@ func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) err
 	m.since = rec.Since
 	m.Recorded = map[uint64]events.Code{}
 	er := &erasures{log: l, since: rec.Since, unnamed: map[string]bool{}}
+	if err := er.readRemoved(ctx); err != nil {
+		return err
+	}
 	var foldErr error
 	err = l.read(ctx, nil, true, func(seq uint64, subject string, data []byte) bool {
+		if events.IsErasedSubject(subject) {
+			return true
+		}
 		if events.IsDecisionSubject(subject) {
 			var d events.Decision
 			if events.Unmarshal(data, &d) == nil {
@@ -197,7 +210,7 @@ func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) err
 			fn(e)
 		}
 		return true
-	})
+	}, er.removedSeqs)
 	return errors.Join(err, foldErr)
 }
 
@@ -261,12 +274,25 @@ func (l *Log) FoldUser(ctx context.Context, uid string, at int64, hasAt bool, fn
 	actors := map[string]bool{}
 	recorded := map[uint64]events.Code{}
 	var stop uint64 // with at: the last own event at or before it
+	var erased []events.ErasedEvent
 	err = l.read(ctx, []string{own}, false, func(seq uint64, subject string, data []byte) bool {
 		if events.IsDecisionSubject(subject) {
 			var d events.Decision
 			if events.Unmarshal(data, &d) == nil {
 				if _, seen := recorded[d.Seq]; !seen {
 					recorded[d.Seq] = d.Code
+				}
+			}
+			return true
+		}
+		if events.IsErasedSubject(subject) {
+			var r events.ErasureRecord
+			if events.Unmarshal(data, &r) == nil {
+				for _, e := range r.Events {
+					erased = append(erased, e)
+					if (!hasAt || e.Time <= at) && e.Seq > stop {
+						stop = e.Seq
+					}
 				}
 			}
 			return true
@@ -298,12 +324,33 @@ func (l *Log) FoldUser(ctx context.Context, uid string, at int64, hasAt bool, fn
 	st := m.State()
 	accepted := events.Code("")
 	var foldErr error
+	// The user's events removed by a deletion (events.ErasureRecord) are shown at their
+	// place, as what stays of them: their metadata. They change no state.
+	slices.SortFunc(erased, func(a, b events.ErasedEvent) int { return cmp.Compare(a.Seq, b.Seq) })
+	halted := false
+	showErased := func(before uint64) {
+		for len(erased) > 0 && erased[0].Seq < before && !halted {
+			e := erased[0]
+			erased = erased[1:]
+			if hasAt && e.Seq > stop || fn == nil {
+				continue
+			}
+			d := events.Decision{Seq: e.Seq, EventID: e.ID, UserID: uid}
+			if c, ok := recorded[e.Seq]; ok {
+				d.Code = c
+			}
+			halted = !fn(events.Entry{Seq: e.Seq, Subject: prefix + "erased", Event: e.Event(uid), Decision: d}, st)
+		}
+	}
 	err = l.read(ctx, filters, false, func(seq uint64, subject string, data []byte) bool {
 		if hasAt && seq > stop {
 			return false
 		}
-		if events.IsDecisionSubject(subject) {
+		if !events.IsEventSubject(subject) {
 			return true
+		}
+		if showErased(seq); halted {
+			return false
 		}
 		var forced *events.Code
 		if rec.Since != 0 && seq >= rec.Since {
@@ -322,5 +369,8 @@ func (l *Log) FoldUser(ctx context.Context, uid string, at int64, hasAt bool, fn
 		}
 		return true
 	})
+	if err == nil && foldErr == nil {
+		showErased(^uint64(0))
+	}
 	return m.State(), errors.Join(err, foldErr)
 }

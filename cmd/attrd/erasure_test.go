@@ -21,7 +21,9 @@ import (
 
 	"github.com/attrd/attrd/api"
 	"github.com/attrd/attrd/api/client"
+	"github.com/attrd/attrd/deploy/embedded"
 	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/sealed"
 )
 
 // TestADeletedUserIsGoneWithSessionsAttributesAndUsername: a super-user deletes
@@ -513,9 +515,10 @@ func TestAUserExportsEverythingAttrdHoldsOfThem(t *testing.T) {
 // by the previous version (schema 2: personal data in clear, no data key) logs in and
 // writes with this one: the new events are sealed with a data key made then, the old
 // and new values read back, and the replay reproduces everything. Deleting the user
-// erases the projection and what the new events hold; the old events keep what they
-// hold in clear (docs/SECURITY.md "Erasure": the limit of logs of earlier versions),
-// and the replay still reproduces every decision and state.
+// erases the projection and what the new events hold, and removes the old events
+// from the log (their metadata stays, in an erasure record): none of their personal
+// data is left in the stream, the history still lists every event of theirs, and the
+// replay, without the removed events, reproduces every decision and state.
 func TestALogOfVersionTwoGoesOnAndItsUsersCanBeDeleted(t *testing.T) {
 	f := newFixture(t, nil)
 	ctx := ctxT(t)
@@ -566,17 +569,19 @@ func TestALogOfVersionTwoGoesOnAndItsUsersCanBeDeleted(t *testing.T) {
 
 	expectCode(t, f.admin.DeleteUser(ctx, uid), noError)
 	verifyReplay(t, f)
-	clear := 0
 	for _, m := range readStream(t, js, events.StreamName) {
-		if bytes.Contains(m.Data, []byte("new-sealed-9902")) {
-			t.Fatal("the value written by this version is in the log in clear")
-		}
-		if bytes.Contains(m.Data, []byte("old-clear-4471")) {
-			clear++
+		for _, s := range []string{"new-sealed-9902", "old-clear-4471", "legacy", "192.0.2.22"} {
+			if bytes.Contains(wholeMsg(m), []byte(s)) {
+				t.Fatalf("the log holds %q after the deletion: %s", s, wholeMsg(m))
+			}
 		}
 	}
-	if clear != 1 {
-		t.Fatalf("the value written by version 2 is in %d events, want the 1 it was written in", clear)
+	code, hist := runCmd(t, "history", "--user", uid, "--json", "--nats-url", f.srv.ClientURL(),
+		"--encryption-key-file="+filepath.Join(f.srv.cfg.DataDir, "encryption.key"))
+	for _, want := range []string{`"type":"user.created"`, `"type":"session.created"`, `"name":"old"`, `"name":"new"`, `"type":"user.deleted"`} {
+		if code != 0 || !strings.Contains(hist, want) {
+			t.Fatalf("the history after the deletion lacks %s: exit %d\n%s", want, code, hist)
+		}
 	}
 	for _, m := range readStream(t, js, events.KVStream(events.DefaultBucket)) {
 		if bytes.Contains(wholeMsg(m), []byte("old-clear-4471")) || bytes.Contains(wholeMsg(m), []byte("legacy")) {
@@ -610,5 +615,57 @@ func TestARequestsFingerprintIsKeyedByItsUsersDataKey(t *testing.T) {
 	}
 	if len(fps) != 2 {
 		t.Fatalf("the two users' requests left %d fingerprints, want 2 different ones: %v", len(fps), fps)
+	}
+}
+
+// TestAReplayGoesOnOverTheStartOfTheLogAnErasureRemoved: the very first event of a log
+// (written by the previous version, in clear, as is its super-user's) is a user's
+// creation; deleting that user
+// removes it, so the stream now starts after sequence 1, which a replay would take for
+// a log cut by retention. The erasure record says those events were erased: the replay
+// folds the log and reproduces the projection.
+func TestAReplayGoesOnOverTheStartOfTheLogAnErasureRemoved(t *testing.T) {
+	ns, accts := startAccountsNATS(t, "127.0.0.1:0")
+	nc, err := nats.Connect(ns.ClientURL(), nats.UserInfo(embedded.OperatorUser, accts.OperatorPassword))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	ctx := ctxT(t)
+	if _, _, err := events.EnsureStore(ctx, js, events.DefaultStoreConfig()); err != nil {
+		t.Fatal(err)
+	}
+	first := &events.Event{ID: events.NewID(), Version: 2, Type: events.UserCreated, Time: time.Now().UnixNano(), UserID: events.NewID(),
+		App: "attrd", User: &events.UserData{Username: "first", PasswordHash: mustHash(t, "pw"), Approved: true}}
+	// And a super-user, as the previous version wrote one too.
+	root := &events.Event{ID: events.NewID(), Version: 2, Type: events.UserCreated, Time: time.Now().UnixNano(), UserID: events.NewID(),
+		App: "attrd", User: &events.UserData{Username: "admin", PasswordHash: mustHash(t, adminPassword), SuperUser: true, Approved: true}}
+	for i, ev := range []*events.Event{first, root} {
+		data, _ := events.Encode(ev)
+		if ack, err := js.Publish(ctx, events.Layout{}.Subject(ev), data, jetstream.WithMsgID(ev.ID)); err != nil || ack.Sequence != uint64(i+1) {
+			t.Fatalf("event %d: %v %v", i+1, ack, err)
+		}
+	}
+	keyFile := filepath.Join(t.TempDir(), "k.key")
+	if err := sealed.GenerateKeyFile(keyFile); err != nil {
+		t.Fatal(err)
+	}
+	s := mustStart(t, func(c *Config) {
+		c.NATSURL, c.KeyFile, c.Replicas = ns.ClientURL(), keyFile, 1
+		c.NATSOptions = []nats.Option{nats.UserInfo(embedded.OperatorUser, accts.OperatorPassword)}
+	})
+	admin := mustLogin(t, mustClient(t, s), "admin", adminPassword)
+	if _, err := mustClient(t, s).Login(ctx, "first", "pw"); err != nil {
+		t.Fatalf("the user of the first event: %v", err)
+	}
+	expectCode(t, admin.DeleteUser(ctx, first.UserID), noError)
+	st, _ := js.Stream(ctx, events.StreamName)
+	info, err := st.Info(ctx)
+	if err != nil || info.State.FirstSeq <= 1 {
+		t.Fatalf("the stream still starts at %d (%v)", info.State.FirstSeq, err)
+	}
+	if !replayEqualsLive(t, s) {
+		t.Fatal("the replay does not reproduce the projection")
 	}
 }
