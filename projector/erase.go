@@ -130,14 +130,15 @@ func (p *Projector) finishErasures(ctx context.Context, f *flight, last uint64) 
 			deleted[it.ev.UserID] = true
 		}
 	}
-	if p.cfg.DataKeys != nil {
-		for uid := range deleted {
+	for uid := range deleted {
+		if p.cfg.DataKeys != nil {
 			if err := p.cfg.DataKeys.Destroy(ctx, uid); err != nil {
 				return fmt.Errorf("destroy the data key of deleted user %s: %w", uid, err)
 			}
-			if err := p.eraseClearEvents(ctx, uid); err != nil {
-				return fmt.Errorf("erase the events of deleted user %s: %w", uid, err)
-			}
+		}
+		// Without data keys (no key file) every event of theirs is in clear.
+		if err := p.eraseClearEvents(ctx, uid); err != nil {
+			return fmt.Errorf("erase the events of deleted user %s: %w", uid, err)
 		}
 	}
 	for _, ks := range f.before { // the usernames the chunk deleted, as they were

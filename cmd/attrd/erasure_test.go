@@ -669,3 +669,44 @@ func TestAReplayGoesOnOverTheStartOfTheLogAnErasureRemoved(t *testing.T) {
 		t.Fatal("the replay does not reproduce the projection")
 	}
 }
+
+// TestWithoutAKeyFileADeletionRemovesTheUsersEventsFromTheLog: a deployment without a
+// key file seals nothing, so every event of a user holds their data in clear; deleting
+// the user removes those events from the log (their metadata stays in an erasure
+// record), and the replay reproduces the projection.
+func TestWithoutAKeyFileADeletionRemovesTheUsersEventsFromTheLog(t *testing.T) {
+	ns, accts := startAccountsNATS(t, "127.0.0.1:0")
+	s := mustStart(t, func(c *Config) {
+		c.NATSURL, c.Replicas = ns.ClientURL(), 1
+		c.NATSOptions = []nats.Option{nats.UserInfo(embedded.OperatorUser, accts.OperatorPassword)}
+	})
+	ctx := ctxT(t)
+	c := mustClient(t, s)
+	admin := mustLogin(t, c, "admin", adminPassword)
+	id, err := admin.CreateUser(ctx, "nokey-user", "pw", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := mustLogin(t, c, "nokey-user", "pw")
+	me, _ := u.User(ctx)
+	expectCode(t, me.Attr.Create(ctx, "colour", "clear-value-6610"), noError)
+	js, _ := jetstream.New(s.apiConn)
+	found := false
+	for _, m := range readStream(t, js, events.StreamName) {
+		found = found || bytes.Contains(m.Data, []byte("clear-value-6610"))
+	}
+	if !found {
+		t.Fatal("without a key file the value should be in the log in clear before the deletion")
+	}
+	expectCode(t, admin.DeleteUser(ctx, id), noError)
+	for _, m := range readStream(t, js, events.StreamName) {
+		for _, secret := range []string{"clear-value-6610", "nokey-user"} {
+			if bytes.Contains(wholeMsg(m), []byte(secret)) {
+				t.Fatalf("the log holds %q after the deletion", secret)
+			}
+		}
+	}
+	if !replayEqualsLive(t, s) {
+		t.Fatal("the replay does not reproduce the projection")
+	}
+}
