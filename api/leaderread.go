@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -45,6 +46,10 @@ type leaderReads struct {
 	// twoLeaders is when (Unix ns) two different answers to one read last came.
 	twoLeaders atomic.Int64
 	stop       chan struct{}
+	// elected holds, by stream, until when its reads are verified (suspectFor after an
+	// advisory of a leader elected).
+	elected  map[string]time.Time
+	electSub *nats.Subscription
 }
 
 // lingeringRead is a read answered, still listening for a second answer.
@@ -76,14 +81,63 @@ func newLeaderReads(nc *nats.Conn) (*leaderReads, error) {
 	if err != nil {
 		return nil, err
 	}
-	lr := &leaderReads{nc: nc, answers: answers, stop: make(chan struct{})}
+	lr := &leaderReads{nc: nc, answers: answers, stop: make(chan struct{}), elected: map[string]time.Time{}}
 	go lr.compareLate()
+	// NATS subtlety: the new leader of a stream announces itself on this advisory, in
+	// the stream's account, while the old one may still believe it leads (cut off, it
+	// steps down only after 10 to 20 s without a quorum).
+	if lr.electSub, err = nc.Subscribe("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.*", func(m *nats.Msg) {
+		stream := m.Subject[strings.LastIndexByte(m.Subject, '.')+1:]
+		lr.mu.Lock()
+		lr.elected[stream] = time.Now().Add(suspectFor)
+		lr.mu.Unlock()
+	}); err != nil {
+		return nil, err
+	}
 	return lr, nil
+}
+
+// suspectFor is how long after a stream elected a leader its reads are verified: an
+// old leader cut off from the others steps down at the latest 20 s after it lost
+// them, and the new one is elected at the earliest 4 s after.
+const suspectFor = 25 * time.Second
+
+// verifyLinger is how long a verified read waits for a second answer.
+const verifyLinger = 50 * time.Millisecond
+
+// suspected reports whether stream elected a leader within suspectFor.
+func (lr *leaderReads) suspected(stream string) bool {
+	lr.mu.Lock()
+	defer lr.mu.Unlock()
+	until, ok := lr.elected[stream]
+	if ok && time.Now().After(until) {
+		delete(lr.elected, stream)
+		return false
+	}
+	return ok
+}
+
+// verify waits verifyLinger for a second answer to a read that took one: one that
+// differs shows two leaders, and the read is refused (E008004, nothing read).
+func (lr *leaderReads) verify(ch <-chan *nats.Msg, taken answerPrint) error {
+	t := time.NewTimer(verifyLinger)
+	defer t.Stop()
+	for {
+		select {
+		case m := <-ch:
+			if p, ok := printOf(m); ok && p != taken {
+				lr.twoLeaders.Store(time.Now().UnixNano())
+				return events.Errorf(events.CodeOutcomeUnknown, "two NATS servers answered as the stream's leader, differently (one is back from a network cut): nothing read, try again")
+			}
+		case <-t.C:
+			return nil
+		}
+	}
 }
 
 func (lr *leaderReads) close() error {
 	close(lr.stop)
-	return lr.answers.close()
+	return errors.Join(lr.electSub.Unsubscribe(), lr.answers.close())
 }
 
 // linger keeps a read answered listening for a second answer until twoLeadersLinger.
@@ -202,6 +256,13 @@ func (lr *leaderReads) get(ctx context.Context, stream string, req msgGet) (*jet
 				continue
 			}
 			if p, ok := printOfResult(msg, err); ok {
+				if lr.suspected(stream) {
+					// A stream that elected a leader lately may have an old one still
+					// answering: look for its answer before giving this one.
+					if err := lr.verify(ch, p); err != nil {
+						return nil, err
+					}
+				}
 				lingers = true
 				lr.linger(ch, forget, p)
 			}

@@ -179,3 +179,44 @@ func TestAReadIsRefusedOnceTwoServersAnsweredItDifferently(t *testing.T) {
 	_ = old.Unsubscribe()
 	_ = current.Unsubscribe()
 }
+
+// TestAReadOfAStreamThatElectedALeaderLatelyIsVerifiedBeforeItIsAnswered: after an
+// advisory that the stream elected a leader, the old leader (cut off, not yet stepped
+// down) may answer first, from its old copy: the read waits for a second answer and,
+// when the two differ, is refused (E008004) instead of answered old. A stream with no
+// election lately is answered at once.
+func TestAReadOfAStreamThatElectedALeaderLatelyIsVerifiedBeforeItIsAnswered(t *testing.T) {
+	nc := noJetStreamServer(t)
+	lr := mustLeaderReads(t, nc)
+	for _, stream := range []string{"S", "Calm"} {
+		answer := func(seq int, delay time.Duration) {
+			if _, err := nc.Subscribe("$JS.API.STREAM.MSG.GET."+stream, func(m *nats.Msg) {
+				time.Sleep(delay)
+				_ = m.Respond(fmt.Appendf(nil, `{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","message":{"subject":"s.a","seq":%d,"data":"aGk=","time":"2026-12-05T00:00:00Z"}}`, seq))
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		answer(7, 0)                   // the old leader, first
+		answer(9, 10*time.Millisecond) // the new one
+	}
+	if err := nc.Publish("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.S", []byte(`{"type":"io.nats.jetstream.advisory.v1.stream_leader_elected"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(2 * time.Second); !lr.suspected("S"); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the advisory was not seen")
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if m, err := lr.get(ctx, "S", msgGet{LastBySubj: "s.a"}); !isOutcomeUnknown(err) {
+		t.Fatalf("a read of a stream that elected a leader lately, answered by two: %v %v, want E008004", m, err)
+	}
+	if m, err := lr.get(ctx, "Calm", msgGet{LastBySubj: "s.a"}); err != nil || m.Sequence != 7 {
+		t.Fatalf("a stream with no election lately: %v %v (its first answer is taken at once)", m, err)
+	}
+}
