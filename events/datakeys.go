@@ -176,6 +176,10 @@ func (d *DataKeys) lookup(ctx context.Context, uid string) (cachedKey, error) {
 // one made before version 3); ErrErased for a deleted user. Two instances making one
 // at once agree on the first.
 func (d *DataKeys) Ensure(ctx context.Context, uid string) (*sealed.DataKey, error) {
+	return d.ensure(ctx, uid, 3)
+}
+
+func (d *DataKeys) ensure(ctx context.Context, uid string, tries int) (*sealed.DataKey, error) {
 	c, err := d.lookup(ctx, uid)
 	switch {
 	case err != nil:
@@ -194,9 +198,9 @@ func (d *DataKeys) Ensure(ctx context.Context, uid string) (*sealed.DataKey, err
 		return nil, err
 	}
 	if _, err := d.kv.Create(ctx, DataKeyKey(uid), wrapped); err != nil {
-		if errors.Is(err, jetstream.ErrKeyExists) {
+		if errors.Is(err, jetstream.ErrKeyExists) && tries > 1 {
 			d.forget(uid)
-			return d.Ensure(ctx, uid) // another instance made it first, or destroyed it
+			return d.ensure(ctx, uid, tries-1) // another instance made it first, or destroyed it
 		}
 		return nil, fmt.Errorf("make the data key of %s: %w", uid, err)
 	}
