@@ -47,9 +47,12 @@ type leaderReads struct {
 	twoLeaders atomic.Int64
 	stop       chan struct{}
 	// elected holds, by stream, until when its reads are verified (suspectFor after an
-	// advisory of a leader elected).
-	elected  map[string]time.Time
-	electSub *nats.Subscription
+	// advisory of a leader elected); every stream's are until allUntil, after a
+	// reconnect (reconnects: how many were seen), which may have missed advisories.
+	elected    map[string]time.Time
+	allUntil   time.Time
+	reconnects uint64
+	electSub   *nats.Subscription
 }
 
 // lingeringRead is a read answered, still listening for a second answer.
@@ -105,10 +108,18 @@ const suspectFor = 25 * time.Second
 // verifyLinger is how long a verified read waits for a second answer.
 const verifyLinger = 50 * time.Millisecond
 
-// suspected reports whether stream elected a leader within suspectFor.
+// suspected reports whether stream elected a leader within suspectFor, or this
+// connection reconnected within it (it may have missed the advisory).
 func (lr *leaderReads) suspected(stream string) bool {
+	r := lr.nc.Stats().Reconnects
 	lr.mu.Lock()
 	defer lr.mu.Unlock()
+	if r != lr.reconnects {
+		lr.reconnects, lr.allUntil = r, time.Now().Add(suspectFor)
+	}
+	if time.Now().Before(lr.allUntil) {
+		return true
+	}
 	until, ok := lr.elected[stream]
 	if ok && time.Now().After(until) {
 		delete(lr.elected, stream)

@@ -220,3 +220,26 @@ func TestAReadOfAStreamThatElectedALeaderLatelyIsVerifiedBeforeItIsAnswered(t *t
 		t.Fatalf("a stream with no election lately: %v %v (its first answer is taken at once)", m, err)
 	}
 }
+
+// TestAfterAReconnectEveryStreamsReadsAreVerified: a connection that reconnected may
+// have missed an election's advisory, so for a while after it every stream's reads are
+// verified.
+func TestAfterAReconnectEveryStreamsReadsAreVerified(t *testing.T) {
+	nc := noJetStreamServer(t)
+	lr := mustLeaderReads(t, nc)
+	if lr.suspected("Any") {
+		t.Fatal("a stream is suspected with no election and no reconnect")
+	}
+	before := nc.Stats().Reconnects
+	if err := nc.ForceReconnect(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); nc.Stats().Reconnects == before || !nc.IsConnected(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no reconnect")
+		}
+	}
+	if !lr.suspected("Any") {
+		t.Fatal("after a reconnect, a stream's reads are not verified")
+	}
+}
