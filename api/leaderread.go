@@ -52,6 +52,7 @@ type leaderReads struct {
 	elected    map[string]time.Time
 	allUntil   time.Time
 	reconnects uint64
+	statsAt    atomic.Int64 // when (Unix ns) the connection's reconnects were last read
 	electSub   *nats.Subscription
 }
 
@@ -105,17 +106,26 @@ func newLeaderReads(nc *nats.Conn) (*leaderReads, error) {
 // them, and the new one is elected at the earliest 4 s after.
 const suspectFor = 25 * time.Second
 
+// reconnectCheck is how often reads look at whether the connection reconnected.
+const reconnectCheck = 100 * time.Millisecond
+
 // verifyLinger is how long a verified read waits for a second answer.
 const verifyLinger = 50 * time.Millisecond
 
 // suspected reports whether stream elected a leader within suspectFor, or this
 // connection reconnected within it (it may have missed the advisory).
 func (lr *leaderReads) suspected(stream string) bool {
-	r := lr.nc.Stats().Reconnects
+	// The connection's statistics take its lock, which every publish takes too: they
+	// are read at most every reconnectCheck, not on every read.
+	now := time.Now()
+	r, checked := uint64(0), false
+	if at := lr.statsAt.Load(); now.UnixNano()-at > int64(reconnectCheck) && lr.statsAt.CompareAndSwap(at, now.UnixNano()) {
+		r, checked = lr.nc.Stats().Reconnects, true
+	}
 	lr.mu.Lock()
 	defer lr.mu.Unlock()
-	if r != lr.reconnects {
-		lr.reconnects, lr.allUntil = r, time.Now().Add(suspectFor)
+	if checked && r != lr.reconnects {
+		lr.reconnects, lr.allUntil = r, now.Add(suspectFor)
 	}
 	if time.Now().Before(lr.allUntil) {
 		return true
