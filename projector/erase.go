@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -100,14 +101,15 @@ func (p *Projector) openPersonal(ctx context.Context, ev *events.Event) error {
 	return p.cfg.DataKeys.Open(ctx, ev)
 }
 
-// erases reports whether a chunk deletes a user.
-func erases(items []item, decisions []events.Decision) bool {
+// deletedUsers returns the users a chunk deletes (accepted user.deleted).
+func deletedUsers(items []item, decisions []events.Decision) []string {
+	var uids []string
 	for i, it := range items {
 		if it.ev != nil && it.ev.Type == events.UserDeleted && decisions[i].Code == "" {
-			return true
+			uids = append(uids, it.ev.UserID)
 		}
 	}
-	return false
+	return uids
 }
 
 // finishErasures completes the user deletions of a chunk whose writes have landed,
@@ -124,13 +126,7 @@ func erases(items []item, decisions []events.Decision) bool {
 // A data key that cannot be destroyed now stops the run: the deletion, recovered, is
 // finished by the next.
 func (p *Projector) finishErasures(ctx context.Context, f *flight, last uint64) error {
-	deleted := map[string]bool{}
-	for i, it := range f.items {
-		if it.ev != nil && it.ev.Type == events.UserDeleted && f.decisions[i].Code == "" {
-			deleted[it.ev.UserID] = true
-		}
-	}
-	for uid := range deleted {
+	for _, uid := range f.erased {
 		if p.cfg.DataKeys != nil {
 			if err := p.cfg.DataKeys.Destroy(ctx, uid); err != nil {
 				return fmt.Errorf("destroy the data key of deleted user %s: %w", uid, err)
@@ -145,7 +141,7 @@ func (p *Projector) finishErasures(ctx context.Context, f *flight, last uint64) 
 		if !strings.HasPrefix(ks.Key, "n.") || ks.Data == nil {
 			continue
 		}
-		if r, err := events.DecodeRecord(ks.Key, ks.Data); err != nil || !deleted[r.(*events.UsernameRecord).UserID] {
+		if r, err := events.DecodeRecord(ks.Key, ks.Data); err != nil || !slices.Contains(f.erased, r.(*events.UsernameRecord).UserID) {
 			continue
 		}
 		gone := false

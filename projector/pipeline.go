@@ -33,9 +33,9 @@ type flight struct {
 	writes    []pendingWrite
 	before    []events.KeyState // its recorded keys' states before it
 	now       int64             // the time its TTLs were computed at
-	// erases says it deletes users (erase.go): it lands alone, before any other
-	// intent record is sent, and its own is replaced before its decisions go out.
-	erases bool
+	// erased are the users it deletes (erase.go): such a chunk lands alone, before any
+	// other intent record is sent, and its own is replaced before its decisions go out.
+	erased []string
 }
 
 func (f *flight) span() (first, last uint64) { return f.items[0].seq, f.items[len(f.items)-1].seq }
@@ -54,7 +54,7 @@ func (p *Projector) commit(ctx context.Context, items []item, decisions []events
 	if err := p.hook(p.cfg.Hooks.BeforeCheckpoint, first, last); err != nil {
 		return err
 	}
-	if p.flight != nil && p.flight.erases {
+	if p.flight != nil && len(p.flight.erased) > 0 {
 		if err := p.land(ctx); err != nil {
 			return err // a deletion lands alone (erase.go)
 		}
@@ -89,7 +89,7 @@ func (p *Projector) commit(ctx context.Context, items []item, decisions []events
 	if err := p.hook(p.cfg.Hooks.AfterCheckpoint, first, last); err != nil {
 		return err
 	}
-	f := &flight{items: items, decisions: decisions, before: p.recorded(), now: time.Now().UnixNano(), erases: erases(items, decisions)}
+	f := &flight{items: items, decisions: decisions, before: p.recorded(), now: time.Now().UnixNano(), erased: deletedUsers(items, decisions)}
 	p.view.locked(p.view.sending)
 	if f.writes, err = p.sendWrites(ctx, items, decisions, f.now); err != nil {
 		return err
@@ -118,7 +118,7 @@ func (p *Projector) land(ctx context.Context) error {
 	if err := p.hook(p.cfg.Hooks.AfterWrites, first, last); err != nil {
 		return err
 	}
-	if f.erases {
+	if len(f.erased) > 0 {
 		// Before the decisions go out: "deleted" means erased.
 		if err := p.finishErasures(ctx, f, last); err != nil {
 			return err
