@@ -189,8 +189,11 @@ func (p *Projector) eraseClearEvents(ctx context.Context, uid string) error {
 		if err != nil {
 			return true
 		}
-		if ev.Type == events.UserDeleted {
-			return false // this deletion, and what comes after it, stays
+		if ev.Type == events.UserDeleted || ev.PII != nil || ev.APII != nil {
+			// This deletion stays, and so does what comes after it; and once the user's
+			// events are sealed they stay sealed (the upgrade came before): the scan
+			// reads the clear prefix of their history, not all of it.
+			return false
 		}
 		all = append(all, events.Erased(seq, ev))
 		if events.ClearPersonal(ev) {
