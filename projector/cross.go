@@ -151,12 +151,7 @@ func (p *Projector) lifecycle(ctx context.Context, uid, sid string, seq uint64) 
 	filters := []string{p.layout.UserSubject(uid), p.layout.SessionSubject(uid, sid), p.layout.DecisionSubject(uid)}
 	err := log.read(ctx, filters, false, func(at uint64, subject string, data []byte) bool {
 		if events.IsDecisionSubject(subject) {
-			var d events.Decision
-			if events.Unmarshal(data, &d) == nil && d.Seq < seq {
-				if _, seen := rejected[d.Seq]; !seen {
-					rejected[d.Seq] = d.Code
-				}
-			}
+			keepDecision(rejected, data, seq)
 		} else if at < seq {
 			msgs = append(msgs, msg{at, subject, data})
 		}

@@ -315,11 +315,8 @@ func (l *Log) rejections(ctx context.Context) (map[uint64]events.Code, error) {
 	out := map[uint64]events.Code{}
 	filters := []string{events.EventsPrefix + ".*.decision", events.EventsPrefix + ".*.*.decision"}
 	err := l.read(ctx, filters, false, func(_ uint64, subject string, data []byte) bool {
-		var d events.Decision
-		if events.IsDecisionSubject(subject) && events.Unmarshal(data, &d) == nil {
-			if _, seen := out[d.Seq]; !seen {
-				out[d.Seq] = d.Code
-			}
+		if events.IsDecisionSubject(subject) {
+			keepDecision(out, data, 0)
 		}
 		return true
 	})

@@ -159,6 +159,19 @@ func (l *Log) foldEvent(st State, lay events.Layout, seq uint64, subject string,
 	return e
 }
 
+// keepDecision adds a recorded decision (a message on a decision subject) to into,
+// keeping the first for each event's sequence (a recording retried may write one
+// twice); with below set, only one of an event before that sequence.
+func keepDecision(into map[uint64]events.Code, data []byte, below uint64) {
+	var d events.Decision
+	if events.Unmarshal(data, &d) != nil || below != 0 && d.Seq >= below {
+		return
+	}
+	if _, seen := into[d.Seq]; !seen {
+		into[d.Seq] = d.Code
+	}
+}
+
 // ErrTruncated is returned by FoldAll when the log no longer starts at its first event:
 // retention (--history-max-age, --history-max-bytes) removed the oldest, and a fold
 // would miss their effects.
@@ -193,12 +206,7 @@ func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) err
 			return true
 		}
 		if events.IsDecisionSubject(subject) {
-			var d events.Decision
-			if events.Unmarshal(data, &d) == nil {
-				if _, seen := m.Recorded[d.Seq]; !seen {
-					m.Recorded[d.Seq] = d.Code
-				}
-			}
+			keepDecision(m.Recorded, data, 0)
 			return true
 		}
 		e, err := er.fold(ctx, st, lay, seq, subject, data)
@@ -277,12 +285,7 @@ func (l *Log) FoldUser(ctx context.Context, uid string, at int64, hasAt bool, fn
 	var erased []events.ErasedEvent
 	err = l.read(ctx, []string{own}, false, func(seq uint64, subject string, data []byte) bool {
 		if events.IsDecisionSubject(subject) {
-			var d events.Decision
-			if events.Unmarshal(data, &d) == nil {
-				if _, seen := recorded[d.Seq]; !seen {
-					recorded[d.Seq] = d.Code
-				}
-			}
+			keepDecision(recorded, data, 0)
 			return true
 		}
 		if events.IsErasedSubject(subject) {
