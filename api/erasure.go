@@ -39,13 +39,8 @@ func (s *Service) deleteUser(ctx context.Context, req *Request, m *Meta) (map[st
 	if _, err := s.apply(ctx, ev); err != nil {
 		return nil, err
 	}
-	if s.dataKeys != nil {
-		// The projector destroys the data key as it applies the deletion; this is the
-		// same, in case its run ended right after.
-		if err := s.dataKeys.Destroy(ctx, req.UserID); err != nil {
-			s.log.Warn("the deleted user's data key is left for the projector to destroy", "cid", m.CID, "err", err)
-		}
-	}
+	// The data key is destroyed already: the projector does it before the decision
+	// goes out (projector/erase.go finishErasures).
 	if u != nil && s.throttle != nil {
 		// The failed-login counter is keyed by the username: it goes with the user.
 		if err := s.throttle.forget(ctx, u.Username); err != nil {

@@ -33,7 +33,7 @@ type Keyring struct {
 	primary string
 	keys    map[string]cipher.AEAD
 	// userKey, when set, finds the data key that opens a value sealed with a user's own
-	// key (SealFor): nil key when the user has none (deleted).
+	// key (DataKey.Seal): nil key when the user has none (deleted).
 	userKey func(userID string) (*DataKey, error)
 }
 
