@@ -612,6 +612,21 @@ func (r *netRun) verify(t *testing.T) {
 	}
 }
 
+// liveness reports a missed time bound of issue 21 (writes resuming after a cut or a
+// heal): an error, or only a log line with ATTRD_NETSPLIT_BOUNDS=log. CI runs the quick
+// scenario so, for what it proves on every run, safety (linearizable, nothing lost, the
+// projection equal to the replay): the bounds depend on nats-server's randomised
+// election timeouts (4–9 s), which a run on a loaded machine can miss while attrd
+// answers every write it cannot decide with E008004.
+func liveness(t *testing.T, format string, args ...any) {
+	t.Helper()
+	if os.Getenv("ATTRD_NETSPLIT_BOUNDS") == "log" {
+		t.Logf("bound missed (not checked here): "+format, args...)
+		return
+	}
+	t.Errorf(format, args...)
+}
+
 // healSlow bounds how soon the healed node writes again when the heal caused an
 // election: nats-server's longest election timeout (9 s), a catch-up, and room.
 const healSlow = 12 * time.Second
@@ -654,7 +669,7 @@ func (r *netRun) reportCut(t *testing.T, name string, cut int, cutAt, healAt tim
 			name, i, side, during.Round(time.Millisecond), back, time.Since(healAt).Round(time.Second),
 			r.load.outage(i, healAt, time.Now()).Round(time.Millisecond))
 		if i != cut && during > 10*time.Second {
-			t.Errorf("%s: writes through node %d (majority side) stopped for %s during the cut, bound 10 s", name, i, during.Round(time.Millisecond))
+			liveness(t, "%s: writes through node %d (majority side) stopped for %s during the cut, bound 10 s", name, i, during.Round(time.Millisecond))
 		}
 		if i == cut && !after.IsZero() && after.Sub(healAt) > 5*time.Second && after.Sub(healAt) <= healSlow && os.Getenv("ATTRD_NETSPLIT_STRICT") == "" &&
 			r.c.electedAgain(cut, healAt, healAt.Add(6*time.Second)) {
@@ -667,7 +682,7 @@ func (r *netRun) reportCut(t *testing.T, name string, cut int, cutAt, healAt tim
 			continue
 		}
 		if after.IsZero() || after.Sub(healAt) > 5*time.Second {
-			t.Errorf("%s: node %d did not write again within 5 s of the heal; its attempts and its instance's log:", name, i)
+			liveness(t, "%s: node %d did not write again within 5 s of the heal; its attempts and its instance's log:", name, i)
 			r.load.logAttempts(t, i, healAt.Add(-time.Second), healAt.Add(6*time.Second))
 			r.c.logs.dump(t, i, healAt.Add(-time.Second), healAt.Add(6*time.Second))
 			r.c.serverLog(t, i, healAt.Add(-time.Second), healAt.Add(6*time.Second))
@@ -743,7 +758,7 @@ func TestNetworkPartitions(t *testing.T) {
 			worst := r.load.outage(-1, start, time.Now())
 			t.Logf("flapping: the longest stretch without a write through any node %s", worst.Round(time.Millisecond))
 			if worst > 10*time.Second {
-				t.Errorf("flapping: writes stopped everywhere for %s, bound 10 s", worst.Round(time.Millisecond))
+				liveness(t, "flapping: writes stopped everywhere for %s, bound 10 s", worst.Round(time.Millisecond))
 			}
 			r.reportCut(t, "flapping, the last cut", cut, time.Now().Add(-3*time.Second), time.Now())
 		}},
