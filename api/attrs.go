@@ -83,20 +83,44 @@ func (s *Service) userCaller(ctx context.Context, req *Request) (*caller, string
 	return c, req.UserID, nil
 }
 
-func (s *Service) attr(ctx context.Context, session bool, verb string, req *Request, m *Meta) (map[string]any, error) {
-	switch verb {
-	case VerbGet, VerbExists, VerbNames:
-		var err error
-		if ctx, err = s.reading(ctx); err != nil {
-			return nil, err
-		}
+// readTarget admits a read (quorum.go) and resolves its target, for get, exists,
+// names, a watch and a watch ticket.
+func (s *Service) readTarget(ctx context.Context, session bool, req *Request) (context.Context, *target, error) {
+	ctx, err := s.reading(ctx)
+	if err != nil {
+		return ctx, nil, err
 	}
 	t, err := s.resolve(ctx, session, req)
+	if err == nil && req.typeErr != nil {
+		err = req.typeErr
+	}
+	return ctx, t, err
+}
+
+// checkApp refuses a request without current_app (400) or with an unknown one.
+func (s *Service) checkApp(req *Request) error {
+	if err := require(req, "current_app"); err != nil {
+		return err
+	}
+	if !s.AppAllowed(req.CurrentApp) {
+		return events.Errorf(events.CodeBadApp, "unknown application %q", req.CurrentApp)
+	}
+	return nil
+}
+
+func (s *Service) attr(ctx context.Context, session bool, verb string, req *Request, m *Meta) (map[string]any, error) {
+	var t *target
+	var err error
+	switch verb {
+	case VerbGet, VerbExists, VerbNames:
+		ctx, t, err = s.readTarget(ctx, session, req)
+	default:
+		if t, err = s.resolve(ctx, session, req); err == nil && req.typeErr != nil {
+			err = req.typeErr
+		}
+	}
 	if err != nil {
 		return nil, err
-	}
-	if req.typeErr != nil {
-		return nil, req.typeErr
 	}
 	switch verb {
 	case VerbCreate, VerbUpdate, VerbSet:

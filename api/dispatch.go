@@ -206,8 +206,8 @@ func (s *Service) handle(ctx context.Context, op Op, req *Request, m *Meta) (map
 			return nil, err
 		}
 	}
-	if !s.AppAllowed(req.CurrentApp) {
-		return nil, events.Errorf(events.CodeBadApp, "unknown application %q", req.CurrentApp)
+	if err := s.checkApp(req); err != nil {
+		return nil, err
 	}
 	m.App = req.CurrentApp
 	if m.BodyAudit {

@@ -16,6 +16,9 @@ type metrics struct {
 	refusals *prometheus.CounterVec
 	probes   prometheus.Counter
 	kept     prometheus.Counter
+	// watches are the open watches; watchEnds, the watches ended, by reason.
+	watches   prometheus.Gauge
+	watchEnds *prometheus.CounterVec
 }
 
 // Refusal reasons (attrd_refusals_total's reason label); busy gates have their own
@@ -58,8 +61,13 @@ func newMetrics(reg prometheus.Registerer, s *Service) *metrics {
 			Help: "Appends probed for their ack because no decision came in time (a retry, a lost publish, an election)."}),
 		kept: prometheus.NewCounter(prometheus.CounterOpts{Name: "attrd_retries_answered_total",
 			Help: "Retried requests (a request id seen before) answered with the first request's decision."}),
+		watches: prometheus.NewGauge(prometheus.GaugeOpts{Name: "attrd_watches",
+			Help: "Watches open on this instance."}),
+		watchEnds: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "attrd_watch_ends_total",
+			Help: "Watches ended, by reason (session_ended, user_deleted, slow, renewal_missed, stopped, gone, shutdown, unavailable, resume_impossible)."},
+			[]string{"reason"}),
 	}
-	reg.MustRegister(m.requests, m.duration, m.decision, m.refusals, m.probes, m.kept)
+	reg.MustRegister(m.requests, m.duration, m.decision, m.refusals, m.probes, m.kept, m.watches, m.watchEnds)
 	for name, g := range map[string]*Gate{"password": s.hashes, "history": s.histories} {
 		g := g
 		labels := prometheus.Labels{"gate": name}
@@ -125,5 +133,20 @@ func (m *metrics) probed() {
 func (m *metrics) keptAnswer() {
 	if m != nil {
 		m.kept.Inc()
+	}
+}
+
+// watching records the number of open watches.
+func (m *metrics) watching(n int) {
+	if m != nil {
+		m.watches.Set(float64(n))
+	}
+}
+
+// watchEnded records a watch's end and the number left open.
+func (m *metrics) watchEnded(reason string, n int) {
+	if m != nil {
+		m.watchEnds.WithLabelValues(reason).Inc()
+		m.watches.Set(float64(n))
 	}
 }

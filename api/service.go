@@ -65,6 +65,8 @@ type Config struct {
 	HistoryTimeout     time.Duration
 	// MaxInFlight bounds requests handled at once (default 4096).
 	MaxInFlight int
+	// Watch bounds watches (watch.go).
+	Watch WatchConfig
 	// Local, if set, answers reads of the records this instance's projectors hold
 	// committed and are certainly the latest of (see LocalReader); KV answers the rest.
 	Local LocalReader
@@ -113,7 +115,11 @@ type Service struct {
 	// dataKeys seal what is personal in events (erasure.go); nil without a key file.
 	dataKeys  *events.DataKeys
 	histories *Gate // history folds at once
-	stop      context.CancelFunc
+	// watches are the open watches, fed by feedSub (watch.go, watchfeed.go).
+	watches *watchHub
+	feedSub *nats.Subscription
+	tickets tickets // seal watch tickets (watchticket.go)
+	stop    context.CancelFunc
 }
 
 // New returns a Service on nc. The bucket and the event stream must exist.
@@ -260,6 +266,10 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		return nil, err
 	}
 	s.metrics = newMetrics(cfg.Metrics, s)
+	s.watches = newWatchHub(s, cfg.Watch)
+	if s.feedSub, err = s.watches.follow(nc); err != nil {
+		return nil, err
+	}
 	go s.countRefusals(wctx)
 	hb := events.KVSubject(cfg.Bucket, events.HeartbeatKey(events.NewID()))
 	if err := s.heartbeat(ctx, js, hb); err != nil {
@@ -275,7 +285,8 @@ func (s *Service) Config() Config { return s.cfg }
 // Close stops receiving decisions and watching sessions.
 func (s *Service) Close() error {
 	s.stop()
-	return errors.Join(s.sub.Unsubscribe(), s.acks.close(), s.leader.close())
+	s.watches.close(0)
+	return errors.Join(s.sub.Unsubscribe(), s.feedSub.Unsubscribe(), s.acks.close(), s.leader.close())
 }
 
 // CheckBodySize refuses a request body over the limit (E008002); transports call it, or

@@ -28,6 +28,7 @@ const (
 //	p.<partition>                the projector's intent record (Checkpoint)
 //	r.<partition>                RecordingRecord: from which sequence decisions are recorded
 //	l.<partition>                the projector lease (who folds the partition; TTL)
+//	w.ticketkey                  the key that seals watch tickets (api/watchticket.go)
 //
 // UserKey is the key of a user.
 func UserKey(uid string) string { return "u." + uid }
@@ -55,7 +56,7 @@ func LeaseKey(partition string) string { return "l." + partition }
 // (intent, recording, lease, presence and heartbeat records; decisions kept by older
 // versions).
 func IsProjectionKey(key string) bool {
-	for _, own := range []string{"p.", "d.", "r.", "l.", "i.", "h."} {
+	for _, own := range []string{"p.", "d.", "r.", "l.", "i.", "h.", "w."} {
 		if strings.HasPrefix(key, own) {
 			return false
 		}
@@ -82,6 +83,10 @@ func HeartbeatKey(id string) string { return "h." + id }
 
 // PresenceKey is the key of an attrd instance's presence.
 func PresenceKey(instance string) string { return "i." + EncodeName(instance) }
+
+// TicketKeyKey is the key of the 32 bytes that seal watch tickets, shared by every
+// instance, made by the first that needs it.
+const TicketKeyKey = "w.ticketkey"
 
 // RecordingKey is the key of a partition's RecordingRecord.
 func RecordingKey(partition string) string { return "r." + partition }

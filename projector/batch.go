@@ -19,6 +19,9 @@ type item struct {
 	reply string
 	bad   error
 	span  trace.Span // the fold's span, when the event carries a trace (tracing.go)
+	// change is what the event changed that watchers see, when it was accepted
+	// (feed.go); nil otherwise.
+	change *events.Change
 }
 
 // process folds one batch: decode, load, fold, write intent and keys, reply, ack.
@@ -194,6 +197,7 @@ func (p *Projector) foldCommittable(items []item, decisions []events.Decision, s
 		"bytes", len(intent), "max_payload", p.nc.MaxPayload())
 	decisions[start] = events.Decision{Seq: it.seq, EventID: it.ev.ID, UserID: it.ev.UserID, Fingerprint: it.ev.Fingerprint,
 		Code: events.CodeInvalidInput}
+	items[start].change = nil
 	intent, err = p.intent(nil, items[start:end], decisions[start:end])
 	return end, intent, err
 }
@@ -222,7 +226,12 @@ func (p *Projector) foldChunk(items []item, decisions []events.Decision, start, 
 			p.log.Warn("event rejected: unreadable", "seq", it.seq, "err", it.bad)
 			decisions[i] = events.Decision{Seq: it.seq, Code: events.CodeInvalidInput}
 		default:
+			live := events.AttrsLiveBefore(it.ev, p.view)
 			decisions[i] = Fold(p.view, it.seq, it.ev, p.cfg.Opener, p.recordedDecision(it.seq))
+			items[i].change = nil
+			if decisions[i].Code == "" {
+				items[i].change = events.ChangeOf(it.seq, it.ev, live, p.view)
+			}
 		}
 		i++
 		if size(i-start) > limit && (p.recover == nil || it.seq >= p.recover.Last) {

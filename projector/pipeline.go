@@ -125,6 +125,7 @@ func (p *Projector) land(ctx context.Context) error {
 		}
 	}
 	p.reply(f.items, f.decisions)
+	p.announce(f.items)
 	if err := p.hook(p.cfg.Hooks.BeforeAck, first, last); err != nil {
 		return err
 	}

@@ -76,6 +76,9 @@ type Hooks struct {
 	// intent record (covering both) has been sent, before the first chunk lands: between
 	// the two pipelined steps.
 	InFlight func(first, last uint64) error
+	// Announce is called before a landed chunk is announced on the feed (feed.go); an
+	// error drops the announcement, as a lost core NATS message would be.
+	Announce func(first, last uint64) error
 }
 
 // Projector is the single ordered writer of the projection.
@@ -92,9 +95,11 @@ type Projector struct {
 	layout  events.Layout
 	part    string
 	applied atomic.Uint64
-	ready   chan struct{}
-	batches atomic.Uint64
-	events  atomic.Uint64
+	// announced is the last sequence the feed has announced (feed.go).
+	announced uint64
+	ready     chan struct{}
+	batches   atomic.Uint64
+	events    atomic.Uint64
 
 	// recovery: the batch of the intent record found at start, folded again.
 	recover *events.Checkpoint

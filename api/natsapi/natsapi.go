@@ -50,6 +50,9 @@ type Server struct {
 	wg   sync.WaitGroup
 	ctx  context.Context
 	stop context.CancelFunc
+	// renewSubject is where this instance's watchers renew their watches (watch.go).
+	renewSubject string
+	renewSub     *nats.Subscription
 }
 
 // job is a request for a worker.
@@ -125,12 +128,20 @@ func StartWith(nc *nats.Conn, a *api.Service, log *slog.Logger, in Instance) (*S
 			return nil, err
 		}
 	}
+	if err := s.addWatches(); err != nil {
+		_ = svc.Stop()
+		cancel()
+		return nil, err
+	}
 	return s, nil
 }
 
 // Stop unsubscribes the endpoints (requests in flight drain) and waits for handlers.
 func (s *Server) Stop() error {
 	err := s.svc.Stop()
+	if s.renewSub != nil {
+		_ = s.renewSub.Unsubscribe()
+	}
 	s.wg.Wait()
 	s.stop() // the workers end; a request still draining gets a goroutine of its own
 	return err
@@ -167,6 +178,10 @@ func (s *Server) run(j job) {
 
 func (s *Server) handle(op api.Op, r micro.Request) {
 	m := api.Meta{CID: events.NewID(), RequestID: r.Headers().Get(nats.MsgIdHdr), BodyAudit: true, Transport: api.TransportNATS}
+	if op == api.OpUserAttrWatch || op == api.OpSessionAttrWatch {
+		s.watch(op, r, m)
+		return
+	}
 	isMsgpack := r.Headers().Get("Content-Type") == ContentTypeMsgpack
 	req, err := s.api.ParseBody(r.Data(), isMsgpack)
 	var rep api.Reply
@@ -177,16 +192,22 @@ func (s *Server) handle(op api.Op, r micro.Request) {
 		ctx := api.ExtractTrace(s.ctx, events.TraceCarrier(r.Headers()))
 		rep = s.api.Handle(ctx, op, req, m)
 	}
+	s.respond(r.Reply(), rep, isMsgpack, m.CID)
+}
+
+// respond publishes a reply: its body in the request's encoding, micro's error headers
+// for an error, Retry-After when the client should come back.
+func (s *Server) respond(to string, rep api.Reply, isMsgpack bool, cid string) {
 	body, ctype, err := encode(rep.Body, isMsgpack)
 	if err == nil {
 		if cerr := s.api.CheckReplySize(len(body)); cerr != nil {
-			rep = api.ErrorReply(m.CID, cerr)
+			rep = api.ErrorReply(cid, cerr)
 			body, ctype, err = encode(rep.Body, isMsgpack)
 		}
 	}
 	if err != nil {
-		s.log.Error("encode reply", "cid", m.CID, "err", err)
-		rep = api.ErrorReply(m.CID, err)
+		s.log.Error("encode reply", "cid", cid, "err", err)
+		rep = api.ErrorReply(cid, err)
 		body, ctype, _ = encode(rep.Body, false)
 	}
 	// The reply is published on the connection, not through micro.Request: micro reads
@@ -194,7 +215,7 @@ func (s *Server) handle(op api.Op, r micro.Request) {
 	// runs after the handler returned, so Request.Respond/Error here would race with it.
 	// The error headers are micro's own (micro.ErrorHeader, micro.ErrorCodeHeader); micro's
 	// stats count requests but not their errors.
-	out := &nats.Msg{Subject: r.Reply(), Data: body, Header: nats.Header{"Content-Type": []string{ctype}}}
+	out := &nats.Msg{Subject: to, Data: body, Header: nats.Header{"Content-Type": []string{ctype}}}
 	if rep.Code != "" {
 		desc := string(rep.Code)
 		switch rep.Code {
@@ -213,7 +234,7 @@ func (s *Server) handle(op api.Op, r micro.Request) {
 		return // a request sent with no reply subject: nobody to answer
 	}
 	if err := s.nc.PublishMsg(out); err != nil {
-		s.log.Warn("reply not sent", "cid", m.CID, "err", err)
+		s.log.Warn("reply not sent", "cid", cid, "err", err)
 	}
 }
 

@@ -63,7 +63,7 @@ func Routes() []Route {
 			Route{"GET", scope.base + "/names", scope.op(api.VerbNames)},
 		)
 	}
-	return rs
+	return append(rs, watchRoutes...)
 }
 
 //go:embed openapi.json
@@ -144,6 +144,10 @@ type statusWriter struct {
 	cid    string
 }
 
+// Unwrap lets http.ResponseController reach the connection's writer (a watch's
+// stream flushes each event and sets its own write deadlines).
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
 func (w *statusWriter) WriteHeader(code int) {
 	w.status = code
 	w.ResponseWriter.WriteHeader(code)
@@ -201,13 +205,14 @@ func (h *handler) cors(w http.ResponseWriter, r *http.Request) bool {
 	}
 	if preflight {
 		hd.Set("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE")
-		hd.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, Idempotency-Key")
+		hd.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, Idempotency-Key, Last-Event-ID")
 		hd.Set("Access-Control-Max-Age", "600")
 	}
 	return preflight
 }
 
-func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
+// meta is what the transport knows of a request besides its body.
+func (h *handler) meta(w http.ResponseWriter, r *http.Request) api.Meta {
 	// The caller is the end user: its address comes from the connection (or a trusted
 	// proxy's X-Forwarded-For) and its user agent from the header; remote_addr and
 	// user_agent in the body are ignored (Meta.BodyAudit is false).
@@ -215,6 +220,21 @@ func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
 		RequestID: r.Header.Get("Idempotency-Key"), RemoteAddr: ClientAddr(r, h.cfg.TrustedProxies)}
 	if sw, ok := w.(*statusWriter); ok {
 		sw.cid = m.CID
+	}
+	return m
+}
+
+func (h *handler) serve(w http.ResponseWriter, r *http.Request, op api.Op) {
+	m := h.meta(w, r)
+	switch op {
+	case api.OpUserAttrWatch, api.OpSessionAttrWatch:
+		h.watch(w, r, op, m)
+		return
+	case api.OpWatchTicket:
+		if err := h.slots.Do(r.Context(), "", func() { h.ticket(w, r, m) }); err != nil {
+			writeReply(w, api.ErrorReply(m.CID, err))
+		}
+		return
 	}
 	// At most MaxInFlight requests (and their bodies) at once, as over NATS.
 	if err := h.slots.Do(r.Context(), "", func() { h.handle(w, r, op, m) }); err != nil {

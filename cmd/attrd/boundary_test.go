@@ -196,16 +196,52 @@ func TestTheInternalAccountIsOnlyForAttrd(t *testing.T) {
 	}
 }
 
-func TestEveryOperationIsAnImportedServiceSubject(t *testing.T) {
-	for _, op := range api.Ops() {
-		subj := natsapi.Subject(op)
-		if !slices.ContainsFunc(embedded.ServiceSubjects, func(s string) bool { return strings.HasPrefix(subj, strings.TrimSuffix(s, ">")) }) {
-			t.Errorf("%s is not exported to the client account", subj)
+func TestEveryOperationIsAnImportedServiceSubjectAndNoneTwice(t *testing.T) {
+	imported := append(slices.Clone(embedded.ServiceSubjects), embedded.WatchSubjects...)
+	subjects := []string{natsapi.RenewSubjectPrefix + events.NewID()}
+	for _, op := range append(api.Ops(), api.OpUserAttrWatch, api.OpSessionAttrWatch) {
+		subjects = append(subjects, natsapi.Subject(op))
+	}
+	for _, subj := range subjects {
+		var by []string
+		for _, imp := range imported {
+			if subjectMatches(imp, subj) {
+				by = append(by, imp)
+			}
 		}
-		if strings.HasPrefix(subj, events.EventsPrefix+".") {
-			t.Errorf("%s is under the event stream's subjects", subj)
+		if len(by) != 1 {
+			t.Errorf("%s is imported by %v: exactly one import must match it", subj, by)
+		}
+		if strings.HasPrefix(subj, events.EventsPrefix+".") || strings.HasPrefix(subj, events.FeedPrefix+".") {
+			t.Errorf("%s is under the event stream's or the feed's subjects", subj)
 		}
 	}
+	for _, internal := range []string{events.FeedSubject(0), events.EventsPrefix + ".X.attr"} {
+		for _, imp := range imported {
+			if subjectMatches(imp, internal) {
+				t.Errorf("the import %s reaches %s", imp, internal)
+			}
+		}
+	}
+	for _, w := range embedded.WatchSubjects {
+		if !slices.ContainsFunc(subjects, func(s string) bool { return s == w }) {
+			t.Errorf("the streamed import %s is no watch operation", w)
+		}
+	}
+}
+
+// subjectMatches reports whether a NATS subject filter (with * and >) matches subject.
+func subjectMatches(filter, subject string) bool {
+	f, s := strings.Split(filter, "."), strings.Split(subject, ".")
+	for i, tok := range f {
+		if tok == ">" {
+			return len(s) > i
+		}
+		if i >= len(s) || tok != "*" && tok != s[i] {
+			return false
+		}
+	}
+	return len(f) == len(s)
 }
 
 // TestAStoreOfTheGlobalAccountMovesToTheInternalOne: data written before the two

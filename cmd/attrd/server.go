@@ -48,6 +48,8 @@ type Config struct {
 	// LoginsPerAddress bounds the password checks in flight from one address
 	// (default api.DefaultLoginsPerAddress).
 	LoginsPerAddress int
+	// Watch bounds watches (api.WatchConfig; zero values: its defaults).
+	Watch api.WatchConfig
 	// HistoryTimeout bounds one history request's read of the log (default 30s).
 	HistoryTimeout  time.Duration
 	KeyFile         string
@@ -335,7 +337,7 @@ func Start(ctx context.Context, cfg Config) (srv *Server, err error) {
 	if s.svc, err = api.New(ctx, s.apiConn, api.Config{Bucket: store.Bucket, Apps: cfg.Apps, SessionTTL: cfg.SessionTTL,
 		SessionMaxLifetime: cfg.SessionMaxLifetime, PasswordConcurrency: cfg.PasswordConcurrency, LoginsPerAddress: cfg.LoginsPerAddress, HistoryTimeout: cfg.HistoryTimeout,
 		DecisionTimeout: cfg.DecisionTimeout, Keyring: keys, DataKeys: pcfg.DataKeys, Password: cfg.Password, Logger: log, Limits: cfg.Limits,
-		History: histLog, Local: s.parts, Metrics: reg}); err != nil {
+		History: histLog, Local: s.parts, Metrics: reg, Watch: cfg.Watch}); err != nil {
 		return nil, err
 	}
 	ready := func() (bool, string) {
@@ -480,6 +482,9 @@ func (s *Server) MetricsAddr() string {
 func (s *Server) Close() error {
 	var errs []error
 	s.closeOnce.Do(func() {
+		if s.svc != nil {
+			s.svc.EndWatches() // before the HTTP server waits for its streams to end
+		}
 		if s.httpSrv != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			errs = append(errs, s.httpSrv.Shutdown(ctx))

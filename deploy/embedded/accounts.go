@@ -30,10 +30,26 @@ const (
 	AnonymousUser = "anonymous"
 )
 
-// ServiceSubjects are the request subjects the client account imports: every
-// operation of the contract, and no other subject of the attrd namespace (the event
-// stream's attrd.events.> stays unreachable from the client account).
-var ServiceSubjects = []string{"attrd.user.>", "attrd.session.>", "attrd.history.>"}
+// ServiceSubjects are the request subjects the client account imports, each request
+// answered by one message: every operation of the contract, and no other subject of
+// the attrd namespace (the event stream's attrd.events.> and the projectors' feed
+// stay unreachable from the client account). No two overlap, nor overlap
+// WatchSubjects: a subject two imports matched would reach attrd twice.
+var ServiceSubjects = []string{"attrd.user.*", "attrd.session.*", "attrd.history.>",
+	"attrd.user.attr.create", "attrd.user.attr.update", "attrd.user.attr.set", "attrd.user.attr.get",
+	"attrd.user.attr.delete", "attrd.user.attr.exists", "attrd.user.attr.names",
+	"attrd.session.attr.create", "attrd.session.attr.update", "attrd.session.attr.set", "attrd.session.attr.get",
+	"attrd.session.attr.delete", "attrd.session.attr.exists", "attrd.session.attr.names",
+	"attrd.user.attr.watch.renew.*"}
+
+// WatchSubjects are the watch requests, imported with streamed responses: a watch is
+// answered by many messages, and its reply subject stays mapped while they flow
+// (nats-server drops the mapping two minutes after the last one; heartbeats keep it).
+var WatchSubjects = []string{"attrd.user.attr.watch", "attrd.session.attr.watch"}
+
+// ClientPublish is what a client may publish to: the attrd request namespaces (only
+// the imported subjects lead anywhere) and discovery.
+var ClientPublish = []string{"attrd.user.>", "attrd.session.>", "attrd.history.>", DiscoverySubjects}
 
 // DiscoverySubjects is micro's discovery, exported streamed so that every instance
 // answers a PING or INFO from the client account.
@@ -65,9 +81,8 @@ type Accounts struct {
 // clientPermissions lets a client send requests on the service subjects and
 // discovery, and receive replies on its inboxes: nothing else.
 func clientPermissions(inbox string) *server.Permissions {
-	pub := append([]string{DiscoverySubjects}, ServiceSubjects...)
 	return &server.Permissions{
-		Publish:   &server.SubjectPermission{Allow: pub},
+		Publish:   &server.SubjectPermission{Allow: ClientPublish},
 		Subscribe: &server.SubjectPermission{Allow: []string{inbox + ".>"}},
 	}
 }
@@ -84,11 +99,13 @@ func (a *Accounts) configure(opts *server.Options) error {
 			return err
 		}
 	}
-	if err := internal.AddServiceExportWithResponse(DiscoverySubjects, server.Streamed, []*server.Account{client}); err != nil {
-		return err
-	}
-	if err := client.AddServiceImport(internal, DiscoverySubjects, DiscoverySubjects); err != nil {
-		return err
+	for _, subj := range append([]string{DiscoverySubjects}, WatchSubjects...) {
+		if err := internal.AddServiceExportWithResponse(subj, server.Streamed, []*server.Account{client}); err != nil {
+			return err
+		}
+		if err := client.AddServiceImport(internal, subj, subj); err != nil {
+			return err
+		}
 	}
 	opts.Accounts = []*server.Account{internal, client}
 	opts.Users = []*server.User{
