@@ -36,6 +36,9 @@ func New(nc *nats.Conn, app string) *Client {
 	return &Client{nc: nc, app: app, Timeout: 10 * time.Second}
 }
 
+// NATS returns the client's connection.
+func (c *Client) NATS() *nats.Conn { return c.nc }
+
 // Call sends a raw request body (current_app is added) to the operation op, for
 // example "user.attr.get", and decodes the reply's fields into out (may be nil).
 func (c *Client) Call(ctx context.Context, op string, body map[string]any, out any) error {

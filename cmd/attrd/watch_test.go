@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 
 	"sync/atomic"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/attrd/attrd/api/client"
 	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/projector"
+	"github.com/nats-io/nats.go"
 )
 
 // nextChange waits for a watch's next message (or fails the test after 5 s).
@@ -345,4 +347,102 @@ func waitFor(t *testing.T, cond func() bool, what string) {
 		}
 	}
 	t.Fatalf("timed out waiting for %s", what)
+}
+
+func TestAWatchInAPartitionedDeploymentFollowsItsUsersPartition(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.Partitions = 4 })
+	ctx := ctxT(t)
+	u, w := aliceWatches(t, f, nil)
+	byAdmin, err := f.admin.UserByID(f.aliceID).Attr.Watch(ctx, []string{"b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer byAdmin.Stop()
+	adminUser, _ := f.admin.User(ctx)
+	for i := range 3 {
+		_ = adminUser.Attr.Set(ctx, "noise", i) // another partition, perhaps: never seen
+		_ = u.Attr.Set(ctx, "a", i)
+		_ = u.Attr.Set(ctx, "b", i)
+	}
+	expectChanges(t, w, "set a=0", "set b=0", "set a=1", "set b=1", "set a=2", "set b=2")
+	expectChanges(t, byAdmin, "set b=0", "set b=1", "set b=2")
+}
+
+func TestAWatchNotRenewedEndsAndARenewedOneLasts(t *testing.T) {
+	f := newFixture(t, func(c *Config) {
+		c.Watch = api.WatchConfig{Heartbeat: 100 * time.Millisecond, RenewInterval: 200 * time.Millisecond}
+	})
+	ctx := ctxT(t)
+	_, renewed := aliceWatches(t, f, nil) // the client renews every 200 ms
+	// A raw NATS watcher that never renews.
+	nc := f.c.NATS()
+	inbox := nc.NewRespInbox()
+	sub, err := nc.SubscribeSync(inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := json.Marshal(map[string]any{"current_app": "CRM", "ust": f.alice.UST})
+	if err := nc.PublishRequest("attrd.user.attr.watch", inbox, body); err != nil {
+		t.Fatal(err)
+	}
+	var reasons []string
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline) && len(reasons) == 0; {
+		m, err := sub.NextMsg(time.Second)
+		if err != nil {
+			continue
+		}
+		var msg api.WatchMessage
+		_ = json.Unmarshal(m.Data, &msg)
+		if msg.Type == "end" {
+			reasons = append(reasons, msg.Reason)
+		}
+	}
+	if len(reasons) != 1 || reasons[0] != api.EndRenewalMissed {
+		t.Fatalf("a watch never renewed: ends %v, want %s", reasons, api.EndRenewalMissed)
+	}
+	u, _ := f.alice.User(ctx)
+	_ = u.Attr.Set(ctx, "still", "here")
+	expectChanges(t, renewed, `set still="here"`)
+}
+
+func TestTheGoClientsWatchResumesByItselfAcrossARestartOfTheInstance(t *testing.T) {
+	dir := t.TempDir()
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	mod := func(c *Config) {
+		c.DataDir, c.NATSAddr = dir, addr
+		c.Watch = api.WatchConfig{Heartbeat: 200 * time.Millisecond}
+	}
+	s1 := mustStart(t, mod)
+	nc, err := nats.Connect(s1.ClientURL(), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	c := client.New(nc, "CRM")
+	admin := mustLogin(t, c, "admin", adminPassword)
+	ctx := ctxT(t)
+	u, _ := admin.User(ctx)
+	w, err := u.Attr.Watch(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	_ = u.Attr.Set(ctx, "before", 1)
+	expectChanges(t, w, "set before=1")
+	if err := s1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s2 := mustStart(t, mod)
+	// Another client writes as soon as the new instance answers.
+	nc2, err := nats.Connect(s2.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc2.Close()
+	u2 := client.New(nc2, "CRM").Resume(admin.UST).UserByID(u.ID)
+	if err := u2.Attr.Set(ctx, "after", 2); err != nil {
+		t.Fatal(err)
+	}
+	expectChanges(t, w, "set after=2")
+	expectQuiet(t, w, 500*time.Millisecond)
 }
