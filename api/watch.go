@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"sync"
 	"sync/atomic"
@@ -66,8 +67,9 @@ type WatchMessage struct {
 	Time  string  `json:"time,omitempty"` // when the change was made, or the attribute expired
 	Op    string  `json:"op,omitempty"`   // create, update, set or delete
 	CID   string  `json:"cid,omitempty"`  // the cid of the request that made the change
-	// Attrs are the attributes the change made, each as get shows it (found false: deleted).
-	Attrs  []map[string]any `json:"attrs,omitempty"`
+	// Attrs are the attributes the change made, each as get shows it (found false:
+	// deleted): a JSON list, made once for every watch that shows it alike.
+	Attrs  json.RawMessage `json:"attrs,omitempty"`
 	Name   string           `json:"name,omitempty"`   // expired: the attribute
 	Reason string           `json:"reason,omitempty"` // end
 }
@@ -85,7 +87,7 @@ type Watch struct {
 	decrypt bool
 	start   uint64
 
-	out  chan *events.Change
+	out  chan *shared
 	wake chan struct{}
 	done chan struct{}
 
@@ -98,7 +100,7 @@ type Watch struct {
 	// while the feed's wait in pending; regap, a gap the reader must also cover.
 	pushed   uint64
 	catching bool
-	pending  []*events.Change
+	pending  []*shared
 	regap    uint64
 	reason   string // why it ended ("": not yet)
 	drain    bool   // send what is queued before the end
@@ -160,7 +162,7 @@ func (s *Service) openWatch(ctx context.Context, session bool, req *Request, m *
 	}
 	w := &Watch{ID: events.NewID(), hub: s.watches, uid: t.uid, sid: t.sid, part: s.layout.Partition(t.uid),
 		caller: t.c.user.UserID, csid: t.c.sid, decrypt: req.Decrypt == nil || *req.Decrypt,
-		out: make(chan *events.Change, s.cfg.Watch.Buffer), wake: make(chan struct{}, 1), done: make(chan struct{})}
+		out: make(chan *shared, s.cfg.Watch.Buffer), wake: make(chan struct{}, 1), done: make(chan struct{})}
 	if req.Name != nil || req.HasData {
 		names, _, err := req.names(s.cfg.Limits)
 		if err != nil {
@@ -219,7 +221,7 @@ func (w *Watch) Serve(ctx context.Context, renewals bool, send func(WatchMessage
 		timer.Reset(time.Until(time.Unix(0, next)))
 	}
 	arm()
-	sendChange := func(c *events.Change) error {
+	sendChange := func(c *shared) error {
 		consumed = max(consumed, c.Seq)
 		msg, ok := w.render(c, told)
 		if !ok {
@@ -297,16 +299,46 @@ func (w *Watch) Serve(ctx context.Context, renewals bool, send func(WatchMessage
 	}
 }
 
+// shared is a change as the feed hands it to every watch of its target: the JSON of
+// its attributes is made once per way of showing them (decrypted or not; which of
+// them), however many watches send it.
+type shared struct {
+	*events.Change
+	mu    sync.Mutex
+	shown map[string]json.RawMessage
+}
+
 // render makes a change's message, keeping the attributes the watch names; ok false
 // when none is left.
-func (w *Watch) render(c *events.Change, prev uint64) (WatchMessage, bool) {
+func (w *Watch) render(c *shared, prev uint64) (WatchMessage, bool) {
 	msg := WatchMessage{Type: "change", Seq: c.Seq, Prev: prev, Time: formatTime(c.Time), CID: c.CID, Op: opOf(c.Type)}
+	key := []byte{'p'}
+	if w.decrypt {
+		key[0] = 'd'
+	}
+	if w.names != nil {
+		for _, a := range c.Attrs {
+			if w.names[a.Name] {
+				key = append(append(key, 0), a.Name...)
+			}
+		}
+		if len(key) == 1 {
+			return msg, false
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if js, ok := c.shown[string(key)]; ok {
+		msg.Attrs = js
+		return msg, true
+	}
+	var attrs []map[string]any
 	for _, a := range c.Attrs {
 		if w.names != nil && !w.names[a.Name] {
 			continue
 		}
 		if a.Record == nil {
-			msg.Attrs = append(msg.Attrs, map[string]any{"name": a.Name, "found": false})
+			attrs = append(attrs, map[string]any{"name": a.Name, "found": false})
 			continue
 		}
 		v, err := attrView(w.hub.s.cfg.Keyring, w.uid, w.sid, a.Name, a.Record, w.decrypt)
@@ -314,9 +346,19 @@ func (w *Watch) render(c *events.Change, prev uint64) (WatchMessage, bool) {
 			w.hub.s.log.Warn("watch: a value could not be shown", "watch", w.ID, "name", a.Name, "err", err)
 			v = map[string]any{"name": a.Name, "found": true, "value_unavailable": true}
 		}
-		msg.Attrs = append(msg.Attrs, v)
+		attrs = append(attrs, v)
 	}
-	return msg, len(msg.Attrs) > 0
+	js, err := json.Marshal(attrs)
+	if err != nil {
+		w.hub.s.log.Warn("watch: a change could not be encoded", "watch", w.ID, "seq", c.Seq, "err", err)
+		return msg, false
+	}
+	if c.shown == nil {
+		c.shown = map[string]json.RawMessage{}
+	}
+	c.shown[string(key)] = js
+	msg.Attrs = js
+	return msg, true
 }
 
 // opOf names an attribute event's operation as the API does.

@@ -85,13 +85,13 @@ func (h *watchHub) onFeed(m *nats.Msg) {
 		h.gapLocked(f.Partition, part.last, gapTo)
 	}
 	for i := range f.Changes {
-		h.dispatchLocked(&f.Changes[i])
+		h.dispatchLocked(&shared{Change: &f.Changes[i]})
 	}
 	part.last = max(part.last, f.Last)
 }
 
 // dispatchLocked hands a change to the watches it concerns, or ends them.
-func (h *watchHub) dispatchLocked(c *events.Change) {
+func (h *watchHub) dispatchLocked(c *shared) {
 	switch c.Type {
 	case events.UserDeleted:
 		// Copies: ending a watch takes it out of the indexes.
@@ -120,7 +120,7 @@ func (h *watchHub) dispatchLocked(c *events.Change) {
 		return
 	}
 	for _, w := range slices.Clone(h.byTarget[c.UserID]) {
-		if w.sid != c.SessionID || c.Seq <= w.pushed || !w.wants(c) {
+		if w.sid != c.SessionID || c.Seq <= w.pushed || !w.wants(c.Change) {
 			continue
 		}
 		if w.catching {
@@ -271,7 +271,7 @@ func (h *watchHub) handOver(ctx context.Context, w *Watch, to uint64) {
 
 // push hands c to w's transport, waiting for room (a reader of the log may); false
 // when the watch or ctx ended first.
-func (w *Watch) push(ctx context.Context, c *events.Change) bool {
+func (w *Watch) push(ctx context.Context, c *shared) bool {
 	select {
 	case w.out <- c:
 		return true
@@ -299,7 +299,7 @@ func (h *watchHub) fromLog(ctx context.Context, w *Watch, from, to uint64) (stri
 		return EndResumeImpossible, errors.New("the log no longer holds every change after the position")
 	}
 	seen := map[string]*events.AttrRecord{} // each attribute's record after the last event on it
-	var changes []*events.Change
+	var changes []*shared
 	_, err = hist.FoldUser(ctx, w.uid, 0, false, func(e events.Entry, v events.View) bool {
 		ev := e.Event
 		if ev == nil || e.Seq > to {
@@ -311,7 +311,7 @@ func (h *watchHub) fromLog(ctx context.Context, w *Watch, from, to uint64) (stri
 				live[i] = seen[events.AttrKey(w.uid, w.sid, it.Name)].Live(ev.Time)
 			}
 			if c := events.ChangeOf(e.Seq, ev, live, v); c != nil && w.wants(c) {
-				changes = append(changes, c)
+				changes = append(changes, &shared{Change: c})
 			}
 		}
 		if ev.SessionID == w.sid {

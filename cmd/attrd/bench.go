@@ -51,6 +51,8 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	dedup := fs.Duration("dedup-window", 2*time.Minute, "the server's de-duplication window (how long request ids are remembered)")
 	metricsOn := fs.Bool("metrics", true, "keep attrd's Prometheus metrics on (false measures what they cost)")
 	traceRatio := fs.Float64("trace-ratio", 0, "trace this fraction of requests (spans made and dropped: measures what tracing costs; 0: off)")
+	watchers := fs.Int("watchers", 0, "instead, measure watches: latency to 1, 100, ... this many watchers, memory per watch, updates with this many idle")
+	watchWrites := fs.Int("watch-writes", 200, "with --watchers: writes per latency measurement")
 	child := fs.Bool("child", false, "measure as a client over TCP: start `attrd serve` as a child process on a temp dir")
 	tools := addToolFlags(fs, false)
 	adminUser := fs.String("admin-user", env("ATTRD_ADMIN_USERNAME", "admin"), "with --nats-url: the super-user the benchmark logs in as; its password from ATTRD_ADMIN_PASSWORD (ATTRD_ADMIN_USERNAME)")
@@ -94,6 +96,9 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 		return err
 	}
 	defer b.close()
+	if *watchers > 0 {
+		return benchWatch(ctx, b, *watchers, *watchWrites, *dur, stdout)
+	}
 	value := strings.Repeat("v", 100)
 	var seq atomic.Int64
 	update := func(g, i int) error {
@@ -255,6 +260,7 @@ type benchEnv struct {
 	echoSub  *nats.Subscription
 	js       jetstream.JetStream
 	rawKV    jetstream.KeyValue
+	sess     *client.Session
 	user     *client.User
 	names    []string
 }
@@ -284,7 +290,8 @@ func newBenchEnv(ctx context.Context, keys int, dedup time.Duration, noMetrics b
 	if b.srv, err = Start(ctx, Config{DataDir: b.dir, HTTPAddr: "127.0.0.1:0", NATSAddr: "127.0.0.1:0", AdminUsername: "admin",
 		AdminPassword: "bench", Password: api.PasswordParams{Time: 1, MemoryK: 64, Threads: 1},
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Limits: api.Limits{MaxAttrsPerUser: -1}, DedupWindow: dedup, NoMetrics: noMetrics}); err != nil { // update_many needs 100 names a writer
+		Limits: api.Limits{MaxAttrsPerUser: -1}, DedupWindow: dedup, NoMetrics: noMetrics,
+		Watch: api.WatchConfig{PerUser: -1, PerInstance: -1}}); err != nil { // update_many needs 100 names a writer
 		return nil, err
 	}
 	b.dial = func(name string) (*nats.Conn, error) { return b.srv.InternalConn(name) }
@@ -311,11 +318,10 @@ func (b *benchEnv) setup(ctx context.Context, admin, password string, keys int) 
 		Replicas: b.replicas(ctx)}); err != nil {
 		return fmt.Errorf("the raw bucket: %w", err)
 	}
-	sess, err := client.New(b.cliConn, "CRM").Login(ctx, admin, password)
-	if err != nil {
+	if b.sess, err = client.New(b.cliConn, "CRM").Login(ctx, admin, password); err != nil {
 		return fmt.Errorf("log in as %s: %w", admin, err)
 	}
-	if b.user, err = sess.User(ctx); err != nil {
+	if b.user, err = b.sess.User(ctx); err != nil {
 		return err
 	}
 	items := make([]client.Item, keys)

@@ -94,6 +94,7 @@ func newChildBenchEnv(ctx context.Context, keys int, dedup time.Duration) (*benc
 type benchChild struct {
 	cmd      *exec.Cmd
 	natsAddr string
+	httpAddr string
 	done     chan error
 }
 
@@ -117,13 +118,14 @@ func startChild(ctx context.Context, dir string, dedup time.Duration) (*benchChi
 	}
 	defer logf.Close()
 	cmd := exec.Command(exe, "serve", "--data-dir", filepath.Join(dir, "data"), "--nats-addr", natsAddr, "--http-addr", httpAddr,
-		"--max-attrs-per-user", "-1", "--dedup-window", dedup.String(), "--log-level", "warn")
+		"--max-attrs-per-user", "-1", "--dedup-window", dedup.String(), "--log-level", "warn",
+		"--watches-per-user", "-1", "--watches-per-instance", "-1")
 	cmd.Env = append(os.Environ(), "ATTRD_ADMIN_USERNAME=admin", "ATTRD_ADMIN_PASSWORD=bench")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	c := &benchChild{cmd: cmd, natsAddr: natsAddr, done: make(chan error, 1)}
+	c := &benchChild{cmd: cmd, natsAddr: natsAddr, httpAddr: httpAddr, done: make(chan error, 1)}
 	go func() { c.done <- cmd.Wait() }()
 	// The operator tools' credential is written in the data dir at every start, before
 	// readiness.

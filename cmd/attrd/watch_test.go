@@ -14,6 +14,7 @@ import (
 	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/projector"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // nextChange waits for a watch's next message (or fails the test after 5 s).
@@ -445,4 +446,55 @@ func TestTheGoClientsWatchResumesByItselfAcrossARestartOfTheInstance(t *testing.
 	}
 	expectChanges(t, w, "set after=2")
 	expectQuiet(t, w, 500*time.Millisecond)
+}
+
+func TestAWatchEndsWhenItsSessionExpires(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.SessionTTL = 2 * time.Second })
+	_, w := aliceWatches(t, f, nil)
+	start := time.Now()
+	waitEnded(t, w, "session_ended")
+	if took := time.Since(start); took > 3*time.Second {
+		t.Errorf("the watch ended %s after it opened, its session lasted 2 s", took)
+	}
+}
+
+func TestAResumeOlderThanTheLogIsRefusedAsImpossible(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := ctxT(t)
+	u, w := aliceWatches(t, f, nil)
+	_ = u.Attr.Set(ctx, "a", 1)
+	first := expectChanges(t, w, "set a=1")[0].Seq
+	_ = u.Attr.Set(ctx, "a", 2)
+	expectChanges(t, w, "set a=2")
+	// Retention removes the start of the log, the first change included.
+	nc, err := f.srv.InternalConn("test-purge")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	st, err := js.Stream(ctx, events.StreamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Purge(ctx, jetstream.WithPurgeSequence(first+1)); err != nil {
+		t.Fatal(err)
+	}
+	old, err := u.Attr.Watch(ctx, nil, client.After(first-1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Stop()
+	for range old.C {
+	}
+	if !errors.Is(old.Err(), client.ErrResumeImpossible) {
+		t.Fatalf("a resume from before the log: %v, want resume impossible", old.Err())
+	}
+	// From a position the log still covers, it resumes.
+	recent, err := u.Attr.Watch(ctx, nil, client.After(first))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer recent.Stop()
+	expectChanges(t, recent, "set a=2")
 }
