@@ -70,8 +70,8 @@ type WatchMessage struct {
 	// Attrs are the attributes the change made, each as get shows it (found false:
 	// deleted): a JSON list, made once for every watch that shows it alike.
 	Attrs  json.RawMessage `json:"attrs,omitempty"`
-	Name   string           `json:"name,omitempty"`   // expired: the attribute
-	Reason string           `json:"reason,omitempty"` // end
+	Name   string          `json:"name,omitempty"`   // expired: the attribute
+	Reason string          `json:"reason,omitempty"` // end
 }
 
 // Watch is one open watch. A transport runs Serve until it returns.

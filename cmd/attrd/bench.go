@@ -97,7 +97,7 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	}
 	defer b.close()
 	if *watchers > 0 {
-		return benchWatch(ctx, b, *watchers, *watchWrites, *dur, stdout)
+		return benchWatch(ctx, b, *watchers, *watchWrites, *dur, *cpuprofile, stdout)
 	}
 	value := strings.Repeat("v", 100)
 	var seq atomic.Int64

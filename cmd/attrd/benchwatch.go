@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -26,7 +27,7 @@ import (
 // watchers and with n idle ones (watching other users' attributes). The watchers are
 // raw NATS watches on one wildcard subscription of this process, so that the client
 // side costs little beside the server measured.
-func benchWatch(ctx context.Context, b *benchEnv, n, writes int, dur time.Duration, stdout *os.File) error {
+func benchWatch(ctx context.Context, b *benchEnv, n, writes int, dur time.Duration, cpuprofile string, stdout *os.File) error {
 	fmt.Fprintf(stdout, "attrd bench --watchers %d: %s\n", n, b.where)
 	ws, err := newWatchSwarm(b)
 	if err != nil {
@@ -74,7 +75,13 @@ func benchWatch(ctx context.Context, b *benchEnv, n, writes int, dur time.Durati
 		return err
 	}
 	fmt.Fprintf(stdout, "\n%d idle watchers open: %s\n", ws.open, heapDelta(before, after, ws.open))
+	if err := profile(cpuprofile); err != nil {
+		return err
+	}
 	idle := b.updateAgainstRaw(ctx, dur)
+	if cpuprofile != "" {
+		pprof.StopCPUProfile()
+	}
 	fmt.Fprintf(stdout, "updates at concurrency 64, %d idle watchers: %s\n", ws.open, idle)
 	fmt.Fprintf(stdout, "updates with the idle watchers: %.0f%% of those without (each against its own raw put: %.1f%% then %.1f%% of raw)\n",
 		100*idle.attrd/base.attrd, 100*base.attrd/base.raw, 100*idle.attrd/idle.raw)

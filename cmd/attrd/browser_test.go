@@ -76,7 +76,9 @@ func TestABrowserWatchesAndResumesAfterADroppedConnection(t *testing.T) {
 		return time.Now()
 	}
 	has := func(s string) func([]string) bool {
-		return func(seen []string) bool { return slices.ContainsFunc(seen, func(l string) bool { return strings.HasSuffix(l, s) }) }
+		return func(seen []string) bool {
+			return slices.ContainsFunc(seen, func(l string) bool { return strings.HasSuffix(l, s) })
+		}
 	}
 	waitSeen("its watch ready", func(seen []string) bool { return len(seen) > 0 && strings.HasPrefix(seen[0], "ready") })
 
