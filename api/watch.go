@@ -32,7 +32,7 @@ const (
 	// DefaultWatchHeartbeat is how often a watch says it is alive, and where it stands,
 	// when nothing else was sent (a NATS reply subject reached through a service import
 	// lasts two minutes after the last message sent to it).
-	DefaultWatchHeartbeat = 15 * time.Second
+	DefaultWatchHeartbeat = 5 * time.Second
 	// DefaultWatchRenewInterval is how often a NATS watcher renews its watch; a watch
 	// not renewed for three intervals ends (the client is gone).
 	DefaultWatchRenewInterval = 30 * time.Second

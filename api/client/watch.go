@@ -231,6 +231,9 @@ func (w *Watcher) follow(ctx context.Context, st *stream) error {
 			return nil // nothing for three heartbeats: lost
 		case <-renew.C:
 			rep, err := w.a.s.c.nc.Request(st.renewSub, []byte(`{"watch_id":"`+st.id+`"}`), w.a.s.c.Timeout)
+			if errors.Is(err, nats.ErrNoResponders) {
+				return nil // the instance is gone
+			}
 			if err == nil {
 				var r watchMsg
 				if json.Unmarshal(rep.Data, &r) == nil && r.Status != "ok" {

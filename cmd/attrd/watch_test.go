@@ -1,10 +1,12 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -497,4 +499,78 @@ func TestAResumeOlderThanTheLogIsRefusedAsImpossible(t *testing.T) {
 	}
 	defer recent.Stop()
 	expectChanges(t, recent, "set a=2")
+}
+
+func TestAWatchSeesEveryChangeOnceThroughAProjectorsFailOver(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a cluster of three NATS nodes and two attrd instances")
+	}
+	cl := startNATSCluster(t)
+	// A watch served by the killed instance is resumed by the client when its
+	// heartbeats stop or a renewal finds nobody: quick here.
+	quick := func(c *Config) { c.Watch = api.WatchConfig{Heartbeat: 300 * time.Millisecond, RenewInterval: time.Second} }
+	a := cl.instance(t, quick)
+	b := cl.instance(t, quick)
+	if h := holder(t, a); h != a.instance {
+		t.Fatalf("the first instance should fold: lease holder %q", h)
+	}
+	c := mustClient(t, b)
+	admin := mustLogin(t, c, "admin", adminPassword)
+	ctx := ctxT(t)
+	u, err := admin.User(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := u.Attr.Watch(ctx, []string{"n"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	// One writer, one value after another: acknowledged, or of unknown outcome.
+	acked := map[string]bool{}
+	last := ""
+	var mu sync.Mutex
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			wctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			err := u.Attr.Set(wctx, "n", i)
+			cancel()
+			if err == nil {
+				mu.Lock()
+				acked[fmt.Sprint(i)], last = true, fmt.Sprint(i)
+				mu.Unlock()
+			}
+		}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	kill(a) // the projector's instance: b takes over and folds on
+	time.Sleep(4 * time.Second)
+	close(stop)
+	<-done
+	mu.Lock()
+	defer mu.Unlock()
+	seen := map[string]bool{}
+	var prev uint64
+	for !seen[last] {
+		ch := nextChange(t, w)
+		v := string(ch.Attrs[0].Value)
+		if seen[v] || ch.Seq <= prev {
+			t.Fatalf("change %s (seq %d after %d) came twice or out of order", v, ch.Seq, prev)
+		}
+		seen[v], prev = true, ch.Seq
+	}
+	for v := range acked {
+		if !seen[v] {
+			t.Errorf("the acknowledged write n=%s never reached the watch", v)
+		}
+	}
+	t.Logf("%d writes acknowledged, %d changes seen, one after another, across the fail-over", len(acked), len(seen))
 }
