@@ -183,11 +183,33 @@ func (s *Service) openWatch(ctx context.Context, session bool, req *Request, m *
 		}
 		w.targetEnds.Store(ts.ExpiresAt)
 	}
+	if req.After != nil {
+		if err := s.checkAfter(ctx, w.part, uint64(*req.After)); err != nil {
+			return nil, err
+		}
+	}
 	w.Renew()
 	if err := s.watches.register(ctx, w, req.After); err != nil {
 		return nil, err
 	}
 	return w, nil
+}
+
+// checkAfter refuses a position beyond the log (E008002): a client's mistake, which
+// would otherwise wait in silence for changes numbered past it.
+func (s *Service) checkAfter(ctx context.Context, part int, after uint64) error {
+	pos, err := s.watches.position0(ctx, part)
+	if err != nil || after <= pos {
+		return err
+	}
+	info, err := s.eventStream.Info(ctx)
+	if err != nil {
+		return err
+	}
+	if after > info.State.LastSeq {
+		return events.Errorf(events.CodeInvalidInput, "after %d is beyond the log (its last sequence is %d)", after, info.State.LastSeq)
+	}
+	return nil
 }
 
 // Serve sends the watch's messages with send until the watch ends, ctx ends (the

@@ -289,6 +289,9 @@ func TestAWatchIsAllowedAsAGetIs(t *testing.T) {
 	if _, err := f.alice.SessionAttr(f.alice.UST).Watch(ctx, []string{"bad\x01name"}); events.CodeOf(err) != events.CodeInvalidInput {
 		t.Errorf("a bad name: %v, want E008002", err)
 	}
+	if _, err := f.alice.SessionAttr(f.alice.UST).Watch(ctx, nil, client.After(1<<40)); events.CodeOf(err) != events.CodeInvalidInput {
+		t.Errorf("a position beyond the log: %v, want E008002", err)
+	}
 }
 
 func TestWatchesPerUserAndPerInstanceAreBounded(t *testing.T) {
