@@ -511,7 +511,9 @@ func TestAWatchSeesEveryChangeOnceThroughAProjectorsFailOver(t *testing.T) {
 	cl := startNATSCluster(t)
 	// A watch served by the killed instance is resumed by the client when its
 	// heartbeats stop or a renewal finds nobody: quick here.
-	quick := func(c *Config) { c.Watch = api.WatchConfig{Heartbeat: 300 * time.Millisecond, RenewInterval: time.Second} }
+	quick := func(c *Config) {
+		c.Watch = api.WatchConfig{Heartbeat: 300 * time.Millisecond, RenewInterval: time.Second}
+	}
 	a := cl.instance(t, quick)
 	b := cl.instance(t, quick)
 	if h := holder(t, a); h != a.instance {
