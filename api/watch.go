@@ -80,7 +80,8 @@ type Watch struct {
 	hub     *watchHub
 	uid     string // the watched user
 	sid     string // the watched session ("": the user's attributes)
-	part    int
+	part    int    // the watched user's partition
+	cpart   int    // the caller's partition (its session's end and renewals come there)
 	caller  string // the caller's user id
 	csid    string // the caller's session id
 	names   map[string]bool
@@ -161,7 +162,7 @@ func (s *Service) openWatch(ctx context.Context, session bool, req *Request, m *
 		return nil, err
 	}
 	w := &Watch{ID: events.NewID(), hub: s.watches, uid: t.uid, sid: t.sid, part: s.layout.Partition(t.uid),
-		caller: t.c.user.UserID, csid: t.c.sid, decrypt: req.Decrypt == nil || *req.Decrypt,
+		caller: t.c.user.UserID, cpart: s.layout.Partition(t.c.user.UserID), csid: t.c.sid, decrypt: req.Decrypt == nil || *req.Decrypt,
 		out: make(chan *shared, s.cfg.Watch.Buffer), wake: make(chan struct{}, 1), done: make(chan struct{})}
 	if req.Name != nil || req.HasData {
 		names, _, err := req.names(s.cfg.Limits)
@@ -409,8 +410,11 @@ type watchHub struct {
 	byCaller  map[string][]*Watch // caller's user id
 	bySession map[string][]*Watch // caller's and watched session ids
 	parts     map[int]*feedPart
-	closed    bool
-	serving   sync.WaitGroup // watches' Serve calls
+	// interest counts, per partition, the watches whose user or caller is in it: the
+	// partitions whose announcements are read whole.
+	interest map[int]int
+	closed   bool
+	serving  sync.WaitGroup // watches' Serve calls
 }
 
 // WatchConfig bounds watches.
@@ -445,7 +449,7 @@ func newWatchHub(s *Service, cfg WatchConfig) *watchHub {
 	}
 	s.cfg.Watch = cfg
 	return &watchHub{s: s, cfg: cfg, byID: map[string]*Watch{}, byTarget: map[string][]*Watch{}, byCaller: map[string][]*Watch{},
-		bySession: map[string][]*Watch{}, parts: map[int]*feedPart{}}
+		bySession: map[string][]*Watch{}, parts: map[int]*feedPart{}, interest: map[int]int{}}
 }
 
 // Lookup returns an open watch by id (nil: none here).
@@ -499,6 +503,8 @@ func (h *watchHub) register(ctx context.Context, w *Watch, after *int64) error {
 		h.bySession[w.sid] = append(h.bySession[w.sid], w)
 	}
 	part.watching++
+	h.interest[w.part]++
+	h.interest[w.cpart]++
 	h.s.metrics.watching(len(h.byID))
 	return nil
 }
@@ -537,6 +543,8 @@ func (h *watchHub) endLocked(w *Watch, reason string, drain bool) {
 	if p := h.parts[w.part]; p != nil {
 		p.watching--
 	}
+	h.interest[w.part]--
+	h.interest[w.cpart]--
 	w.pending = nil
 	h.s.metrics.watchEnded(reason, len(h.byID))
 }

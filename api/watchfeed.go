@@ -62,17 +62,33 @@ func (h *watchHub) position0(ctx context.Context, p int) (uint64, error) {
 }
 
 func (h *watchHub) onFeed(m *nats.Msg) {
-	var f events.Feed
-	if err := events.Unmarshal(m.Data, &f); err != nil {
+	// The changes are decoded only for a partition that has watches: the head (the
+	// sequences) is all an instance without any needs.
+	var head struct {
+		Partition int    `msgpack:"p"`
+		Prev      uint64 `msgpack:"prev"`
+		Last      uint64 `msgpack:"last"`
+		Partial   bool   `msgpack:"partial,omitempty"`
+	}
+	if err := events.Unmarshal(m.Data, &head); err != nil {
 		h.s.log.Warn("feed: an unreadable announcement", "subject", m.Subject, "err", err)
 		return
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	part := h.parts[f.Partition]
+	part := h.parts[head.Partition]
 	if part == nil {
-		part = &feedPart{last: f.Prev}
-		h.parts[f.Partition] = part
+		part = &feedPart{last: head.Prev}
+		h.parts[head.Partition] = part
+	}
+	if h.interest[head.Partition] == 0 {
+		part.last = max(part.last, head.Last)
+		return
+	}
+	var f events.Feed
+	if err := events.Unmarshal(m.Data, &f); err != nil {
+		h.s.log.Warn("feed: an unreadable announcement", "subject", m.Subject, "err", err)
+		return
 	}
 	gapTo := uint64(0)
 	if f.Prev > part.last {

@@ -372,6 +372,29 @@ func TestAWatchInAPartitionedDeploymentFollowsItsUsersPartition(t *testing.T) {
 	}
 	expectChanges(t, w, "set a=0", "set b=0", "set a=1", "set b=1", "set a=2", "set b=2")
 	expectChanges(t, byAdmin, "set b=0", "set b=1", "set b=2")
+
+	// A super-user watching a user of another partition: the logout, in the
+	// super-user's partition, ends the watch.
+	lay := events.Layout{Partitions: 4}
+	var other string
+	for i := 0; other == ""; i++ {
+		id, err := f.admin.CreateUser(ctx, fmt.Sprintf("p%d", i), "pw", false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if lay.Partition(id) != lay.Partition(f.adminID) {
+			other = id
+		}
+	}
+	second := mustLogin(t, f.c, "admin", adminPassword)
+	across, err := second.UserByID(other).Attr.Watch(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := second.Logout(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitEnded(t, across, "session_ended")
 }
 
 func TestAWatchNotRenewedEndsAndARenewedOneLasts(t *testing.T) {
@@ -449,7 +472,16 @@ func TestTheGoClientsWatchResumesByItselfAcrossARestartOfTheInstance(t *testing.
 	if err := u2.Attr.Set(ctx, "after", 2); err != nil {
 		t.Fatal(err)
 	}
-	expectChanges(t, w, "set after=2")
+	// The client finds its watch gone (three silent heartbeats, or a renewal nobody
+	// answers) and opens it again, backing off while the instance is down.
+	select {
+	case c := <-w.C:
+		if describe(c) != "set after=2" {
+			t.Fatalf("after the restart: %q", describe(c))
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("the watch did not resume within 20 s of the restart (%v)", w.Err())
+	}
 	expectQuiet(t, w, 500*time.Millisecond)
 }
 
