@@ -36,8 +36,12 @@ func HashPassword(password string, p PasswordParams) (string, error) {
 		b64.EncodeToString(salt), b64.EncodeToString(key)), nil
 }
 
-// CheckPassword reports whether password matches a hash made by HashPassword.
+// CheckPassword reports whether password matches a hash made by HashPassword, or an
+// imported one (passlib.go).
 func CheckPassword(password, hash string) bool {
+	if strings.HasPrefix(hash, PBKDF2Prefix) {
+		return checkPBKDF2(password, hash)
+	}
 	parts := strings.Split(hash, "$")
 	if len(parts) != 6 || parts[1] != "argon2id" {
 		return false

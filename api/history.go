@@ -32,7 +32,7 @@ const (
 	MaxHistoryLimit     = 1000
 )
 
-var eventTypes = []events.Type{events.UserCreated, events.UserApproved, events.UserDeleted, events.SessionCreated, events.SessionRenewed,
+var eventTypes = []events.Type{events.UserCreated, events.UserApproved, events.UserDeleted, events.UserRehashed, events.SessionCreated, events.SessionRenewed,
 	events.SessionEnded, events.AttrCreated, events.AttrUpdated, events.AttrSet, events.AttrDeleted,
 	events.LoginFailed, events.AccessDenied}
 
@@ -111,6 +111,10 @@ func HistoryEvent(e events.Entry, after events.View, keys *sealed.Keyring, decry
 		if v != "" {
 			out[k] = v
 		}
+	}
+	if ev.Imported != nil {
+		// Where an imported event's data came from (attrd import).
+		out["imported_from"], out["imported_id"] = ev.Imported.From, ev.Imported.ID
 	}
 	switch ev.Type {
 	case events.UserCreated:

@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"errors"
+	"strings"
 	"time"
 
 	"github.com/attrd/attrd/events"
@@ -56,7 +57,26 @@ func (s *Service) login(ctx context.Context, req *Request, m *Meta) (map[string]
 		}
 		return nil, err
 	}
+	if strings.HasPrefix(u.PasswordHash, PBKDF2Prefix) {
+		s.rehash(ctx, u, ev.SessionID, req.Password, m)
+	}
 	return map[string]any{"ust": ust, "expiration_time": formatTime(ev.ExpiresAt)}, nil
+}
+
+// rehash replaces an imported password hash (passlib.go) with attrd's own, after a
+// login that checked it: user.rehashed, the user as its actor. A failure is logged and
+// leaves the imported hash, which the next login replaces.
+func (s *Service) rehash(ctx context.Context, u *events.UserRecord, sid, password string, m *Meta) {
+	hash, err := s.hashPassword(ctx, "r."+u.UserID, password)
+	if err == nil {
+		ev := (*caller)(nil).event(events.UserRehashed, *m)
+		ev.UserID, ev.Actor, ev.ActorSession, ev.ActorName = u.UserID, u.UserID, sid, u.Username
+		ev.User = &events.UserData{PasswordHash: hash}
+		_, err = s.apply(ctx, ev)
+	}
+	if err != nil {
+		s.log.Warn("an imported password hash was not replaced: the next login tries again", "user", u.UserID, "err", err)
+	}
 }
 
 // checkLogin checks a login's password, unless the throttle refuses it first, and

@@ -21,7 +21,10 @@ const (
 	UserApproved Type = "user.approved"
 	// UserDeleted erases a user: the user's sessions end, their attributes and the
 	// user's record go, and the username is free again (docs/EVENTS.md).
-	UserDeleted    Type = "user.deleted"
+	UserDeleted Type = "user.deleted"
+	// UserRehashed replaces a user's password hash with attrd's own (argon2id), made at
+	// the first login that checked a hash imported from elsewhere (attrd import).
+	UserRehashed   Type = "user.rehashed"
 	SessionCreated Type = "session.created"
 	SessionRenewed Type = "session.renewed"
 	SessionEnded   Type = "session.ended"
@@ -79,6 +82,16 @@ type AttrItem struct {
 	// ExpiresAt is absolute (Unix nanoseconds), computed from the event's time and the
 	// request's expiration. 0 means "not given": never on create, keep on update.
 	ExpiresAt int64 `msgpack:"exp,omitempty"`
+	// Created and Modified are, in an imported attr.created (Event.Imported), the
+	// attribute's times in the system it came from (Unix ns); ignored otherwise.
+	Created  int64 `msgpack:"c,omitempty"`
+	Modified int64 `msgpack:"m,omitempty"`
+}
+
+// Imported says where an imported event's data came from (attrd import).
+type Imported struct {
+	From string `msgpack:"from"`         // the source system, for example "zato"
+	ID   string `msgpack:"id,omitempty"` // the user's id there
 }
 
 // UserData is the body of user.created.
@@ -87,6 +100,9 @@ type UserData struct {
 	PasswordHash string `msgpack:"pwhash"`
 	SuperUser    bool   `msgpack:"super,omitempty"`
 	Approved     bool   `msgpack:"approved,omitempty"`
+	// Created is, in an imported user.created (Event.Imported), when the user was
+	// created in the system it came from (Unix ns); ignored otherwise.
+	Created int64 `msgpack:"created,omitempty"`
 }
 
 // Event is one entry of the log. One request is one event, so a batch is atomic by
@@ -124,8 +140,10 @@ type Event struct {
 	// Op is the refused operation of an access.denied (for example user.attr.get).
 	Op string `msgpack:"op,omitempty"`
 
-	User      *UserData  `msgpack:"user,omitempty"` // user.created
-	ExpiresAt int64      `msgpack:"exp,omitempty"`  // session.created, session.renewed
+	User *UserData `msgpack:"user,omitempty"` // user.created; user.rehashed (the new hash)
+	// Imported marks an event of attrd import: where its data came from.
+	Imported  *Imported  `msgpack:"imp,omitempty"`
+	ExpiresAt int64      `msgpack:"exp,omitempty"` // session.created, session.renewed
 	Attrs     []AttrItem `msgpack:"attrs,omitempty"`
 
 	// PII and APII hold, sealed, what is personal of the event's user and of its actor

@@ -72,7 +72,7 @@ func (l Layout) prefix(uid string) string {
 // Subject returns the subject an event is published on.
 func (l Layout) Subject(e *Event) string {
 	switch e.Type {
-	case UserCreated, UserApproved, UserDeleted, LoginFailed:
+	case UserCreated, UserApproved, UserDeleted, UserRehashed, LoginFailed:
 		return l.prefix(e.UserID) + ".user"
 	case SessionCreated, SessionRenewed, SessionEnded:
 		return l.prefix(e.UserID) + ".session." + e.SessionID

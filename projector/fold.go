@@ -128,8 +128,7 @@ func decide(st State, seq uint64, ev *events.Event, open Opener) (events.Code, [
 		if st.Username(ev.User.Username) != nil || st.User(ev.UserID) != nil {
 			return events.CodeUsernameExists, nil
 		}
-		u := &events.UserRecord{UserID: ev.UserID, Username: ev.User.Username, PasswordHash: ev.User.PasswordHash,
-			SuperUser: ev.User.SuperUser, Approved: ev.User.Approved, Created: t, Seq: seq, Unopened: ev.Erased}
+		u := newUser(ev, seq)
 		return "", []func(){func() {
 			st.Put(events.UserKey(ev.UserID), u)
 			st.Put(events.UsernameKey(u.Username), &events.UsernameRecord{UserID: u.UserID, Seq: seq})
@@ -137,6 +136,17 @@ func decide(st State, seq uint64, ev *events.Event, open Opener) (events.Code, [
 
 	case events.UserDeleted:
 		return decideUserDeleted(st, ev)
+
+	case events.UserRehashed:
+		// The user themselves, at a login (or attrd): the new hash replaces the old.
+		if ev.Actor != "" && ev.Actor != ev.UserID {
+			return events.CodeNotAllowed, nil
+		}
+		u := st.User(ev.UserID)
+		if u == nil || ev.User == nil || ev.User.PasswordHash == "" && !ev.Erased {
+			return events.CodeNotAllowed, nil
+		}
+		return "", []func(){rehash(st, ev, u, seq)}
 
 	case events.UserApproved:
 		if c := authorizeAdmin(st, ev); c != "" {
@@ -251,10 +261,38 @@ func decideAttrs(st State, seq uint64, ev *events.Event, open Opener) (events.Co
 	return "", plan
 }
 
+// newUser is the record of an accepted user.created: created at the event's time, or,
+// imported, at the source's.
+func newUser(ev *events.Event, seq uint64) *events.UserRecord {
+	created := ev.Time
+	if ev.Imported != nil && ev.User.Created > 0 {
+		created = ev.User.Created
+	}
+	return &events.UserRecord{UserID: ev.UserID, Username: ev.User.Username, PasswordHash: ev.User.PasswordHash,
+		SuperUser: ev.User.SuperUser, Approved: ev.User.Approved, Created: created, Seq: seq, Unopened: ev.Erased}
+}
+
+// rehash is user.rehashed's effect: the user's record with the new password hash.
+func rehash(st State, ev *events.Event, u *events.UserRecord, seq uint64) func() {
+	nu := *u
+	nu.PasswordHash, nu.Seq = ev.User.PasswordHash, seq
+	nu.Unopened = nu.Unopened || ev.Erased
+	return func() { st.Put(events.UserKey(ev.UserID), &nu) }
+}
+
 // newAttr is the record an accepted create, update or set item stores: on top of old
 // when the attribute is live (update), from nothing otherwise (create).
 func newAttr(ev *events.Event, it events.AttrItem, old *events.AttrRecord, seq uint64, open Opener) (*events.AttrRecord, events.Code) {
 	rec := &events.AttrRecord{Value: it.Value, Created: ev.Time, Modified: ev.Time, ExpiresAt: it.ExpiresAt, Seq: seq}
+	if ev.Imported != nil && old == nil {
+		// Imported: the attribute keeps its times from the system it came from.
+		if it.Created > 0 {
+			rec.Created = it.Created
+		}
+		if it.Modified > 0 {
+			rec.Modified = it.Modified
+		}
+	}
 	if ev.Erased && it.Value == nil {
 		rec.Unopened = true // sealed with its user's personal data: only their key shows it
 	}
@@ -302,14 +340,17 @@ func effectsAnyway(st State, seq uint64, ev *events.Event, open Opener) []func()
 		if ev.User == nil || ev.UserID == "" {
 			return nil
 		}
-		u := &events.UserRecord{UserID: ev.UserID, Username: ev.User.Username, PasswordHash: ev.User.PasswordHash,
-			SuperUser: ev.User.SuperUser, Approved: ev.User.Approved, Created: t, Seq: seq, Unopened: ev.Erased}
+		u := newUser(ev, seq)
 		return []func(){func() {
 			st.Put(events.UserKey(ev.UserID), u)
 			if u.Username != "" { // "": erased with its user (the user is deleted later in the log)
 				st.Put(events.UsernameKey(u.Username), &events.UsernameRecord{UserID: u.UserID, Seq: seq})
 			}
 		}}
+	case events.UserRehashed:
+		if u := st.User(ev.UserID); u != nil && ev.User != nil {
+			return []func(){rehash(st, ev, u, seq)}
+		}
 	case events.UserApproved:
 		if u := st.User(ev.UserID); u != nil {
 			nu := *u
@@ -446,7 +487,10 @@ func hasDuplicateNames(items []events.AttrItem) bool {
 func Keys(ev *events.Event) (keys []string, prefixes []string) {
 	add := func(k ...string) { keys = append(keys, k...) }
 	if ev.Actor != "" {
-		add(events.SessionKey(ev.ActorSession), events.UserKey(ev.Actor))
+		add(events.UserKey(ev.Actor))
+		if ev.ActorSession != "" {
+			add(events.SessionKey(ev.ActorSession)) // "s." is no key: a load of it fails
+		}
 	}
 	switch ev.Type {
 	case events.UserCreated:
@@ -454,7 +498,7 @@ func Keys(ev *events.Event) (keys []string, prefixes []string) {
 		if ev.User != nil {
 			add(events.UsernameKey(ev.User.Username))
 		}
-	case events.UserApproved:
+	case events.UserApproved, events.UserRehashed:
 		add(events.UserKey(ev.UserID))
 	case events.UserDeleted:
 		// The sessions' keys and attributes and the username come once these are

@@ -4,7 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"io"
+	"os"
 	"log/slog"
 	"sync"
 	"testing"
@@ -25,7 +25,13 @@ const adminPassword = "admin-password"
 var fastPasswords = api.PasswordParams{Time: 1, MemoryK: 64, Threads: 1}
 
 // testLogger discards logs unless ATTRD_TEST_LOG is set.
-func testLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+func testLogger() *slog.Logger {
+	var level slog.Level
+	if os.Getenv("ATTRD_TEST_LOG") != "" && level.UnmarshalText([]byte(os.Getenv("ATTRD_TEST_LOG"))) == nil {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
 
 // mustStart runs a whole attrd on an embedded server in a temp dir.
 func mustStart(t testing.TB, mod func(*Config)) *Server {

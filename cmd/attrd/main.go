@@ -43,6 +43,8 @@ const usage = `usage:
                                             buckets, or compare a rebuild with the live one
   attrd user export --user U                everything attrd holds of a user, as JSON
   attrd keys rotate --encryption-key-file F re-wrap every user's data key with F's first key
+  attrd import --from sqlite:PATH|postgres://… [--zato-secret-key-file F] [--dry-run]
+                                            bring a Zato SSO database's users and attributes in
   attrd probe URL                           exit 0 if URL answers 200 (container health checks)
   attrd status [--json]                     is the deployment healthy, and why (exit 1 if not)
   attrd bench [--duration D] [--conc 1,16,64,256]
@@ -69,6 +71,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr *os
 		err = historyCmd(ctx, args[1:], stdout, stderr)
 	case "keys":
 		err = keysCmd(ctx, args[1:], stdout, stderr)
+	case "import":
+		err = importCmd(ctx, args[1:], stdout, stderr)
 	case "probe":
 		err = probeCmd(ctx, args[1:], stdout)
 	case "status":

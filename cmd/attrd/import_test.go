@@ -1,0 +1,228 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/attrd/attrd/api"
+	"github.com/attrd/attrd/cmd/attrd/zatodb"
+	"github.com/attrd/attrd/events"
+)
+
+// zatoFixture is a Zato SSO database on SQLite, written as Zato would, with its key.
+type zatoFixture struct {
+	path, keyFile string
+	created       time.Time
+	aliceID       string
+}
+
+// zatoPasswordRounds is what the fixtures hash with (Zato's default is 100,000; fewer
+// keep the race detector's run short).
+const zatoPasswordRounds = 1000
+
+func newZatoFixture(t *testing.T) *zatoFixture {
+	t.Helper()
+	ctx := context.Background()
+	dir := t.TempDir()
+	z := &zatoFixture{path: filepath.Join(dir, "zato.db"), keyFile: filepath.Join(dir, "secrets.conf"),
+		created: time.Date(2024, 3, 1, 9, 30, 0, 123456000, time.UTC), aliceID: "zusr4r9kq2b1m8n3p5t7v6w0x1y"}
+	keyText := zatodb.NewKey()
+	// Zato's secrets.conf, as a server's repository holds it.
+	if err := os.WriteFile(z.keyFile, []byte("[secret_keys]\nkey1="+keyText+"\n\n[zato]\nwell_known_data=x\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := zatodb.ParseKey(keyText)
+	b, err := zatodb.Create(ctx, z.path, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hash := func(pw string) string { return api.PassLibHash(pw, []byte("0123456789abcdef"), zatoPasswordRounds) }
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err = b.AddUser(ctx, zatodb.NewUser{ID: "zusr0super0000000000000000", Username: "zadmin", PasswordHash: hash("admin-pw"),
+		SuperUser: true, ApprovalStatus: "approved", Created: z.created})
+	must(err)
+	aliceRow, err := b.AddUser(ctx, zatodb.NewUser{ID: z.aliceID, Username: "zalice", PasswordHash: hash("alice-secret"),
+		ApprovalStatus: "approved", Created: z.created.Add(time.Hour)})
+	must(err)
+	_, err = b.AddUser(ctx, zatodb.NewUser{ID: "zusr9unapproved000000000000", Username: "zbob", PasswordHash: hash("bob-pw"),
+		ApprovalStatus: "before_decision", Created: z.created})
+	must(err)
+	now := time.Now().UTC()
+	for _, a := range []zatodb.NewAttr{
+		{Name: "plain", Value: "hello"},
+		{Name: "profile.theme", Value: map[string]any{"dark": true, "size": 12}, Modified: z.created.Add(48 * time.Hour)},
+		{Name: "prénom-日本", Value: 42},
+		{Name: "secret", Value: "s3cret value", Encrypted: true},
+		{Name: "expiring", Value: "soon", Expires: now.Add(time.Hour)},
+		{Name: "expired", Value: "gone", Expires: now.Add(-time.Hour)},
+	} {
+		a.UserID, a.Created = z.aliceID, z.created.Add(2*time.Hour)
+		must(b.AddAttr(ctx, a))
+	}
+	// A live session and its attribute: left behind by design.
+	must(b.AddSession(ctx, aliceRow, "zust0session", now.Add(-time.Minute), now.Add(time.Hour)))
+	must(b.AddAttr(ctx, zatodb.NewAttr{UserID: z.aliceID, Name: "cart", Value: 1, Created: now, UST: "zust0session"}))
+	must(b.Close())
+	return z
+}
+
+// importArgs are attrd import's arguments against f.
+func importArgs(f *fixture, dir string, extra ...string) []string {
+	return append([]string{"import", "--nats-url", f.srv.ClientURL(), "--encryption-key-file", filepath.Join(dir, "encryption.key"),
+		"--progress=false"}, extra...)
+}
+
+// lastSeq is the event stream's last sequence.
+func lastSeq(t *testing.T, f *fixture) uint64 {
+	t.Helper()
+	js, _ := jetstream.New(f.srv.apiConn)
+	st, err := js.Stream(ctxT(t), events.StreamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.State.LastSeq
+}
+
+func TestAZatoDatabaseImportsAndItsUsersLogInWithTheirOwnPasswords(t *testing.T) {
+	z := newZatoFixture(t)
+	dir := t.TempDir()
+	f := newFixture(t, func(c *Config) { c.DataDir = dir })
+	ctx := ctxT(t)
+
+	// A dry run reads everything and changes nothing.
+	before := lastSeq(t, f)
+	code, out := runCmd(t, importArgs(f, dir, "--from", "sqlite:"+z.path, "--zato-secret-key-file", z.keyFile, "--dry-run")...)
+	if code != 0 || !strings.Contains(out, "3 would import") || lastSeq(t, f) != before {
+		t.Fatalf("dry run: exit %d, log %d → %d\n%s", code, before, lastSeq(t, f), out)
+	}
+
+	code, out = runCmd(t, importArgs(f, dir, "--from", "sqlite:"+z.path, "--zato-secret-key-file", z.keyFile)...)
+	if code != 0 {
+		t.Fatalf("import: exit %d\n%s", code, out)
+	}
+	for _, want := range []string{"users:      3 imported", "attributes: 5 imported", "attribute: expired: 1", "1 sessions and their 1 attributes"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the report lacks %q:\n%s", want, out)
+		}
+	}
+
+	// The imported user logs in with the password they had in Zato, over NATS and REST.
+	alice := mustLogin(t, f.c, "zalice", "alice-secret")
+	restLogin(t, f.srv, "zalice", "alice-secret")
+	if _, err := f.c.Login(ctx, "zbob", "bob-pw"); events.CodeOf(err) != events.CodeNotAllowed {
+		t.Errorf("an unapproved Zato user logs in: %v", err)
+	}
+	if _, err := f.c.Login(ctx, "zalice", "wrong"); events.CodeOf(err) != events.CodeNotAllowed {
+		t.Errorf("a wrong password: %v", err)
+	}
+	zadmin := mustLogin(t, f.c, "zadmin", "admin-pw")
+	if u, err := zadmin.User(ctx); err != nil || !u.IsSuperUser {
+		t.Errorf("the Zato super-user is one here: %+v %v", u, err)
+	}
+
+	// Values read back as Zato would return them, through NATS and REST.
+	u, err := alice.User(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid := api.ImportedUserID("zato", z.aliceID, z.created.Add(time.Hour))
+	if u.ID != uid || !u.Created.Equal(z.created.Add(time.Hour).Truncate(time.Microsecond)) {
+		t.Errorf("alice is %s created %v, want %s created %v", u.ID, u.Created, uid, z.created.Add(time.Hour))
+	}
+	got, err := u.Attr.GetMany(ctx, []string{"plain", "profile.theme", "prénom-日本", "secret", "expiring", "expired"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantValues := map[string]string{"plain": `"hello"`, "profile.theme": `{"dark":true,"size":12}`, "prénom-日本": `42`,
+		"secret": `"s3cret value"`, "expiring": `"soon"`}
+	for name, want := range wantValues {
+		a := got[name]
+		if a == nil || !a.Found || string(a.Value) != want {
+			t.Errorf("%s: %+v, want %s", name, a, want)
+			continue
+		}
+		if !a.CreationTime.Equal(z.created.Add(2 * time.Hour)) {
+			t.Errorf("%s was created %v in Zato, here %v", name, z.created.Add(2*time.Hour), a.CreationTime)
+		}
+	}
+	if got["expired"].Found || !got["secret"].IsEncrypted || got["plain"].IsEncrypted {
+		t.Errorf("expired found %v, secret encrypted %v, plain encrypted %v", got["expired"].Found, got["secret"].IsEncrypted, got["plain"].IsEncrypted)
+	}
+	if !got["profile.theme"].LastModified.Equal(z.created.Add(48 * time.Hour)) {
+		t.Errorf("the modification time: %v", got["profile.theme"].LastModified)
+	}
+	if exp := got["expiring"].ExpirationTime; time.Until(exp) < 50*time.Minute {
+		t.Errorf("the expiry: %v", exp)
+	}
+	st, _, body := httpDo(t, f.srv, "GET", "/zato/sso/user/attr?current_app=CRM&name=prénom-日本&name=secret", nil,
+		map[string]string{"Authorization": "Bearer " + alice.UST})
+	ok(t, st, body)
+	res, _ := body["result"].(map[string]any)
+	if v, _ := json.Marshal(res["secret"].(map[string]any)["value"]); string(v) != `"s3cret value"` {
+		t.Errorf("REST: %v", body)
+	}
+
+	// The first login replaced the imported hash with attrd's own: the history says so,
+	// and the password still works.
+	var hist struct {
+		Events []map[string]any `json:"events"`
+	}
+	if err := f.c.Call(ctx, "history.list", map[string]any{"ust": alice.UST, "types": []string{"user.rehashed", "user.created", "attr.created"}}, &hist); err != nil {
+		t.Fatal(err)
+	}
+	var types []string
+	for _, e := range hist.Events {
+		types = append(types, e["type"].(string)+":"+toString(e["imported_from"]))
+	}
+	if strings.Join(types, ",") != "user.created:zato,attr.created:zato,user.rehashed:" {
+		t.Errorf("history: %v", types)
+	}
+	mustLogin(t, f.c, "zalice", "alice-secret")
+
+	// A second import changes nothing and says so.
+	before = lastSeq(t, f)
+	code, out = runCmd(t, importArgs(f, dir, "--from", "sqlite:"+z.path, "--zato-secret-key-file", z.keyFile)...)
+	if code != 0 || !strings.Contains(out, "0 imported, 3 already here") || !strings.Contains(out, "0 imported, 5 already here") {
+		t.Fatalf("second import: exit %d\n%s", code, out)
+	}
+	if after := lastSeq(t, f); after != before {
+		t.Errorf("a second import appended %d events", after-before)
+	}
+}
+
+func TestWithoutZatosKeyEncryptedItemsAreLeftOutAndSaidSo(t *testing.T) {
+	z := newZatoFixture(t)
+	dir := t.TempDir()
+	f := newFixture(t, func(c *Config) { c.DataDir = dir })
+	code, out := runCmd(t, importArgs(f, dir, "--from", "sqlite:"+z.path)...)
+	if code != 0 || !strings.Contains(out, "users:      0 imported") || !strings.Contains(out, "password hash is encrypted with Zato's key: give --zato-secret-key-file") {
+		t.Fatalf("exit %d\n%s", code, out)
+	}
+	other := filepath.Join(dir, "other.key")
+	_ = os.WriteFile(other, []byte(zatodb.NewKey()), 0o600)
+	code, out = runCmd(t, importArgs(f, dir, "--from", "sqlite:"+z.path, "--zato-secret-key-file", other)...)
+	if code != 0 || !strings.Contains(out, "does not open with the key given") {
+		t.Fatalf("a wrong key: exit %d\n%s", code, out)
+	}
+}
+
+func toString(v any) string {
+	s, _ := v.(string)
+	return s
+}
