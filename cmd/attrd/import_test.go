@@ -2,10 +2,16 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
+	"fmt"
 	"os"
+	"os/exec"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -29,20 +35,36 @@ const zatoPasswordRounds = 1000
 
 func newZatoFixture(t *testing.T) *zatoFixture {
 	t.Helper()
-	ctx := context.Background()
-	dir := t.TempDir()
-	z := &zatoFixture{path: filepath.Join(dir, "zato.db"), keyFile: filepath.Join(dir, "secrets.conf"),
+	z, key := newZatoKey(t)
+	z.path = filepath.Join(t.TempDir(), "zato.db")
+	b, err := zatodb.Create(context.Background(), z.path, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	z.fill(t, b)
+	return z
+}
+
+// newZatoKey makes a fixture's Zato key and its secrets.conf, as a Zato server's
+// repository holds it.
+func newZatoKey(t *testing.T) (*zatoFixture, *zatodb.Key) {
+	t.Helper()
+	z := &zatoFixture{keyFile: filepath.Join(t.TempDir(), "secrets.conf"),
 		created: time.Date(2024, 3, 1, 9, 30, 0, 123456000, time.UTC), aliceID: "zusr4r9kq2b1m8n3p5t7v6w0x1y"}
 	keyText := zatodb.NewKey()
-	// Zato's secrets.conf, as a server's repository holds it.
 	if err := os.WriteFile(z.keyFile, []byte("[secret_keys]\nkey1="+keyText+"\n\n[zato]\nwell_known_data=x\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	key, _ := zatodb.ParseKey(keyText)
-	b, err := zatodb.Create(ctx, z.path, key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	return z, key
+}
+
+// fill writes the fixture's users (a super-user, a regular one, an unapproved one),
+// attributes (plain, JSON, numbers, encrypted, expiring, expired; names with dots and
+// non-ASCII) and a live session with an attribute.
+func (z *zatoFixture) fill(t *testing.T, b *zatodb.Builder) {
+	t.Helper()
+	ctx := context.Background()
 	hash := func(pw string) string { return api.PassLibHash(pw, []byte("0123456789abcdef"), zatoPasswordRounds) }
 	must := func(err error) {
 		t.Helper()
@@ -50,7 +72,7 @@ func newZatoFixture(t *testing.T) *zatoFixture {
 			t.Fatal(err)
 		}
 	}
-	_, err = b.AddUser(ctx, zatodb.NewUser{ID: "zusr0super0000000000000000", Username: "zadmin", PasswordHash: hash("admin-pw"),
+	_, err := b.AddUser(ctx, zatodb.NewUser{ID: "zusr0super0000000000000000", Username: "zadmin", PasswordHash: hash("admin-pw"),
 		SuperUser: true, ApprovalStatus: "approved", Created: z.created})
 	must(err)
 	aliceRow, err := b.AddUser(ctx, zatodb.NewUser{ID: z.aliceID, Username: "zalice", PasswordHash: hash("alice-secret"),
@@ -75,7 +97,6 @@ func newZatoFixture(t *testing.T) *zatoFixture {
 	must(b.AddSession(ctx, aliceRow, "zust0session", now.Add(-time.Minute), now.Add(time.Hour)))
 	must(b.AddAttr(ctx, zatodb.NewAttr{UserID: z.aliceID, Name: "cart", Value: 1, Created: now, UST: "zust0session"}))
 	must(b.Close())
-	return z
 }
 
 // importArgs are attrd import's arguments against f.
@@ -204,6 +225,10 @@ func TestAZatoDatabaseImportsAndItsUsersLogInWithTheirOwnPasswords(t *testing.T)
 	if after := lastSeq(t, f); after != before {
 		t.Errorf("a second import appended %d events", after-before)
 	}
+	// Imported events replay to the same projection (their times are in the events).
+	if code, out := runCmd(t, "replay", "--verify", "--nats-url", f.srv.ClientURL(), "--encryption-key-file", filepath.Join(dir, "encryption.key")); code != 0 {
+		t.Errorf("replay --verify after an import: exit %d\n%s", code, out)
+	}
 }
 
 func TestWithoutZatosKeyEncryptedItemsAreLeftOutAndSaidSo(t *testing.T) {
@@ -225,4 +250,107 @@ func TestWithoutZatosKeyEncryptedItemsAreLeftOutAndSaidSo(t *testing.T) {
 func toString(v any) string {
 	s, _ := v.(string)
 	return s
+}
+
+// startPostgres runs a throwaway PostgreSQL server (Debian's postgresql package, as
+// the postgres user, on loopback) with an empty database "zato", and returns its URL;
+// it skips without root or the package.
+func startPostgres(t *testing.T) string {
+	t.Helper()
+	bins, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	if len(bins) == 0 || os.Geteuid() != 0 {
+		t.Skip("PostgreSQL: needs root and Debian's postgresql package (apt-get install postgresql)")
+	}
+	bin := bins[len(bins)-1]
+	pg, err := user.Lookup("postgres")
+	if err != nil {
+		t.Skip("PostgreSQL: no postgres user")
+	}
+	uid, _ := strconv.Atoi(pg.Uid)
+	gid, _ := strconv.Atoi(pg.Gid)
+	dir, err := os.MkdirTemp("", "attrd-pg-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	data := filepath.Join(dir, "data")
+	if err := os.Mkdir(data, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(data, uid, gid); err != nil {
+		t.Fatal(err)
+	}
+	as := func(name string, args ...string) *exec.Cmd {
+		return exec.Command("runuser", append([]string{"-u", "postgres", "--", filepath.Join(bin, name)}, args...)...)
+	}
+	if out, err := as("initdb", "-D", data, "-A", "trust", "-U", "postgres").CombinedOutput(); err != nil {
+		t.Fatalf("initdb: %v\n%s", err, out)
+	}
+	port := freePort(t)
+	srv := as("postgres", "-D", data, "-p", strconv.Itoa(port), "-k", data, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off")
+	var logs strings.Builder
+	srv.Stdout, srv.Stderr = &logs, &logs
+	// Its own process group: runuser passes no signal on, so the group gets them.
+	srv.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = syscall.Kill(-srv.Process.Pid, syscall.SIGINT) // PostgreSQL's fast shutdown
+		done := make(chan struct{})
+		go func() { _ = srv.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = syscall.Kill(-srv.Process.Pid, syscall.SIGKILL)
+			<-done
+		}
+	})
+	base := fmt.Sprintf("postgres://postgres@127.0.0.1:%d/", port)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		db, err := sql.Open("pgx", base+"postgres?sslmode=disable")
+		if err == nil {
+			_, err = db.Exec("CREATE DATABASE zato")
+			db.Close()
+		}
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("PostgreSQL did not start: %v\n%s", err, logs.String())
+		}
+	}
+	return base + "zato?sslmode=disable"
+}
+
+func TestAZatoPostgreSQLDatabaseImports(t *testing.T) {
+	url := startPostgres(t)
+	z, key := newZatoKey(t)
+	b, err := zatodb.CreatePostgres(context.Background(), url, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	z.fill(t, b)
+	dir := t.TempDir()
+	f := newFixture(t, func(c *Config) { c.DataDir = dir })
+	code, out := runCmd(t, importArgs(f, dir, "--from", url, "--zato-secret-key-file", z.keyFile)...)
+	if code != 0 || !strings.Contains(out, "users:      3 imported") || !strings.Contains(out, "attributes: 5 imported") {
+		t.Fatalf("import: exit %d\n%s", code, out)
+	}
+	alice := mustLogin(t, f.c, "zalice", "alice-secret")
+	u, err := alice.User(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := u.Attr.Get(ctxT(t), "secret")
+	if err != nil || string(a.Value) != `"s3cret value"` || !a.CreationTime.Equal(z.created.Add(2*time.Hour)) {
+		t.Fatalf("secret: %+v %v", a, err)
+	}
+	code, out = runCmd(t, importArgs(f, dir, "--from", url, "--zato-secret-key-file", z.keyFile)...)
+	if code != 0 || !strings.Contains(out, "0 imported, 3 already here") {
+		t.Fatalf("second import: exit %d\n%s", code, out)
+	}
 }

@@ -16,32 +16,80 @@ import (
 //go:embed schema_sqlite.sql
 var schemaSQLite string
 
-// Builder writes a Zato SSO database on SQLite.
+//go:embed schema_postgres.sql
+var schemaPostgres string
+
+// Builder writes a Zato SSO database on SQLite or PostgreSQL.
 type Builder struct {
-	db  *sql.DB
-	tx  *sql.Tx
-	key *Key
-	n   int
+	db       *sql.DB
+	tx       *sql.Tx
+	key      *Key
+	n        int
+	postgres bool
 }
 
 // Create makes a new SQLite database at path with Zato's SSO tables. key, if not nil,
 // encrypts password hashes (Zato's encrypt_password, on by default) and encrypted
 // attributes.
 func Create(ctx context.Context, path string, key *Key) (*Builder, error) {
-	db, err := sql.Open("sqlite", "file:"+path)
+	return create(ctx, "sqlite", "file:"+path, schemaSQLite, key)
+}
+
+// CreatePostgres makes Zato's SSO tables in an empty PostgreSQL database (a URL).
+func CreatePostgres(ctx context.Context, url string, key *Key) (*Builder, error) {
+	return create(ctx, "pgx", url, schemaPostgres, key)
+}
+
+func create(ctx context.Context, driver, dsn, schema string, key *Key) (*Builder, error) {
+	db, err := sql.Open(driver, dsn)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := db.ExecContext(ctx, schemaSQLite); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("create Zato's tables: %w", err)
+	for _, stmt := range strings.Split(schema, ";") {
+		if strings.TrimSpace(stripComments(stmt)) == "" {
+			continue
+		}
+		if _, err := db.ExecContext(ctx, stmt); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("create Zato's tables: %w", err)
+		}
 	}
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
 		db.Close()
 		return nil, err
 	}
-	return &Builder{db: db, tx: tx, key: key}, nil
+	return &Builder{db: db, tx: tx, key: key, postgres: driver == "pgx"}, nil
+}
+
+// stripComments drops SQL line comments.
+func stripComments(s string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if !strings.HasPrefix(strings.TrimSpace(l), "--") {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// exec runs a statement written with ? placeholders ($1, $2… on PostgreSQL).
+func (b *Builder) exec(ctx context.Context, q string, args ...any) error {
+	if b.postgres {
+		var sb strings.Builder
+		n := 0
+		for _, r := range q {
+			if r == '?' {
+				n++
+				fmt.Fprintf(&sb, "$%d", n)
+				continue
+			}
+			sb.WriteRune(r)
+		}
+		q = sb.String()
+	}
+	_, err := b.tx.ExecContext(ctx, q, args...)
+	return err
 }
 
 // ZatoTime is how SQLAlchemy writes a DateTime on SQLite.
@@ -65,11 +113,11 @@ func (b *Builder) AddUser(ctx context.Context, u NewUser) (int, error) {
 		pw = b.key.Encrypt([]byte(pw))
 	}
 	now := ZatoTime(u.Created)
-	_, err := b.tx.ExecContext(ctx, `INSERT INTO zato_sso_user (id, user_id, is_active, is_internal, is_super_user, is_locked,
+	err := b.exec(ctx, `INSERT INTO zato_sso_user (id, user_id, is_active, is_internal, is_super_user, is_locked,
 		creation_ctx, approval_status, approval_status_mod_time, approval_status_mod_by, username, password, password_is_set,
 		password_must_change, password_last_set, password_expiry, sign_up_status, sign_up_time, sign_up_confirm_token,
 		display_name, display_name_upper)
-		VALUES (?, ?, 1, 0, ?, ?, '{}', ?, ?, 'system', ?, ?, 1, 0, ?, ?, 'final', ?, ?, ?, ?)`,
+		VALUES (?, ?, TRUE, FALSE, ?, ?, '{}', ?, ?, 'system', ?, ?, TRUE, FALSE, ?, ?, 'final', ?, ?, ?, ?)`,
 		b.n, u.ID, u.SuperUser, u.Locked, u.ApprovalStatus, now, u.Username, pw, now, ZatoTime(u.Created.AddDate(1, 0, 0)), now,
 		fmt.Sprintf("tok-%d-%s", b.n, u.ID), u.Username, strings.ToUpper(u.Username))
 	return b.n, err
@@ -110,7 +158,7 @@ func (b *Builder) AddAttr(ctx context.Context, a NewAttr) error {
 	if a.UST != "" {
 		ust = a.UST
 	}
-	_, err = b.tx.ExecContext(ctx, `INSERT INTO zato_sso_attr (id, creation_time, last_modified, expiration_time, is_session_attr,
+	err = b.exec(ctx, `INSERT INTO zato_sso_attr (id, creation_time, last_modified, expiration_time, is_session_attr,
 		is_encrypted, serial_method, name, value, _ust_string, user_id, ust) VALUES (?, ?, ?, ?, ?, ?, 'json', ?, ?, ?, ?, ?)`,
 		b.n, ZatoTime(a.Created), modified, expires, a.UST != "", a.Encrypted, a.Name, string(v), a.UST, a.UserID, ust)
 	return err
@@ -120,7 +168,7 @@ func (b *Builder) AddAttr(ctx context.Context, a NewAttr) error {
 // its UST.
 func (b *Builder) AddSession(ctx context.Context, userRow int, ust string, created, expires time.Time) error {
 	b.n++
-	_, err := b.tx.ExecContext(ctx, `INSERT INTO zato_sso_session (id, ust, creation_time, expiration_time, remote_addr, user_agent,
+	err := b.exec(ctx, `INSERT INTO zato_sso_session (id, ust, creation_time, expiration_time, remote_addr, user_agent,
 		auth_type, auth_principal, user_id) VALUES (?, ?, ?, ?, '127.0.0.1', 'test', 'default', 'test', ?)`,
 		b.n, ust, ZatoTime(created), ZatoTime(expires), userRow)
 	return err
