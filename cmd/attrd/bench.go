@@ -51,6 +51,8 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	dedup := fs.Duration("dedup-window", 2*time.Minute, "the server's de-duplication window (how long request ids are remembered)")
 	metricsOn := fs.Bool("metrics", true, "keep attrd's Prometheus metrics on (false measures what they cost)")
 	traceRatio := fs.Float64("trace-ratio", 0, "trace this fraction of requests (spans made and dropped: measures what tracing costs; 0: off)")
+	importUsers := fs.Int("import", 0, "instead, measure attrd import of a Zato database of this many users with ten attributes each")
+	importParallel := fs.Int("import-parallel", 16, "with --import: users imported at once")
 	watchers := fs.Int("watchers", 0, "instead, measure watches: latency to 1, 100, ... this many watchers, memory per watch, updates with this many idle")
 	watchWrites := fs.Int("watch-writes", 200, "with --watchers: writes per latency measurement")
 	child := fs.Bool("child", false, "measure as a client over TCP: start `attrd serve` as a child process on a temp dir")
@@ -66,6 +68,9 @@ func bench(ctx context.Context, args []string, stdout *os.File) error {
 	}
 	if *storage > 0 {
 		return benchStorage(ctx, *storage, stdout)
+	}
+	if *importUsers > 0 {
+		return benchImport(ctx, *importUsers, *importParallel, stdout)
 	}
 	var levels []int
 	for _, c := range strings.Split(*concs, ",") {
