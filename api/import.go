@@ -95,6 +95,13 @@ func (s *Service) Import(ctx context.Context, u ImportedUser, dry bool) (ImportR
 	case existing != nil:
 		r.UserPresent = true
 	default:
+		if erased, err := s.erased(ctx, r.UserID); err != nil {
+			return r, err
+		} else if erased {
+			// Deleted here for good: an import run again must not bring them back.
+			r.Skipped = append(r.Skipped, ImportSkip{Reason: "deleted in attrd since an earlier import: not imported again"})
+			return r, nil
+		}
 		if taken, err := s.read(ctx, events.UsernameKey(u.Username)); err != nil {
 			return r, err
 		} else if taken != nil {
@@ -116,6 +123,15 @@ func (s *Service) Import(ctx context.Context, u ImportedUser, dry bool) (ImportR
 		r.UserImported = true
 	}
 	return r, s.importAttrs(ctx, &r, u, dry)
+}
+
+// erased reports whether user uid was deleted here (their data key destroyed). Without
+// data keys (no key file) a deletion leaves no mark an import can see.
+func (s *Service) erased(ctx context.Context, uid string) (bool, error) {
+	if s.dataKeys == nil {
+		return false, nil
+	}
+	return s.dataKeys.Erased(ctx, uid)
 }
 
 // importEvent is an imported event of attrd itself about user uid.

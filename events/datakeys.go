@@ -147,6 +147,12 @@ func (d *DataKeys) Get(ctx context.Context, uid string) (*sealed.DataKey, error)
 	return c.key, err
 }
 
+// Erased reports whether uid's data key was destroyed (the user was deleted).
+func (d *DataKeys) Erased(ctx context.Context, uid string) (bool, error) {
+	c, err := d.lookup(ctx, uid)
+	return c.erased, err
+}
+
 // lookup reads uid's data key, from the cache when it is fresh there.
 func (d *DataKeys) lookup(ctx context.Context, uid string) (cachedKey, error) {
 	if uid == "" {

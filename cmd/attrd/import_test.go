@@ -225,6 +225,17 @@ func TestAZatoDatabaseImportsAndItsUsersLogInWithTheirOwnPasswords(t *testing.T)
 	if after := lastSeq(t, f); after != before {
 		t.Errorf("a second import appended %d events", after-before)
 	}
+	// A user deleted here since is not brought back by another import.
+	if err := zadmin.DeleteUser(ctx, uid); err != nil {
+		t.Fatal(err)
+	}
+	code, out = runCmd(t, importArgs(f, dir, "--from", "sqlite:"+z.path, "--zato-secret-key-file", z.keyFile)...)
+	if code != 0 || !strings.Contains(out, "deleted in attrd since an earlier import: not imported again: 1") {
+		t.Fatalf("an import after a deletion: exit %d\n%s", code, out)
+	}
+	if _, err := f.c.Login(ctx, "zalice", "alice-secret"); events.CodeOf(err) != events.CodeNotAllowed {
+		t.Errorf("the deleted user logs in after another import: %v", err)
+	}
 	// Imported events replay to the same projection (their times are in the events).
 	if code, out := runCmd(t, "replay", "--verify", "--nats-url", f.srv.ClientURL(), "--encryption-key-file", filepath.Join(dir, "encryption.key")); code != 0 {
 		t.Errorf("replay --verify after an import: exit %d\n%s", code, out)
