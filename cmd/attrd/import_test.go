@@ -365,3 +365,74 @@ func TestAZatoPostgreSQLDatabaseImports(t *testing.T) {
 		t.Fatalf("second import: exit %d\n%s", code, out)
 	}
 }
+
+func TestAStoppedImportLeavesNoUserHalfImportedAndARerunFinishes(t *testing.T) {
+	dir := t.TempDir()
+	f := newFixture(t, func(c *Config) { c.DataDir = dir })
+	z, key := newZatoKey(t)
+	z.path = filepath.Join(t.TempDir(), "zato.db")
+	b, err := zatodb.Create(context.Background(), z.path, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const users = 600
+	hash := api.PassLibHash("pw", []byte("0123456789abcdef"), zatoPasswordRounds)
+	for i := range users {
+		id := fmt.Sprintf("zusr%05d", i)
+		if _, err := b.AddUser(context.Background(), zatodb.NewUser{ID: id, Username: "u" + strconv.Itoa(i), PasswordHash: hash,
+			ApprovalStatus: "approved", Created: z.created}); err != nil {
+			t.Fatal(err)
+		}
+		for j := range 5 {
+			if err := b.AddAttr(context.Background(), zatodb.NewAttr{UserID: id, Name: "a" + strconv.Itoa(j), Value: j, Created: z.created}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// A stop (what SIGINT does to the command's context) once it has begun.
+	ctx, cancel := context.WithCancel(context.Background())
+	var out strings.Builder
+	outf, _ := os.CreateTemp(t.TempDir(), "out")
+	ran := make(chan int)
+	go func() {
+		ran <- run(ctx, withToolCreds(importArgs(f, dir, "--from", "sqlite:"+z.path, "--zato-secret-key-file", z.keyFile, "--parallel", "4")),
+			strings.NewReader(""), outf, outf)
+	}()
+	first := f.admin.UserByID(api.ImportedUserID("zato", "zusr00000", z.created))
+	waitFor(t, func() bool { _, err := first.Attr.Names(ctxT(t)); return err == nil }, "the first user imported")
+	cancel()
+	code := <-ran
+	b2, _ := os.ReadFile(outf.Name())
+	out.Write(b2)
+	if code != 0 || !strings.Contains(out.String(), "stopped before the end") {
+		t.Fatalf("a stopped import: exit %d\n%s", code, out.String())
+	}
+	// Every user here has all five attributes.
+	imported := 0
+	for i := range users {
+		uid := api.ImportedUserID("zato", fmt.Sprintf("zusr%05d", i), z.created)
+		names, err := f.admin.UserByID(uid).Attr.Names(ctxT(t))
+		if events.CodeOf(err) == events.CodeNotAllowed {
+			continue // not imported yet
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(names) != 5 {
+			t.Fatalf("user %d has %d of 5 attributes after the stop", i, len(names))
+		}
+		imported++
+	}
+	if imported == 0 || imported == users {
+		t.Fatalf("the stop came at %d of %d users: the test proves nothing", imported, users)
+	}
+	code, rerun := runCmd(t, importArgs(f, dir, "--from", "sqlite:"+z.path, "--zato-secret-key-file", z.keyFile)...)
+	want := fmt.Sprintf("users:      %d imported, %d already here", users-imported, imported)
+	if code != 0 || !strings.Contains(rerun, want) {
+		t.Fatalf("the re-run: want %q, exit %d\n%s", want, code, rerun)
+	}
+	t.Logf("stopped after %d of %d users, each whole; the re-run imported the %d others", imported, users, users-imported)
+}
