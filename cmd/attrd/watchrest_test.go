@@ -278,3 +278,23 @@ func TestASlowWatcherIsCutOffWithWhereToResumeAndSlowsNobody(t *testing.T) {
 		}
 	}
 }
+
+func TestOverServerSentEventsAWatchIsAllowedAsAGetAndEndsWithItsUser(t *testing.T) {
+	f := newFixture(t, nil)
+	alice := restLogin(t, f.srv, "alice", "alice-pw")
+	admin := restLogin(t, f.srv, "admin", adminPassword)
+	if _, code, body := trySSE(t, f.srv, "/zato/sso/user/attr/watch?current_app=CRM&user_id="+f.adminID,
+		map[string]string{"Authorization": "Bearer " + alice}); code != 403 || subStatus(body) != "E005001" {
+		t.Errorf("alice watching the admin's attributes: %d %v", code, body)
+	}
+	if _, code, body := trySSE(t, f.srv, "/zato/sso/user/attr/watch?current_app=CRM", nil); code != 400 {
+		t.Errorf("no token: %d %v", code, body)
+	}
+	st := openSSE(t, f.srv, "/zato/sso/user/attr/watch?current_app=CRM&user_id="+f.aliceID, map[string]string{"Authorization": "Bearer " + admin})
+	st.next(t)
+	status, _, b := httpDo(t, f.srv, "DELETE", "/zato/sso/user", map[string]any{"current_app": "CRM", "ust": admin, "user_id": f.aliceID}, nil)
+	ok(t, status, b)
+	if ev := st.next(t); ev.Type != "end" || ev.Data["reason"] != "user_deleted" {
+		t.Fatalf("a deleted user's watch: %+v", ev)
+	}
+}
