@@ -50,6 +50,11 @@ type Server struct {
 	wg   sync.WaitGroup
 	ctx  context.Context
 	stop context.CancelFunc
+	// stopping is set by Stop once the endpoints are stopped: a request micro still
+	// hands over then is dropped (its sender times out and retries elsewhere), so that
+	// no handler starts while Stop waits for those running (wg).
+	mu       sync.Mutex
+	stopping bool
 	// renewSubject is where this instance's watchers renew their watches (watch.go).
 	renewSubject string
 	renewSub     *nats.Subscription
@@ -142,6 +147,9 @@ func (s *Server) Stop() error {
 	if s.renewSub != nil {
 		_ = s.renewSub.Unsubscribe()
 	}
+	s.mu.Lock()
+	s.stopping = true // no wg.Add after this: Wait below never races one
+	s.mu.Unlock()
 	s.wg.Wait()
 	s.stop() // the workers end; a request still draining gets a goroutine of its own
 	return err
@@ -151,8 +159,14 @@ func (s *Server) Stop() error {
 // idle: micro calls a handler one request at a time per endpoint, and the semaphore
 // bounds how many are handled at once.
 func (s *Server) dispatch(op api.Op, r micro.Request) {
-	s.sem <- struct{}{}
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		return
+	}
 	s.wg.Add(1)
+	s.mu.Unlock()
+	s.sem <- struct{}{}
 	select {
 	case s.jobs <- job{op, r}:
 	default:
