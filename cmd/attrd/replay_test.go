@@ -242,7 +242,7 @@ func TestReplayVerifyAndIntoFromTheCommandLine(t *testing.T) {
 	got := bucketRecords(t, js, "rebuilt_attrd")
 	want := bucketRecords(t, js, events.DefaultBucket)
 	for k, v := range want {
-		if got[k] != v {
+		if got[k] != v && !expiredBy(k, v, time.Now().Add(time.Second)) {
 			t.Errorf("rebuilt %s differs", k)
 		}
 	}
@@ -263,6 +263,14 @@ func TestReplayVerifyAndIntoFromTheCommandLine(t *testing.T) {
 }
 
 // bucketRecords returns the projection records of a bucket as strings.
+// expiredBy reports whether the record of key k is an attribute expired by t: the
+// live bucket holds it until the server's TTL removes it, a rebuild after its expiry
+// never writes it (invariant 2: the same live projection, up to expiry since).
+func expiredBy(k, v string, t time.Time) bool {
+	var rec events.AttrRecord
+	return strings.HasPrefix(k, "a.") && events.Unmarshal([]byte(v), &rec) == nil && rec.ExpiresAt != 0 && rec.ExpiresAt <= t.UnixNano()
+}
+
 func bucketRecords(t *testing.T, js jetstream.JetStream, bucket string) map[string]string {
 	t.Helper()
 	kv, err := js.KeyValue(context.Background(), bucket)
