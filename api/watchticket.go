@@ -123,7 +123,10 @@ func (s *Service) OpenTicket(ctx context.Context, tk string, session bool) (map[
 }
 
 // key returns the sealing key, reading it from the bucket, or making it there when
-// no instance has yet (the first creation wins; the others read it).
+// no instance has yet (the first creation wins; the others read it). With a key file
+// the bucket holds it sealed with the file's key, so a copy of the bucket opens no
+// ticket; one the key file no longer opens (its key rotated out) is replaced, which
+// voids the tickets of the last five minutes.
 func (k *tickets) key(ctx context.Context, s *Service) (cipher.AEAD, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -133,24 +136,43 @@ func (k *tickets) key(ctx context.Context, s *Service) (cipher.AEAD, error) {
 	var raw []byte
 	for range 3 {
 		e, err := s.kv.Get(ctx, events.TicketKeyKey)
-		if err == nil {
-			raw = e.Value()
-			break
-		}
-		if !errors.Is(err, jetstream.ErrKeyNotFound) {
+		var rev uint64
+		switch {
+		case errors.Is(err, jetstream.ErrKeyNotFound):
+		case err != nil:
 			return nil, err
+		default:
+			rev = e.Revision()
+			if raw, err = s.openTicketKey(e.Value()); err == nil {
+				break
+			}
+			raw = nil // not opened: replaced below
+		}
+		if raw != nil {
+			break
 		}
 		fresh := make([]byte, 32)
 		rand.Read(fresh)
-		if _, err := s.kv.Create(ctx, events.TicketKeyKey, fresh); err == nil {
-			raw = fresh
-			break
-		} else if !errors.Is(err, jetstream.ErrKeyExists) {
+		stored, err := s.sealTicketKey(fresh)
+		if err != nil {
 			return nil, err
 		}
+		if rev == 0 {
+			_, err = s.kv.Create(ctx, events.TicketKeyKey, stored)
+		} else {
+			_, err = s.kv.Update(ctx, events.TicketKeyKey, stored, rev)
+		}
+		if err == nil {
+			raw = fresh
+			break
+		}
+		if !errors.Is(err, jetstream.ErrKeyExists) {
+			return nil, err
+		}
+		// Another instance made it first: read theirs.
 	}
 	if len(raw) != 32 {
-		return nil, errors.New("the watch ticket key is not 32 bytes")
+		return nil, errors.New("the watch ticket key could not be read or made")
 	}
 	block, err := aes.NewCipher(raw)
 	if err != nil {
@@ -160,4 +182,31 @@ func (k *tickets) key(ctx context.Context, s *Service) (cipher.AEAD, error) {
 		return nil, err
 	}
 	return k.aead, nil
+}
+
+// ticketKeyAAD binds a sealed ticket key to its use.
+var ticketKeyAAD = []byte("attrd watch ticket key")
+
+// sealTicketKey is how the ticket key is stored: sealed with the key file's key, or as
+// it is without a key file.
+func (s *Service) sealTicketKey(raw []byte) ([]byte, error) {
+	if s.cfg.Keyring == nil {
+		return raw, nil
+	}
+	return s.cfg.Keyring.Seal(raw, ticketKeyAAD)
+}
+
+// openTicketKey reads a stored ticket key.
+func (s *Service) openTicketKey(v []byte) ([]byte, error) {
+	if s.cfg.Keyring == nil {
+		if len(v) != 32 {
+			return nil, errors.New("a ticket key is 32 bytes")
+		}
+		return v, nil
+	}
+	raw, err := s.cfg.Keyring.Open(v, ticketKeyAAD)
+	if err == nil && len(raw) != 32 {
+		err = errors.New("a ticket key is 32 bytes")
+	}
+	return raw, err
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/attrd/attrd/api"
+	"github.com/attrd/attrd/events"
 )
 
 // sseEvent is one Server-Sent Event as a browser would see it: its type, the last
@@ -180,6 +181,11 @@ func TestABrowserWatchesWithATicketAndNoTokenInTheURL(t *testing.T) {
 	ticket, _ := b["ticket"].(string)
 	if ticket == "" || strings.Contains(ticket, ust) || b["expires_in"] != float64(api.TicketTTL/time.Second) {
 		t.Fatalf("ticket answer: %v", b)
+	}
+	// The key that seals tickets is kept sealed with the key file's: a copy of the
+	// bucket opens no ticket.
+	if e, err := mustKV(t, f.srv).Get(ctxT(t), events.TicketKeyKey); err != nil || len(e.Value()) == 32 {
+		t.Errorf("the ticket key in the bucket: %v, %d bytes", err, len(e.Value()))
 	}
 	path := "/zato/sso/user/attr/watch?current_app=CRM&ticket=" + url.QueryEscape(ticket)
 	st := openSSE(t, f.srv, path, nil)
