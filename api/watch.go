@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -69,7 +71,11 @@ type WatchMessage struct {
 	CID   string  `json:"cid,omitempty"`  // the cid of the request that made the change
 	// Attrs are the attributes the change made, each as get shows it (found false:
 	// deleted): a JSON list, made once for every watch that shows it alike.
-	Attrs  json.RawMessage `json:"attrs,omitempty"`
+	Attrs json.RawMessage `json:"attrs,omitempty"`
+	// Raw, on a change, is the whole message as JSON, made from parts shared by every
+	// watch that shows the change alike with this watch's Prev spliced in: transports
+	// that send JSON send it as it is.
+	Raw    json.RawMessage `json:"-"`
 	Name   string          `json:"name,omitempty"`   // expired: the attribute
 	Reason string          `json:"reason,omitempty"` // end
 }
@@ -322,13 +328,20 @@ func (w *Watch) Serve(ctx context.Context, renewals bool, send func(WatchMessage
 	}
 }
 
-// shared is a change as the feed hands it to every watch of its target: the JSON of
-// its attributes is made once per way of showing them (decrypted or not; which of
-// them), however many watches send it.
+// shared is a change as the feed hands it to every watch of its target: its message
+// is made once per way of showing it (decrypted or not; which attributes), however
+// many watches send it; each splices in its own Prev.
 type shared struct {
 	*events.Change
 	mu    sync.Mutex
-	shown map[string]json.RawMessage
+	shown map[string]*shownChange
+}
+
+// shownChange is a change's message made for one way of showing it: its attributes'
+// JSON, and the whole message's JSON before and after the value of prev.
+type shownChange struct {
+	attrs      json.RawMessage
+	head, tail []byte
 }
 
 // render makes a change's message, keeping the attributes the watch names; ok false
@@ -350,11 +363,28 @@ func (w *Watch) render(c *shared, prev uint64) (WatchMessage, bool) {
 		}
 	}
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if js, ok := c.shown[string(key)]; ok {
-		msg.Attrs = js
-		return msg, true
+	sc, ok := c.shown[string(key)]
+	if !ok {
+		sc = w.show(c, msg)
+		if sc == nil {
+			c.mu.Unlock()
+			return msg, false
+		}
+		if c.shown == nil {
+			c.shown = map[string]*shownChange{}
+		}
+		c.shown[string(key)] = sc
 	}
+	c.mu.Unlock()
+	msg.Attrs = sc.attrs
+	raw := make([]byte, 0, len(sc.head)+20+len(sc.tail))
+	raw = strconv.AppendUint(append(raw, sc.head...), prev, 10)
+	msg.Raw = append(raw, sc.tail...)
+	return msg, true
+}
+
+// show makes c's message as this watch shows it (nil: it could not be encoded).
+func (w *Watch) show(c *shared, msg WatchMessage) *shownChange {
 	var attrs []map[string]any
 	for _, a := range c.Attrs {
 		if w.names != nil && !w.names[a.Name] {
@@ -374,14 +404,13 @@ func (w *Watch) render(c *shared, prev uint64) (WatchMessage, bool) {
 	js, err := json.Marshal(attrs)
 	if err != nil {
 		w.hub.s.log.Warn("watch: a change could not be encoded", "watch", w.ID, "seq", c.Seq, "err", err)
-		return msg, false
+		return nil
 	}
-	if c.shown == nil {
-		c.shown = map[string]json.RawMessage{}
-	}
-	c.shown[string(key)] = js
-	msg.Attrs = js
-	return msg, true
+	str := func(s string) []byte { b, _ := json.Marshal(s); return b }
+	sc := &shownChange{attrs: js}
+	sc.head = fmt.Appendf(nil, `{"type":"change","seq":%d,"prev":`, c.Seq)
+	sc.tail = fmt.Appendf(nil, `,"time":%s,"op":%s,"cid":%s,"attrs":%s}`, str(msg.Time), str(msg.Op), str(msg.CID), js)
+	return sc
 }
 
 // opOf names an attribute event's operation as the API does.

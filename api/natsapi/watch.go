@@ -81,9 +81,12 @@ func (s *Server) watch(op api.Op, r micro.Request, m api.Meta) {
 // account's service import stays mapped while messages flow (a streamed export): the
 // heartbeats keep it so between changes.
 func (s *Server) sendWatch(to string, msg api.WatchMessage, isMsgpack bool) error {
-	b, err := json.Marshal(msg)
-	if err != nil {
-		return err
+	b := []byte(msg.Raw) // a change, made once for its watches
+	if b == nil {
+		var err error
+		if b, err = json.Marshal(msg); err != nil {
+			return err
+		}
 	}
 	ctype := "application/json"
 	if isMsgpack {
@@ -91,6 +94,7 @@ func (s *Server) sendWatch(to string, msg api.WatchMessage, isMsgpack bool) erro
 		if err := json.Unmarshal(b, &body); err != nil {
 			return err
 		}
+		var err error
 		if b, ctype, err = encode(body, true); err != nil {
 			return err
 		}

@@ -94,7 +94,8 @@ func (h *handler) watch(w http.ResponseWriter, r *http.Request, op api.Op, m api
 		case "heartbeat":
 			fmt.Fprintf(&buf, ": heartbeat\nid: %d\n\n", *msg.After)
 		case "change":
-			writeEvent(&buf, msg.Type, strconv.FormatUint(msg.Seq, 10), msg)
+			// The message made once for every watch of the change (one line of JSON).
+			fmt.Fprintf(&buf, "event: change\nid: %d\ndata: %s\n\n", msg.Seq, msg.Raw)
 		case "end":
 			writeEvent(&buf, msg.Type, strconv.FormatUint(*msg.After, 10), msg)
 		default:

@@ -46,7 +46,15 @@ func benchWatch(ctx context.Context, b *benchEnv, n, writes int, dur time.Durati
 		if err := ws.watch(ctx, b.sess.UST, "", "w", level-ws.open); err != nil {
 			return err
 		}
+		if level == n && os.Getenv("ATTRD_WATCH_PROFILE") != "" {
+			if err := profile(os.Getenv("ATTRD_WATCH_PROFILE")); err != nil {
+				return err
+			}
+		}
 		all, each, err := ws.latency(ctx, b.user, writes)
+		if level == n && os.Getenv("ATTRD_WATCH_PROFILE") != "" {
+			pprof.StopCPUProfile()
+		}
 		if err != nil {
 			return err
 		}
