@@ -516,6 +516,12 @@ func verifyLoad(t *testing.T, ld *load, s *Server) {
 // difference between a replay of the log and the live projection.
 func replayEqualsLive(t *testing.T, s *Server) bool {
 	t.Helper()
+	return replayEqualsLiveReporting(t, s, t.Error)
+}
+
+// replayEqualsLiveReporting is replayEqualsLive reporting each difference with report.
+func replayEqualsLiveReporting(t *testing.T, s *Server, report func(args ...any)) bool {
+	t.Helper()
 	js, _ := jetstream.New(s.apiConn)
 	ctx := context.Background()
 	st, err := js.Stream(ctx, events.StreamName)
@@ -565,7 +571,7 @@ func replayEqualsLive(t *testing.T, s *Server) bool {
 			continue
 		}
 		for _, d := range diffs {
-			t.Error(d)
+			report(d)
 		}
 		return len(diffs) == 0
 	}

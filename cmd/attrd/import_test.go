@@ -250,6 +250,12 @@ func TestWithoutZatosKeyEncryptedItemsAreLeftOutAndSaidSo(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "users:      0 imported") || !strings.Contains(out, "password hash is encrypted with Zato's key: give --zato-secret-key-file") {
 		t.Fatalf("exit %d\n%s", code, out)
 	}
+	// Without attrd's own key file, nothing is written in clear: refused.
+	code, out = runCmd(t, "import", "--nats-url", f.srv.ClientURL(), "--encryption-key-file", filepath.Join(dir, "none.key"),
+		"--progress=false", "--from", "sqlite:"+z.path, "--zato-secret-key-file", z.keyFile)
+	if code == 0 || !strings.Contains(out, "--encryption-key-file") {
+		t.Fatalf("an import without attrd's key file: exit %d\n%s", code, out)
+	}
 	other := filepath.Join(dir, "other.key")
 	_ = os.WriteFile(other, []byte(zatodb.NewKey()), 0o600)
 	code, out = runCmd(t, importArgs(f, dir, "--from", "sqlite:"+z.path, "--zato-secret-key-file", other)...)

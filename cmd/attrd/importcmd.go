@@ -53,11 +53,18 @@ func importCmd(ctx context.Context, args []string, stdout, stderr *os.File) erro
 	if err != nil {
 		return err
 	}
-	nc, _, keys, err := tool.open("attrd-import", stderr)
+	nc, js, keys, err := tool.open("attrd-import", stderr)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
+	if keys == nil {
+		// Without the key file the events would carry users' personal data in clear, in
+		// a deployment that seals it: refused.
+		if _, err := js.KeyValue(ctx, events.DataKeysBucket); err == nil {
+			return errors.New("this attrd seals personal data with its key file: give it (--encryption-key-file)")
+		}
+	}
 	svc, err := api.New(ctx, nc, api.Config{Keyring: keys, Logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 	if err != nil {
 		return err
