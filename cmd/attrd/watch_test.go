@@ -17,6 +17,7 @@ import (
 	"github.com/attrd/attrd/projector"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/vmihailenco/msgpack/v5"
 )
 
 // nextChange waits for a watch's next message (or fails the test after 5 s).
@@ -610,4 +611,45 @@ func TestAWatchSeesEveryChangeOnceThroughAProjectorsFailOver(t *testing.T) {
 		}
 	}
 	t.Logf("%d writes acknowledged, %d changes seen, one after another, across the fail-over", len(acked), len(seen))
+}
+
+func TestAWatchAskedInMsgpackAnswersInMsgpack(t *testing.T) {
+	f := newFixture(t, nil)
+	nc := f.c.NATS()
+	inbox := nc.NewRespInbox()
+	sub, err := nc.SubscribeSync(inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := msgpack.Marshal(map[string]any{"current_app": "CRM", "ust": f.alice.UST})
+	m := nats.NewMsg("attrd.user.attr.watch")
+	m.Reply, m.Data = inbox, body
+	m.Header.Set("Content-Type", "application/msgpack")
+	if err := nc.PublishMsg(m); err != nil {
+		t.Fatal(err)
+	}
+	next := func() map[string]any {
+		t.Helper()
+		r, err := sub.NextMsg(5 * time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out map[string]any
+		if r.Header.Get("Content-Type") != "application/msgpack" || msgpack.Unmarshal(r.Data, &out) != nil {
+			t.Fatalf("not msgpack: %q %q", r.Header.Get("Content-Type"), r.Data)
+		}
+		return out
+	}
+	if ready := next(); ready["type"] != "ready" || ready["status"] != "ok" {
+		t.Fatalf("ready: %v", ready)
+	}
+	u, _ := f.alice.User(ctxT(t))
+	if err := u.Attr.Set(ctxT(t), "n", 7); err != nil {
+		t.Fatal(err)
+	}
+	c := next()
+	attrs, _ := c["attrs"].([]any)
+	if c["type"] != "change" || len(attrs) != 1 || attrs[0].(map[string]any)["name"] != "n" {
+		t.Fatalf("change: %v", c)
+	}
 }
