@@ -188,8 +188,23 @@ func (l *Lease) Keep(ctx context.Context) error {
 
 // Release gives the lease up so that another instance takes over at once.
 func (l *Lease) Release(ctx context.Context) error {
+	err := l.release(ctx, l.rev)
+	if isConflict(err) {
+		// A renewal sent as the run stopped may be stored with its acknowledgement lost
+		// (its context ended first): the lease moved on without this holder knowing.
+		// Still its own at the last revision: released there; anyone else's: left.
+		if r, rev, herr := l.holder(ctx); herr == nil && r.Owner == l.owner && rev != 0 {
+			err = l.release(ctx, rev)
+		}
+	}
+	return err
+}
+
+// release deletes the lease on top of revision rev (compare-and-set: only this
+// holder's own).
+func (l *Lease) release(ctx context.Context, rev uint64) error {
 	m := &nats.Msg{Subject: l.subject, Header: nats.Header{}}
 	m.Header.Set("KV-Operation", "DEL")
-	_, err := l.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(l.rev), jetstream.WithMsgTTL(deleteMarkerTTL))
+	_, err := l.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(rev), jetstream.WithMsgTTL(deleteMarkerTTL))
 	return err
 }
