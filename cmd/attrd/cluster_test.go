@@ -259,7 +259,12 @@ func (l *load) callCounting(nc *nats.Conn, w int, op string, body map[string]any
 		default:
 		}
 		sent := time.Now()
-		rep, err := nc.Request("attrd."+op, b, 8*time.Second)
+		// A request handled by an instance that is then killed is never answered: the
+		// writer learns it only from its own timeout, and a client's NATS server routes
+		// its requests to the instance connected to it first, so every writer may be
+		// waiting on the killed one. 3 s (the same request id again after it) keeps that
+		// wait from passing for attrd's takeover time.
+		rep, err := nc.Request("attrd."+op, b, 3*time.Second)
 		if err != nil {
 			seen(fmt.Sprintf("try %d: %v (connected to %s)", tries, err, nc.ConnectedUrl()))
 			time.Sleep(50 * time.Millisecond)
