@@ -14,6 +14,8 @@ type target struct {
 	c   *caller
 	uid string
 	sid string // "" for user attributes
+	// session is the target session's record (session attributes), as resolve read it.
+	session *events.SessionRecord
 }
 
 // resolve authenticates the caller of an attribute request and finds its target,
@@ -40,7 +42,7 @@ func (s *Service) resolve(ctx context.Context, session bool, req *Request) (*tar
 		if ts.UserID != c.user.UserID && !c.user.SuperUser {
 			return nil, events.Errorf(events.CodeNotAllowed, "another user's session%w", &accessDenied{c, ts.UserID, sid})
 		}
-		return &target{c: c, uid: ts.UserID, sid: sid}, nil
+		return &target{c: c, uid: ts.UserID, sid: sid, session: ts}, nil
 	}
 	c, uid, err := s.userCaller(ctx, req)
 	if err != nil {

@@ -266,7 +266,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		return nil, err
 	}
 	s.metrics = newMetrics(cfg.Metrics, s)
-	s.watches = newWatchHub(s, cfg.Watch)
+	s.watches = newWatchHub(s)
 	if s.feedSub, err = s.watches.follow(nc); err != nil {
 		return nil, err
 	}

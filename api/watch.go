@@ -181,14 +181,8 @@ func (s *Service) openWatch(ctx context.Context, session bool, req *Request, m *
 		}
 	}
 	w.callerEnds.Store(t.c.session.ExpiresAt)
-	if t.sid != "" {
-		ts := t.c.session
-		if t.sid != t.c.sid {
-			if ts, err = s.readSession(ctx, t.sid); err != nil {
-				return nil, err
-			}
-		}
-		w.targetEnds.Store(ts.ExpiresAt)
+	if t.session != nil {
+		w.targetEnds.Store(t.session.ExpiresAt)
 	}
 	if req.After != nil {
 		if err := s.checkAfter(ctx, w.part, uint64(*req.After)); err != nil {
@@ -232,10 +226,10 @@ func (w *Watch) Serve(ctx context.Context, renewals bool, send func(WatchMessage
 	pos := func() *uint64 { p := w.hub.position(w, consumed); told, consumed = p, p; return &p }
 	var renew time.Duration
 	if renewals {
-		renew = 3 * w.hub.cfg.RenewInterval
+		renew = 3 * w.hub.s.cfg.Watch.RenewInterval
 	}
 	expiries := map[string]int64{}
-	hb := time.NewTicker(w.hub.cfg.Heartbeat)
+	hb := time.NewTicker(w.hub.s.cfg.Watch.Heartbeat)
 	defer hb.Stop()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -430,8 +424,7 @@ func opOf(t events.Type) string {
 
 // watchHub holds an instance's watches, indexed by what ends or feeds them.
 type watchHub struct {
-	s   *Service
-	cfg WatchConfig
+	s *Service // its cfg.Watch bounds the watches
 
 	mu        sync.Mutex
 	byID      map[string]*Watch
@@ -460,7 +453,9 @@ type WatchConfig struct {
 	RenewInterval time.Duration
 }
 
-func newWatchHub(s *Service, cfg WatchConfig) *watchHub {
+// newWatchHub returns s's watches, with the watch bounds' defaults applied to s.cfg.
+func newWatchHub(s *Service) *watchHub {
+	cfg := &s.cfg.Watch
 	if cfg.PerUser == 0 {
 		cfg.PerUser = DefaultWatchesPerUser
 	}
@@ -476,8 +471,7 @@ func newWatchHub(s *Service, cfg WatchConfig) *watchHub {
 	if cfg.RenewInterval <= 0 {
 		cfg.RenewInterval = DefaultWatchRenewInterval
 	}
-	s.cfg.Watch = cfg
-	return &watchHub{s: s, cfg: cfg, byID: map[string]*Watch{}, byTarget: map[string][]*Watch{}, byCaller: map[string][]*Watch{},
+	return &watchHub{s: s, byID: map[string]*Watch{}, byTarget: map[string][]*Watch{}, byCaller: map[string][]*Watch{},
 		bySession: map[string][]*Watch{}, parts: map[int]*feedPart{}, interest: map[int]int{}}
 }
 
@@ -508,9 +502,9 @@ func (h *watchHub) register(ctx context.Context, w *Watch, after *int64) error {
 	switch {
 	case h.closed:
 		return events.Errorf(events.CodeOutcomeUnknown, "the instance is stopping: watch elsewhere")
-	case h.cfg.PerInstance > 0 && len(h.byID) >= h.cfg.PerInstance:
+	case h.s.cfg.Watch.PerInstance > 0 && len(h.byID) >= h.s.cfg.Watch.PerInstance:
 		return events.Errorf(events.CodeInvalidInput, "this instance has %d watches open, its limit", len(h.byID))
-	case h.cfg.PerUser > 0 && len(h.byCaller[w.caller]) >= h.cfg.PerUser:
+	case h.s.cfg.Watch.PerUser > 0 && len(h.byCaller[w.caller]) >= h.s.cfg.Watch.PerUser:
 		return events.Errorf(events.CodeInvalidInput, "%d watches open, the limit per user", len(h.byCaller[w.caller]))
 	}
 	part := h.parts[w.part]

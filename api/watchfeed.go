@@ -355,13 +355,9 @@ func (h *watchHub) fromLog(ctx context.Context, w *Watch, from, to uint64) (stri
 // usersBetween returns the users with events in partition p after `from` up to `to`,
 // from the subjects of the log's messages (headers only: no bodies are read).
 func (s *Service) usersBetween(ctx context.Context, p int, from, to uint64) (map[string]bool, error) {
-	js, err := jetstream.New(s.nc)
-	if err != nil {
-		return nil, err
-	}
 	// An ordered consumer: ephemeral, in order, recreated by the library if a message
 	// is missed; bodies left out (HeadersOnly), the subject is all that is needed.
-	c, err := js.OrderedConsumer(ctx, events.StreamName, jetstream.OrderedConsumerConfig{
+	c, err := s.eventStream.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{s.layout.PartitionSubjects(p)}, DeliverPolicy: jetstream.DeliverByStartSequencePolicy,
 		OptStartSeq: from + 1, HeadersOnly: true})
 	if err != nil {

@@ -159,8 +159,8 @@ func (w *Watcher) open(ctx context.Context) (*stream, error) {
 			return nil, &events.Error{Code: events.CodeBadRequest, Msg: "watch"}
 		}
 		st.id, st.renewSub = r.WatchID, r.Renew
-		st.renew = seconds2(r.RenewIvl)
-		st.idle = 3 * seconds2(r.Heartbeat)
+		st.renew = durationOfSeconds(r.RenewIvl)
+		st.idle = 3 * durationOfSeconds(r.Heartbeat)
 		if r.After != nil && !w.opened {
 			w.setPos(*r.After)
 		}
@@ -292,7 +292,7 @@ func (w *Watcher) follow(ctx context.Context, st *stream) error {
 	}
 }
 
-// seconds2 turns a number of seconds into a duration, at least 100 ms.
-func seconds2(s float64) time.Duration {
+// durationOfSeconds turns a number of seconds into a duration, at least 100 ms.
+func durationOfSeconds(s float64) time.Duration {
 	return max(time.Duration(s*float64(time.Second)), 100*time.Millisecond)
 }

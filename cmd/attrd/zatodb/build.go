@@ -16,8 +16,9 @@ import (
 //go:embed schema_sqlite.sql
 var schemaSQLite string
 
-//go:embed schema_postgres.sql
-var schemaPostgres string
+// schemaPostgres is the same tables on PostgreSQL: SQLAlchemy writes them alike but
+// for DateTime, which is TIMESTAMP WITHOUT TIME ZONE there.
+var schemaPostgres = strings.ReplaceAll(schemaSQLite, "DATETIME", "TIMESTAMP WITHOUT TIME ZONE")
 
 // Builder writes a Zato SSO database on SQLite or PostgreSQL.
 type Builder struct {

@@ -113,10 +113,13 @@ func (d *DB) Users(ctx context.Context, fn func(User) error) error {
 		return fmt.Errorf("read zato_sso_attr: %w", err)
 	}
 	defer attrs.Close()
-	var next *struct {
+	// next is the attribute row read ahead, nil at the end: the rows are merged with
+	// the users by user_id.
+	type attrRow struct {
 		uid string
 		a   Attr
 	}
+	var next *attrRow
 	readAttr := func() error {
 		next = nil
 		if !attrs.Next() {
@@ -143,10 +146,7 @@ func (d *DB) Users(ctx context.Context, fn func(User) error) error {
 		if err != nil {
 			return fmt.Errorf("zato_sso_attr %s %q: %w", uid, name, err)
 		}
-		next = &struct {
-			uid string
-			a   Attr
-		}{uid, a}
+		next = &attrRow{uid, a}
 		return nil
 	}
 	if err := readAttr(); err != nil {

@@ -1,4 +1,4 @@
--- Zato SSO's tables as SQLAlchemy creates them on SQLite from Zato's
+-- Zato SSO's tables as SQLAlchemy creates them on SQLite (on PostgreSQL alike, DATETIME being TIMESTAMP WITHOUT TIME ZONE there) from Zato's
 -- zato/common/odb/model/sso.py (_SSOUser, _SSOSession, _SSOAttr): the columns, types,
 -- constraints and indexes of that model. Used by the import tests to build a real
 -- Zato database.
