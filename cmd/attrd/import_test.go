@@ -133,9 +133,19 @@ func TestAZatoDatabaseImportsAndItsUsersLogInWithTheirOwnPasswords(t *testing.T)
 		t.Fatalf("dry run: exit %d, log %d → %d\n%s", code, before, lastSeq(t, f), out)
 	}
 
-	code, out = runCmd(t, importArgs(f, dir, "--from", "sqlite:"+z.path, "--zato-secret-key-file", z.keyFile)...)
+	// With its progress shown (on stderr: a line every 10 s off a terminal, and where it
+	// ended).
+	progress, _ := os.CreateTemp(t.TempDir(), "progress")
+	outf, _ := os.CreateTemp(t.TempDir(), "out")
+	code = run(context.Background(), withToolCreds(append(importArgs(f, dir, "--from", "sqlite:"+z.path, "--zato-secret-key-file", z.keyFile), "--progress=true")),
+		strings.NewReader(""), outf, progress)
+	ob, _ := os.ReadFile(outf.Name())
+	out = string(ob)
 	if code != 0 {
 		t.Fatalf("import: exit %d\n%s", code, out)
+	}
+	if pb, _ := os.ReadFile(progress.Name()); !strings.Contains(string(pb), "100.0% 3/3 users, 5 attributes") {
+		t.Errorf("the progress shown: %q", pb)
 	}
 	for _, want := range []string{"users:      3 imported", "attributes: 5 imported", "attribute: expired: 1", "1 sessions and their 1 attributes"} {
 		if !strings.Contains(out, want) {

@@ -341,6 +341,21 @@ func newProgressBar(w *os.File, total int, rep *importReport) *progressBar {
 		every = 200 * time.Millisecond
 	}
 	start := time.Now()
+	draw := func() {
+		read := atomic.LoadInt64(&rep.UsersRead)
+		pct := 100.0
+		if total > 0 {
+			pct = 100 * float64(read) / float64(total)
+		}
+		bar := strings.Repeat("█", int(pct/4)) + strings.Repeat("░", 25-int(pct/4))
+		line := fmt.Sprintf("%s %5.1f%% %d/%d users, %d attributes, %.0f users/s", bar, pct, read, total,
+			atomic.LoadInt64(&rep.Attrs), float64(read)/time.Since(start).Seconds())
+		if tty {
+			fmt.Fprintf(w, "\r%s", line)
+		} else {
+			fmt.Fprintln(w, line)
+		}
+	}
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
@@ -349,24 +364,13 @@ func newProgressBar(w *os.File, total int, rep *importReport) *progressBar {
 		for {
 			select {
 			case <-b.done:
+				draw() // where it ended
 				if tty {
 					fmt.Fprintln(w)
 				}
 				return
 			case <-t.C:
-			}
-			read := atomic.LoadInt64(&rep.UsersRead)
-			pct := 100.0
-			if total > 0 {
-				pct = 100 * float64(read) / float64(total)
-			}
-			bar := strings.Repeat("█", int(pct/4)) + strings.Repeat("░", 25-int(pct/4))
-			line := fmt.Sprintf("%s %5.1f%% %d/%d users, %d attributes, %.0f users/s", bar, pct, read, total,
-				atomic.LoadInt64(&rep.Attrs), float64(read)/time.Since(start).Seconds())
-			if tty {
-				fmt.Fprintf(w, "\r%s", line)
-			} else {
-				fmt.Fprintln(w, line)
+				draw()
 			}
 		}
 	}()
