@@ -36,7 +36,7 @@ import (
 // quorum, reads wait until heartbeats have been acknowledged for quorumSettle: the old
 // leader hears of the new one within a Raft heartbeat (1 s) of the routes' return, and
 // the acknowledgement shows they are back. And when two answers to one read differ
-// (leaderread.go), reads are refused for twoLeadersHold.
+// (events/leaderread), reads are refused for twoLeadersHold.
 
 // The heartbeat's cadence, how long after a heartbeat was sent reads are answered, and
 // how long after a loss of the quorum and after two leaders they wait.
@@ -65,7 +65,7 @@ func (s *Service) reading(ctx context.Context) (context.Context, error) {
 		return ctx, events.Errorf(events.CodeOutcomeUnknown,
 			"this instance reached a quorum of NATS again %s ago, after losing it: nothing read, try again", back.Round(time.Millisecond))
 	}
-	if since := s.leader.twoLeadersSince(); since < twoLeadersHold {
+	if since := s.leader.TwoLeadersSince(); since < twoLeadersHold {
 		s.metrics.refused(refusedTwoLeaders)
 		return ctx, events.Errorf(events.CodeOutcomeUnknown,
 			"two NATS servers answered as a stream's leader %s ago (one is back from a network cut): nothing read, try again", since.Round(time.Millisecond))

@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/leaderread"
 	"github.com/attrd/attrd/events/sealed"
 )
 
@@ -91,9 +92,9 @@ type Service struct {
 	inbox       string
 	sub         *nats.Subscription
 	// acks receives the stream's acknowledgements of probed appends (ackOfNote).
-	acks *replies
+	acks *leaderread.Replies
 	// leader reads KV keys and events as the streams' leaders have them.
-	leader  *leaderReads
+	leader  *leaderread.Reader
 	metrics *metrics
 
 	mu      sync.Mutex
@@ -259,10 +260,10 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	if err := s.sub.SetPendingLimits(-1, -1); err != nil {
 		return nil, err
 	}
-	if s.acks, err = newReplies(nc, ackOfNote); err != nil {
+	if s.acks, err = leaderread.NewReplies(nc, ackOfNote); err != nil {
 		return nil, err
 	}
-	if s.leader, err = newLeaderReads(nc); err != nil {
+	if s.leader, err = leaderread.New(nc); err != nil {
 		return nil, err
 	}
 	s.metrics = newMetrics(cfg.Metrics, s)
@@ -286,7 +287,7 @@ func (s *Service) Config() Config { return s.cfg }
 func (s *Service) Close() error {
 	s.stop()
 	s.watches.close(0)
-	return errors.Join(s.sub.Unsubscribe(), s.feedSub.Unsubscribe(), s.acks.close(), s.leader.close())
+	return errors.Join(s.sub.Unsubscribe(), s.feedSub.Unsubscribe(), s.acks.Close(), s.leader.Close())
 }
 
 // CheckBodySize refuses a request body over the limit (E008002); transports call it, or
@@ -425,7 +426,7 @@ func (s *Service) appendAndWait(ctx context.Context, ev *events.Event) (events.D
 			s.metrics.probed()
 			if acks == nil { // the first probe: every probe of this append shares it
 				var forget func()
-				acks, msg.Reply, forget = s.acks.await(1)
+				acks, msg.Reply, forget = s.acks.Await(1)
 				defer forget()
 			}
 			ackc = acks
@@ -538,7 +539,7 @@ func appendError(err error) error {
 // request published: its probe found its own first publish), or whenever decided
 // delivers, the decision sent to this instance answers instead.
 func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline <-chan time.Time, own []byte, decided <-chan events.Decision) (events.Decision, error) {
-	msg, err := s.leader.get(ctx, events.StreamName, msgGet{Seq: seq})
+	msg, err := s.leader.Get(ctx, events.StreamName, leaderread.Request{Seq: seq})
 	if err != nil {
 		return events.Decision{}, fmt.Errorf("read the first event of a repeated request: %w", err)
 	}
@@ -603,7 +604,7 @@ func (s *Service) recordingSince(ctx context.Context, partition string) (uint64,
 // folded returns how far a partition's log is folded, as its projector's lease says.
 func (s *Service) folded(ctx context.Context, partition string) (uint64, error) {
 	var lease events.LeaseRecord
-	v, err := s.leader.lastValue(ctx, s.cfg.Bucket, events.LeaseKey(partition))
+	v, err := s.leader.LastValue(ctx, s.cfg.Bucket, events.LeaseKey(partition))
 	if err == nil && v != nil {
 		err = events.Unmarshal(v, &lease)
 	}
@@ -620,7 +621,7 @@ func (s *Service) folded(ctx context.Context, partition string) (uint64, error) 
 func (s *Service) rejection(ctx context.Context, uid string, seq uint64) (events.Code, error) {
 	subject := s.layout.DecisionSubject(uid)
 	for from := seq; ; {
-		m, err := s.leader.get(ctx, events.StreamName, msgGet{Seq: from, NextBySubj: subject})
+		m, err := s.leader.Get(ctx, events.StreamName, leaderread.Request{Seq: from, NextBySubj: subject})
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			return "", nil
 		}
@@ -694,7 +695,7 @@ func (s *Service) read(ctx context.Context, key string) (any, error) {
 			return rec, nil
 		}
 	}
-	v, err := s.leader.lastValue(ctx, s.cfg.Bucket, key)
+	v, err := s.leader.LastValue(ctx, s.cfg.Bucket, key)
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", key, err)
 	}

@@ -131,6 +131,29 @@ type RecordingRecord struct {
 type KeyState struct {
 	Key  string `msgpack:"k"`
 	Data []byte `msgpack:"d,omitempty"`
+	// Rev is the key's revision in KV when Data was read from it; 0 when not known (an
+	// attrd before December 2026, or a state a recovery carried over from an earlier
+	// record). A recovery that finds KV past Rev by a record older than the batch knows
+	// Data was read from a server that was behind (issue 17).
+	Rev uint64 `msgpack:"r,omitempty"`
+}
+
+// RecordSeq returns the stream sequence of the event that last wrote a record; false
+// for a value that is not a record of the projection.
+func RecordSeq(rec any) (uint64, bool) {
+	switch r := rec.(type) {
+	case *UserRecord:
+		return r.Seq, true
+	case *UsernameRecord:
+		return r.Seq, true
+	case *SessionRecord:
+		return r.Seq, true
+	case *SessionRefRecord:
+		return r.Seq, true
+	case *AttrRecord:
+		return r.Seq, true
+	}
+	return 0, false
 }
 
 // Marshal encodes a record.

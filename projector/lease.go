@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/leaderread"
 )
 
 // Lease is one instance's claim to fold a partition: the key l.<partition> of the
@@ -23,10 +24,12 @@ type Lease struct {
 	js      jetstream.JetStream
 	stream  jetstream.Stream
 	subject string
-	owner   string
-	ttl     time.Duration
-	rev     uint64 // the lease message's sequence while held
-	until   time.Time
+	// reads, if set, reads the lease from the bucket's leader (lastOf).
+	reads *leaderread.Reader
+	owner string
+	ttl   time.Duration
+	rev   uint64 // the lease message's sequence while held
+	until time.Time
 	// valid is until in Unix ns, for Valid (read by other goroutines).
 	valid atomic.Int64
 	// Progress, if set, is written with every renewal (the holder's applied sequence),
@@ -106,7 +109,7 @@ func lapsed(m *jetstream.RawStreamMsg, ttl time.Duration) bool {
 // on it (Valid) before then.
 func (l *Lease) holder(ctx context.Context) (LeaseRecord, uint64, error) {
 	var r LeaseRecord
-	m, err := l.stream.GetLastMsgForSubject(ctx, l.subject)
+	m, err := lastOf(ctx, l.reads, l.stream, l.subject)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return r, 0, nil
 	}

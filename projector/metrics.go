@@ -22,6 +22,7 @@ type Metrics struct {
 	held        *prometheus.GaugeVec
 	acquired    *prometheus.CounterVec
 	renewFailed *prometheus.CounterVec
+	staleStates *prometheus.CounterVec
 }
 
 // NewMetrics registers the projectors' metrics with reg.
@@ -56,9 +57,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		acquired: counter("attrd_lease_acquired_total", "Leases this instance took (a start, a handover or a takeover)."),
 		renewFailed: counter("attrd_lease_renew_failures_total",
 			"Lease renewals that failed (the lease is lost once one fails past its TTL)."),
+		staleStates: counter("attrd_projector_stale_states_total",
+			"States in an intent record that a recovery found older than the bucket (read from a server that was behind) and replaced with the bucket's."),
 	}
 	reg.MustRegister(m.applied, m.pending, m.delay, m.batch, m.commit, m.runs, m.redelivered, m.gaps,
-		m.held, m.acquired, m.renewFailed)
+		m.held, m.acquired, m.renewFailed, m.staleStates)
 	return m
 }
 
@@ -68,7 +71,7 @@ type partitionMetrics struct {
 	applied, pending, delay, held     prometheus.Gauge
 	batch, commit                     prometheus.Observer
 	runs, redelivered, gaps, acquired prometheus.Counter
-	renewFailed                       prometheus.Counter
+	renewFailed, staleStates          prometheus.Counter
 }
 
 // of returns partition p's metrics (nil for a nil *Metrics).
@@ -81,7 +84,8 @@ func (m *Metrics) of(p int) *partitionMetrics {
 	return &partitionMetrics{applied: m.applied.WithLabelValues(l), pending: m.pending.WithLabelValues(l),
 		delay: m.delay.WithLabelValues(l), held: m.held.WithLabelValues(l), batch: m.batch.WithLabelValues(l),
 		commit: m.commit.WithLabelValues(l), runs: m.runs.WithLabelValues(l), redelivered: m.redelivered.WithLabelValues(l),
-		gaps: m.gaps.WithLabelValues(l), acquired: m.acquired.WithLabelValues(l), renewFailed: m.renewFailed.WithLabelValues(l)}
+		gaps: m.gaps.WithLabelValues(l), acquired: m.acquired.WithLabelValues(l), renewFailed: m.renewFailed.WithLabelValues(l),
+		staleStates: m.staleStates.WithLabelValues(l)}
 }
 
 // runStarted counts a run of the partition's projector.
@@ -140,5 +144,12 @@ func (m *partitionMetrics) leaseHeld(held bool) {
 func (m *partitionMetrics) renewFailure() {
 	if m != nil {
 		m.renewFailed.Inc()
+	}
+}
+
+// staleImage counts a recorded state a recovery found older than the bucket.
+func (m *partitionMetrics) staleImage() {
+	if m != nil {
+		m.staleStates.Inc()
 	}
 }

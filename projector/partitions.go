@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/leaderread"
 )
 
 // Partitions runs, on one attrd instance, the projectors of the partitions this
@@ -40,6 +41,9 @@ type Partitions struct {
 	kvs    jetstream.Stream
 	layout events.Layout
 	log    *slog.Logger
+	// reads reads keys from the bucket's leader for every partition's runs and leases
+	// here, knowing of the elections seen since Run started (events/leaderread).
+	reads *leaderread.Reader
 
 	mu      sync.Mutex
 	present []string              // instances present, sorted
@@ -146,6 +150,12 @@ func (s *Partitions) Started(ctx context.Context) error {
 // Run announces this instance and folds the partitions assigned to it until ctx ends;
 // then it stops them between batches and gives their leases up.
 func (s *Partitions) Run(ctx context.Context) error {
+	reads, err := leaderread.New(s.js.Conn())
+	if err != nil {
+		return err
+	}
+	defer reads.Close()
+	s.reads = reads // before the goroutines below, which read it
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	watcher, err := s.kv.Watch(wctx, "i.>")
@@ -384,10 +394,27 @@ func (s *Partitions) claim(ctx context.Context, p int, mine bool) (bool, error) 
 	gone, err := s.gone(ctx, owner)
 	s.mu.Lock()
 	if err == nil && gone {
+		if next := s.successor(p, owner); next != "" && next != s.cfg.Instance {
+			// Another instance gets the partition once the gone one leaves the list:
+			// it claims it now, by this same reading. Taking it here would move it
+			// twice, the second time (a hand-over) when this instance's watch sees the
+			// instance gone, seconds into the outage (issue 21).
+			return false, nil
+		}
 		s.log.Info("claiming a partition whose instance is gone", "partition", p, "instance", owner)
 		return true, nil
 	}
 	return false, nil
+}
+
+// successor returns the instance partition p goes to once instance gone has left the
+// list ("" when none would be left); s.mu is held.
+func (s *Partitions) successor(p int, gone string) string {
+	rest := slices.DeleteFunc(slices.Clone(s.present), func(i string) bool { return i == gone })
+	if len(rest) == 0 {
+		return ""
+	}
+	return rest[p%len(rest)]
 }
 
 // owner returns the instance partition p is assigned to ("" while none is known);
@@ -403,7 +430,7 @@ func (s *Partitions) owner(p int) string {
 // bucket's leader; one not renewed for the TTL (and a margin) is gone, even before the
 // server marks it expired.
 func (s *Partitions) gone(ctx context.Context, instance string) (bool, error) {
-	m, err := s.kvs.GetLastMsgForSubject(ctx, events.KVSubject(s.cfg.Projector.Bucket, events.PresenceKey(instance)))
+	m, err := lastOf(ctx, s.reads, s.kvs, events.KVSubject(s.cfg.Projector.Bucket, events.PresenceKey(instance)))
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return true, nil
 	}
@@ -446,6 +473,7 @@ func (s *Partitions) fold(ctx context.Context, p int) error {
 	m.leaseHeld(true)
 	defer m.leaseHeld(false)
 	lease.RenewFailed = m.renewFailure
+	lease.reads = s.reads
 	nc := s.js.Conn()
 	if s.cfg.Dial != nil {
 		if nc, err = s.cfg.Dial("attrd-projector-" + part); err != nil {
@@ -456,6 +484,9 @@ func (s *Partitions) fold(ctx context.Context, p int) error {
 	}
 	cfg := s.cfg.Projector
 	cfg.Partition = p
+	if cfg.Reads == nil {
+		cfg.Reads = s.reads
+	}
 	prj, err := New(nc, cfg)
 	if err != nil {
 		s.release(ctx, lease)

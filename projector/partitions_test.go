@@ -20,18 +20,7 @@ func TestAnInstanceTakesPartitionsOnlyOnceSettled(t *testing.T) {
 	store.Partitions = n
 	en := mustEnvStore(t, embedded.Options{}, store)
 	ctx := context.Background()
-	start := func(name string) *projector.Partitions {
-		p, err := projector.NewPartitions(ctx, en.nc, projector.PartitionsConfig{Instance: name, LeaseTTL: time.Second, Logger: quiet,
-			Projector: projector.Config{Bucket: store.Bucket, Logger: quiet}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		rctx, cancel := context.WithCancel(ctx)
-		done := make(chan struct{})
-		go func() { defer close(done); _ = p.Run(rctx) }()
-		t.Cleanup(func() { cancel(); <-done })
-		return p
-	}
+	start := func(name string) { startPartitions(t, en, name) }
 	kvs, err := en.js.Stream(ctx, events.KVStream(store.Bucket))
 	if err != nil {
 		t.Fatal(err)
@@ -81,4 +70,121 @@ func TestAnInstanceTakesPartitionsOnlyOnceSettled(t *testing.T) {
 	}
 	wait("the second instance takes its share", 10*time.Second, func(h map[string]int) bool { return h["a"] == n/2 && h["b"] == n/2 })
 	t.Logf("the second instance held its share %s after its start", time.Since(began).Round(time.Millisecond))
+}
+
+// TestAGoneInstancesPartitionsGoStraightToTheirSuccessors: when an instance is gone
+// (its presence not renewed) before the others' watches have seen it go (during a
+// network cut the server's expiry waits for the bucket's new leader), each of its
+// partitions is claimed by the instance it is assigned to once the gone one leaves
+// the list, and by no other: a partition claimed by another would be handed over a
+// second time when the watches catch up, seconds into the outage (issue 21).
+func TestAGoneInstancesPartitionsGoStraightToTheirSuccessors(t *testing.T) {
+	const n = 12
+	store := events.DefaultStoreConfig()
+	store.Partitions = n
+	en := mustEnvStore(t, embedded.Options{}, store)
+	ctx := context.Background()
+	start := func(name string) { startPartitions(t, en, name) }
+	kvs, err := en.js.Stream(ctx, events.KVStream(store.Bucket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	holders := func() []string {
+		out := make([]string, n)
+		for p := range n {
+			if r, ok, err := projector.Holder(ctx, kvs, store.Bucket, events.PartitionName(p)); err == nil && ok {
+				out[p] = r.Owner
+			}
+		}
+		return out
+	}
+	// a and b share the partitions: a the even ones, b the odd ones (a joined first).
+	start("a")
+	time.Sleep(10 * time.Millisecond)
+	start("b")
+	want := func(p int) string { return []string{"a", "b"}[p%2] }
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		h, ok := holders(), true
+		for p := range n {
+			ok = ok && h[p] == want(p)
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a and b do not share the partitions: %v", h)
+		}
+	}
+	// Both settled: partitions go to settled instances only.
+	for _, name := range []string{"a", "b"} {
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			e, err := en.kv.Get(ctx, events.PresenceKey(name))
+			var r events.PresenceRecord
+			if err == nil && events.Unmarshal(e.Value(), &r) == nil && !r.Unsettled {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("instance %s never settled", name)
+			}
+		}
+	}
+	// Instance c joins as the oldest (its record says so), and is never heard of
+	// again: its presence key stays (no TTL: the others' watches never see it go), so
+	// partitions 0, 3, 6 and 9 are assigned to it, handed over to it, and left free.
+	rec := events.PresenceRecord{Instance: "c", Joined: 1}
+	data, err := events.Marshal(&rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := en.kv.Put(ctx, events.PresenceKey("c"), data); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		h := holders()
+		if h[0] == "" && h[3] == "" && h[6] == "" && h[9] == "" {
+			break // handed over to c
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("c's partitions were not handed over to it: %v", h)
+		}
+	}
+	// Once c is gone (its presence a lease TTL old), each of its partitions goes to the
+	// instance it is assigned to without c (a, b: a for even partitions, b for odd),
+	// and to no other.
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		h, done := holders(), true
+		for p := range n {
+			if h[p] == "" {
+				done = false
+			} else if h[p] == "c" {
+				t.Fatalf("partition %d held by c, which never ran", p)
+			}
+		}
+		if done {
+			for _, p := range []int{0, 3, 6, 9} {
+				if h[p] != want(p) {
+					t.Fatalf("partition %d of the gone instance was claimed by %s, want its successor %s (all: %v)", p, h[p], want(p), h)
+				}
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("c's partitions were not claimed: %v", h)
+		}
+	}
+}
+
+// startPartitions runs the partitions of instance name on en's store, with a lease
+// TTL of a second, until the test ends.
+func startPartitions(t *testing.T, en *env, name string) {
+	t.Helper()
+	p, err := projector.NewPartitions(context.Background(), en.nc, projector.PartitionsConfig{Instance: name, LeaseTTL: time.Second, Logger: quiet,
+		Projector: projector.Config{Bucket: en.store.Bucket, Logger: quiet}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = p.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
 }

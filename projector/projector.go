@@ -29,6 +29,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/leaderread"
 )
 
 // Config configures a Projector.
@@ -63,6 +64,10 @@ type Config struct {
 	Hooks Hooks
 	// Metrics, if set, records the projector's progress for Prometheus.
 	Metrics *Metrics
+	// Reads, if set, reads keys as the bucket's leader has them (events/leaderread):
+	// shared by an instance's runs, so that each knows of the elections seen before
+	// it started. nil: each run makes its own.
+	Reads *leaderread.Reader
 }
 
 // Hooks are called between the steps of folding a batch; an error stops Run at that
@@ -184,7 +189,14 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	p.load = &loader{kv: kv, stream: kvs, bucket: p.cfg.Bucket, parallel: 32}
+	reads := p.cfg.Reads
+	if reads == nil {
+		if reads, err = leaderread.New(p.nc); err != nil {
+			return err
+		}
+		defer reads.Close()
+	}
+	p.load = &loader{kv: kv, stream: kvs, reads: reads, bucket: p.cfg.Bucket, parallel: 32}
 	evs, err := p.js.Stream(ctx, events.StreamName)
 	if err != nil {
 		return fmt.Errorf("event stream: %w", err)

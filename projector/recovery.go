@@ -113,6 +113,16 @@ func (p *Projector) recoverState(ctx context.Context, fenced *events.Checkpoint,
 		return 0, err
 	}
 	for _, ks := range ck.Before {
+		cur := p.view.entries[ks.Key]
+		if p.staleImage(ck, ks, cur) {
+			// KV held a later state than the recorded one before the batch, and none of
+			// the batch's writes reached the key: the record's state was read from a
+			// server that was behind. KV's is the state before the batch.
+			p.log.Warn("projector recovery: a recorded state older than the bucket's; folding on the bucket's",
+				"key", ks.Key, "recorded_rev", ks.Rev, "rev", cur.rev)
+			p.metrics.staleImage()
+			continue
+		}
 		var rec any
 		var err error
 		if ks.Data != nil {
@@ -125,12 +135,31 @@ func (p *Projector) recoverState(ctx context.Context, fenced *events.Checkpoint,
 				a.Value = cur.Value
 			}
 		}
-		p.view.locked(func() { p.view.set(ks.Key, rec, loaded) })
+		p.view.locked(func() {
+			p.view.set(ks.Key, rec, loaded)
+			if ks.Rev == 0 || cur.rev != ks.Rev {
+				p.view.unverified[ks.Key] = true
+			}
+		})
 	}
 	// Prefix scans are not trusted across the recorded states: scan again on demand.
 	p.view.scanned = map[string]bool{}
 	p.log.Info("projector recovering batch", "first", ck.First, "last", ck.Last)
 	return ck.First, nil
+}
+
+// staleImage reports whether a key's recorded state before batch ck (ks) is older than
+// what KV held before the batch: KV (cur, read now from the bucket's leader) has moved
+// past the revision the state was read at, to a record written for an event before the
+// batch, so no write of the batch reached the key, and the state was read from a server
+// that was behind (a stream leader back from a network cut, answering from its old
+// copy). A marker (a delete, an expiry) tells nothing of who wrote it: not stale.
+func (p *Projector) staleImage(ck *events.Checkpoint, ks events.KeyState, cur *entry) bool {
+	if ks.Rev == 0 || cur == nil || cur.rev == ks.Rev || cur.rec == nil {
+		return false
+	}
+	seq, ok := events.RecordSeq(cur.rec)
+	return ok && seq < ck.First
 }
 
 func (p *Projector) recordedDecision(seq uint64) *events.Code {

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/leaderread"
 )
 
 // entry is one key as the projector knows it.
@@ -39,6 +40,10 @@ type view struct {
 	before    map[string][]byte // encoded pre-batch record of each recorded dirty key; nil: absent
 	rewritten map[string]bool   // dirty keys not recorded
 	undo      map[string]*entry // entries as they were before the chunk (nil: no entry)
+	// unverified are keys whose state a recovery took from an intent record while KV
+	// had moved on (the recorded batch's own write): its revision is not the state's,
+	// and the next intent record says so (KeyState.Rev 0).
+	unverified map[string]bool
 	// flying is the undo of the chunk in flight (its writes sent, not all
 	// acknowledged): its keys' committed states, for Committed.
 	flying map[string]*entry
@@ -148,6 +153,7 @@ func (v *view) reset() {
 	v.before = map[string][]byte{}
 	v.rewritten = map[string]bool{}
 	v.undo = map[string]*entry{}
+	v.unverified = map[string]bool{}
 	v.flying = nil
 	v.dirty = nil
 }
@@ -169,6 +175,7 @@ func (v *view) committed() {
 	clear(v.before)
 	clear(v.rewritten)
 	clear(v.undo)
+	clear(v.unverified)
 }
 
 // rollback takes back every change since the last commit (nothing of it was written).
@@ -321,6 +328,7 @@ func sessionOfAttrKey(key string) (string, bool) {
 type loader struct {
 	kv       jetstream.KeyValue
 	stream   jetstream.Stream
+	reads    *leaderread.Reader
 	bucket   string
 	parallel int
 }
@@ -380,7 +388,7 @@ func (l *loader) load(ctx context.Context, v *view, keys, prefixes []string) err
 // kv.Get, because it needs the revision of delete and expiry markers too: they advance
 // the key's last subject sequence, which the next compare-and-set must name.
 func (l *loader) read(ctx context.Context, key string) (*entry, error) {
-	m, err := l.stream.GetLastMsgForSubject(ctx, events.KVSubject(l.bucket, key))
+	m, err := l.last(ctx, key)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return &entry{}, nil
 	}
@@ -395,6 +403,34 @@ func (l *loader) read(ctx context.Context, key string) (*entry, error) {
 		return nil, err
 	}
 	return &entry{rev: m.Sequence, rec: rec}, nil
+}
+
+// last reads a key's last message as the bucket's leader has it (lastOf).
+func (l *loader) last(ctx context.Context, key string) (*jetstream.RawStreamMsg, error) {
+	return lastOf(ctx, l.reads, l.stream, events.KVSubject(l.bucket, key))
+}
+
+// lastOf reads the last message on subject of stream st. With reads, it is the
+// leader's answer, and a second server answering from an old copy fails the read
+// rather than be taken.
+//
+// NATS subtlety: a plain read ($JS.API.STREAM.MSG.GET) takes the first answer: a member
+// of the stream's group that knows no leader answers 503 at once (a node healed from
+// a cut, catching up), and a leader back from a cut answers from its old copy until it
+// hears of the new one. A fold on such a copy would decide on an old state; its
+// intent record would carry that state as the truth to recover from (issue 17).
+func lastOf(ctx context.Context, reads *leaderread.Reader, st jetstream.Stream, subject string) (*jetstream.RawStreamMsg, error) {
+	if reads == nil {
+		return st.GetLastMsgForSubject(ctx, subject)
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		// Like the projector's other API requests: one sent during an election is
+		// answered by nobody.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, apiTimeout)
+		defer cancel()
+	}
+	return reads.Get(ctx, st.CachedInfo().Config.Name, leaderread.Request{LastBySubj: subject})
 }
 
 // isMarker reports whether a KV message is a delete, purge or server expiry marker.

@@ -38,12 +38,17 @@ func (p *Projector) intent(prev *flight, items []item, decisions []events.Decisi
 	return events.Marshal(ck)
 }
 
-// recorded returns the chunk's recorded keys with their states before it.
+// recorded returns the chunk's recorded keys with their states before it, and the
+// revisions those states were read at.
 func (p *Projector) recorded() []events.KeyState {
 	out := make([]events.KeyState, 0, len(p.view.before))
 	for _, k := range p.view.dirty {
 		if b, ok := p.view.before[k]; ok {
-			out = append(out, events.KeyState{Key: k, Data: b})
+			ks := events.KeyState{Key: k, Data: b}
+			if old := p.view.undo[k]; old != nil && !p.view.unverified[k] {
+				ks.Rev = old.rev
+			}
+			out = append(out, ks)
 		}
 	}
 	return out
@@ -270,7 +275,7 @@ const deleteMarkerTTL = 10 * time.Minute
 func (p *Projector) rewrite(ctx context.Context, w pendingWrite, now int64) (*jetstream.PubAck, error) {
 	key, rec := w.key, w.rec
 	e := p.view.entries[key]
-	m, err := p.load.stream.GetLastMsgForSubject(ctx, events.KVSubject(p.cfg.Bucket, key))
+	m, err := p.load.last(ctx, key)
 	switch {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
 		if err := p.expiredPrior(w, now); err != nil {

@@ -22,7 +22,7 @@ var documentedMetrics = []string{
 	"attrd_gate_refusals_total", "attrd_gate_busy", "attrd_gate_waiting",
 	"attrd_projector_applied_sequence", "attrd_projector_lag_events", "attrd_projector_lag_seconds",
 	"attrd_projector_batch_events", "attrd_projector_batch_seconds", "attrd_projector_runs_total",
-	"attrd_projector_redeliveries_total", "attrd_projector_delivery_gaps_total",
+	"attrd_projector_redeliveries_total", "attrd_projector_delivery_gaps_total", "attrd_projector_stale_states_total",
 	"attrd_lease_held", "attrd_lease_acquired_total", "attrd_lease_renew_failures_total",
 	"attrd_stream_messages", "attrd_stream_bytes", "attrd_stream_duplicate_window_seconds", "attrd_stream_info_ok",
 	"go_goroutines", "go_memstats_heap_alloc_bytes", "process_cpu_seconds_total", "process_resident_memory_bytes",

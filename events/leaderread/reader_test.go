@@ -1,4 +1,4 @@
-package api
+package leaderread
 
 import (
 	"context"
@@ -39,7 +39,7 @@ func TestAReadTakesTheLeadersAnswerOverAMembersUnavailable(t *testing.T) {
 	lr := mustLeaderReads(t, nc)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	m, err := lr.get(ctx, "S", msgGet{LastBySubj: "s.a"})
+	m, err := lr.Get(ctx, "S", Request{LastBySubj: "s.a"})
 	if err != nil {
 		t.Fatalf("the read failed with %v; the leader answered 20 ms after the member's 503", err)
 	}
@@ -50,9 +50,9 @@ func TestAReadTakesTheLeadersAnswerOverAMembersUnavailable(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	_, err = lr.get(ctx, "S", msgGet{LastBySubj: "s.a"})
+	_, err = lr.Get(ctx, "S", Request{LastBySubj: "s.a"})
 	var apiErr *jetstream.APIError
-	if !errors.As(err, &apiErr) || apiErr.Code != 503 || !Unavailable(err) {
+	if !errors.As(err, &apiErr) || apiErr.Code != 503 || !unavailable(err) {
 		t.Fatalf("with no leader the read gave %v, want the member's 503", err)
 	}
 	if took := time.Since(start); took > leaderGrace+time.Second {
@@ -61,7 +61,7 @@ func TestAReadTakesTheLeadersAnswerOverAMembersUnavailable(t *testing.T) {
 	if err := member.Unsubscribe(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := lr.get(ctx, "S", msgGet{LastBySubj: "s.a"}); !Unavailable(err) {
+	if _, err := lr.Get(ctx, "S", Request{LastBySubj: "s.a"}); !unavailable(err) {
 		t.Fatalf("with nobody answering the read gave %v, want an unavailable error", err)
 	}
 }
@@ -69,13 +69,18 @@ func TestAReadTakesTheLeadersAnswerOverAMembersUnavailable(t *testing.T) {
 // TestAKeyReadFromTheLeaderSeesPutsDeletesAndPurges: lastValue reads a key's value,
 // and nothing for a key never written, deleted or purged.
 func TestAKeyReadFromTheLeaderSeesPutsDeletesAndPurges(t *testing.T) {
-	_, nc, kv := embeddedStore(t)
+	_, nc := embeddedtest.Start(t, embedded.Options{})
+	js, _ := jetstream.New(nc)
+	_, kv, err := events.EnsureStore(context.Background(), js, events.DefaultStoreConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctx := context.Background()
 	lr := mustLeaderReads(t, nc)
 	bucket := events.DefaultStoreConfig().Bucket
 	read := func(key string) []byte {
 		t.Helper()
-		v, err := lr.lastValue(ctx, bucket, key)
+		v, err := lr.LastValue(ctx, bucket, key)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -117,67 +122,14 @@ func noJetStreamServer(t *testing.T) *nats.Conn {
 	return nc
 }
 
-func mustLeaderReads(t *testing.T, nc *nats.Conn) *leaderReads {
+func mustLeaderReads(t *testing.T, nc *nats.Conn) *Reader {
 	t.Helper()
-	lr, err := newLeaderReads(nc)
+	lr, err := New(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = lr.close() })
+	t.Cleanup(func() { _ = lr.Close() })
 	return lr
-}
-
-// TestAReadIsRefusedOnceTwoServersAnsweredItDifferently: a stream leader cut off by a
-// partition and back answers a read from its old copy, first; the new leader answers
-// too, with a later message. The read took the first answer, but the second shows two
-// leaders, and reads are refused until twoLeadersHold has passed. One answer alone
-// (or two that agree) refuses nothing.
-func TestAReadIsRefusedOnceTwoServersAnsweredItDifferently(t *testing.T) {
-	nc := noJetStreamServer(t)
-	respond := func(seq int, delay time.Duration) *nats.Subscription {
-		sub, err := nc.Subscribe("$JS.API.STREAM.MSG.GET.S", func(m *nats.Msg) {
-			time.Sleep(delay)
-			_ = m.Respond(fmt.Appendf(nil, `{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","message":{"subject":"s.a","seq":%d,"data":"aGk=","time":"2026-12-05T00:00:00Z"}}`, seq))
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return sub
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	s := &Service{leader: mustLeaderReads(t, nc)}
-	s.quorum.Store(time.Now().Add(time.Hour).UnixNano()) // the heartbeat is not what this test is about
-
-	// One leader, and a second server that agrees: nothing refused.
-	current := respond(9, 0)
-	agreeing := respond(9, 5*time.Millisecond)
-	if _, err := s.leader.get(ctx, "S", msgGet{LastBySubj: "s.a"}); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(twoLeadersLinger + twoLeadersLinger/4)
-	if _, err := s.reading(ctx); err != nil {
-		t.Fatalf("refused after two answers that agree: %v", err)
-	}
-	_ = agreeing.Unsubscribe()
-
-	// The old leader answers first, from its old copy (7); the current one, 9, after.
-	_ = current.Unsubscribe()
-	old := respond(7, 0)
-	current = respond(9, 10*time.Millisecond)
-	m, err := s.leader.get(ctx, "S", msgGet{LastBySubj: "s.a"})
-	if err != nil || m.Sequence != 7 {
-		t.Fatalf("got %v %v: the old leader's answer came first", m, err)
-	}
-	deadline := time.Now().Add(twoLeadersLinger * 3)
-	for s.leader.twoLeadersSince() > twoLeadersHold && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if _, err = s.reading(ctx); !isOutcomeUnknown(err) {
-		t.Fatalf("a read after two different answers: %v, want E008004", err)
-	}
-	_ = old.Unsubscribe()
-	_ = current.Unsubscribe()
 }
 
 // TestAReadOfAStreamThatElectedALeaderLatelyIsVerifiedBeforeItIsAnswered: after an
@@ -206,17 +158,17 @@ func TestAReadOfAStreamThatElectedALeaderLatelyIsVerifiedBeforeItIsAnswered(t *t
 	if err := nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(2 * time.Second); !lr.suspected("S"); time.Sleep(5 * time.Millisecond) {
+	for deadline := time.Now().Add(2 * time.Second); !lr.Suspected("S"); time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("the advisory was not seen")
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if m, err := lr.get(ctx, "S", msgGet{LastBySubj: "s.a"}); !isOutcomeUnknown(err) {
+	if m, err := lr.Get(ctx, "S", Request{LastBySubj: "s.a"}); !isOutcomeUnknown(err) {
 		t.Fatalf("a read of a stream that elected a leader lately, answered by two: %v %v, want E008004", m, err)
 	}
-	if m, err := lr.get(ctx, "Calm", msgGet{LastBySubj: "s.a"}); err != nil || m.Sequence != 7 {
+	if m, err := lr.Get(ctx, "Calm", Request{LastBySubj: "s.a"}); err != nil || m.Sequence != 7 {
 		t.Fatalf("a stream with no election lately: %v %v (its first answer is taken at once)", m, err)
 	}
 }
@@ -227,7 +179,7 @@ func TestAReadOfAStreamThatElectedALeaderLatelyIsVerifiedBeforeItIsAnswered(t *t
 func TestAfterAReconnectEveryStreamsReadsAreVerified(t *testing.T) {
 	nc := noJetStreamServer(t)
 	lr := mustLeaderReads(t, nc)
-	if lr.suspected("Any") {
+	if lr.Suspected("Any") {
 		t.Fatal("a stream is suspected with no election and no reconnect")
 	}
 	before := nc.Stats().Reconnects
@@ -239,9 +191,22 @@ func TestAfterAReconnectEveryStreamsReadsAreVerified(t *testing.T) {
 			t.Fatal("no reconnect")
 		}
 	}
-	for deadline := time.Now().Add(time.Second); !lr.suspected("Any"); time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(time.Second); !lr.Suspected("Any"); time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("after a reconnect, a stream's reads are not verified")
 		}
 	}
+}
+
+// unavailable reports an error that says the stream could not be read now: no
+// responders, a timeout, or a 503 from the servers.
+func unavailable(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.Is(err, nats.ErrNoResponders) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.As(err, &apiErr) && apiErr.Code == 503
+}
+
+func isOutcomeUnknown(err error) bool {
+	var e *events.Error
+	return errors.As(err, &e) && e.Code == events.CodeOutcomeUnknown
 }

@@ -1,4 +1,4 @@
-package api
+package leaderread
 
 import (
 	"strconv"
@@ -7,10 +7,10 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
-// replies receives the answers to requests the service sends itself (its appends'
+// Replies receives the answers to requests the service sends itself (its appends'
 // probes, its reads of the streams) on one wildcard subscription, <prefix>.<token>,
 // and hands each to the request waiting on its token: no subscription per request.
-type replies struct {
+type Replies struct {
 	prefix string
 	sub    *nats.Subscription
 	keep   func(*nats.Msg) bool // nil: every answer is handed on
@@ -19,10 +19,10 @@ type replies struct {
 	wait   map[string]chan *nats.Msg
 }
 
-// newReplies subscribes to a fresh inbox prefix; keep, if set, drops the answers no
+// NewReplies subscribes to a fresh inbox prefix; keep, if set, drops the answers no
 // request needs before they are handed on (cheaply, in the subscription's goroutine).
-func newReplies(nc *nats.Conn, keep func(*nats.Msg) bool) (*replies, error) {
-	r := &replies{prefix: nc.NewInbox(), keep: keep, wait: map[string]chan *nats.Msg{}}
+func NewReplies(nc *nats.Conn, keep func(*nats.Msg) bool) (*Replies, error) {
+	r := &Replies{prefix: nc.NewInbox(), keep: keep, wait: map[string]chan *nats.Msg{}}
 	sub, err := nc.Subscribe(r.prefix+".*", r.onReply)
 	if err != nil {
 		return nil, err
@@ -34,12 +34,12 @@ func newReplies(nc *nats.Conn, keep func(*nats.Msg) bool) (*replies, error) {
 	return r, nil
 }
 
-func (r *replies) close() error { return r.sub.Unsubscribe() }
+func (r *Replies) Close() error { return r.sub.Unsubscribe() }
 
 // await registers a request that takes up to n answers at once (more are dropped): it
 // returns their channel, the reply subject to send the request with, and forget, which
 // unregisters it.
-func (r *replies) await(n int) (answers <-chan *nats.Msg, subject string, forget func()) {
+func (r *Replies) Await(n int) (answers <-chan *nats.Msg, subject string, forget func()) {
 	ch := make(chan *nats.Msg, n)
 	r.mu.Lock()
 	r.seq++
@@ -53,7 +53,7 @@ func (r *replies) await(n int) (answers <-chan *nats.Msg, subject string, forget
 	}
 }
 
-func (r *replies) onReply(m *nats.Msg) {
+func (r *Replies) onReply(m *nats.Msg) {
 	if r.keep != nil && !r.keep(m) {
 		return
 	}

@@ -1,4 +1,8 @@
-package api
+// Package leaderread reads a JetStream stream's messages as its leader has them: it
+// takes the leader's answer over a member's "no leader" 503, and notices two servers
+// answering as the leader (one back from a network cut, from its old copy). The
+// service's reads and the projector's loads share it (DESIGN-NOTES "Network partitions").
+package leaderread
 
 import (
 	"context"
@@ -15,7 +19,7 @@ import (
 	"github.com/attrd/attrd/events"
 )
 
-// leaderReads sends the JetStream API requests that read a stream's message (a key's
+// Reader sends the JetStream API requests that read a stream's message (a key's
 // last value, an event by sequence) and takes the stream leader's answer.
 //
 // NATS subtlety: such a request ($JS.API.STREAM.MSG.GET) reaches every server of the
@@ -31,15 +35,15 @@ import (
 // on believing it leads (it steps down only after 10 s without a quorum), and when the
 // cut heals it answers reads from its old copy until it hears of the new leader, as
 // the new leader does from the current one. Both answers come, and the first is taken:
-// so every read listens a while longer (twoLeadersLinger) for a second answer, and one
+// so every read listens a while longer (TwoLeadersLinger) for a second answer, and one
 // that differs from the first (another sequence, or found against not found) shows two
 // servers answering as the leader; reads are then refused (E008004) for
 // twoLeadersHold (quorum.go). The reads answered before the second answer came are the
 // residual risk (DESIGN-NOTES "Network partitions").
-type leaderReads struct {
+type Reader struct {
 	nc      *nats.Conn
-	answers *replies
-	// lingering holds the reads answered within twoLeadersLinger, oldest first, to
+	answers *Replies
+	// lingering holds the reads answered within TwoLeadersLinger, oldest first, to
 	// compare any later answer with the one taken.
 	mu        sync.Mutex
 	lingering []lingeringRead
@@ -70,8 +74,8 @@ type answerPrint struct {
 	seq   uint64
 }
 
-// twoLeadersLinger is how long a read listens for a second answer after the one it took.
-const twoLeadersLinger = 200 * time.Millisecond
+// TwoLeadersLinger is how long a read listens for a second answer after the one it took.
+const TwoLeadersLinger = 200 * time.Millisecond
 
 // leaderGrace is how long a read waits for the leader's answer after a member said
 // it knows no leader: a route's hop, with room.
@@ -80,12 +84,12 @@ const leaderGrace = 100 * time.Millisecond
 // readTimeout bounds a read whose context has no deadline (jetstream's default).
 const readTimeout = 5 * time.Second
 
-func newLeaderReads(nc *nats.Conn) (*leaderReads, error) {
-	answers, err := newReplies(nc, nil)
+func New(nc *nats.Conn) (*Reader, error) {
+	answers, err := NewReplies(nc, nil)
 	if err != nil {
 		return nil, err
 	}
-	lr := &leaderReads{nc: nc, answers: answers, stop: make(chan struct{}), elected: map[string]time.Time{}}
+	lr := &Reader{nc: nc, answers: answers, stop: make(chan struct{}), elected: map[string]time.Time{}}
 	go lr.compareLate()
 	// NATS subtlety: the new leader of a stream announces itself on this advisory, in
 	// the stream's account, while the old one may still believe it leads (cut off, it
@@ -112,9 +116,9 @@ const reconnectCheck = 100 * time.Millisecond
 // verifyLinger is how long a verified read waits for a second answer.
 const verifyLinger = 50 * time.Millisecond
 
-// suspected reports whether stream elected a leader within suspectFor, or this
+// Suspected reports whether stream elected a leader within suspectFor, or this
 // connection reconnected within it (it may have missed the advisory).
-func (lr *leaderReads) suspected(stream string) bool {
+func (lr *Reader) Suspected(stream string) bool {
 	// The connection's statistics take its lock, which every publish takes too: they
 	// are read at most every reconnectCheck, not on every read.
 	now := time.Now()
@@ -140,7 +144,7 @@ func (lr *leaderReads) suspected(stream string) bool {
 
 // verify waits verifyLinger for a second answer to a read that took one: one that
 // differs shows two leaders, and the read is refused (E008004, nothing read).
-func (lr *leaderReads) verify(ch <-chan *nats.Msg, taken answerPrint) error {
+func (lr *Reader) verify(ch <-chan *nats.Msg, taken answerPrint) error {
 	t := time.NewTimer(verifyLinger)
 	defer t.Stop()
 	for {
@@ -148,7 +152,7 @@ func (lr *leaderReads) verify(ch <-chan *nats.Msg, taken answerPrint) error {
 		case m := <-ch:
 			if p, ok := printOf(m); ok && p != taken {
 				lr.twoLeaders.Store(time.Now().UnixNano())
-				return events.Errorf(events.CodeOutcomeUnknown, "two NATS servers answered as the stream's leader, differently (one is back from a network cut): nothing read, try again")
+				return events.Errorf(events.CodeOutcomeUnknown, "%w: nothing read, try again", events.ErrTwoLeaders)
 			}
 		case <-t.C:
 			return nil
@@ -156,22 +160,22 @@ func (lr *leaderReads) verify(ch <-chan *nats.Msg, taken answerPrint) error {
 	}
 }
 
-func (lr *leaderReads) close() error {
+func (lr *Reader) Close() error {
 	close(lr.stop)
-	return errors.Join(lr.electSub.Unsubscribe(), lr.answers.close())
+	return errors.Join(lr.electSub.Unsubscribe(), lr.answers.Close())
 }
 
-// linger keeps a read answered listening for a second answer until twoLeadersLinger.
-func (lr *leaderReads) linger(ch <-chan *nats.Msg, forget func(), taken answerPrint) {
+// linger keeps a read answered listening for a second answer until TwoLeadersLinger.
+func (lr *Reader) linger(ch <-chan *nats.Msg, forget func(), taken answerPrint) {
 	lr.mu.Lock()
-	lr.lingering = append(lr.lingering, lingeringRead{until: time.Now().Add(twoLeadersLinger), ch: ch, forget: forget, taken: taken})
+	lr.lingering = append(lr.lingering, lingeringRead{until: time.Now().Add(TwoLeadersLinger), ch: ch, forget: forget, taken: taken})
 	lr.mu.Unlock()
 }
 
 // compareLate looks at the answers that came after each read's first, as the reads'
 // lingering ends, until close.
-func (lr *leaderReads) compareLate() {
-	t := time.NewTicker(twoLeadersLinger / 8)
+func (lr *Reader) compareLate() {
+	t := time.NewTicker(TwoLeadersLinger / 8)
 	defer t.Stop()
 	for {
 		select {
@@ -195,7 +199,7 @@ func (lr *leaderReads) compareLate() {
 }
 
 // compare notes two leaders when an answer r got after the one it took differs from it.
-func (lr *leaderReads) compare(r lingeringRead) {
+func (lr *Reader) compare(r lingeringRead) {
 	for {
 		select {
 		case m := <-r.ch:
@@ -225,7 +229,7 @@ func printOfResult(msg *jetstream.RawStreamMsg, err error) (answerPrint, bool) {
 }
 
 // twoLeadersSince is how long ago two servers last answered one read differently.
-func (lr *leaderReads) twoLeadersSince() time.Duration {
+func (lr *Reader) TwoLeadersSince() time.Duration {
 	at := lr.twoLeaders.Load()
 	if at == 0 {
 		return time.Duration(1<<63 - 1)
@@ -233,9 +237,9 @@ func (lr *leaderReads) twoLeadersSince() time.Duration {
 	return time.Since(time.Unix(0, at))
 }
 
-// msgGet is the body of a message read: by sequence, the next on a subject from a
+// Request is the body of a message read: by sequence, the next on a subject from a
 // sequence, or the last on a subject.
-type msgGet struct {
+type Request struct {
 	Seq        uint64 `json:"seq,omitempty"`
 	NextBySubj string `json:"next_by_subj,omitempty"`
 	LastBySubj string `json:"last_by_subj,omitempty"`
@@ -243,7 +247,7 @@ type msgGet struct {
 
 // get reads a message of stream as its leader has it; jetstream.ErrMsgNotFound when
 // there is none.
-func (lr *leaderReads) get(ctx context.Context, stream string, req msgGet) (*jetstream.RawStreamMsg, error) {
+func (lr *Reader) Get(ctx context.Context, stream string, req Request) (*jetstream.RawStreamMsg, error) {
 	body, err := json.Marshal(req)
 	if err != nil {
 		return nil, err
@@ -253,7 +257,7 @@ func (lr *leaderReads) get(ctx context.Context, stream string, req msgGet) (*jet
 		ctx, cancel = context.WithTimeout(ctx, readTimeout)
 		defer cancel()
 	}
-	ch, reply, forget := lr.answers.await(4) // the leader's, a second leader's, and members' 503s
+	ch, reply, forget := lr.answers.Await(4) // the leader's, a second leader's, and members' 503s
 	lingers := false
 	defer func() {
 		if !lingers {
@@ -277,7 +281,7 @@ func (lr *leaderReads) get(ctx context.Context, stream string, req msgGet) (*jet
 				continue
 			}
 			if p, ok := printOfResult(msg, err); ok {
-				if lr.suspected(stream) {
+				if lr.Suspected(stream) {
 					// A stream that elected a leader lately may have an old one still
 					// answering: look for its answer before giving this one.
 					if err := lr.verify(ch, p); err != nil {
@@ -301,8 +305,8 @@ func (lr *leaderReads) get(ctx context.Context, stream string, req msgGet) (*jet
 
 // lastValue reads a KV key's value as the bucket stream's leader has it: nil when
 // the key has none (never written, deleted, purged or expired).
-func (lr *leaderReads) lastValue(ctx context.Context, bucket, key string) ([]byte, error) {
-	m, err := lr.get(ctx, events.KVStream(bucket), msgGet{LastBySubj: events.KVSubject(bucket, key)})
+func (lr *Reader) LastValue(ctx context.Context, bucket, key string) ([]byte, error) {
+	m, err := lr.Get(ctx, events.KVStream(bucket), Request{LastBySubj: events.KVSubject(bucket, key)})
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return nil, nil
 	}

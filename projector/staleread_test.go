@@ -1,0 +1,144 @@
+package projector_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/leaderread"
+	"github.com/attrd/attrd/projector"
+)
+
+// msgGetSubject is where the bucket's stream answers message reads.
+func msgGetSubject(en *env) string {
+	return "$JS.API.STREAM.MSG.GET." + events.KVStream(en.store.Bucket)
+}
+
+// TestAProjectorStopsRatherThanFoldOnAKeyTwoLeadersAnswerDifferently: after a leader
+// election of the bucket's stream, an old leader back from a network cut may answer
+// key reads from its old copy. Here a second "leader" answers every read with a message
+// the real one does not have: the projector's load sees two different answers, and
+// the run stops (ErrTwoLeaders) rather than fold an event on either; nothing of it is
+// written. (That the loads take the leader's answer over a member's 503, which the
+// server in this process always beats, is TestAReadTakesTheLeadersAnswerOverAMembersUnavailable
+// in events/leaderread.)
+func TestAProjectorStopsRatherThanFoldOnAKeyTwoLeadersAnswerDifferently(t *testing.T) {
+	en := mustEnv(t)
+	reads, err := leaderread.New(en.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reads.Close()
+	g := newGen()
+	alice := g.user("alice")
+	login := g.login(alice.UserID)
+	last := en.publish(t, alice, login, g.attr(events.AttrSet, alice.UserID, "", "a"))
+	p, done, _ := en.start(t, projector.Config{Bucket: en.store.Bucket, Reads: reads})
+	waitApplied(t, p, last)
+
+	subject := events.KVSubject(en.store.Bucket, events.AttrKey(alice.UserID, "", "b"))
+	old, err := en.nc.Subscribe(msgGetSubject(en), func(m *nats.Msg) {
+		_ = m.Respond(fmt.Appendf(nil, `{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","message":{"subject":%q,"seq":1,"data":"aGk=","time":"2026-12-05T00:00:00Z"}}`, subject))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Unsubscribe()
+	stream := events.KVStream(en.store.Bucket)
+	if err := en.nc.Publish("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED."+stream, []byte(`{"type":"io.nats.jetstream.advisory.v1.stream_leader_elected"}`)); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(2 * time.Second); !reads.Suspected(stream); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the election advisory was not seen")
+		}
+	}
+	en.publish(t, g.attr(events.AttrSet, alice.UserID, "", "b")) // a key never read: loaded now
+	if err := within(t, done); !errors.Is(err, events.ErrTwoLeaders) {
+		t.Fatalf("the run ended with %v, want two leaders seen", err)
+	}
+	if _, err := en.kv.Get(context.Background(), events.AttrKey(alice.UserID, "", "b")); err == nil {
+		t.Fatal("the event folded on a read two leaders answered differently was written")
+	}
+}
+
+// TestARecoveryFoldsOnTheBucketWhereTheRecordedStateIsOlder: an intent record whose
+// state before the batch was read from a server that was behind (here: an attribute as
+// it was before a delete and a create the bucket holds) is not trusted by the recovery:
+// KV has moved past the revision the state was read at, to a record of an event before
+// the batch, so no write of the batch reached the key, and the batch is folded on KV's
+// state. The set it recovers keeps the creation time of the attribute that lives, as a
+// replay does; folded on the recorded state, it kept the older one (issue 17's
+// divergence).
+func TestARecoveryFoldsOnTheBucketWhereTheRecordedStateIsOlder(t *testing.T) {
+	en := mustEnv(t)
+	ctx := context.Background()
+	g := newGen()
+	alice := g.user("alice")
+	login := g.login(alice.UserID)
+	uid := alice.UserID
+	key := events.AttrKey(uid, "", "a")
+	last := en.publish(t, alice, login, g.attr(events.AttrSet, uid, "", "a"))
+	p, stop := en.run(t, projector.Config{Bucket: en.store.Bucket})
+	waitApplied(t, p, last)
+	first, err := en.kv.Get(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recreate := g.attr(events.AttrSet, uid, "", "a")
+	last = en.publish(t, g.attr(events.AttrDeleted, uid, "", "a"), recreate)
+	waitApplied(t, p, last)
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+
+	// The batch to recover: one more set, and a record of it whose state before it is
+	// the attribute as it was first created (a stale read), at its revision then.
+	set := g.attr(events.AttrSet, uid, "", "a")
+	seq := en.publish(t, set)
+	old, err := events.DecodeRecord(key, first.Value())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale := *old.(*events.AttrRecord)
+	stale.Value = nil
+	data, err := events.Marshal(&stale)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ck := &events.Checkpoint{First: seq, Last: seq,
+		Decisions: []events.Decision{{Seq: seq, EventID: set.ID, UserID: uid, Fingerprint: set.Fingerprint}},
+		Before:    []events.KeyState{{Key: key, Data: data, Rev: first.Revision()}}}
+	ckData, err := events.Marshal(ck)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := en.kv.Put(ctx, events.CheckpointKey("0"), ckData); err != nil {
+		t.Fatal(err)
+	}
+
+	p, stop = en.run(t, projector.Config{Bucket: en.store.Bucket})
+	waitApplied(t, p, seq)
+	defer stop()
+	e, err := en.kv.Get(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := events.DecodeRecord(key, e.Value())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := got.(*events.AttrRecord)
+	if a.Created != recreate.Time {
+		t.Fatalf("the recovered set's attribute was created at %d, want %d, when it was created again (the recorded state's creation: %d)",
+			a.Created, recreate.Time, stale.Created)
+	}
+	if a.Seq != seq {
+		t.Fatalf("the attribute was written for the event at %d, want the recovered set's %d", a.Seq, seq)
+	}
+}
