@@ -150,12 +150,14 @@ func (s *Partitions) Started(ctx context.Context) error {
 // Run announces this instance and folds the partitions assigned to it until ctx ends;
 // then it stops them between batches and gives their leases up.
 func (s *Partitions) Run(ctx context.Context) error {
-	reads, err := leaderread.New(s.js.Conn())
-	if err != nil {
-		return err
+	if s.kvs.CachedInfo().Config.Replicas > 1 { // one replica: nobody answers from an old copy
+		reads, err := leaderread.New(s.js.Conn())
+		if err != nil {
+			return err
+		}
+		defer reads.Close()
+		s.reads = reads // before the goroutines below, which read it
 	}
-	defer reads.Close()
-	s.reads = reads // before the goroutines below, which read it
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	watcher, err := s.kv.Watch(wctx, "i.>")

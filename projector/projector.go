@@ -66,7 +66,8 @@ type Config struct {
 	Metrics *Metrics
 	// Reads, if set, reads keys as the bucket's leader has them (events/leaderread):
 	// shared by an instance's runs, so that each knows of the elections seen before
-	// it started. nil: each run makes its own.
+	// it started. nil: each run makes its own for a replicated bucket, and reads a
+	// bucket of one replica (one server: no old copy answers) plainly.
 	Reads *leaderread.Reader
 }
 
@@ -189,8 +190,10 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	// One server answers a bucket of one replica: no other can answer from an old copy,
+	// and its reads need none of the leader reader's listening.
 	reads := p.cfg.Reads
-	if reads == nil {
+	if reads == nil && kvs.CachedInfo().Config.Replicas > 1 {
 		if reads, err = leaderread.New(p.nc); err != nil {
 			return err
 		}
@@ -291,6 +294,10 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 	p.log.Info("projector running", "bucket", p.cfg.Bucket, "partition", p.part, "from_seq", start)
 
 	batch := make([]jetstream.Msg, 0, p.cfg.MaxBatch)
+	stall := &stallWatch{}
+	stall.delivered()
+	tick := time.NewTicker(stallCheck)
+	defer tick.Stop()
 	for {
 		batch = batch[:0]
 		select {
@@ -298,8 +305,17 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 			return nil
 		case err := <-broken:
 			return fmt.Errorf("event consumer: %w", err)
+		case <-tick.C:
+			if len(msgs) > 0 {
+				continue // deliveries wait: not stalled
+			}
+			if err := p.checkStall(ctx, stall, evs); err != nil {
+				return err
+			}
+			continue
 		case m := <-msgs:
 			batch = append(batch, m)
+			stall.delivered()
 		}
 		batch, err = p.fill(ctx, msgs, broken, batch)
 		if err != nil {

@@ -76,6 +76,15 @@ func TestAProjectorStopsRatherThanFoldOnAKeyTwoLeadersAnswerDifferently(t *testi
 // replay does; folded on the recorded state, it kept the older one (issue 17's
 // divergence).
 func TestARecoveryFoldsOnTheBucketWhereTheRecordedStateIsOlder(t *testing.T) {
+	t.Run("with the revision recorded", func(t *testing.T) { recoverFromAnOlderState(t, true) })
+	// An intent record of an attrd before KeyState.Rev (released format) is read as it
+	// was: its states are the truth, as they always were.
+	t.Run("without, as an older attrd wrote it", func(t *testing.T) { recoverFromAnOlderState(t, false) })
+}
+
+// recoverFromAnOlderState recovers a batch from an intent record whose state before it
+// is older than the bucket's, with or without the revision it was read at.
+func recoverFromAnOlderState(t *testing.T, withRev bool) {
 	en := mustEnv(t)
 	ctx := context.Background()
 	g := newGen()
@@ -113,7 +122,10 @@ func TestARecoveryFoldsOnTheBucketWhereTheRecordedStateIsOlder(t *testing.T) {
 	}
 	ck := &events.Checkpoint{First: seq, Last: seq,
 		Decisions: []events.Decision{{Seq: seq, EventID: set.ID, UserID: uid, Fingerprint: set.Fingerprint}},
-		Before:    []events.KeyState{{Key: key, Data: data, Rev: first.Revision()}}}
+		Before:    []events.KeyState{{Key: key, Data: data}}}
+	if withRev {
+		ck.Before[0].Rev = first.Revision()
+	}
 	ckData, err := events.Marshal(ck)
 	if err != nil {
 		t.Fatal(err)
@@ -134,11 +146,58 @@ func TestARecoveryFoldsOnTheBucketWhereTheRecordedStateIsOlder(t *testing.T) {
 		t.Fatal(err)
 	}
 	a := got.(*events.AttrRecord)
+	if !withRev {
+		if a.Created != stale.Created {
+			t.Fatalf("a record without revisions: the recovered set's attribute was created at %d, want the recorded state's %d", a.Created, stale.Created)
+		}
+		return
+	}
 	if a.Created != recreate.Time {
 		t.Fatalf("the recovered set's attribute was created at %d, want %d, when it was created again (the recorded state's creation: %d)",
 			a.Created, recreate.Time, stale.Created)
 	}
 	if a.Seq != seq {
 		t.Fatalf("the attribute was written for the event at %d, want the recovered set's %d", a.Seq, seq)
+	}
+}
+
+// TestARunWhoseConsumerDeliversNothingWhileTheLogGoesOnStops: a run's consumer on a
+// node whose replica of the stream is stuck (back from a network cut, catching up)
+// delivers nothing while its pull's heartbeats go on. Here the consumer is paused,
+// which does the same: the run notices that the partition's log holds events it has
+// not folded and stops (ErrConsumerStalled) within seconds, so that the next run
+// consumes again.
+func TestARunWhoseConsumerDeliversNothingWhileTheLogGoesOnStops(t *testing.T) {
+	en := mustEnv(t)
+	ctx := context.Background()
+	g := newGen()
+	alice := g.user("alice")
+	last := en.publish(t, alice, g.login(alice.UserID))
+	p, done, _ := en.start(t, projector.Config{Bucket: en.store.Bucket})
+	waitApplied(t, p, last)
+	st, err := en.js.Stream(ctx, events.StreamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	paused := 0
+	for c := range st.ListConsumers(ctx).Info() {
+		if _, err := en.js.PauseConsumer(ctx, events.StreamName, c.Name, time.Now().Add(time.Minute)); err != nil {
+			t.Fatal(err)
+		}
+		paused++
+	}
+	if paused == 0 {
+		t.Fatal("the run has no consumer")
+	}
+	began := time.Now()
+	en.publish(t, g.attr(events.AttrSet, alice.UserID, "", "a"))
+	select {
+	case err := <-done:
+		if !errors.Is(err, projector.ErrConsumerStalled) {
+			t.Fatalf("the run ended with %v, want ErrConsumerStalled", err)
+		}
+		t.Logf("stopped %s after the event", time.Since(began).Round(100*time.Millisecond))
+	case <-time.After(15 * time.Second):
+		t.Fatal("the run went on with a consumer that delivers nothing")
 	}
 }

@@ -410,9 +410,9 @@ func (l *loader) last(ctx context.Context, key string) (*jetstream.RawStreamMsg,
 	return lastOf(ctx, l.reads, l.stream, events.KVSubject(l.bucket, key))
 }
 
-// lastOf reads the last message on subject of stream st. With reads, it is the
-// leader's answer, and a second server answering from an old copy fails the read
-// rather than be taken.
+// lastOf reads the last message on subject of stream st. With reads (a replicated
+// stream), it is the leader's answer, and a second server answering from an old copy
+// fails the read rather than be taken.
 //
 // NATS subtlety: a plain read ($JS.API.STREAM.MSG.GET) takes the first answer: a member
 // of the stream's group that knows no leader answers 503 at once (a node healed from

@@ -595,6 +595,14 @@ func (r *netRun) verify(t *testing.T) {
 		t.Errorf("%d answers of 500", n)
 	}
 	linear := r.load.ops.check(t)
+	dumped := false
+	defer func() {
+		// A check that stopped the test (a partition not folded to its end) leaves
+		// the instances' and servers' logs as the evidence.
+		if t.Failed() && !dumped {
+			r.c.logs.dumpAll(t)
+		}
+	}()
 	report := t.Error
 	if ciMode() {
 		report = func(args ...any) {
@@ -615,6 +623,7 @@ func (r *netRun) verify(t *testing.T) {
 			cancel()
 		}
 		r.c.logs.dumpAll(t)
+		dumped = true
 	}
 }
 
