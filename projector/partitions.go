@@ -315,8 +315,9 @@ func (s *Partitions) assigned(p int) (mine, others bool, changed <-chan struct{}
 
 // partition folds partition p whenever this instance may hold it, until ctx ends. A
 // run that fails is started again after a pause that doubles up to a quarter of a
-// second: a start that fails costs little (a few requests), and during an election
-// every moment of pause is a moment more without writes once a leader is there.
+// second, or at once when a stream elects a leader: a start that fails costs little
+// (a few requests), and during an election every moment of pause is a moment more
+// without writes once a leader is there.
 func (s *Partitions) partition(ctx context.Context, p int) {
 	const minPause, maxPause = 50 * time.Millisecond, 250 * time.Millisecond
 	pause := minPause
@@ -353,6 +354,8 @@ func (s *Partitions) partition(ctx context.Context, p int) {
 		s.log.Error("projector stopped; starting it again", "partition", p, "err", err, "pause", pause)
 		select {
 		case <-time.After(pause):
+		case <-s.elected():
+			// A stream has a new leader: what the run waited for may be there now.
 		case <-ctx.Done():
 			return
 		}
@@ -407,6 +410,15 @@ func (s *Partitions) claim(ctx context.Context, p int, mine bool) (bool, error) 
 		return true, nil
 	}
 	return false, nil
+}
+
+// elected returns a channel closed at the next leader election of a stream, nil
+// (never) without a leader reader (a bucket of one replica elects nobody).
+func (s *Partitions) elected() <-chan struct{} {
+	if s.reads == nil {
+		return nil
+	}
+	return s.reads.Elected()
 }
 
 // successor returns the instance partition p goes to once instance gone has left the

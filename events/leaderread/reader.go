@@ -53,8 +53,10 @@ type Reader struct {
 	// elected holds, by stream, until when its reads are verified (suspectFor after an
 	// advisory of a leader elected); every stream's are until allUntil, after a
 	// reconnect (reconnects: how many were seen), which may have missed advisories.
-	elected    map[string]time.Time
-	allUntil   time.Time
+	elected  map[string]time.Time
+	allUntil time.Time
+	// electedC is closed at the next leader election of any stream (Elected).
+	electedC   chan struct{}
 	reconnects uint64
 	statsAt    atomic.Int64 // when (Unix ns) the connection's reconnects were last read
 	electSub   *nats.Subscription
@@ -89,7 +91,8 @@ func New(nc *nats.Conn) (*Reader, error) {
 	if err != nil {
 		return nil, err
 	}
-	lr := &Reader{nc: nc, answers: answers, stop: make(chan struct{}), elected: map[string]time.Time{}}
+	lr := &Reader{nc: nc, answers: answers, stop: make(chan struct{}), elected: map[string]time.Time{},
+		electedC: make(chan struct{})}
 	go lr.compareLate()
 	// NATS subtlety: the new leader of a stream announces itself on this advisory, in
 	// the stream's account, while the old one may still believe it leads (cut off, it
@@ -98,11 +101,21 @@ func New(nc *nats.Conn) (*Reader, error) {
 		stream := m.Subject[strings.LastIndexByte(m.Subject, '.')+1:]
 		lr.mu.Lock()
 		lr.elected[stream] = time.Now().Add(suspectFor)
+		close(lr.electedC)
+		lr.electedC = make(chan struct{})
 		lr.mu.Unlock()
 	}); err != nil {
 		return nil, err
 	}
 	return lr, nil
+}
+
+// Elected returns a channel closed when a stream next announces a new leader: for
+// those who wait for an election to try again, rather than for a timer.
+func (lr *Reader) Elected() <-chan struct{} {
+	lr.mu.Lock()
+	defer lr.mu.Unlock()
+	return lr.electedC
 }
 
 // suspectFor is how long after a stream elected a leader its reads are verified: an
@@ -257,6 +270,27 @@ func (lr *Reader) Get(ctx context.Context, stream string, req Request) (*jetstre
 		ctx, cancel = context.WithTimeout(ctx, readTimeout)
 		defer cancel()
 	}
+	for {
+		msg, again, err := lr.attempt(ctx, stream, body)
+		if !again {
+			return msg, err
+		}
+	}
+}
+
+// resendAfter is how long a read waits for any answer before it is sent again, with
+// a reply subject of its own (answers to the one before are dropped).
+//
+// NATS subtlety: while a stream's leader is cut off and the others have not yet
+// elected a new one (4–9 s), no server answers a read at all: the followers still
+// take the old leader for the leader and say nothing. A read sent then would wait out
+// its whole time even if a leader is elected a moment later; sent again, it is
+// answered within resendAfter of the election.
+const resendAfter = 250 * time.Millisecond
+
+// attempt sends one read and takes its answer (see Get); again is true when nothing
+// at all answered within resendAfter, and the read is to be sent again.
+func (lr *Reader) attempt(ctx context.Context, stream string, body []byte) (msg *jetstream.RawStreamMsg, again bool, err error) {
 	ch, reply, forget := lr.answers.Await(4) // the leader's, a second leader's, and members' 503s
 	lingers := false
 	defer func() {
@@ -265,8 +299,10 @@ func (lr *Reader) Get(ctx context.Context, stream string, req Request) (*jetstre
 		}
 	}()
 	if err := lr.nc.PublishRequest("$JS.API.STREAM.MSG.GET."+stream, reply, body); err != nil {
-		return nil, err
+		return nil, false, err
 	}
+	resend := time.NewTimer(resendAfter)
+	defer resend.Stop()
 	var unavailable error
 	var grace <-chan time.Time
 	for {
@@ -285,20 +321,24 @@ func (lr *Reader) Get(ctx context.Context, stream string, req Request) (*jetstre
 					// A stream that elected a leader lately may have an old one still
 					// answering: look for its answer before giving this one.
 					if err := lr.verify(ch, p); err != nil {
-						return nil, err
+						return nil, false, err
 					}
 				}
 				lingers = true
 				lr.linger(ch, forget, p)
 			}
-			return msg, err
+			return msg, false, err
+		case <-resend.C:
+			if unavailable == nil {
+				return nil, true, nil // nobody answered: send it again
+			}
 		case <-grace:
-			return nil, unavailable
+			return nil, false, unavailable
 		case <-ctx.Done():
 			if unavailable != nil {
-				return nil, unavailable
+				return nil, false, unavailable
 			}
-			return nil, ctx.Err()
+			return nil, false, ctx.Err()
 		}
 	}
 }

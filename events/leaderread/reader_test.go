@@ -210,3 +210,60 @@ func isOutcomeUnknown(err error) bool {
 	var e *events.Error
 	return errors.As(err, &e) && e.Code == events.CodeOutcomeUnknown
 }
+
+// TestAReadNobodyAnswersIsSentAgainAndAnsweredOnceALeaderIs: while a stream's leader is
+// cut off and no new one is elected, no server answers a read at all. A read sent then
+// is sent again every resendAfter, so that it is answered within a moment of the
+// election rather than wait out its time.
+func TestAReadNobodyAnswersIsSentAgainAndAnsweredOnceALeaderIs(t *testing.T) {
+	_, nc := embeddedtest.Start(t, embedded.Options{NoJetStream: true})
+	lr := mustLeaderReads(t, nc)
+	elected := time.Now().Add(300 * time.Millisecond) // nobody answers before
+	if _, err := nc.Subscribe("$JS.API.STREAM.MSG.GET.S", func(m *nats.Msg) {
+		if time.Now().Before(elected) {
+			return
+		}
+		_ = m.Respond([]byte(`{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","message":{"subject":"s.a","seq":7,"data":"aGk=","time":"2026-12-05T00:00:00Z"}}`))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	start := time.Now()
+	m, err := lr.Get(ctx, "S", Request{LastBySubj: "s.a"})
+	if err != nil {
+		t.Fatalf("the read failed with %v; a leader answered from 300 ms on", err)
+	}
+	if m.Sequence != 7 {
+		t.Fatalf("read %d, want 7", m.Sequence)
+	}
+	if took := time.Since(start); took > 300*time.Millisecond+resendAfter+200*time.Millisecond {
+		t.Fatalf("answered after %s, want within %s of the leader's first answer", took, resendAfter)
+	}
+}
+
+// TestElectedIsClosedWhenAStreamAnnouncesALeader: Elected's channel is closed at the
+// next leader-elected advisory, and a new one waits for the one after.
+func TestElectedIsClosedWhenAStreamAnnouncesALeader(t *testing.T) {
+	_, nc := embeddedtest.Start(t, embedded.Options{NoJetStream: true})
+	lr := mustLeaderReads(t, nc)
+	first := lr.Elected()
+	select {
+	case <-first:
+		t.Fatal("closed before any election")
+	default:
+	}
+	if err := nc.Publish("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.S", []byte(`{"type":"io.nats.jetstream.advisory.v1.stream_leader_elected"}`)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-first:
+	case <-time.After(2 * time.Second):
+		t.Fatal("not closed by an election's advisory")
+	}
+	select {
+	case <-lr.Elected():
+		t.Fatal("the next channel is closed before the next election")
+	default:
+	}
+}
