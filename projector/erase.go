@@ -162,7 +162,7 @@ func (p *Projector) finishErasures(ctx context.Context, f *flight, last uint64) 
 	if err != nil {
 		return err
 	}
-	return p.waitCheckpoint(ctx, ck)
+	return p.waitCheckpoint(ctx, ck, data)
 }
 
 // eraseClearEvents removes from the log the events of a deleted user that hold

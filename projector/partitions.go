@@ -228,6 +228,12 @@ func (s *Partitions) announce(ctx context.Context) {
 				steadySince = time.Time{}
 			}
 		case err == nil:
+			if !failingSince.IsZero() && time.Since(failingSince) >= s.cfg.LeaseTTL && s.reads != nil {
+				// Back from a cut: the elections of the others' side were announced
+				// where this connection could not hear them, and a leader of this node
+				// may still answer from its old copy. Loads here are verified.
+				s.reads.SuspectAll()
+			}
 			failingSince = time.Time{}
 			if steadySince.IsZero() {
 				steadySince = time.Now()

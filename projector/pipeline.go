@@ -83,7 +83,7 @@ func (p *Projector) commit(ctx context.Context, items []item, decisions []events
 			return err
 		}
 	}
-	if err := p.waitCheckpoint(ctx, ckFut); err != nil {
+	if err := p.waitCheckpoint(ctx, ckFut, intent); err != nil {
 		return err
 	}
 	if err := p.hook(p.cfg.Hooks.AfterCheckpoint, first, last); err != nil {

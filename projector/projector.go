@@ -85,6 +85,9 @@ type Hooks struct {
 	// Announce is called before a landed chunk is announced on the feed (feed.go); an
 	// error drops the announcement, as a lost core NATS message would be.
 	Announce func(first, last uint64) error
+	// IntentAnswer, if set, sees the answer to each intent record's write and may
+	// replace it (a test plays a server that answers first from an old copy).
+	IntentAnswer func(ack *jetstream.PubAck, err error) (*jetstream.PubAck, error)
 }
 
 // Projector is the single ordered writer of the projection.
@@ -355,7 +358,7 @@ func (p *Projector) stopCleanly(ctx context.Context) {
 	if err == nil {
 		var f jetstream.PubAckFuture
 		if f, err = p.sendIntent(data); err == nil {
-			err = p.waitCheckpoint(lctx, f)
+			err = p.waitCheckpoint(lctx, f, data)
 		}
 	}
 	if err != nil {

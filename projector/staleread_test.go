@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/events/leaderread"
@@ -199,5 +201,42 @@ func TestARunWhoseConsumerDeliversNothingWhileTheLogGoesOnStops(t *testing.T) {
 		t.Logf("stopped %s after the event", time.Since(began).Round(100*time.Millisecond))
 	case <-time.After(15 * time.Second):
 		t.Fatal("the run went on with a consumer that delivers nothing")
+	}
+}
+
+// TestAnIntentRecordStoredButAnsweredAsAConflictIsTakenAsStored: right after a heal, a
+// stream leader back from the cut answers an intent record's write "wrong last
+// sequence" from its old copy before the real leader's acknowledgement; the record is
+// stored. The run reads it back from the leader, finds it stored, and goes on instead
+// of stopping.
+func TestAnIntentRecordStoredButAnsweredAsAConflictIsTakenAsStored(t *testing.T) {
+	en := mustEnv(t)
+	var answered atomic.Bool
+	cfg := projector.Config{Bucket: en.store.Bucket, Hooks: projector.Hooks{
+		IntentAnswer: func(ack *jetstream.PubAck, err error) (*jetstream.PubAck, error) {
+			if err == nil && answered.CompareAndSwap(false, true) {
+				return nil, &jetstream.APIError{Code: 400, ErrorCode: jetstream.JSErrCodeStreamWrongLastSequence, Description: "wrong last sequence: 1"}
+			}
+			return ack, err
+		}}}
+	g := newGen()
+	alice := g.user("alice")
+	last := en.publish(t, alice, g.login(alice.UserID), g.attr(events.AttrSet, alice.UserID, "", "a"))
+	p, done, _ := en.start(t, cfg)
+	for deadline := time.Now().Add(10 * time.Second); p.Applied() < last; time.Sleep(10 * time.Millisecond) {
+		select {
+		case err := <-done:
+			t.Fatalf("the run stopped: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("applied %d of %d", p.Applied(), last)
+		}
+	}
+	if !answered.Load() {
+		t.Fatal("no intent record was answered as a conflict")
+	}
+	if _, err := en.kv.Get(context.Background(), events.AttrKey(alice.UserID, "", "a")); err != nil {
+		t.Fatalf("the attribute is not in the projection: %v", err)
 	}
 }

@@ -1,6 +1,7 @@
 package projector
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -366,13 +367,45 @@ func (p *Projector) wait(ctx context.Context, f jetstream.PubAckFuture) (*jetstr
 	}
 }
 
-func (p *Projector) waitCheckpoint(ctx context.Context, f jetstream.PubAckFuture) error {
+// waitCheckpoint waits for the intent record data's write. A compare-and-set failure
+// is checked against the record itself, read from the bucket's leader: if it is this
+// one, stored after the revision written on, the write took.
+//
+// NATS subtlety: a publish reaches every server that believes it leads the stream. A
+// leader back from a network cut, not yet told of the new one, checks the
+// compare-and-set against its old copy and answers "wrong last sequence" at once,
+// while the real leader stores the record and its acknowledgement, second, is never
+// read (and on one replica, a write retried after its ack was lost comes back as a
+// conflict too). Taken as it came, the run stopped on a record that was stored, right
+// after every heal that found such a leader (issue 17).
+func (p *Projector) waitCheckpoint(ctx context.Context, f jetstream.PubAckFuture, data []byte) error {
 	ack, err := p.wait(ctx, f)
+	if h := p.cfg.Hooks.IntentAnswer; h != nil {
+		ack, err = h(ack, err)
+	}
+	if err != nil && isConflict(err) {
+		if seq, stored := p.intentStored(ctx, data); stored {
+			p.log.Info("intent record stored, though its write was answered as a conflict", "seq", seq, "err", err)
+			ack, err = &jetstream.PubAck{Sequence: seq}, nil
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("intent record: %w", err)
 	}
 	p.ckptRev = ack.Sequence
 	return nil
+}
+
+// intentStored reads the intent record from the bucket's leader and reports whether
+// it is data, written after the revision the write was on, and at which sequence. A
+// server behind cannot show it (it cannot have stored what the leader has not), so a
+// stale answer only says no.
+func (p *Projector) intentStored(ctx context.Context, data []byte) (uint64, bool) {
+	m, err := p.load.last(ctx, events.CheckpointKey(p.part))
+	if err != nil || m.Sequence <= p.ckptRev || !bytes.Equal(m.Data, data) {
+		return 0, false
+	}
+	return m.Sequence, true
 }
 
 // isConflict reports a compare-and-set failure: 10071 on R1, 10164 on replicated streams.

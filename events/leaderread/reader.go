@@ -118,6 +118,15 @@ func (lr *Reader) Elected() <-chan struct{} {
 	return lr.electedC
 }
 
+// SuspectAll verifies every stream's reads for suspectFor from now: for a connection
+// whose server was cut off from the others (it heard none of their elections, and
+// may itself still take itself for a leader), as after a reconnect.
+func (lr *Reader) SuspectAll() {
+	lr.mu.Lock()
+	defer lr.mu.Unlock()
+	lr.allUntil = time.Now().Add(suspectFor)
+}
+
 // suspectFor is how long after a stream elected a leader its reads are verified: an
 // old leader cut off from the others steps down at the latest 20 s after it lost
 // them, and the new one is elected at the earliest 4 s after.

@@ -267,3 +267,18 @@ func TestElectedIsClosedWhenAStreamAnnouncesALeader(t *testing.T) {
 	default:
 	}
 }
+
+// TestSuspectAllVerifiesEveryStreamsReads: an instance back from a network cut heard
+// none of the elections of the other side; after SuspectAll every stream's reads are
+// verified for a while.
+func TestSuspectAllVerifiesEveryStreamsReads(t *testing.T) {
+	_, nc := embeddedtest.Start(t, embedded.Options{NoJetStream: true})
+	lr := mustLeaderReads(t, nc)
+	if lr.Suspected("Any") {
+		t.Fatal("a stream is suspected before anything happened")
+	}
+	lr.SuspectAll()
+	if !lr.Suspected("Any") || !lr.Suspected("Other") {
+		t.Fatal("after SuspectAll a stream's reads are not verified")
+	}
+}
