@@ -144,7 +144,7 @@ func (p *Projector) recoverState(ctx context.Context, fenced *events.Checkpoint,
 	}
 	// Prefix scans are not trusted across the recorded states: scan again on demand.
 	p.view.scanned = map[string]bool{}
-	p.log.Info("projector recovering batch", "first", ck.First, "last", ck.Last)
+	p.log.Info("projector recovering batch", "first", ck.First, "last", ck.Last, "fence", rev, "states", recoveredStates(ck, p.view))
 	return ck.First, nil
 }
 
@@ -160,6 +160,25 @@ func (p *Projector) staleImage(ck *events.Checkpoint, ks events.KeyState, cur *e
 	}
 	seq, ok := events.RecordSeq(cur.rec)
 	return ok && seq < ck.First
+}
+
+// recoveredStates describes, for the log, the first keys of an intent record: each with
+// the revision its state was read at and the key's revision now (evidence when a
+// recovery is followed step by step, issue 17).
+func recoveredStates(ck *events.Checkpoint, v *view) string {
+	var b strings.Builder
+	for i, ks := range ck.Before {
+		if i == 20 {
+			fmt.Fprintf(&b, " and %d more", len(ck.Before)-i)
+			break
+		}
+		var now uint64
+		if e := v.entries[ks.Key]; e != nil {
+			now = e.rev
+		}
+		fmt.Fprintf(&b, "%s@%d→%d ", ks.Key, ks.Rev, now)
+	}
+	return strings.TrimSpace(b.String())
 }
 
 func (p *Projector) recordedDecision(seq uint64) *events.Code {

@@ -37,7 +37,7 @@ type stallWatch struct {
 // delivered notes a delivery.
 func (w *stallWatch) delivered() { w.lastDelivery, w.behindAt = time.Now(), 0 }
 
-// check asks, once the run has been idle for stallIdle, for the partition's last
+// checkStall asks, once the run has been idle for stallIdle, for the partition's last
 // event as the stream's leader has it, and returns ErrConsumerStalled when it is past
 // Applied twice in a row with Applied unmoved.
 func (p *Projector) checkStall(ctx context.Context, w *stallWatch, evs jetstream.Stream) error {

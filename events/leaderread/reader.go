@@ -86,6 +86,8 @@ const leaderGrace = 100 * time.Millisecond
 // readTimeout bounds a read whose context has no deadline (jetstream's default).
 const readTimeout = 5 * time.Second
 
+// New returns a Reader on nc, listening for the streams' leader elections; Close
+// stops it.
 func New(nc *nats.Conn) (*Reader, error) {
 	answers, err := NewReplies(nc, nil)
 	if err != nil {
@@ -182,6 +184,7 @@ func (lr *Reader) verify(ch <-chan *nats.Msg, taken answerPrint) error {
 	}
 }
 
+// Close stops the Reader's subscriptions.
 func (lr *Reader) Close() error {
 	close(lr.stop)
 	return errors.Join(lr.electSub.Unsubscribe(), lr.answers.Close())
@@ -267,7 +270,7 @@ type Request struct {
 	LastBySubj string `json:"last_by_subj,omitempty"`
 }
 
-// get reads a message of stream as its leader has it; jetstream.ErrMsgNotFound when
+// Get reads a message of stream as its leader has it; jetstream.ErrMsgNotFound when
 // there is none.
 func (lr *Reader) Get(ctx context.Context, stream string, req Request) (*jetstream.RawStreamMsg, error) {
 	body, err := json.Marshal(req)
@@ -352,7 +355,7 @@ func (lr *Reader) attempt(ctx context.Context, stream string, body []byte) (msg 
 	}
 }
 
-// lastValue reads a KV key's value as the bucket stream's leader has it: nil when
+// LastValue reads a KV key's value as the bucket stream's leader has it: nil when
 // the key has none (never written, deleted, purged or expired).
 func (lr *Reader) LastValue(ctx context.Context, bucket, key string) ([]byte, error) {
 	m, err := lr.Get(ctx, events.KVStream(bucket), Request{LastBySubj: events.KVSubject(bucket, key)})

@@ -34,9 +34,10 @@ func NewReplies(nc *nats.Conn, keep func(*nats.Msg) bool) (*Replies, error) {
 	return r, nil
 }
 
+// Close unsubscribes.
 func (r *Replies) Close() error { return r.sub.Unsubscribe() }
 
-// await registers a request that takes up to n answers at once (more are dropped): it
+// Await registers a request that takes up to n answers at once (more are dropped): it
 // returns their channel, the reply subject to send the request with, and forget, which
 // unregisters it.
 func (r *Replies) Await(n int) (answers <-chan *nats.Msg, subject string, forget func()) {
