@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -44,6 +45,8 @@ type Partitions struct {
 	// reads reads keys from the bucket's leader for every partition's runs and leases
 	// here, knowing of the elections seen since Run started (events/leaderread).
 	reads *leaderread.Reader
+	// unsettled is what this instance's presence record says (announce).
+	unsettled atomic.Bool
 
 	mu      sync.Mutex
 	present []string              // instances present, sorted
@@ -66,6 +69,9 @@ type PartitionsConfig struct {
 	Instance string
 	// LeaseTTL is how long a lease and a presence outlive their last renewal.
 	LeaseTTL time.Duration
+	// Settle is how long this instance renews and reads back its presence without a
+	// failure before partitions are assigned to it (default: LeaseTTL).
+	Settle time.Duration
 	// Dial opens a connection for one partition's projector, so that partitions do not
 	// queue behind each other in one socket (nil: they share the supervisor's).
 	Dial func(name string) (*nats.Conn, error)
@@ -113,6 +119,7 @@ func NewPartitions(ctx context.Context, nc *nats.Conn, cfg PartitionsConfig) (*P
 	for p := range s.layout.N() {
 		s.started[p] = make(chan struct{})
 	}
+	s.unsettled.Store(true) // as its presence record says until it has settled
 	return s, nil
 }
 
@@ -240,6 +247,7 @@ func (s *Partitions) announce(ctx context.Context) {
 			}
 		}
 		rec.Unsettled = steadySince.IsZero() || time.Since(steadySince) < s.settleFor()
+		s.unsettled.Store(rec.Unsettled)
 		select {
 		case <-ctx.Done():
 			return
@@ -250,7 +258,12 @@ func (s *Partitions) announce(ctx context.Context) {
 
 // settleFor is how long an instance renews and reads its presence without a failure
 // before partitions are assigned to it.
-func (s *Partitions) settleFor() time.Duration { return s.cfg.LeaseTTL }
+func (s *Partitions) settleFor() time.Duration {
+	if s.cfg.Settle > 0 {
+		return s.cfg.Settle
+	}
+	return s.cfg.LeaseTTL
+}
 
 // watchPresence keeps the list of instances present, oldest first.
 func (s *Partitions) watchPresence(ctx context.Context, w jetstream.KeyWatcher) {
@@ -388,6 +401,13 @@ func (s *Partitions) claim(ctx context.Context, p int, mine bool) (bool, error) 
 	}
 	if mine {
 		return true, nil
+	}
+	if s.unsettled.Load() && len(s.present) > 0 && !slices.Contains(s.present, s.cfg.Instance) {
+		// Another's partition is not taken by an instance that has not settled (just
+		// started, or back from a network cut, where it saw leases free from its node's
+		// old copies) while the list of those that have is not empty: one of them, or
+		// this one once settled, takes it.
+		return false, nil
 	}
 	if time.Since(s.freeAt[p]) > 2*s.cfg.LeaseTTL {
 		s.log.Info("claiming a partition free for two lease TTLs", "partition", p)

@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/attrd/attrd/deploy/embedded"
 	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/projector"
@@ -16,24 +18,10 @@ import (
 // partition handed to it then stopped there), and then takes its share by handover.
 func TestAnInstanceTakesPartitionsOnlyOnceSettled(t *testing.T) {
 	const n = 4
-	store := events.DefaultStoreConfig()
-	store.Partitions = n
-	en := mustEnvStore(t, embedded.Options{}, store)
-	ctx := context.Background()
+	en, kvs := partitionedEnv(t, n)
+	store, ctx := en.store, context.Background()
 	start := func(name string) { startPartitions(t, en, name) }
-	kvs, err := en.js.Stream(ctx, events.KVStream(store.Bucket))
-	if err != nil {
-		t.Fatal(err)
-	}
-	held := func() map[string]int {
-		out := map[string]int{}
-		for p := range n {
-			if r, ok, err := projector.Holder(ctx, kvs, store.Bucket, events.PartitionName(p)); err == nil && ok {
-				out[r.Owner]++
-			}
-		}
-		return out
-	}
+	held := func() map[string]int { return leasesHeld(ctx, kvs, store.Bucket, n) }
 	wait := func(what string, within time.Duration, ok func(map[string]int) bool) time.Duration {
 		t.Helper()
 		begin := time.Now()
@@ -80,15 +68,9 @@ func TestAnInstanceTakesPartitionsOnlyOnceSettled(t *testing.T) {
 // second time when the watches catch up, seconds into the outage (issue 21).
 func TestAGoneInstancesPartitionsGoStraightToTheirSuccessors(t *testing.T) {
 	const n = 12
-	store := events.DefaultStoreConfig()
-	store.Partitions = n
-	en := mustEnvStore(t, embedded.Options{}, store)
-	ctx := context.Background()
+	en, kvs := partitionedEnv(t, n)
+	store, ctx := en.store, context.Background()
 	start := func(name string) { startPartitions(t, en, name) }
-	kvs, err := en.js.Stream(ctx, events.KVStream(store.Bucket))
-	if err != nil {
-		t.Fatal(err)
-	}
 	holders := func() []string {
 		out := make([]string, n)
 		for p := range n {
@@ -131,14 +113,7 @@ func TestAGoneInstancesPartitionsGoStraightToTheirSuccessors(t *testing.T) {
 	// Instance c joins as the oldest (its record says so), and is never heard of
 	// again: its presence key stays (no TTL: the others' watches never see it go), so
 	// partitions 0, 3, 6 and 9 are assigned to it, handed over to it, and left free.
-	rec := events.PresenceRecord{Instance: "c", Joined: 1}
-	data, err := events.Marshal(&rec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := en.kv.Put(ctx, events.PresenceKey("c"), data); err != nil {
-		t.Fatal(err)
-	}
+	silentOldestInstance(t, en, "c")
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		h := holders()
 		if h[0] == "" && h[3] == "" && h[6] == "" && h[9] == "" {
@@ -175,16 +150,104 @@ func TestAGoneInstancesPartitionsGoStraightToTheirSuccessors(t *testing.T) {
 }
 
 // startPartitions runs the partitions of instance name on en's store, with a lease
-// TTL of a second, until the test ends.
-func startPartitions(t *testing.T, en *env, name string) {
+// TTL of a second, until the test ends or the function it returns is called.
+func startPartitions(t *testing.T, en *env, name string) (stop func()) {
+	return startPartitionsSettling(t, en, name, 0)
+}
+
+// startPartitionsSettling is startPartitions with a settling time (0: the default).
+func startPartitionsSettling(t *testing.T, en *env, name string, settle time.Duration) (stop func()) {
 	t.Helper()
-	p, err := projector.NewPartitions(context.Background(), en.nc, projector.PartitionsConfig{Instance: name, LeaseTTL: time.Second, Logger: quiet,
-		Projector: projector.Config{Bucket: en.store.Bucket, Logger: quiet}})
+	p, err := projector.NewPartitions(context.Background(), en.nc, projector.PartitionsConfig{Instance: name, LeaseTTL: time.Second,
+		Settle: settle, Logger: quiet, Projector: projector.Config{Bucket: en.store.Bucket, Logger: quiet}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); _ = p.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	stopped := false
+	stop = func() {
+		if !stopped {
+			stopped = true
+			cancel()
+			<-done
+		}
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+// TestAnUnsettledInstanceTakesNoOthersPartition: an instance that has not settled (just
+// started, or back from a network cut, where its node's old copies showed leases free)
+// takes no partition assigned to another while settled instances are listed, even one
+// whose instance is gone; once settled, it takes it. Here instance a stops, and the
+// only settled instance listed, c, is never heard of (its presence record stays, a
+// lease TTL old): b, settling for 4 s, waits.
+func TestAnUnsettledInstanceTakesNoOthersPartition(t *testing.T) {
+	const n = 2
+	en, kvs := partitionedEnv(t, n)
+	store, ctx := en.store, context.Background()
+	held := func() map[string]int { return leasesHeld(ctx, kvs, store.Bucket, n) }
+	stopA := startPartitions(t, en, "a")
+	for deadline := time.Now().Add(10 * time.Second); held()["a"] != n; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("a does not hold the partitions: %v", held())
+		}
+	}
+	silentOldestInstance(t, en, "c")
+	began := time.Now()
+	startPartitionsSettling(t, en, "b", 4*time.Second)
+	stopA()
+	for time.Since(began) < 3*time.Second { // b is unsettled until 4 s after its start
+		if h := held(); h["b"] != 0 {
+			t.Fatalf("unsettled b took partitions %s after its start: %v", time.Since(began).Round(time.Millisecond), h)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for deadline := time.Now().Add(10 * time.Second); held()["b"] != n; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("settled b does not take the partitions: %v", held())
+		}
+	}
+	t.Logf("b took the partitions %s after its start", time.Since(began).Round(time.Millisecond))
+}
+
+// leasesHeld counts the leases of a bucket's n partitions each instance holds.
+func leasesHeld(ctx context.Context, kvs jetstream.Stream, bucket string, n int) map[string]int {
+	out := map[string]int{}
+	for p := range n {
+		if r, ok, err := projector.Holder(ctx, kvs, bucket, events.PartitionName(p)); err == nil && ok {
+			out[r.Owner]++
+		}
+	}
+	return out
+}
+
+// silentOldestInstance writes the presence record of an instance that joined before
+// any other and is never heard of again: no TTL, so no watch sees it go, but a lease
+// TTL after it, it is gone by the bucket's reading.
+func silentOldestInstance(t *testing.T, en *env, name string) {
+	t.Helper()
+	data, err := events.Marshal(&events.PresenceRecord{Instance: name, Joined: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := en.kv.Put(context.Background(), events.PresenceKey(name), data); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// partitionedEnv starts an embedded server with a store of n partitions and returns it
+// with the bucket's stream.
+func partitionedEnv(t *testing.T, n int) (*env, jetstream.Stream) {
+	t.Helper()
+	store := events.DefaultStoreConfig()
+	store.Partitions = n
+	en := mustEnvStore(t, embedded.Options{}, store)
+	kvs, err := en.js.Stream(context.Background(), events.KVStream(store.Bucket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return en, kvs
 }
