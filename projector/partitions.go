@@ -157,11 +157,11 @@ func (s *Partitions) Started(ctx context.Context) error {
 // Run announces this instance and folds the partitions assigned to it until ctx ends;
 // then it stops them between batches and gives their leases up.
 func (s *Partitions) Run(ctx context.Context) error {
-	if s.kvs.CachedInfo().Config.Replicas > 1 { // one replica: nobody answers from an old copy
-		reads, err := leaderread.New(s.js.Conn())
-		if err != nil {
-			return err
-		}
+	reads, err := leaderReads(s.js.Conn(), s.kvs)
+	if err != nil {
+		return err
+	}
+	if reads != nil {
 		defer reads.Close()
 		s.reads = reads // before the goroutines below, which read it
 	}
@@ -328,7 +328,7 @@ func (s *Partitions) assigned(p int) (mine, others bool, changed <-chan struct{}
 	if len(s.present) == 0 {
 		return false, false, s.changed
 	}
-	mine = s.present[p%len(s.present)] == s.cfg.Instance
+	mine = assignee(s.present, p) == s.cfg.Instance
 	return mine, !mine, s.changed
 }
 
@@ -450,20 +450,20 @@ func (s *Partitions) elected() <-chan struct{} {
 // successor returns the instance partition p goes to once instance gone has left the
 // list ("" when none would be left); s.mu is held.
 func (s *Partitions) successor(p int, gone string) string {
-	rest := slices.DeleteFunc(slices.Clone(s.present), func(i string) bool { return i == gone })
-	if len(rest) == 0 {
-		return ""
-	}
-	return rest[p%len(rest)]
+	return assignee(slices.DeleteFunc(slices.Clone(s.present), func(i string) bool { return i == gone }), p)
 }
 
 // owner returns the instance partition p is assigned to ("" while none is known);
 // s.mu is held.
-func (s *Partitions) owner(p int) string {
-	if len(s.present) == 0 {
+func (s *Partitions) owner(p int) string { return assignee(s.present, p) }
+
+// assignee is the rule that assigns partitions: of the instances present, oldest
+// first, partition p goes to the (p mod k)-th ("" when there are none).
+func assignee(present []string, p int) string {
+	if len(present) == 0 {
 		return ""
 	}
-	return s.present[p%len(s.present)]
+	return present[p%len(present)]
 }
 
 // gone reports whether an instance's presence key is expired or removed, read from the

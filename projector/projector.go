@@ -193,14 +193,14 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	// One server answers a bucket of one replica: no other can answer from an old copy,
-	// and its reads need none of the leader reader's listening.
 	reads := p.cfg.Reads
-	if reads == nil && kvs.CachedInfo().Config.Replicas > 1 {
-		if reads, err = leaderread.New(p.nc); err != nil {
+	if reads == nil {
+		if reads, err = leaderReads(p.nc, kvs); err != nil {
 			return err
 		}
-		defer reads.Close()
+		if reads != nil {
+			defer reads.Close()
+		}
 	}
 	p.load = &loader{kv: kv, stream: kvs, reads: reads, bucket: p.cfg.Bucket, parallel: 32}
 	evs, err := p.js.Stream(ctx, events.StreamName)

@@ -152,12 +152,7 @@ func TestAReadOfAStreamThatElectedALeaderLatelyIsVerifiedBeforeItIsAnswered(t *t
 		answer(7, 0)                   // the old leader, first
 		answer(9, 10*time.Millisecond) // the new one
 	}
-	if err := nc.Publish("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.S", []byte(`{"type":"io.nats.jetstream.advisory.v1.stream_leader_elected"}`)); err != nil {
-		t.Fatal(err)
-	}
-	if err := nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
+	announceElection(t, nc, "S")
 	for deadline := time.Now().Add(2 * time.Second); !lr.Suspected("S"); time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("the advisory was not seen")
@@ -253,9 +248,7 @@ func TestElectedIsClosedWhenAStreamAnnouncesALeader(t *testing.T) {
 		t.Fatal("closed before any election")
 	default:
 	}
-	if err := nc.Publish("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.S", []byte(`{"type":"io.nats.jetstream.advisory.v1.stream_leader_elected"}`)); err != nil {
-		t.Fatal(err)
-	}
+	announceElection(t, nc, "S")
 	select {
 	case <-first:
 	case <-time.After(2 * time.Second):
@@ -280,5 +273,17 @@ func TestSuspectAllVerifiesEveryStreamsReads(t *testing.T) {
 	lr.SuspectAll()
 	if !lr.Suspected("Any") || !lr.Suspected("Other") {
 		t.Fatal("after SuspectAll a stream's reads are not verified")
+	}
+}
+
+// announceElection publishes the advisory of a leader elected for stream, as the new
+// leader does.
+func announceElection(t *testing.T, nc *nats.Conn, stream string) {
+	t.Helper()
+	if err := nc.Publish("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED."+stream, []byte(`{"type":"io.nats.jetstream.advisory.v1.stream_leader_elected"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
 	}
 }
