@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/leaderread"
 )
 
 // Watch tickets. A browser's EventSource cannot send an Authorization header, and a
@@ -135,15 +136,18 @@ func (k *tickets) key(ctx context.Context, s *Service) (cipher.AEAD, error) {
 	}
 	var raw []byte
 	for range 3 {
-		e, err := s.kv.Get(ctx, events.TicketKeyKey)
+		// From the bucket's leader: a replica behind would show no key (or an old one).
+		m, err := s.leader.Get(ctx, events.KVStream(s.cfg.Bucket), leaderread.Request{LastBySubj: events.KVSubject(s.cfg.Bucket, events.TicketKeyKey)})
 		var rev uint64
 		switch {
-		case errors.Is(err, jetstream.ErrKeyNotFound):
+		case errors.Is(err, jetstream.ErrMsgNotFound):
 		case err != nil:
 			return nil, err
+		case m.Header.Get("KV-Operation") != "" || m.Header.Get(jetstream.MarkerReasonHeader) != "":
+			// Deleted: made again below (a create takes a deleted key's place).
 		default:
-			rev = e.Revision()
-			if raw, err = s.openTicketKey(e.Value()); err == nil {
+			rev = m.Sequence
+			if raw, err = s.openTicketKey(m.Data); err == nil {
 				break
 			}
 			raw = nil // not opened: replaced below

@@ -52,6 +52,32 @@ func DecodeMsgGet(m *nats.Msg) (*jetstream.RawStreamMsg, error) {
 	return msg, nil
 }
 
+// LeaderLast reads the last message on subject of stream with a message read
+// ($JS.API.STREAM.MSG.GET), which the stream's leader answers, not a replica that is
+// behind: what jetstream's GetLastMsgForSubject does for a stream without direct gets
+// (the projection bucket has them: the projector's reads check each answer's copy,
+// events/leaderread). It takes the first answer; for reads where a leader back from a
+// network cut, answering a moment from its old copy, would matter, use leaderread.
+// jetstream.ErrMsgNotFound when the subject has none.
+func LeaderLast(ctx context.Context, nc *nats.Conn, stream, subject string) (*jetstream.RawStreamMsg, error) {
+	body, err := json.Marshal(struct {
+		LastBySubj string `json:"last_by_subj"`
+	}{subject})
+	if err != nil {
+		return nil, err
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+	}
+	m, err := nc.RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET."+stream, body)
+	if err != nil {
+		return nil, err
+	}
+	return DecodeMsgGet(m)
+}
+
 // ErrTwoLeaders says two servers answered as a stream's leader, one of them from a
 // copy that is behind: a leader cut off by a network partition, back before it heard
 // of the new one. It is gone within seconds.

@@ -155,7 +155,7 @@ func EnsureStore(ctx context.Context, js jetstream.JetStream, c StoreConfig) (je
 		return nil, nil, fmt.Errorf("ensure bucket %s: %w", ThrottleBucket, err)
 	}
 	// An existing data keys bucket is left as it is: a KV config update would turn
-	// direct gets on again (see EnsureBucket).
+	// direct gets on again, and its reads go to the leader (below).
 	if _, err := js.Stream(ctx, KVStream(DataKeysBucket)); errors.Is(err, jetstream.ErrStreamNotFound) {
 		if _, err := js.CreateStream(ctx, c.DataKeysConfig()); err != nil && !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
 			return nil, nil, fmt.Errorf("ensure bucket %s: %w", DataKeysBucket, err)
@@ -177,17 +177,19 @@ func EnsureStore(ctx context.Context, js jetstream.JetStream, c StoreConfig) (je
 	return st, kv, nil
 }
 
-// EnsureBucket creates or updates the projection bucket.
+// EnsureBucket creates or updates the projection bucket. Its stream allows direct
+// gets, replicated or not: the projector reads its keys with them, each answer checked
+// against how far the answering copy goes (events/leaderread Snapshots); every other
+// read of the bucket that must not be behind goes to the stream's leader, never through
+// kv.Get (which takes a direct get's answer from any replica).
 func EnsureBucket(ctx context.Context, js jetstream.JetStream, c StoreConfig) (jetstream.KeyValue, error) {
 	st, err := js.Stream(ctx, KVStream(c.Bucket))
 	if err == nil && c.Replicas > 1 && (!c.ChangeReplicas || st.CachedInfo().Config.Replicas == c.Replicas) {
-		// An existing replicated bucket is left as it is: a KV config update would turn
-		// direct gets on again, and every instance that opened the bucket meanwhile
-		// would read from any replica (see below). Its replicas are checked by
-		// EnsureStore; an explicit change of them goes through the update below.
-		if st.CachedInfo().Config.AllowDirect {
-			if err := leaderReads(ctx, js, st); err != nil {
-				return nil, fmt.Errorf("bucket %s: read from the leader: %w", c.Bucket, err)
+		// An existing replicated bucket keeps its settings; direct gets, which attrd
+		// before 2026-12 turned off, are turned on.
+		if !st.CachedInfo().Config.AllowDirect {
+			if err := directGets(ctx, js, st, true); err != nil {
+				return nil, fmt.Errorf("bucket %s: allow direct gets: %w", c.Bucket, err)
 			}
 		}
 		return js.KeyValue(ctx, c.Bucket)
@@ -202,28 +204,21 @@ func EnsureBucket(ctx context.Context, js jetstream.JetStream, c StoreConfig) (j
 		}
 		return nil, fmt.Errorf("ensure bucket %s: %w", c.Bucket, err)
 	}
-	if c.Replicas > 1 {
-		// Direct gets are answered by any replica, and a lagging one would show a read
-		// right after an "ok" the old value. Reads go to the stream's leader instead.
-		st, err := js.Stream(ctx, KVStream(c.Bucket))
-		if err != nil {
-			return nil, err
-		}
-		if err := leaderReads(ctx, js, st); err != nil {
-			return nil, fmt.Errorf("bucket %s: read from the leader: %w", c.Bucket, err)
-		}
-		return js.KeyValue(ctx, c.Bucket)
-	}
 	return kv, nil
 }
 
 // leaderReads turns direct gets off for a stream, so that its leader answers every read.
 func leaderReads(ctx context.Context, js jetstream.JetStream, st jetstream.Stream) error {
-	cfg := st.CachedInfo().Config
-	if !cfg.AllowDirect {
+	if !st.CachedInfo().Config.AllowDirect {
 		return nil
 	}
-	cfg.AllowDirect = false
+	return directGets(ctx, js, st, false)
+}
+
+// directGets turns a stream's direct gets on or off.
+func directGets(ctx context.Context, js jetstream.JetStream, st jetstream.Stream, on bool) error {
+	cfg := st.CachedInfo().Config
+	cfg.AllowDirect = on
 	_, err := js.UpdateStream(ctx, cfg)
 	return err
 }

@@ -77,7 +77,7 @@ func (p *Projector) crossRead(ctx context.Context, seq uint64, ev *events.Event)
 	}
 	if username && ev.Type == events.UserCreated {
 		key := events.UsernameKey(ev.User.Username)
-		e, err := p.load.read(ctx, key)
+		e, err := p.load.readOther(ctx, key)
 		if err != nil {
 			return err
 		}
@@ -106,11 +106,11 @@ func (p *Projector) crossRead(ctx context.Context, seq uint64, ev *events.Event)
 // before seq.
 func (p *Projector) actorAt(ctx context.Context, uid, sid string, seq uint64) error {
 	uk, sk := events.UserKey(uid), events.SessionKey(sid)
-	ue, err := p.load.read(ctx, uk)
+	ue, err := p.load.readOther(ctx, uk)
 	if err != nil {
 		return err
 	}
-	se, err := p.load.read(ctx, sk)
+	se, err := p.load.readOther(ctx, sk)
 	if err != nil {
 		return err
 	}

@@ -64,14 +64,16 @@ func (l *Lease) TTL() time.Duration { return l.ttl }
 
 // Holder reads the lease of a partition from the bucket's stream (kvStream): its
 // record, and whether anybody holds it (a lease not renewed for DefaultLeaseTTL is
-// nobody's).
+// nobody's). It reads as the stream handle does (on a replicated bucket, a direct get
+// from any replica: a moment behind at most), for status and readiness; the projector's
+// own decisions read the lease from the leader.
 func Holder(ctx context.Context, kvStream jetstream.Stream, bucket, partition string) (LeaseRecord, bool, error) {
-	return holderWithin(ctx, kvStream, bucket, partition, DefaultLeaseTTL)
+	return holderWithin(ctx, nil, kvStream, bucket, partition, DefaultLeaseTTL)
 }
 
-// holderWithin is Holder for leases of the given TTL.
-func holderWithin(ctx context.Context, kvStream jetstream.Stream, bucket, partition string, ttl time.Duration) (LeaseRecord, bool, error) {
-	l := &Lease{stream: kvStream, subject: events.KVSubject(bucket, events.LeaseKey(partition)), ttl: ttl}
+// holderWithin is Holder for leases of the given TTL, read through reads if set.
+func holderWithin(ctx context.Context, reads *leaderread.Reader, kvStream jetstream.Stream, bucket, partition string, ttl time.Duration) (LeaseRecord, bool, error) {
+	l := &Lease{stream: kvStream, subject: events.KVSubject(bucket, events.LeaseKey(partition)), ttl: ttl, reads: reads}
 	r, _, err := l.holder(ctx)
 	return r, r.Owner != "", err
 }

@@ -226,18 +226,14 @@ func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) err
 // (Since 0: it records none, an older attrd folded everything).
 func (l *Log) recording(ctx context.Context, partition string) (events.RecordingRecord, error) {
 	var r events.RecordingRecord
-	kv, err := l.js.KeyValue(ctx, l.bucket)
-	if err != nil {
-		return r, fmt.Errorf("projection bucket %s: %w", l.bucket, err)
-	}
-	e, err := kv.Get(ctx, events.RecordingKey(partition))
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
+	m, err := events.LeaderLast(ctx, l.js.Conn(), events.KVStream(l.bucket), events.KVSubject(l.bucket, events.RecordingKey(partition)))
+	if errors.Is(err, jetstream.ErrMsgNotFound) || err == nil && isMarker(m.Header) {
 		return r, nil
 	}
 	if err != nil {
-		return r, err
+		return r, fmt.Errorf("projection bucket %s: %w", l.bucket, err)
 	}
-	return r, events.Unmarshal(e.Value(), &r)
+	return r, events.Unmarshal(m.Data, &r)
 }
 
 // Last returns the log's last sequence and its number of events.

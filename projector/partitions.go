@@ -216,9 +216,11 @@ func (s *Partitions) announce(ctx context.Context) {
 		// Nats-TTL: the server removes the key of an instance that stops renewing it.
 		ack, err := s.js.PublishMsg(rctx, &nats.Msg{Subject: subject, Data: data}, jetstream.WithMsgTTL(s.cfg.LeaseTTL))
 		if err == nil {
-			var e jetstream.KeyValueEntry
-			if e, err = s.kv.Get(rctx, key); err == nil && e.Revision() < ack.Sequence {
-				err = fmt.Errorf("read back revision %d, wrote %d", e.Revision(), ack.Sequence)
+			// Read back as the bucket's leader has it (a replica behind shows an
+			// older revision while nothing is wrong).
+			var m *jetstream.RawStreamMsg
+			if m, err = lastOf(rctx, s.reads, s.kvs, subject); err == nil && m.Sequence < ack.Sequence {
+				err = fmt.Errorf("read back revision %d, wrote %d", m.Sequence, ack.Sequence)
 			}
 		}
 		cancel()
@@ -385,7 +387,7 @@ func (s *Partitions) partition(ctx context.Context, p int) {
 // claim tries partition p's lease once: when p is assigned here, or when its lease has
 // been free for two TTLs. It notes a partition another instance holds as started.
 func (s *Partitions) claim(ctx context.Context, p int, mine bool) (bool, error) {
-	rec, held, err := holderWithin(ctx, s.kvs, s.cfg.Projector.Bucket, events.PartitionName(p), s.cfg.LeaseTTL)
+	rec, held, err := holderWithin(ctx, s.reads, s.kvs, s.cfg.Projector.Bucket, events.PartitionName(p), s.cfg.LeaseTTL)
 	if err != nil {
 		return false, err
 	}
@@ -497,6 +499,7 @@ func (s *Partitions) fold(ctx context.Context, p int) error {
 	if err != nil {
 		return err
 	}
+	lease.reads = s.reads
 	actx, acancel := context.WithTimeout(ctx, s.cfg.Poll)
 	err = lease.Acquire(actx, s.cfg.Poll)
 	acancel()
@@ -513,7 +516,6 @@ func (s *Partitions) fold(ctx context.Context, p int) error {
 	m.leaseHeld(true)
 	defer m.leaseHeld(false)
 	lease.RenewFailed = m.renewFailure
-	lease.reads = s.reads
 	nc := s.js.Conn()
 	if s.cfg.Dial != nil {
 		if nc, err = s.cfg.Dial("attrd-projector-" + part); err != nil {

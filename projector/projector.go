@@ -99,6 +99,9 @@ type Projector struct {
 	view    *view
 	load    *loader
 	ckptRev uint64
+	// seen is the highest sequence of the bucket's stream this run saw stored (an
+	// acknowledged write): a key of the partition is read only from a copy holding it.
+	seen atomic.Uint64
 	// layout is the event stream's partitioning, and part this projector's partition
 	// by name.
 	layout  events.Layout
@@ -202,7 +205,13 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 			defer reads.Close()
 		}
 	}
-	p.load = &loader{kv: kv, stream: kvs, reads: reads, bucket: p.cfg.Bucket, parallel: 32}
+	snaps, err := leaderread.NewSnapshots(p.nc)
+	if err != nil {
+		return err
+	}
+	defer snaps.Close()
+	p.load = &loader{kv: kv, stream: kvs, reads: reads, bucket: p.cfg.Bucket, parallel: 32,
+		snaps: snaps, floor: p.seen.Load, anchor: events.KVSubject(p.cfg.Bucket, events.CheckpointKey(p.part))}
 	evs, err := p.js.Stream(ctx, events.StreamName)
 	if err != nil {
 		return fmt.Errorf("event stream: %w", err)

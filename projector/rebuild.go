@@ -254,7 +254,7 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 	// it differs too.
 	kept := diffs[:0]
 	for _, d := range diffs {
-		last, err := kvs.GetLastMsgForSubject(ctx, events.KVSubject(bucket, d.Key))
+		last, err := events.LeaderLast(ctx, js.Conn(), kvs.CachedInfo().Config.Name, events.KVSubject(bucket, d.Key))
 		var l any
 		switch {
 		case errors.Is(err, jetstream.ErrMsgNotFound):

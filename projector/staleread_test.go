@@ -16,14 +16,30 @@ import (
 	"github.com/attrd/attrd/projector"
 )
 
+// directGets turns the bucket stream's direct gets on or off.
+func directGets(t *testing.T, en *env, on bool) {
+	t.Helper()
+	ctx := context.Background()
+	st, err := en.js.Stream(ctx, events.KVStream(en.store.Bucket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := st.CachedInfo().Config
+	cfg.AllowDirect = on
+	if _, err := en.js.UpdateStream(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // msgGetSubject is where the bucket's stream answers message reads.
 func msgGetSubject(en *env) string {
 	return "$JS.API.STREAM.MSG.GET." + events.KVStream(en.store.Bucket)
 }
 
-// TestAProjectorStopsRatherThanFoldOnAKeyTwoLeadersAnswerDifferently: after a leader
-// election of the bucket's stream, an old leader back from a network cut may answer
-// key reads from its old copy. Here a second "leader" answers every read with a message
+// TestAProjectorStopsRatherThanFoldOnAKeyTwoLeadersAnswerDifferently: on a bucket that
+// serves no direct gets (an older attrd turned them off), keys are read from the
+// stream's leader; after a leader election of the bucket's stream, an old leader back
+// from a network cut may answer key reads from its old copy. Here a second "leader" answers every read with a message
 // the real one does not have: the projector's load sees two different answers, and
 // the run stops (ErrTwoLeaders) rather than fold an event on either; nothing of it is
 // written. (That the loads take the leader's answer over a member's 503, which the
@@ -31,6 +47,7 @@ func msgGetSubject(en *env) string {
 // in events/leaderread.)
 func TestAProjectorStopsRatherThanFoldOnAKeyTwoLeadersAnswerDifferently(t *testing.T) {
 	en := mustEnv(t)
+	directGets(t, en, false)
 	reads, err := leaderread.New(en.nc)
 	if err != nil {
 		t.Fatal(err)

@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -332,6 +335,55 @@ type loader struct {
 	reads    *leaderread.Reader
 	bucket   string
 	parallel int
+	// snaps reads this partition's keys from a copy of the bucket that holds floor()
+	// (the last sequence this run saw stored), asking with anchor (the partition's
+	// intent record, at or below it) so that every answer names its copy's extent;
+	// nil, or noDirect once the bucket refused a direct get (an older attrd turned
+	// them off): read as the leader has them (reads) instead.
+	snaps    *leaderread.Snapshots
+	floor    func() uint64
+	anchor   string
+	noDirect atomic.Bool
+}
+
+// snapTimeout bounds a read of keys from a copy holding the floor: a healthy replica
+// catches up within milliseconds; one that stays behind is cut off, and its run is
+// better stopped (its lease is going) than kept waiting.
+const snapTimeout = 2 * time.Second
+
+// snapshot reads the last messages of keys (by key) from a copy of the bucket that
+// holds everything this run saw stored; ok is false when the bucket serves no direct
+// gets, and the caller reads another way.
+func (l *loader) snapshot(ctx context.Context, keys []string) (map[string]*jetstream.RawStreamMsg, bool, error) {
+	if l.snaps == nil || l.noDirect.Load() {
+		return nil, false, nil
+	}
+	subjects := make([]string, len(keys))
+	for i, k := range keys {
+		subjects[i] = events.KVSubject(l.bucket, k)
+	}
+	sctx, cancel := context.WithTimeout(ctx, snapTimeout)
+	defer cancel()
+	// NATS subtlety: any replica answers a direct get, from its own copy: a follower
+	// catching up, or a leader cut off by a partition and back, would answer old. The
+	// floor makes such an answer wait (or fail) instead of being folded on (issue 17).
+	got, err := l.snaps.Last(sctx, l.stream.CachedInfo().Config.Name, l.anchor, subjects, l.floor())
+	if errors.Is(err, leaderread.ErrNoDirect) {
+		l.noDirect.Store(true)
+		return nil, false, nil
+	}
+	if err != nil {
+		if errors.Is(err, leaderread.ErrBehind) {
+			err = fmt.Errorf("%w: %w", ErrStaleRead, err)
+		}
+		return nil, true, fmt.Errorf("read %d keys: %w", len(keys), err)
+	}
+	byKey := make(map[string]*jetstream.RawStreamMsg, len(got))
+	prefix := len(events.KVSubject(l.bucket, ""))
+	for subj, m := range got {
+		byKey[subj[prefix:]] = m
+	}
+	return byKey, true, nil
 }
 
 // load fills the view with every key and prefix not yet in it. Keys are read in
@@ -359,21 +411,8 @@ func (l *loader) load(ctx context.Context, v *view, keys, prefixes []string) err
 	if len(missing) == 0 {
 		return nil
 	}
-	got := make([]*entry, len(missing))
-	errs := make([]error, len(missing))
-	sem := make(chan struct{}, max(l.parallel, 1))
-	var wg sync.WaitGroup
-	for i, k := range missing {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			got[i], errs[i] = l.read(ctx, k)
-		}()
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
+	got, err := l.readAll(ctx, missing)
+	if err != nil {
 		return err
 	}
 	v.locked(func() {
@@ -385,12 +424,62 @@ func (l *loader) load(ctx context.Context, v *view, keys, prefixes []string) err
 	return nil
 }
 
-// read returns a key's last message as an entry. It reads the raw stream message, not
-// kv.Get, because it needs the revision of delete and expiry markers too: they advance
-// the key's last subject sequence, which the next compare-and-set must name.
+// readAll returns the entries of keys, in their order: one snapshot request per few
+// hundred keys, or, where the bucket serves no direct gets, a read per key (in
+// parallel) as its leader has it.
+func (l *loader) readAll(ctx context.Context, keys []string) ([]*entry, error) {
+	got := make([]*entry, len(keys))
+	msgs, ok, err := l.snapshot(ctx, keys)
+	if err != nil {
+		return nil, err
+	}
+	if ok {
+		for i, k := range keys {
+			if got[i], err = entryOf(k, msgs[k], nil); err != nil {
+				return nil, err
+			}
+		}
+		return got, nil
+	}
+	errs := make([]error, len(keys))
+	sem := make(chan struct{}, max(l.parallel, 1))
+	var wg sync.WaitGroup
+	for i, k := range keys {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			got[i], errs[i] = l.readOther(ctx, k)
+		}()
+	}
+	wg.Wait()
+	return got, errors.Join(errs...)
+}
+
+// read returns a key of this partition as an entry (readAll of one key).
 func (l *loader) read(ctx context.Context, key string) (*entry, error) {
-	m, err := l.last(ctx, key)
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
+	got, err := l.readAll(ctx, []string{key})
+	if err != nil {
+		return nil, err
+	}
+	return got[0], nil
+}
+
+// readOther returns a key as the bucket's leader has it, as an entry: for keys another
+// partition writes (whose writes this run's floor does not cover), and buckets that
+// serve no direct gets.
+func (l *loader) readOther(ctx context.Context, key string) (*entry, error) {
+	m, err := lastOf(ctx, l.reads, l.stream, events.KVSubject(l.bucket, key))
+	return entryOf(key, m, err)
+}
+
+// entryOf makes an entry of a key's last message (m nil or err ErrMsgNotFound: none).
+// The loader reads raw stream messages, not kv.Get, because it needs the revision of
+// delete and expiry markers too: they advance the key's last subject sequence, which
+// the next compare-and-set must name.
+func entryOf(key string, m *jetstream.RawStreamMsg, err error) (*entry, error) {
+	if errors.Is(err, jetstream.ErrMsgNotFound) || err == nil && m == nil {
 		return &entry{}, nil
 	}
 	if err != nil {
@@ -406,9 +495,19 @@ func (l *loader) read(ctx context.Context, key string) (*entry, error) {
 	return &entry{rev: m.Sequence, rec: rec}, nil
 }
 
-// last reads a key's last message as the bucket's leader has it (lastOf).
+// last reads a key's last message of this partition: from a copy holding the floor,
+// or as the bucket's leader has it (lastOf) where the bucket serves no direct gets.
 func (l *loader) last(ctx context.Context, key string) (*jetstream.RawStreamMsg, error) {
-	return lastOf(ctx, l.reads, l.stream, events.KVSubject(l.bucket, key))
+	msgs, ok, err := l.snapshot(ctx, []string{key})
+	switch {
+	case err != nil:
+		return nil, err
+	case !ok:
+		return lastOf(ctx, l.reads, l.stream, events.KVSubject(l.bucket, key))
+	case msgs[key] == nil:
+		return nil, jetstream.ErrMsgNotFound
+	}
+	return msgs[key], nil
 }
 
 // leaderReads returns a leader reader on nc for the bucket's stream kvs, or nil for a
@@ -449,8 +548,24 @@ func isMarker(h map[string][]string) bool {
 	return len(h["KV-Operation"]) > 0 || len(h[jetstream.MarkerReasonHeader]) > 0
 }
 
-// scan lists the keys under an attribute prefix that hold a value.
+// scan lists the keys under an attribute prefix that hold a value: from a copy holding
+// the floor, or, where the bucket serves no direct gets or the prefix has more keys than
+// one answer holds, through a consumer of the bucket.
 func (l *loader) scan(ctx context.Context, prefix string) ([]string, error) {
+	msgs, ok, err := l.snapshot(ctx, []string{prefix + ">"})
+	switch {
+	case err == nil && ok:
+		var keys []string
+		for k, m := range msgs {
+			if !isMarker(m.Header) {
+				keys = append(keys, k)
+			}
+		}
+		slices.Sort(keys)
+		return keys, nil
+	case err != nil && !errors.Is(err, leaderread.ErrTooMany):
+		return nil, err
+	}
 	lister, err := l.kv.ListKeysFiltered(ctx, prefix+">")
 	if err != nil {
 		return nil, fmt.Errorf("scan %s: %w", prefix, err)

@@ -356,9 +356,14 @@ func sameStored(key string, data []byte, rec any) bool {
 	return err == nil && sameRecord(stored, rec)
 }
 
+// wait waits for a write's acknowledgement; every one of the bucket raises the floor
+// of this run's reads (seen).
 func (p *Projector) wait(ctx context.Context, f jetstream.PubAckFuture) (*jetstream.PubAck, error) {
 	select {
 	case ack := <-f.Ok():
+		if ack.Stream == p.load.stream.CachedInfo().Config.Name {
+			p.saw(ack.Sequence)
+		}
 		return ack, nil
 	case err := <-f.Err():
 		return nil, err
@@ -393,6 +398,7 @@ func (p *Projector) waitCheckpoint(ctx context.Context, f jetstream.PubAckFuture
 		return fmt.Errorf("intent record: %w", err)
 	}
 	p.ckptRev = ack.Sequence
+	p.saw(ack.Sequence)
 	return nil
 }
 
@@ -406,6 +412,16 @@ func (p *Projector) intentStored(ctx context.Context, data []byte) (uint64, bool
 		return 0, false
 	}
 	return m.Sequence, true
+}
+
+// saw raises seen to seq.
+func (p *Projector) saw(seq uint64) {
+	for {
+		cur := p.seen.Load()
+		if seq <= cur || p.seen.CompareAndSwap(cur, seq) {
+			return
+		}
+	}
 }
 
 // isConflict reports a compare-and-set failure: 10071 on R1, 10164 on replicated streams.

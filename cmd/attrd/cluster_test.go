@@ -494,15 +494,16 @@ func verifyLoad(t *testing.T, ld *load, s *Server) {
 		t.Fatalf("%d stale reads, %d creates applied twice, %d answers of 500", ld.stale.Load(), ld.twice.Load(), ld.internal.Load())
 	}
 	ld.ops.check(t)
-	kv := mustKV(t, s)
 	for w := range ld.acked {
 		uid := ld.users[w%len(ld.users)].uid
-		e, err := kv.Get(context.Background(), events.AttrKey(uid, "", fmt.Sprintf("w%d", w)))
+		// From the bucket's leader: a direct get may be answered by a replica behind.
+		m, err := events.LeaderLast(context.Background(), s.apiConn, events.KVStream(events.DefaultBucket),
+			events.KVSubject(events.DefaultBucket, events.AttrKey(uid, "", fmt.Sprintf("w%d", w))))
 		if err != nil {
 			t.Fatalf("w%d: %v", w, err)
 		}
 		var rec events.AttrRecord
-		events.Unmarshal(e.Value(), &rec)
+		events.Unmarshal(m.Data, &rec)
 		v, _ := strconv.ParseInt(string(rec.Value), 10, 64)
 		if acked := ld.acked[w].Load(); v < acked || v > acked+1 {
 			t.Fatalf("w%d holds %d, last acknowledged %d", w, v, acked)
@@ -903,4 +904,67 @@ func TestAProjectorStartsOnlyWhenOneServerAnswersAsTheBucketsLeader(t *testing.T
 		t.Fatalf("the projector started while a server answered without its intent record (%d reads answered so)", probes.Load())
 	}
 	t.Logf("%d runs refused while the stale server answered; started %s after it went", probes.Load(), started.Sub(time.Unix(0, gone.Load())).Round(time.Millisecond))
+}
+
+// TestAReplicatedBucketOfAnOlderAttrdServesDirectGetsAgain: attrd before the read
+// index turned a replicated bucket's direct gets off; the projector now reads its keys
+// with them (each answer checked against how far its copy goes). An instance started on
+// such a bucket turns them on again, and the bucket serves as before: an attribute set
+// before the upgrade is read, updated (the fold loads it), and read back.
+func TestAReplicatedBucketOfAnOlderAttrdServesDirectGetsAgain(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a cluster of three NATS nodes")
+	}
+	cl := startNATSCluster(t)
+	a := cl.instance(t)
+	ctx := ctxT(t)
+	direct := func(s *Server) bool {
+		t.Helper()
+		js, _ := jetstream.New(s.apiConn)
+		st, err := js.Stream(ctx, events.KVStream(events.DefaultBucket))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.CachedInfo().Config.AllowDirect
+	}
+	if !direct(a) {
+		t.Fatal("a new replicated bucket serves no direct gets")
+	}
+	admin := mustLogin(t, mustClient(t, a), "admin", adminPassword)
+	me, err := admin.User(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectCode(t, me.Attr.Create(ctx, "kept", 1), noError)
+	// As the older attrd left it.
+	js, _ := jetstream.New(a.apiConn)
+	st, err := js.Stream(ctx, events.KVStream(events.DefaultBucket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := st.CachedInfo().Config
+	cfg.AllowDirect = false
+	if _, err := js.UpdateStream(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Close(); err != nil {
+		t.Logf("close: %v", err)
+	}
+
+	b := cl.instance(t)
+	if !direct(b) {
+		t.Fatal("the upgraded instance left the bucket without direct gets")
+	}
+	admin = mustLogin(t, mustClient(t, b), "admin", adminPassword)
+	me, err = admin.User(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := me.Attr.Get(ctx, "kept"); err != nil || string(got.Value) != "1" {
+		t.Fatalf("the attribute set before the upgrade reads %+v, %v", got, err)
+	}
+	expectCode(t, me.Attr.Update(ctx, "kept", 2), noError)
+	if got, err := me.Attr.Get(ctx, "kept"); err != nil || string(got.Value) != "2" {
+		t.Fatalf("after the update the attribute reads %+v, %v", got, err)
+	}
 }

@@ -91,13 +91,11 @@ func historyCmd(ctx context.Context, args []string, stdout, stderr *os.File) err
 
 // resolveUser takes a user id or a username.
 func resolveUser(ctx context.Context, js jetstream.JetStream, user string) (string, error) {
-	kv, err := js.KeyValue(ctx, events.DefaultBucket)
-	if err != nil {
-		return "", err
-	}
-	if e, err := kv.Get(ctx, events.UsernameKey(user)); err == nil {
+	// From the bucket's leader: a replica behind would not know a new username.
+	m, err := events.LeaderLast(ctx, js.Conn(), events.KVStream(events.DefaultBucket), events.KVSubject(events.DefaultBucket, events.UsernameKey(user)))
+	if err == nil && m.Header.Get("KV-Operation") == "" && m.Header.Get(jetstream.MarkerReasonHeader) == "" {
 		var r events.UsernameRecord
-		if err := events.Unmarshal(e.Value(), &r); err == nil {
+		if err := events.Unmarshal(m.Data, &r); err == nil {
 			return r.UserID, nil
 		}
 	}
