@@ -92,6 +92,7 @@ func (s *Service) readTarget(ctx context.Context, session bool, req *Request) (c
 	if err != nil {
 		return ctx, nil, err
 	}
+	ctx = s.prefetch(ctx, session, req)
 	t, err := s.resolve(ctx, session, req)
 	if err == nil && req.typeErr != nil {
 		err = req.typeErr

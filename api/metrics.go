@@ -33,6 +33,9 @@ const (
 	// refusedTwoLeaders: a read refused because two servers answered one read as a
 	// stream's leader, differently, within twoLeadersHold.
 	refusedTwoLeaders = "two_leaders"
+	// refusedBehind: a read refused because no copy of the bucket holding its
+	// barrier answered within readIndexWait (readindex.go).
+	refusedBehind = "copies_behind"
 )
 
 // Transports, as Meta.Transport names them.

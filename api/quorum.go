@@ -11,7 +11,10 @@ import (
 )
 
 // Linearizable reads. A read must never return a value older than one whose write was
-// acknowledged before the read was sent, on either side of a network partition. A NATS
+// acknowledged before the read was sent, on either side of a network partition. On a
+// replicated bucket the read index (readindex.go) makes it so by construction; what
+// follows came first and stays as the first gate (it refuses early, without a write,
+// what the read index would refuse after its bound). A NATS
 // server cut off from the others may still be, for seconds, the leader of a stream's
 // Raft group in its own eyes (it steps down only after 10 s without a quorum), and
 // answer reads from what it has, while the other side elects a leader and acknowledges
@@ -70,33 +73,46 @@ func (s *Service) reading(ctx context.Context) (context.Context, error) {
 		return ctx, events.Errorf(events.CodeOutcomeUnknown,
 			"two NATS servers answered as a stream's leader %s ago (one is back from a network cut): nothing read, try again", since.Round(time.Millisecond))
 	}
-	return context.WithValue(ctx, readKey{}, true), nil
+	return s.indexRead(context.WithValue(ctx, readKey{}, true))
 }
 
 // isRead reports whether ctx is a linearizable read's.
 func isRead(ctx context.Context) bool { return ctx.Value(readKey{}) != nil }
 
-// heartbeat writes this instance's heartbeat key once and, when the write is
-// acknowledged, notes when it was sent.
+// heartbeat writes this instance's heartbeat key once (writeHeartbeat), within
+// quorumBound.
 func (s *Service) heartbeat(ctx context.Context, js jetstream.JetStream, subject string) error {
-	sent := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, quorumBound)
 	defer cancel()
+	_, err := s.writeHeartbeat(ctx, js, subject)
+	return err
+}
+
+// writeHeartbeat writes this instance's heartbeat key and, when the write is
+// acknowledged, notes when it was sent; it returns the write's sequence.
+func (s *Service) writeHeartbeat(ctx context.Context, js jetstream.JetStream, subject string) (uint64, error) {
+	sent := time.Now()
 	// Nats-TTL: the key of an instance that stopped goes away on its own.
-	_, err := js.PublishMsg(ctx, &nats.Msg{Subject: subject, Data: []byte(s.inbox)}, jetstream.WithMsgTTL(quorumKeyTTL))
+	ack, err := js.PublishMsg(ctx, &nats.Msg{Subject: subject, Data: []byte(s.inbox)}, jetstream.WithMsgTTL(quorumKeyTTL))
 	if err != nil {
-		return err
+		return 0, err
 	}
+	s.reachedQuorum(sent)
+	return ack.Sequence, nil
+}
+
+// reachedQuorum notes a heartbeat (or a barrier) sent at sent and acknowledged.
+func (s *Service) reachedQuorum(sent time.Time) {
 	for {
 		old := s.quorum.Load()
 		if old >= sent.UnixNano() {
-			return nil
+			return
 		}
 		if s.quorum.CompareAndSwap(old, sent.UnixNano()) {
 			if old != 0 && sent.Sub(time.Unix(0, old)) > quorumBound {
 				s.quorumBack.Store(sent.UnixNano()) // acknowledged again after a loss
 			}
-			return nil
+			return
 		}
 	}
 }

@@ -101,6 +101,30 @@ func (s *Service) getAttrs(ctx context.Context, prefix string, names []string, m
 		}
 		return out, err
 	}
+	if floor := readFloor(ctx); floor > 0 {
+		// Through the read index: every name in one request.
+		keys := make([]string, len(names))
+		for i, n := range names {
+			keys[i] = prefix + events.EncodeName(n)
+		}
+		recs, ok, err := s.readIndexedKeys(ctx, keys, floor)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			size := 0
+			for i, n := range names {
+				if a, ok := recs[keys[i]].(*events.AttrRecord); ok && a.Live(now) {
+					out[n] = a
+					size += len(a.Value) + len(n) + 200
+				}
+			}
+			if maxBytes > 0 && size > maxBytes {
+				return nil, events.Errorf(events.CodeInvalidInput, "the reply would pass %d bytes: ask for fewer names", maxBytes)
+			}
+			return out, nil
+		}
+	}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	var size atomic.Int64
@@ -139,6 +163,34 @@ func (s *Service) getAttrs(ctx context.Context, prefix string, names []string, m
 func (s *Service) listNames(ctx context.Context, prefix string) ([]string, error) {
 	now := time.Now().UnixNano()
 	subject := events.KVSubject(s.cfg.Bucket, prefix)
+	if floor := readFloor(ctx); floor > 0 {
+		// A read on a replicated bucket: the keys' last messages from a copy holding
+		// its barrier (readindex.go), when one answer holds them all.
+		msgs, ok, err := s.scanIndexed(ctx, subject+">", floor)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			names, legacy := []string{}, []string(nil)
+			for subj, m := range msgs {
+				if events.IsMarker(m.Header) {
+					continue
+				}
+				name, err := events.AttrNameFromKey(prefix, strings.TrimPrefix(subj, subject[:len(subject)-len(prefix)]))
+				if err != nil {
+					return nil, err
+				}
+				exp, known := events.RecordExpiry(m.Header)
+				switch {
+				case !known:
+					legacy = append(legacy, name)
+				case exp == 0 || exp > now:
+					names = append(names, name)
+				}
+			}
+			return s.withLegacy(ctx, prefix, names, legacy)
+		}
+	}
 	cons, err := s.kvStream.CreateConsumer(ctx, jetstream.ConsumerConfig{
 		FilterSubject: subject + ">", DeliverPolicy: jetstream.DeliverLastPerSubjectPolicy,
 		AckPolicy: jetstream.AckNonePolicy, HeadersOnly: true, MemoryStorage: true,
@@ -169,7 +221,7 @@ func (s *Service) listNames(ctx context.Context, prefix string) ([]string, error
 			}
 			pending = md.NumPending
 			h := m.Headers()
-			if h.Get("KV-Operation") != "" || h.Get(jetstream.MarkerReasonHeader) != "" {
+			if events.IsMarker(h) {
 				continue // deleted, or expired by the server
 			}
 			name, err := events.AttrNameFromKey(prefix, strings.TrimPrefix(m.Subject(), subject[:len(subject)-len(prefix)]))
@@ -191,6 +243,12 @@ func (s *Service) listNames(ctx context.Context, prefix string) ([]string, error
 			break
 		}
 	}
+	return s.withLegacy(ctx, prefix, names, legacy)
+}
+
+// withLegacy adds to names those of legacy (records written before their expiry was in
+// a header) that are live.
+func (s *Service) withLegacy(ctx context.Context, prefix string, names, legacy []string) ([]string, error) {
 	if len(legacy) > 0 {
 		recs, err := s.getAttrs(ctx, prefix, legacy, 0)
 		if err != nil {

@@ -107,6 +107,16 @@ type Service struct {
 	// quorumBack is when (Unix ns) the first heartbeat acknowledged after a loss of the
 	// quorum was sent: reads wait quorumSettle after it (quorum.go).
 	quorumBack atomic.Int64
+	// barriers, on a replicated bucket, sends the read index's barriers, and snaps
+	// reads keys from a copy that holds one (readindex.go); nil on one replica.
+	// noDirectUntil (Unix ns) is set when the bucket showed direct gets off (an older
+	// attrd turned them off): until then reads go to the leader as before.
+	barriers      *barriers
+	snaps         *leaderread.Snapshots
+	noDirectUntil atomic.Int64
+	// heartbeatSubject is this instance's heartbeat key: the quorum's proof, the
+	// barriers, and the key every read index request names (it always exists).
+	heartbeatSubject string
 
 	sessions *sessionCache
 	hashes   *Gate
@@ -273,6 +283,13 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	}
 	go s.countRefusals(wctx)
 	hb := events.KVSubject(cfg.Bucket, events.HeartbeatKey(events.NewID()))
+	s.heartbeatSubject = hb
+	if kvStream.CachedInfo().Config.Replicas > 1 {
+		if s.snaps, err = leaderread.NewSnapshots(nc); err != nil {
+			return nil, err
+		}
+		s.barriers = &barriers{send: s.sendBarrier(js, hb)}
+	}
 	if err := s.heartbeat(ctx, js, hb); err != nil {
 		s.log.Warn("no quorum heartbeat yet: reads wait for one", "err", err)
 	}
@@ -287,7 +304,11 @@ func (s *Service) Config() Config { return s.cfg }
 func (s *Service) Close() error {
 	s.stop()
 	s.watches.close(0)
-	return errors.Join(s.sub.Unsubscribe(), s.feedSub.Unsubscribe(), s.acks.Close(), s.leader.Close())
+	errs := []error{s.sub.Unsubscribe(), s.feedSub.Unsubscribe(), s.acks.Close(), s.leader.Close()}
+	if s.snaps != nil {
+		errs = append(errs, s.snaps.Close())
+	}
+	return errors.Join(errs...)
 }
 
 // CheckBodySize refuses a request body over the limit (E008002); transports call it, or
@@ -686,10 +707,19 @@ type LocalReader interface {
 	Read(key string) (rec any, ok bool)
 }
 
-// read returns the record under key, or nil if there is none: from this instance's
-// own projector when it folds the key's partition (the latest committed record, with
-// no round trip), else from KV.
+// read returns the record under key, or nil if there is none: for a read on a
+// replicated bucket, through the read index; else from this instance's own projector
+// when it folds the key's partition (the latest committed record, with no round trip),
+// or from KV.
 func (s *Service) read(ctx context.Context, key string) (any, error) {
+	if floor := readFloor(ctx); floor > 0 {
+		// A read on a replicated bucket: from a copy holding its barrier
+		// (readindex.go), not from this instance's projector, which may have been
+		// deposed without knowing it yet.
+		if rec, ok, err := s.readIndexed(ctx, key, floor); ok {
+			return rec, err
+		}
+	}
 	if s.cfg.Local != nil {
 		if rec, ok := s.cfg.Local.Read(key); ok {
 			return rec, nil

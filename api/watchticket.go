@@ -143,7 +143,7 @@ func (k *tickets) key(ctx context.Context, s *Service) (cipher.AEAD, error) {
 		case errors.Is(err, jetstream.ErrMsgNotFound):
 		case err != nil:
 			return nil, err
-		case m.Header.Get("KV-Operation") != "" || m.Header.Get(jetstream.MarkerReasonHeader) != "":
+		case events.IsMarker(m.Header):
 			// Deleted: made again below (a create takes a deleted key's place).
 		default:
 			rev = m.Sequence

@@ -52,6 +52,12 @@ func DecodeMsgGet(m *nats.Msg) (*jetstream.RawStreamMsg, error) {
 	return msg, nil
 }
 
+// IsMarker reports whether a KV message's headers make it a marker rather than a value:
+// a delete or purge (KV-Operation), or the server's expiry or removal marker (a reason).
+func IsMarker(h nats.Header) bool {
+	return h.Get("KV-Operation") != "" || h.Get(jetstream.MarkerReasonHeader) != ""
+}
+
 // LeaderLast reads the last message on subject of stream with a message read
 // ($JS.API.STREAM.MSG.GET), which the stream's leader answers, not a replica that is
 // behind: what jetstream's GetLastMsgForSubject does for a stream without direct gets

@@ -101,7 +101,7 @@ func (l *Lease) Acquire(ctx context.Context, poll time.Duration) error {
 // has lapsed: its last message is a marker (expired, released), or was written longer
 // ago than ttl and a margin for clocks (ttl 0: no such test).
 func lapsed(m *jetstream.RawStreamMsg, ttl time.Duration) bool {
-	return isMarker(m.Header) || ttl > 0 && time.Since(m.Time) > ttl+leaseMargin
+	return events.IsMarker(m.Header) || ttl > 0 && time.Since(m.Time) > ttl+leaseMargin
 }
 
 // holder reads the lease key: its record (Owner "": nobody holds it) and revision. A

@@ -227,7 +227,7 @@ func (l *Log) FoldAll(ctx context.Context, m *Memory, fn func(events.Entry)) err
 func (l *Log) recording(ctx context.Context, partition string) (events.RecordingRecord, error) {
 	var r events.RecordingRecord
 	m, err := events.LeaderLast(ctx, l.js.Conn(), events.KVStream(l.bucket), events.KVSubject(l.bucket, events.RecordingKey(partition)))
-	if errors.Is(err, jetstream.ErrMsgNotFound) || err == nil && isMarker(m.Header) {
+	if errors.Is(err, jetstream.ErrMsgNotFound) || err == nil && events.IsMarker(m.Header) {
 		return r, nil
 	}
 	if err != nil {

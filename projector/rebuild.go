@@ -260,7 +260,7 @@ func Diff(ctx context.Context, js jetstream.JetStream, bucket string, m *Memory)
 		case errors.Is(err, jetstream.ErrMsgNotFound):
 		case err != nil:
 			return nil, 0, err
-		case isMarker(last.Header):
+		case events.IsMarker(last.Header):
 		default:
 			if l, err = events.DecodeRecord(d.Key, last.Data); err != nil {
 				kept = append(kept, Difference{Key: d.Key, Replay: d.Replay, LiveErr: err.Error()})

@@ -338,8 +338,8 @@ type loader struct {
 	// snaps reads this partition's keys from a copy of the bucket that holds floor()
 	// (the last sequence this run saw stored), asking with anchor (the partition's
 	// intent record, at or below it) so that every answer names its copy's extent;
-	// nil, or noDirect once the bucket refused a direct get (an older attrd turned
-	// them off): read as the leader has them (reads) instead.
+	// nil, or noDirect once the bucket's configuration showed direct gets off (an
+	// older attrd turned them off): read as the leader has them (reads) instead.
 	snaps    *leaderread.Snapshots
 	floor    func() uint64
 	anchor   string
@@ -369,8 +369,10 @@ func (l *loader) snapshot(ctx context.Context, keys []string) (map[string]*jetst
 	// floor makes such an answer wait (or fail) instead of being folded on (issue 17).
 	got, err := l.snaps.Last(sctx, l.stream.CachedInfo().Config.Name, l.anchor, subjects, l.floor())
 	if errors.Is(err, leaderread.ErrNoDirect) {
-		l.noDirect.Store(true)
-		return nil, false, nil
+		if allowed, ierr := leaderread.DirectAllowed(ctx, l.stream); ierr == nil && !allowed {
+			l.noDirect.Store(true) // an older attrd turned them off: read from the leader
+			return nil, false, nil
+		}
 	}
 	if err != nil {
 		if errors.Is(err, leaderread.ErrBehind) {
@@ -470,8 +472,15 @@ func (l *loader) read(ctx context.Context, key string) (*entry, error) {
 // partition writes (whose writes this run's floor does not cover), and buckets that
 // serve no direct gets.
 func (l *loader) readOther(ctx context.Context, key string) (*entry, error) {
-	m, err := lastOf(ctx, l.reads, l.stream, events.KVSubject(l.bucket, key))
+	m, err := l.leaderLast(ctx, key)
 	return entryOf(key, m, err)
+}
+
+// leaderLast reads a key's last message as the bucket's leader has it (lastOf): for a
+// key whose compare-and-set the leader just refused, whose refusing message a copy
+// holding only this run's floor may not hold yet.
+func (l *loader) leaderLast(ctx context.Context, key string) (*jetstream.RawStreamMsg, error) {
+	return lastOf(ctx, l.reads, l.stream, events.KVSubject(l.bucket, key))
 }
 
 // entryOf makes an entry of a key's last message (m nil or err ErrMsgNotFound: none).
@@ -485,7 +494,7 @@ func entryOf(key string, m *jetstream.RawStreamMsg, err error) (*entry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", key, err)
 	}
-	if isMarker(m.Header) {
+	if events.IsMarker(m.Header) {
 		return &entry{rev: m.Sequence}, nil
 	}
 	rec, err := events.DecodeRecord(key, m.Data)
@@ -493,21 +502,6 @@ func entryOf(key string, m *jetstream.RawStreamMsg, err error) (*entry, error) {
 		return nil, err
 	}
 	return &entry{rev: m.Sequence, rec: rec}, nil
-}
-
-// last reads a key's last message of this partition: from a copy holding the floor,
-// or as the bucket's leader has it (lastOf) where the bucket serves no direct gets.
-func (l *loader) last(ctx context.Context, key string) (*jetstream.RawStreamMsg, error) {
-	msgs, ok, err := l.snapshot(ctx, []string{key})
-	switch {
-	case err != nil:
-		return nil, err
-	case !ok:
-		return lastOf(ctx, l.reads, l.stream, events.KVSubject(l.bucket, key))
-	case msgs[key] == nil:
-		return nil, jetstream.ErrMsgNotFound
-	}
-	return msgs[key], nil
 }
 
 // leaderReads returns a leader reader on nc for the bucket's stream kvs, or nil for a
@@ -543,11 +537,6 @@ func lastOf(ctx context.Context, reads *leaderread.Reader, st jetstream.Stream, 
 	return reads.Get(ctx, st.CachedInfo().Config.Name, leaderread.Request{LastBySubj: subject})
 }
 
-// isMarker reports whether a KV message is a delete, purge or server expiry marker.
-func isMarker(h map[string][]string) bool {
-	return len(h["KV-Operation"]) > 0 || len(h[jetstream.MarkerReasonHeader]) > 0
-}
-
 // scan lists the keys under an attribute prefix that hold a value: from a copy holding
 // the floor, or, where the bucket serves no direct gets or the prefix has more keys than
 // one answer holds, through a consumer of the bucket.
@@ -557,7 +546,7 @@ func (l *loader) scan(ctx context.Context, prefix string) ([]string, error) {
 	case err == nil && ok:
 		var keys []string
 		for k, m := range msgs {
-			if !isMarker(m.Header) {
+			if !events.IsMarker(m.Header) {
 				keys = append(keys, k)
 			}
 		}

@@ -276,7 +276,7 @@ const deleteMarkerTTL = 10 * time.Minute
 func (p *Projector) rewrite(ctx context.Context, w pendingWrite, now int64) (*jetstream.PubAck, error) {
 	key, rec := w.key, w.rec
 	e := p.view.entries[key]
-	m, err := p.load.last(ctx, key)
+	m, err := p.load.leaderLast(ctx, key)
 	switch {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
 		if err := p.expiredPrior(w, now); err != nil {
@@ -285,7 +285,7 @@ func (p *Projector) rewrite(ctx context.Context, w pendingWrite, now int64) (*je
 		e.rev = 0
 	case err != nil:
 		return nil, err
-	case isMarker(m.Header) && m.Header.Get(jetstream.MarkerReasonHeader) != "":
+	case events.IsMarker(m.Header) && m.Header.Get(jetstream.MarkerReasonHeader) != "":
 		if err := p.expiredPrior(w, now); err != nil {
 			return nil, err
 		}
@@ -407,7 +407,8 @@ func (p *Projector) waitCheckpoint(ctx context.Context, f jetstream.PubAckFuture
 // server behind cannot show it (it cannot have stored what the leader has not), so a
 // stale answer only says no.
 func (p *Projector) intentStored(ctx context.Context, data []byte) (uint64, bool) {
-	m, err := p.load.last(ctx, events.CheckpointKey(p.part))
+	// From the leader: a copy holding this run's floor may not hold the record yet.
+	m, err := p.load.leaderLast(ctx, events.CheckpointKey(p.part))
 	if err != nil || m.Sequence <= p.ckptRev || !bytes.Equal(m.Data, data) {
 		return 0, false
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/attrd/attrd/api/client"
 	"github.com/attrd/attrd/deploy/embedded"
 	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/leaderread"
 )
 
 // TestMeasureInstancesOnACluster measures updates (c=16, 100-byte values) through one
@@ -86,6 +87,24 @@ func TestMeasureInstancesOnACluster(t *testing.T) {
 	})
 	leader.finish()
 	row("cluster R3, raw KV get, leader", leader)
+	// What a read index is built on (api/readindex.go): a put (the barrier), then a
+	// multi-last direct get taken from a copy holding it; unshared here, one each.
+	snaps, err := leaderread.NewSnapshots(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer snaps.Close()
+	barrier := events.KVSubject("bench_raw", "barrier")
+	indexed := measure(ctx, conc, d, func(g, i int) error {
+		ack, err := js.PublishMsg(ctx, &nats.Msg{Subject: barrier, Data: []byte("b")})
+		if err != nil {
+			return err
+		}
+		_, err = snaps.Last(ctx, "KV_bench_raw", barrier, []string{events.KVSubject("bench_raw", "k"+strconv.Itoa(g))}, ack.Sequence)
+		return err
+	})
+	indexed.finish()
+	row("cluster R3, raw put + indexed get", indexed)
 	row("cluster R3, one instance", updates(a))
 	cl.instance(t)
 	row("cluster R3, two instances", updates(a))
@@ -96,7 +115,7 @@ func TestMeasureInstancesOnACluster(t *testing.T) {
 		return err
 	})
 	gets.finish()
-	row("cluster R3, attrd get (leader reads)", gets)
+	row("cluster R3, attrd get (read index)", gets)
 }
 
 // TestMeasurePartitionsOnACluster measures updates on a 3-node cluster (R3) with 1, 4

@@ -93,7 +93,7 @@ func historyCmd(ctx context.Context, args []string, stdout, stderr *os.File) err
 func resolveUser(ctx context.Context, js jetstream.JetStream, user string) (string, error) {
 	// From the bucket's leader: a replica behind would not know a new username.
 	m, err := events.LeaderLast(ctx, js.Conn(), events.KVStream(events.DefaultBucket), events.KVSubject(events.DefaultBucket, events.UsernameKey(user)))
-	if err == nil && m.Header.Get("KV-Operation") == "" && m.Header.Get(jetstream.MarkerReasonHeader) == "" {
+	if err == nil && !events.IsMarker(m.Header) {
 		var r events.UsernameRecord
 		if err := events.Unmarshal(m.Data, &r); err == nil {
 			return r.UserID, nil

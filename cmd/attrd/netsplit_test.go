@@ -603,13 +603,7 @@ func (r *netRun) verify(t *testing.T) {
 			r.c.logs.dumpAll(t)
 		}
 	}()
-	report := t.Error
-	if ciMode() {
-		report = func(args ...any) {
-			t.Log(append([]any{"KNOWN (issue 17, open; fails outside CI): the projection differs from the replay:"}, args...)...)
-		}
-	}
-	if equal := replayEqualsLiveReporting(t, r.insts[0], report); !linear || !equal {
+	if equal := replayEqualsLiveReporting(t, r.insts[0], t.Error); !linear || !equal {
 		// Which node holds what: each instance's view of the bucket, and the
 		// instances' logs of note since the load began.
 		for i, inst := range r.insts {
@@ -628,11 +622,9 @@ func (r *netRun) verify(t *testing.T) {
 }
 
 // ciMode is ATTRD_NETSPLIT_CI=1, how .ci/run runs the quick scenario: what every run
-// must prove is checked (every operation linearizable, no answer of 500), and two
-// known failures of issues still open are logged, not failed: issue 21's time bounds,
-// which hang on nats-server's randomised election timeouts (4–9 s), and issue 17's
-// rare projection that differs from the replay after a heal (a record's creation time,
-// about one run in twenty: docs/PERFORMANCE.md "Issues 17 and 21").
+// must prove is checked (every operation linearizable, no answer of 500, the
+// projection equal to a replay of the log), and issue 21's time bounds, which hang on
+// nats-server's randomised election timeouts (4–9 s), are logged, not failed.
 func ciMode() bool { return os.Getenv("ATTRD_NETSPLIT_CI") == "1" }
 
 // liveness reports a missed time bound of issue 21 (writes resuming after a cut or a

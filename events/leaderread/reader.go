@@ -367,7 +367,7 @@ func (lr *Reader) LastValue(ctx context.Context, bucket, key string) ([]byte, er
 	}
 	// A delete or purge leaves a marker with an operation header, an expiry or a
 	// removal one with a reason (jetstream's kv.get reads them the same way).
-	if m.Header.Get("KV-Operation") != "" || m.Header.Get(jetstream.MarkerReasonHeader) != "" {
+	if events.IsMarker(m.Header) {
 		return nil, nil
 	}
 	return m.Data, nil

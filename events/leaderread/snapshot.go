@@ -46,8 +46,20 @@ func (s *Snapshots) Close() error { return s.answers.Close() }
 // time was up: the servers that answered were behind.
 var ErrBehind = errors.New("the stream's copies that answered are behind the sequence the read needs")
 
-// ErrNoDirect says the stream does not allow direct gets (nobody answers them).
-var ErrNoDirect = errors.New("the stream does not allow direct gets")
+// ErrNoDirect says nobody answered a direct get: the stream does not allow them, or no
+// server of its group is reachable now (DirectAllowed tells which).
+var ErrNoDirect = errors.New("nobody answers the stream's direct gets")
+
+// DirectAllowed reports whether stream st allows direct gets, as its configuration
+// says now: after ErrNoDirect, false means read another way, true that its servers are
+// out of reach for now.
+func DirectAllowed(ctx context.Context, st jetstream.Stream) (bool, error) {
+	info, err := st.Info(ctx)
+	if err != nil {
+		return false, err
+	}
+	return info.Config.AllowDirect, nil
+}
 
 // ErrTooMany says the subjects asked for (with wildcards) have more messages than one
 // answer holds (1024).
@@ -60,7 +72,7 @@ const maxAnswer = 1024
 // 1024 messages to one, and the request's body must stay small.
 const maxSubjects = 256
 
-// behindPause is how long a read waits before it asks again a server that was behind.
+// behindPause is the longest a read waits before it asks again a server that was behind.
 const behindPause = 10 * time.Millisecond
 
 // Last returns, by subject, the last message of each of subjects that has one in
@@ -119,6 +131,9 @@ func (s *Snapshots) snapshot(ctx context.Context, stream string, subjects []stri
 	}
 	var behind uint64
 	answered := false
+	// A replica answers a moment after the leader acknowledged: ask again soon, then
+	// less often.
+	pause := behindPause / 16
 	for {
 		got, upTo, err := s.ask(ctx, stream, body)
 		switch {
@@ -139,7 +154,8 @@ func (s *Snapshots) snapshot(ctx context.Context, stream string, subjects []stri
 				return fmt.Errorf("direct get of %s: no answer: %w", stream, ctx.Err())
 			}
 			return fmt.Errorf("%w: %s holds up to %d where answered, the read needs %d: %w", ErrBehind, stream, behind, floor, ctx.Err())
-		case <-time.After(behindPause):
+		case <-time.After(pause):
+			pause = min(2*pause, behindPause)
 		}
 	}
 }
