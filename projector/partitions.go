@@ -47,15 +47,22 @@ type Partitions struct {
 	reads *leaderread.Reader
 	// unsettled is what this instance's presence record says (announce).
 	unsettled atomic.Bool
+	// renewed is the sequence of this instance's last presence renewal acknowledged,
+	// and snaps reads presence keys from a copy holding it (presence.go).
+	renewed     atomic.Uint64
+	renewedWhen atomic.Int64 // Unix ns
+	snaps       *leaderread.Snapshots
 
 	mu      sync.Mutex
-	present []string              // instances present, sorted
-	running map[int]*Projector    // the partitions this instance folds, once ready
-	leases  map[int]*Lease        // their leases
-	failed  map[int]error         // a partition's last run's error, until it runs again
-	freeAt  map[int]time.Time     // when a partition's lease was first seen free
-	changed chan struct{}         // closed and replaced whenever present changes
-	started map[int]chan struct{} // closed once a partition has run ready here or is held elsewhere
+	present []string // instances present, sorted: the settled ones (all while none is)
+	// everyone is every instance present, settled or not, sorted.
+	everyone []string
+	running  map[int]*Projector    // the partitions this instance folds, once ready
+	leases   map[int]*Lease        // their leases
+	failed   map[int]error         // a partition's last run's error, until it runs again
+	freeAt   map[int]time.Time     // when a partition's lease was first seen free
+	changed  chan struct{}         // closed and replaced whenever present changes
+	started  map[int]chan struct{} // closed once a partition has run ready here or is held elsewhere
 	// failedC is closed at the first failed run of a partition not started yet.
 	failedC chan struct{}
 }
@@ -165,6 +172,10 @@ func (s *Partitions) Run(ctx context.Context) error {
 		defer reads.Close()
 		s.reads = reads // before the goroutines below, which read it
 	}
+	if s.snaps, err = leaderread.NewSnapshots(s.js.Conn()); err != nil {
+		return err
+	}
+	defer s.snaps.Close()
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	watcher, err := s.kv.Watch(wctx, "i.>")
@@ -221,6 +232,9 @@ func (s *Partitions) announce(ctx context.Context) {
 			var m *jetstream.RawStreamMsg
 			if m, err = lastOf(rctx, s.reads, s.kvs, subject); err == nil && m.Sequence < ack.Sequence {
 				err = fmt.Errorf("read back revision %d, wrote %d", m.Sequence, ack.Sequence)
+			}
+			if err == nil {
+				s.renewedAt(ack.Sequence)
 			}
 		}
 		cancel()
@@ -312,8 +326,12 @@ func (s *Partitions) watchPresence(ctx context.Context, w jetstream.KeyWatcher) 
 					names = append(names, r.Instance)
 				}
 			}
+			everyone := make([]string, len(recs))
+			for i, r := range recs {
+				everyone[i] = r.Instance
+			}
 			s.mu.Lock()
-			s.present = names
+			s.present, s.everyone = names, everyone
 			close(s.changed)
 			s.changed = make(chan struct{})
 			s.mu.Unlock()
@@ -408,8 +426,11 @@ func (s *Partitions) claim(ctx context.Context, p int, mine bool) (bool, error) 
 		// Another's partition is not taken by an instance that has not settled (just
 		// started, or back from a network cut, where it saw leases free from its node's
 		// old copies) while the list of those that have is not empty: one of them, or
-		// this one once settled, takes it.
-		return false, nil
+		// this one once settled, takes it. Unless they are all gone, by a fresh
+		// reading: then every instance left is unsettled (the bucket had no leader
+		// for a while), and waiting for them to settle would only add a lease TTL to
+		// the outage (issue 21).
+		return s.orphaned(ctx, p), nil
 	}
 	if time.Since(s.freeAt[p]) > 2*s.cfg.LeaseTTL {
 		s.log.Info("claiming a partition free for two lease TTLs", "partition", p)

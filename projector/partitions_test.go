@@ -2,6 +2,7 @@ package projector_test
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
@@ -180,10 +181,10 @@ func startPartitionsSettling(t *testing.T, en *env, name string, settle time.Dur
 
 // TestAnUnsettledInstanceTakesNoOthersPartition: an instance that has not settled (just
 // started, or back from a network cut, where its node's old copies showed leases free)
-// takes no partition assigned to another while settled instances are listed, even one
-// whose instance is gone; once settled, it takes it. Here instance a stops, and the
-// only settled instance listed, c, is never heard of (its presence record stays, a
-// lease TTL old): b, settling for 4 s, waits.
+// takes no partition assigned to another while a settled instance is alive; once
+// settled, it takes it. Here instance a stops, and the only settled instance left, c,
+// renews its presence but folds nothing (as one whose node is slow): b, settling for
+// 6 s, waits, though the leases have been free for more than two TTLs.
 func TestAnUnsettledInstanceTakesNoOthersPartition(t *testing.T) {
 	const n = 2
 	en, kvs := partitionedEnv(t, n)
@@ -195,15 +196,14 @@ func TestAnUnsettledInstanceTakesNoOthersPartition(t *testing.T) {
 			t.Fatalf("a does not hold the partitions: %v", held())
 		}
 	}
-	silentOldestInstance(t, en, "c")
+	aliveOldestInstance(t, en, "c")
+	taken := leaseWrites(t, en)
 	began := time.Now()
-	startPartitionsSettling(t, en, "b", 4*time.Second)
+	startPartitionsSettling(t, en, "b", 6*time.Second)
 	stopA()
-	for time.Since(began) < 3*time.Second { // b is unsettled until 4 s after its start
-		if h := held(); h["b"] != 0 {
-			t.Fatalf("unsettled b took partitions %s after its start: %v", time.Since(began).Round(time.Millisecond), h)
-		}
-		time.Sleep(20 * time.Millisecond)
+	time.Sleep(5 * time.Second) // b is unsettled until 6 s after its start
+	if at, ok := taken("b"); ok && at.Sub(began) < 5*time.Second {
+		t.Fatalf("unsettled b took a lease %s after its start", at.Sub(began).Round(time.Millisecond))
 	}
 	for deadline := time.Now().Add(10 * time.Second); held()["b"] != n; time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
@@ -211,6 +211,37 @@ func TestAnUnsettledInstanceTakesNoOthersPartition(t *testing.T) {
 		}
 	}
 	t.Logf("b took the partitions %s after its start", time.Since(began).Round(time.Millisecond))
+}
+
+// TestUnsettledInstancesTakeThePartitionsOfSettledOnesAllGone: when every settled
+// instance is gone by a fresh reading (here the only one, a, is never heard of again,
+// as an instance whose node was cut off while the bucket had no leader, so that every
+// other instance's renewals failed and unsettled it), the unsettled instances left take
+// its partitions at once, each the ones the list will assign it, rather than after
+// settling. b and c settle for 10 s; they take the partitions within 4.
+func TestUnsettledInstancesTakeThePartitionsOfSettledOnesAllGone(t *testing.T) {
+	const n = 4
+	en, kvs := partitionedEnv(t, n)
+	store, ctx := en.store, context.Background()
+	held := func() map[string]int { return leasesHeld(ctx, kvs, store.Bucket, n) }
+	silentOldestInstance(t, en, "a")
+	began := time.Now()
+	startPartitionsSettling(t, en, "b", 10*time.Second)
+	startPartitionsSettling(t, en, "c", 10*time.Second)
+	for deadline := time.Now().Add(4 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		h := held()
+		if h["b"]+h["c"] == n {
+			if h["b"] == 0 || h["c"] == 0 {
+				t.Fatalf("the partitions went to one instance: %v", h)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("unsettled b and c hold %v %s after their start, with the only settled instance gone",
+				h, time.Since(began).Round(time.Millisecond))
+		}
+	}
+	t.Logf("b and c took the partitions %s after their start", time.Since(began).Round(time.Millisecond))
 }
 
 // leasesHeld counts the leases of a bucket's n partitions each instance holds.
@@ -234,6 +265,66 @@ func silentOldestInstance(t *testing.T, en *env, name string) {
 		t.Fatal(err)
 	}
 	if _, err := en.kv.Put(context.Background(), events.PresenceKey(name), data); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// leaseWrites watches the bucket's leases and returns when an owner first took one.
+func leaseWrites(t *testing.T, en *env) (first func(owner string) (time.Time, bool)) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	w, err := en.kv.Watch(ctx, "l.>", jetstream.UpdatesOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	seen := map[string]time.Time{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for e := range w.Updates() {
+			var r events.LeaseRecord
+			if e == nil || e.Operation() != jetstream.KeyValuePut || events.Unmarshal(e.Value(), &r) != nil {
+				continue
+			}
+			mu.Lock()
+			if _, ok := seen[r.Owner]; !ok {
+				seen[r.Owner] = time.Now()
+			}
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() { cancel(); _ = w.Stop(); <-done })
+	return func(owner string) (time.Time, bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		at, ok := seen[owner]
+		return at, ok
+	}
+}
+
+// aliveOldestInstance renews, until the test ends, the presence record of an instance
+// that joined before any other and folds nothing.
+func aliveOldestInstance(t *testing.T, en *env, name string) {
+	t.Helper()
+	data, err := events.Marshal(&events.PresenceRecord{Instance: name, Joined: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for ctx.Err() == nil {
+			_, _ = en.kv.Put(ctx, events.PresenceKey(name), data)
+			select {
+			case <-ctx.Done():
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	if _, err := en.kv.Put(ctx, events.PresenceKey(name), data); err != nil {
 		t.Fatal(err)
 	}
 }
