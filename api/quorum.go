@@ -28,9 +28,10 @@ import (
 // E008004: nothing was read, try again (another instance may answer it).
 //
 // Reads also authenticate their caller afresh (the session cache, fed by a KV watch,
-// can be behind a logout elsewhere by the watch's delay): from this instance's own
-// projector when it folds the caller's partition, else from KV. Writes may use the
-// cache: the fold checks the caller's session again, in log order.
+// can be behind a logout elsewhere by the watch's delay): on a replicated bucket through
+// the read index; on one replica from this instance's own projector when it folds the
+// caller's partition, else from KV. Writes may use the cache: the fold checks the
+// caller's session again, in log order.
 
 // Two servers answering as a stream's leader. A read takes the first answer, and the
 // stream leader cut off with this instance's node answers first, from its old copy,

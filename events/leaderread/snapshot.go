@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"time"
 
@@ -80,8 +81,9 @@ const behindPause = 10 * time.Millisecond
 // message up to floor. anchor is a subject known to hold a message at or below floor
 // (asked along with every request, so that every answer names its copy's last
 // sequence); with floor 0 nothing is checked and anchor may be "". It fails with
-// ErrBehind when ctx ends before a copy holding floor answered, ErrNoDirect when the
-// stream does not allow direct gets.
+// ErrBehind when ctx ends before a copy holding floor answered, ErrNoDirect when
+// nobody answers direct gets of the stream (DirectAllowed tells why), ErrTooMany when a
+// wildcard matches more than one answer holds.
 func (s *Snapshots) Last(ctx context.Context, stream, anchor string, subjects []string, floor uint64) (map[string]*jetstream.RawStreamMsg, error) {
 	out := make(map[string]*jetstream.RawStreamMsg, len(subjects))
 	// A request's body stays well within the connection's largest message.
@@ -93,7 +95,7 @@ func (s *Snapshots) Last(ctx context.Context, stream, anchor string, subjects []
 			end++
 		}
 		ask := subjects[start:end:end]
-		if anchor != "" && !contains(ask, anchor) {
+		if anchor != "" && !slices.Contains(ask, anchor) {
 			ask = append(ask, anchor)
 		}
 		if err := s.snapshot(ctx, stream, ask, floor, out); err != nil {
@@ -101,19 +103,10 @@ func (s *Snapshots) Last(ctx context.Context, stream, anchor string, subjects []
 		}
 		start = end
 	}
-	if anchor != "" && !contains(subjects, anchor) {
+	if anchor != "" && !slices.Contains(subjects, anchor) {
 		delete(out, anchor)
 	}
 	return out, nil
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // snapshot asks for one request's subjects until a copy holding floor answers.
