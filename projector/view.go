@@ -362,7 +362,8 @@ func (l *loader) snapshot(ctx context.Context, keys []string) (map[string]*jetst
 	for i, k := range keys {
 		subjects[i] = events.KVSubject(l.bucket, k)
 	}
-	sctx, cancel := context.WithTimeout(ctx, snapTimeout)
+	// The bound is per request of a few hundred keys, not for a whole load.
+	sctx, cancel := context.WithTimeout(ctx, snapTimeout*time.Duration(1+len(keys)/256))
 	defer cancel()
 	// NATS subtlety: any replica answers a direct get, from its own copy: a follower
 	// catching up, or a leader cut off by a partition and back, would answer old. The
