@@ -193,10 +193,11 @@ func (l *opLog) check(t *testing.T) bool {
 	ops := slices.Clone(l.ops)
 	l.mu.Unlock()
 	model := attrModel.ToModel()
+	began := time.Now()
 	res := porcupine.CheckOperationsTimeout(model, ops, 2*time.Minute)
 	switch res {
 	case porcupine.Ok:
-		t.Logf("linearizable: %d operations on %d keys", len(ops), len(attrModel.Partition(ops)))
+		t.Logf("linearizable: %d operations on %d keys (checked in %s)", len(ops), len(attrModel.Partition(ops)), time.Since(began).Round(time.Millisecond))
 		return true
 	case porcupine.Unknown:
 		t.Fatalf("the linearizability check of %d operations did not finish in time", len(ops))
