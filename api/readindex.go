@@ -148,13 +148,10 @@ func (s *Service) indexedLast(ctx context.Context, subjects []string, floor uint
 	msgs, err := s.snaps.Last(rctx, s.kvStream.CachedInfo().Config.Name, s.heartbeatSubject, subjects, floor)
 	switch {
 	case errors.Is(err, leaderread.ErrNoDirect):
-		if allowed, ierr := leaderread.DirectAllowed(ctx, s.kvStream); ierr == nil && !allowed {
-			// An older attrd turned them off (a rolling upgrade): read from the
-			// leader for a while, then look again.
-			s.noDirectUntil.Store(time.Now().Add(noDirectRecheck).UnixNano())
-			return nil, err
-		}
-		return nil, events.Errorf(events.CodeOutcomeUnknown, "no server of the bucket answers direct gets now (%v): nothing read, try again", err)
+		// An older attrd turned them off (a rolling upgrade): read from the leader
+		// for a while, then look again.
+		s.noDirectUntil.Store(time.Now().Add(noDirectRecheck).UnixNano())
+		return nil, err
 	case errors.Is(err, leaderread.ErrBehind):
 		s.metrics.refused(refusedBehind)
 		return nil, events.Errorf(events.CodeOutcomeUnknown, "no copy of the bucket that holds every write acknowledged before this read answered (%v): nothing read, try again", err)

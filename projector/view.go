@@ -370,10 +370,8 @@ func (l *loader) snapshot(ctx context.Context, keys []string) (map[string]*jetst
 	// floor makes such an answer wait (or fail) instead of being folded on (issue 17).
 	got, err := l.snaps.Last(sctx, l.stream.CachedInfo().Config.Name, l.anchor, subjects, l.floor())
 	if errors.Is(err, leaderread.ErrNoDirect) {
-		if allowed, ierr := leaderread.DirectAllowed(ctx, l.stream); ierr == nil && !allowed {
-			l.noDirect.Store(true) // an older attrd turned them off: read from the leader
-			return nil, false, nil
-		}
+		l.noDirect.Store(true) // an older attrd turned them off: read from the leader
+		return nil, false, nil
 	}
 	if err != nil {
 		if errors.Is(err, leaderread.ErrBehind) {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -28,16 +29,21 @@ import (
 // sequence of that copy (Nats-UpTo-Sequence): the floor is checked against it.
 type Snapshots struct {
 	nc      *nats.Conn
+	js      jetstream.JetStream
 	answers *Replies
 }
 
 // NewSnapshots returns a Snapshots reading on nc; Close stops it.
 func NewSnapshots(nc *nats.Conn) (*Snapshots, error) {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, err
+	}
 	answers, err := NewReplies(nc, nil)
 	if err != nil {
 		return nil, err
 	}
-	return &Snapshots{nc: nc, answers: answers}, nil
+	return &Snapshots{nc: nc, js: js, answers: answers}, nil
 }
 
 // Close unsubscribes.
@@ -47,20 +53,9 @@ func (s *Snapshots) Close() error { return s.answers.Close() }
 // time was up: the servers that answered were behind.
 var ErrBehind = errors.New("the stream's copies that answered are behind the sequence the read needs")
 
-// ErrNoDirect says nobody answered a direct get: the stream does not allow them, or no
-// server of its group is reachable now (DirectAllowed tells which).
-var ErrNoDirect = errors.New("nobody answers the stream's direct gets")
-
-// DirectAllowed reports whether stream st allows direct gets, as its configuration
-// says now: after ErrNoDirect, false means read another way, true that its servers are
-// out of reach for now.
-func DirectAllowed(ctx context.Context, st jetstream.Stream) (bool, error) {
-	info, err := st.Info(ctx)
-	if err != nil {
-		return false, err
-	}
-	return info.Config.AllowDirect, nil
-}
+// ErrNoDirect says the stream does not allow direct gets (its configuration says so,
+// read when nobody answered one): the caller reads another way.
+var ErrNoDirect = errors.New("the stream does not allow direct gets")
 
 // ErrTooMany says the subjects asked for (with wildcards) have more messages than one
 // answer holds (1024).
@@ -81,9 +76,9 @@ const behindPause = 10 * time.Millisecond
 // message up to floor. anchor is a subject known to hold a message at or below floor
 // (asked along with every request, so that every answer names its copy's last
 // sequence); with floor 0 nothing is checked and anchor may be "". It fails with
-// ErrBehind when ctx ends before a copy holding floor answered, ErrNoDirect when
-// nobody answers direct gets of the stream (DirectAllowed tells why), ErrTooMany when a
-// wildcard matches more than one answer holds.
+// ErrBehind when ctx ends before a copy holding floor answered, ErrNoDirect when the
+// stream does not allow direct gets, ErrTooMany when a wildcard matches more than one
+// answer holds.
 func (s *Snapshots) Last(ctx context.Context, stream, anchor string, subjects []string, floor uint64) (map[string]*jetstream.RawStreamMsg, error) {
 	out := make(map[string]*jetstream.RawStreamMsg, len(subjects))
 	// A request's body stays well within the connection's largest message.
@@ -127,8 +122,9 @@ func (s *Snapshots) snapshot(ctx context.Context, stream string, subjects []stri
 	// A replica answers a moment after the leader acknowledged: ask again soon, then
 	// less often.
 	pause := behindPause / 16
+	room := answerRoom(subjects)
 	for {
-		got, upTo, err := s.ask(ctx, stream, body)
+		got, upTo, err := s.ask(ctx, stream, body, room)
 		switch {
 		case err == nil && upTo >= floor:
 			for subj, m := range got {
@@ -160,12 +156,24 @@ const upToSequenceHeader = "Nats-UpTo-Sequence"
 // errAgain says an attempt got no usable answer in time: ask again.
 var errAgain = errors.New("no answer")
 
-// ask sends one multi-last request and collects its answer: the messages by subject and
-// the last sequence of the copy that answered (0 when it had none of the subjects).
-func (s *Snapshots) ask(ctx context.Context, stream string, body []byte) (map[string]*jetstream.RawStreamMsg, uint64, error) {
-	// Room for the most one answer holds (with wildcards, more than the subjects
-	// asked for), and its end: an answer's message dropped would read as no message.
-	ch, reply, forget := s.answers.Await(maxAnswer + 1)
+// answerRoom is how many messages the answer to a request for subjects may hold, its
+// end included: one a subject, or, with a wildcard among them, the most one answer
+// holds. A message dropped for want of room would read as no message. (Keys are
+// escaped in subjects: '*' and '>' are wildcards only.)
+func answerRoom(subjects []string) int {
+	for _, subj := range subjects {
+		if strings.ContainsAny(subj, "*>") {
+			return maxAnswer + 1
+		}
+	}
+	return len(subjects) + 1
+}
+
+// ask sends one multi-last request and collects its answer (room messages at most):
+// the messages by subject and the last sequence of the copy that answered (0 when it
+// had none of the subjects).
+func (s *Snapshots) ask(ctx context.Context, stream string, body []byte, room int) (map[string]*jetstream.RawStreamMsg, uint64, error) {
+	ch, reply, forget := s.answers.Await(room)
 	defer forget()
 	if err := s.nc.PublishRequest("$JS.API.DIRECT.GET."+stream, reply, body); err != nil {
 		return nil, 0, err
@@ -199,7 +207,12 @@ func (s *Snapshots) ask(ctx context.Context, stream string, body []byte) (map[st
 			case status == "413":
 				return nil, 0, fmt.Errorf("%w (%s)", ErrTooMany, stream)
 			case status == "503" && len(m.Data) == 0 && len(got) == 0:
-				return nil, 0, fmt.Errorf("%w (%s)", ErrNoDirect, stream)
+				// Nobody answers: the stream allows no direct gets, or none of its
+				// servers is in reach now (ask again).
+				if st, err := s.js.Stream(ctx, stream); err == nil && !st.CachedInfo().Config.AllowDirect {
+					return nil, 0, fmt.Errorf("%w (%s)", ErrNoDirect, stream)
+				}
+				return nil, 0, errAgain
 			default:
 				return nil, 0, fmt.Errorf("direct get of %s: %s %s", stream, status, m.Header.Get("Description"))
 			}
