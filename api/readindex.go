@@ -139,7 +139,9 @@ func (s *Service) scanIndexed(ctx context.Context, wildcard string, floor uint64
 }
 
 // indexedLast is Snapshots.Last on the bucket from a copy that holds floor, within
-// readIndexWait; a copy behind is E008004.
+// readIndexWait. ErrNoDirect and ErrTooMany are for the caller to read another way;
+// anything else that ends the read without an answer (a copy behind, nobody answering,
+// the read's own time) is E008004: nothing read, try again.
 func (s *Service) indexedLast(ctx context.Context, subjects []string, floor uint64) (map[string]*jetstream.RawStreamMsg, error) {
 	rctx, cancel := context.WithTimeout(ctx, readIndexWait)
 	defer cancel()
@@ -147,6 +149,8 @@ func (s *Service) indexedLast(ctx context.Context, subjects []string, floor uint
 	// (a barrier's sequence) makes a copy behind wait or fail rather than answer.
 	msgs, err := s.snaps.Last(rctx, s.kvStream.CachedInfo().Config.Name, s.heartbeatSubject, subjects, floor)
 	switch {
+	case err == nil, errors.Is(err, leaderread.ErrTooMany):
+		return msgs, err
 	case errors.Is(err, leaderread.ErrNoDirect):
 		// An older attrd turned them off (a rolling upgrade): read from the leader
 		// for a while, then look again.
@@ -156,7 +160,7 @@ func (s *Service) indexedLast(ctx context.Context, subjects []string, floor uint
 		s.metrics.refused(refusedBehind)
 		return nil, events.Errorf(events.CodeOutcomeUnknown, "no copy of the bucket that holds every write acknowledged before this read answered (%v): nothing read, try again", err)
 	}
-	return msgs, err
+	return nil, events.Errorf(events.CodeOutcomeUnknown, "no copy of the bucket answered this read (%v): nothing read, try again", err)
 }
 
 // readIndexed reads key from a copy of the bucket that holds floor (readIndexedKeys).

@@ -160,7 +160,17 @@ func TestAReadIndexedIsNotAnsweredFromACopyBehindItsBarrier(t *testing.T) {
 		t.Fatalf("a read answered by a copy behind its barrier gave %q, %v; want E008004", v, err)
 	}
 
+	// A copy that never answers (its server wedged) is no better: E008004, not an
+	// internal error.
 	_ = behind.Unsubscribe()
+	silent, err := nc.Subscribe("$JS.API.DIRECT.GET."+stream, func(*nats.Msg) {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, err := read(); !isOutcomeUnknown(err) {
+		t.Fatalf("a read nobody answered gave %q, %v; want E008004", v, err)
+	}
+	_ = silent.Unsubscribe()
 	cfg.AllowDirect = true
 	if _, err := js.UpdateStream(ctx, cfg); err != nil {
 		t.Fatal(err)
