@@ -12,9 +12,11 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/events/sealed"
-	"github.com/nats-io/nats.go/jetstream"
 )
 
 // attrView is one attribute as a get answers it.
@@ -171,24 +173,13 @@ func (s *Service) listNames(ctx context.Context, prefix string) ([]string, error
 			return nil, err
 		}
 		if ok {
-			names, legacy := []string{}, []string(nil)
+			l := newNameList(prefix, subject, now)
 			for subj, m := range msgs {
-				if events.IsMarker(m.Header) {
-					continue
-				}
-				name, err := events.AttrNameFromKey(prefix, strings.TrimPrefix(subj, subject[:len(subject)-len(prefix)]))
-				if err != nil {
+				if err := l.add(subj, m.Header); err != nil {
 					return nil, err
 				}
-				exp, known := events.RecordExpiry(m.Header)
-				switch {
-				case !known:
-					legacy = append(legacy, name)
-				case exp == 0 || exp > now:
-					names = append(names, name)
-				}
 			}
-			return s.withLegacy(ctx, prefix, names, legacy)
+			return s.withLegacy(ctx, prefix, l.names, l.legacy)
 		}
 	}
 	cons, err := s.kvStream.CreateConsumer(ctx, jetstream.ConsumerConfig{
@@ -205,8 +196,7 @@ func (s *Service) listNames(ctx context.Context, prefix string) ([]string, error
 		_ = s.kvStream.DeleteConsumer(dctx, cons.CachedInfo().Name)
 	}()
 	pending := cons.CachedInfo().NumPending
-	names := []string{}
-	var legacy []string // records written before their expiry was in a header
+	l := newNameList(prefix, subject, now)
 	for pending > 0 {
 		batch, err := cons.Fetch(int(min(pending, 1000)), jetstream.FetchMaxWait(5*time.Second))
 		if err != nil {
@@ -220,20 +210,8 @@ func (s *Service) listNames(ctx context.Context, prefix string) ([]string, error
 				return nil, err
 			}
 			pending = md.NumPending
-			h := m.Headers()
-			if events.IsMarker(h) {
-				continue // deleted, or expired by the server
-			}
-			name, err := events.AttrNameFromKey(prefix, strings.TrimPrefix(m.Subject(), subject[:len(subject)-len(prefix)]))
-			if err != nil {
+			if err := l.add(m.Subject(), m.Headers()); err != nil {
 				return nil, err
-			}
-			exp, known := events.RecordExpiry(h)
-			switch {
-			case !known:
-				legacy = append(legacy, name)
-			case exp == 0 || exp > now:
-				names = append(names, name)
 			}
 		}
 		if err := batch.Error(); err != nil {
@@ -243,7 +221,43 @@ func (s *Service) listNames(ctx context.Context, prefix string) ([]string, error
 			break
 		}
 	}
-	return s.withLegacy(ctx, prefix, names, legacy)
+	return s.withLegacy(ctx, prefix, l.names, l.legacy)
+}
+
+// nameList collects a listing's live names from its keys' last messages (their
+// subjects and headers: the values are not needed).
+type nameList struct {
+	prefix, subject string // the attribute prefix, and its subject
+	now             int64
+	names           []string
+	legacy          []string // records written before their expiry was in a header
+}
+
+// newNameList starts a listing (its names an empty list, never nil: a listing of none
+// answers []).
+func newNameList(prefix, subject string, now int64) *nameList {
+	return &nameList{prefix: prefix, subject: subject, now: now, names: []string{}}
+}
+
+// add takes one key's last message: a marker (deleted, or expired by the server) is
+// no name, a record with its expiry in a header is one while it lives, and one without
+// is left for withLegacy to read.
+func (l *nameList) add(subj string, h nats.Header) error {
+	if events.IsMarker(h) {
+		return nil
+	}
+	name, err := events.AttrNameFromKey(l.prefix, strings.TrimPrefix(subj, l.subject[:len(l.subject)-len(l.prefix)]))
+	if err != nil {
+		return err
+	}
+	exp, known := events.RecordExpiry(h)
+	switch {
+	case !known:
+		l.legacy = append(l.legacy, name)
+	case exp == 0 || exp > l.now:
+		l.names = append(l.names, name)
+	}
+	return nil
 }
 
 // withLegacy adds to names those of legacy (records written before their expiry was in
