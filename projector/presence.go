@@ -64,10 +64,5 @@ func (s *Partitions) orphaned(ctx context.Context, p int) bool {
 // renewedAt notes the sequence of a presence renewal acknowledged, and when.
 func (s *Partitions) renewedAt(seq uint64) {
 	s.renewedWhen.Store(time.Now().UnixNano())
-	for {
-		cur := s.renewed.Load()
-		if seq <= cur || s.renewed.CompareAndSwap(cur, seq) {
-			return
-		}
-	}
+	raiseTo(&s.renewed, seq)
 }

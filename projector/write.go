@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/attrd/attrd/events"
@@ -416,10 +417,13 @@ func (p *Projector) intentStored(ctx context.Context, data []byte) (uint64, bool
 }
 
 // saw raises seen to seq.
-func (p *Projector) saw(seq uint64) {
+func (p *Projector) saw(seq uint64) { raiseTo(&p.seen, seq) }
+
+// raiseTo raises a to seq if it is below it.
+func raiseTo(a *atomic.Uint64, seq uint64) {
 	for {
-		cur := p.seen.Load()
-		if seq <= cur || p.seen.CompareAndSwap(cur, seq) {
+		cur := a.Load()
+		if seq <= cur || a.CompareAndSwap(cur, seq) {
 			return
 		}
 	}
