@@ -473,7 +473,12 @@ func (s *Partitions) elected() <-chan struct{} {
 // successor returns the instance partition p goes to once instance gone has left the
 // list ("" when none would be left); s.mu is held.
 func (s *Partitions) successor(p int, gone string) string {
-	return assignee(slices.DeleteFunc(slices.Clone(s.present), func(i string) bool { return i == gone }), p)
+	return assignee(without(s.present, gone), p)
+}
+
+// without returns a copy of list without the instances of drop.
+func without(list []string, drop ...string) []string {
+	return slices.DeleteFunc(slices.Clone(list), func(i string) bool { return slices.Contains(drop, i) })
 }
 
 // owner returns the instance partition p is assigned to ("" while none is known);

@@ -53,8 +53,7 @@ func (s *Partitions) orphaned(ctx context.Context, p int) bool {
 	if !gone {
 		return false
 	}
-	left := slices.DeleteFunc(everyone, func(i string) bool { return slices.Contains(settled, i) })
-	if assignee(left, p) != s.cfg.Instance {
+	if assignee(without(everyone, settled...), p) != s.cfg.Instance {
 		return false // another instance left takes it, by this same reading
 	}
 	s.log.Info("claiming a partition whose settled instances are all gone", "partition", p, "gone", settled)
