@@ -170,7 +170,7 @@ func EnsureStore(ctx context.Context, js jetstream.JetStream, c StoreConfig) (je
 		if err != nil {
 			return nil, nil, err
 		}
-		if err := leaderReads(ctx, js, dst); err != nil {
+		if err := directGets(ctx, js, dst, false); err != nil {
 			return nil, nil, fmt.Errorf("bucket %s: read from the leader: %w", DataKeysBucket, err)
 		}
 	}
@@ -187,10 +187,8 @@ func EnsureBucket(ctx context.Context, js jetstream.JetStream, c StoreConfig) (j
 	if err == nil && c.Replicas > 1 && (!c.ChangeReplicas || st.CachedInfo().Config.Replicas == c.Replicas) {
 		// An existing replicated bucket keeps its settings; direct gets, which attrd
 		// before 2026-12 turned off, are turned on.
-		if !st.CachedInfo().Config.AllowDirect {
-			if err := directGets(ctx, js, st, true); err != nil {
-				return nil, fmt.Errorf("bucket %s: allow direct gets: %w", c.Bucket, err)
-			}
+		if err := directGets(ctx, js, st, true); err != nil {
+			return nil, fmt.Errorf("bucket %s: allow direct gets: %w", c.Bucket, err)
 		}
 		return js.KeyValue(ctx, c.Bucket)
 	}
@@ -207,17 +205,13 @@ func EnsureBucket(ctx context.Context, js jetstream.JetStream, c StoreConfig) (j
 	return kv, nil
 }
 
-// leaderReads turns direct gets off for a stream, so that its leader answers every read.
-func leaderReads(ctx context.Context, js jetstream.JetStream, st jetstream.Stream) error {
-	if !st.CachedInfo().Config.AllowDirect {
-		return nil
-	}
-	return directGets(ctx, js, st, false)
-}
-
-// directGets turns a stream's direct gets on or off.
+// directGets turns a stream's direct gets on or off (off: its leader answers every
+// read), unless they are so already.
 func directGets(ctx context.Context, js jetstream.JetStream, st jetstream.Stream, on bool) error {
 	cfg := st.CachedInfo().Config
+	if cfg.AllowDirect == on {
+		return nil
+	}
 	cfg.AllowDirect = on
 	_, err := js.UpdateStream(ctx, cfg)
 	return err
