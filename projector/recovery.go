@@ -149,7 +149,7 @@ func (p *Projector) recoverState(ctx context.Context, fenced *events.Checkpoint,
 }
 
 // staleImage reports whether a key's recorded state before batch ck (ks) is older than
-// what KV held before the batch: KV (cur, read now from the bucket's leader) has moved
+// what KV held before the batch: KV (cur, read now from a copy holding the fence) has moved
 // past the revision the state was read at, to a record written for an event before the
 // batch, so no write of the batch reached the key, and the state was read from a server
 // that was behind (a stream leader back from a network cut, answering from its old
