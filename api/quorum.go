@@ -4,7 +4,6 @@ import (
 	"context"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/events"
@@ -49,8 +48,6 @@ const (
 	quorumBound    = 1500 * time.Millisecond
 	quorumSettle   = 1500 * time.Millisecond
 	twoLeadersHold = 2 * time.Second
-	// quorumKeyTTL makes an instance's heartbeat key go away after it stops.
-	quorumKeyTTL = 10 * time.Second
 )
 
 // readKey marks a request context as a read that must be linearizable.
@@ -93,13 +90,12 @@ func (s *Service) heartbeat(ctx context.Context, js jetstream.JetStream, subject
 // acknowledged, notes when it was sent; it returns the write's sequence.
 func (s *Service) writeHeartbeat(ctx context.Context, js jetstream.JetStream, subject string) (uint64, error) {
 	sent := time.Now()
-	// Nats-TTL: the key of an instance that stopped goes away on its own.
-	ack, err := js.PublishMsg(ctx, &nats.Msg{Subject: subject, Data: []byte(s.inbox)}, jetstream.WithMsgTTL(quorumKeyTTL))
+	seq, err := events.Barrier(js, subject, []byte(s.inbox))(ctx)
 	if err != nil {
 		return 0, err
 	}
 	s.reachedQuorum(sent)
-	return ack.Sequence, nil
+	return seq, nil
 }
 
 // reachedQuorum notes a heartbeat (or a barrier) sent at sent and acknowledged.

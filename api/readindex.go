@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -27,64 +26,7 @@ import (
 // projector's view or read the key as before, with no barrier.
 
 // readIndexWait bounds a read's wait for its barrier and for a copy that holds it.
-const readIndexWait = 2 * time.Second
-
-// barriers sends the barrier writes: one in flight at a time, the next one shared by
-// every read that arrives meanwhile.
-type barriers struct {
-	send func(ctx context.Context) (uint64, error)
-	mu   sync.Mutex
-	// next is the barrier to send after the one in flight (sending); reads arriving
-	// now wait for it.
-	next    *barrier
-	sending bool
-}
-
-// barrier is one barrier write: done is closed once seq (its sequence) or err is set.
-type barrier struct {
-	done chan struct{}
-	seq  uint64
-	err  error
-}
-
-// wait returns the sequence of a barrier sent after the call began.
-func (b *barriers) wait(ctx context.Context) (uint64, error) {
-	b.mu.Lock()
-	if b.next == nil {
-		b.next = &barrier{done: make(chan struct{})}
-	}
-	w := b.next
-	if !b.sending {
-		b.sending = true
-		go b.run()
-	}
-	b.mu.Unlock()
-	select {
-	case <-w.done:
-		return w.seq, w.err
-	case <-ctx.Done():
-		return 0, ctx.Err()
-	}
-}
-
-// run sends the waiting barriers one after the other until none waits.
-func (b *barriers) run() {
-	for {
-		b.mu.Lock()
-		w := b.next
-		b.next = nil
-		if w == nil {
-			b.sending = false
-			b.mu.Unlock()
-			return
-		}
-		b.mu.Unlock()
-		ctx, cancel := context.WithTimeout(context.Background(), readIndexWait)
-		w.seq, w.err = b.send(ctx)
-		cancel()
-		close(w.done)
-	}
-}
+const readIndexWait = leaderread.BarrierWait
 
 // noDirectRecheck is how long reads go to the leader after the bucket showed direct
 // gets off, before they try the read index again.
@@ -111,7 +53,7 @@ func (s *Service) indexRead(ctx context.Context) (context.Context, error) {
 	}
 	bctx, cancel := context.WithTimeout(ctx, readIndexWait)
 	defer cancel()
-	seq, err := s.barriers.wait(bctx)
+	seq, err := s.barriers.Wait(bctx)
 	if err != nil {
 		s.metrics.refused(refusedNoQuorum)
 		return ctx, events.Errorf(events.CodeOutcomeUnknown, "no write of this instance reached a quorum of NATS (%v): nothing read, try again", err)

@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"strconv"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,50 +13,6 @@ import (
 	"github.com/attrd/attrd/events"
 	"github.com/attrd/attrd/events/leaderread"
 )
-
-// TestEveryReadWaitsForABarrierSentAfterItArrived: reads that arrive while a barrier
-// is on its way wait for the next one, which is sent after they arrived (so it is past
-// every write acknowledged before them); many reads share few barriers.
-func TestEveryReadWaitsForABarrierSentAfterItArrived(t *testing.T) {
-	var mu sync.Mutex
-	var sentAt []time.Time
-	var n atomic.Uint64
-	b := &barriers{send: func(ctx context.Context) (uint64, error) {
-		mu.Lock()
-		sentAt = append(sentAt, time.Now())
-		mu.Unlock()
-		time.Sleep(2 * time.Millisecond) // the write's round trip
-		return n.Add(1), nil
-	}}
-	const reads = 200
-	var wg sync.WaitGroup
-	errs := make(chan string, reads)
-	for range reads {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			arrived := time.Now()
-			seq, err := b.wait(context.Background())
-			if err != nil {
-				errs <- err.Error()
-				return
-			}
-			mu.Lock()
-			defer mu.Unlock()
-			if sent := sentAt[seq-1]; sent.Before(arrived) {
-				errs <- "a read took barrier " + strconv.FormatUint(seq, 10) + ", sent before it arrived"
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for e := range errs {
-		t.Fatal(e)
-	}
-	if sends := n.Load(); sends >= reads/2 {
-		t.Fatalf("%d barriers for %d concurrent reads: they are not shared", sends, reads)
-	}
-}
 
 // TestAReadIndexedIsNotAnsweredFromACopyBehindItsBarrier: a copy of the bucket that
 // missed a write (here: an attribute's first value, served as a replica behind would
@@ -105,7 +59,7 @@ func TestAReadIndexedIsNotAnsweredFromACopyBehindItsBarrier(t *testing.T) {
 	s := &Service{leader: mustReader(t, nc), snaps: snaps, kvStream: kvStream, inbox: "test",
 		heartbeatSubject: events.KVSubject(bucket, events.HeartbeatKey("test"))}
 	s.cfg.Bucket = bucket
-	s.barriers = &barriers{send: s.sendBarrier(js, s.heartbeatSubject)}
+	s.barriers = leaderread.NewBarriers(s.sendBarrier(js, s.heartbeatSubject))
 	s.quorum.Store(time.Now().Add(time.Hour).UnixNano()) // the heartbeat's age is not what this test is about
 
 	// Only the copy behind answers direct gets.

@@ -111,7 +111,7 @@ type Service struct {
 	// reads keys from a copy that holds one (readindex.go); nil on one replica.
 	// noDirectUntil (Unix ns) is set when the bucket showed direct gets off (an older
 	// attrd turned them off): until then reads go to the leader as before.
-	barriers      *barriers
+	barriers      *leaderread.Barriers
 	snaps         *leaderread.Snapshots
 	noDirectUntil atomic.Int64
 	// heartbeatSubject is this instance's heartbeat key: the quorum's proof, the
@@ -288,7 +288,10 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		if s.snaps, err = leaderread.NewSnapshots(nc); err != nil {
 			return nil, err
 		}
-		s.barriers = &barriers{send: s.sendBarrier(js, hb)}
+		s.barriers = leaderread.NewBarriers(s.sendBarrier(js, hb))
+		// Reads through the leader (a write's, a retry's) that every server refuses
+		// while the meta group has no leader go through the read index instead.
+		s.leader.ReadIndexWhenUnavailable(kvStream.CachedInfo().Config.Name, hb, s.barriers, s.snaps)
 	}
 	if err := s.heartbeat(ctx, js, hb); err != nil {
 		s.log.Warn("no quorum heartbeat yet: reads wait for one", "err", err)

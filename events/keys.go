@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/oklog/ulid/v2"
 )
@@ -80,6 +81,9 @@ func OwnerOfKey(key string) string {
 // HeartbeatKey is the key an attrd API instance writes every 250 ms to show that it
 // reaches a quorum (api/quorum.go): id is the instance's.
 func HeartbeatKey(id string) string { return "h." + id }
+
+// HeartbeatTTL makes a heartbeat key go away after its writer stops.
+const HeartbeatTTL = 10 * time.Second
 
 // PresenceKey is the key of an attrd instance's presence.
 func PresenceKey(instance string) string { return "i." + EncodeName(instance) }

@@ -168,14 +168,20 @@ func (s *Partitions) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if reads != nil {
-		defer reads.Close()
-		s.reads = reads // before the goroutines below, which read it
-	}
 	if s.snaps, err = leaderread.NewSnapshots(s.js.Conn()); err != nil {
 		return err
 	}
 	defer s.snaps.Close()
+	if reads != nil {
+		defer reads.Close()
+		// While the meta group has no leader every server refuses leader reads: the
+		// bucket's are then read through its read index, with this instance's barrier
+		// key (presence renewals, lease checks and the runs' reads of other partitions'
+		// keys go on through a cut of the meta leader's node).
+		hb := events.KVSubject(s.cfg.Projector.Bucket, events.HeartbeatKey(events.NewID()))
+		reads.ReadIndexWhenUnavailable(s.kvs.CachedInfo().Config.Name, hb, leaderread.NewBarriers(events.Barrier(s.js, hb, nil)), s.snaps)
+		s.reads = reads // before the goroutines below, which read it
+	}
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	watcher, err := s.kv.Watch(wctx, "i.>")

@@ -505,6 +505,12 @@ func (r *registers) note(format string, args ...any) {
 // [from, to]: the longest stretch in it without an acknowledged write (to the first
 // write after from, or from the last before to).
 func (r *registers) outage(i int, from, to time.Time) time.Duration {
+	_, d := r.longestGap(i, from, to)
+	return d
+}
+
+// longestGap is outage's stretch: when it began, and how long it lasted.
+func (r *registers) longestGap(i int, from, to time.Time) (time.Time, time.Duration) {
 	r.mu.Lock()
 	var ts []time.Time
 	for n, acked := range r.acked {
@@ -514,7 +520,7 @@ func (r *registers) outage(i int, from, to time.Time) time.Duration {
 	}
 	r.mu.Unlock()
 	slices.SortFunc(ts, func(a, b time.Time) int { return a.Compare(b) })
-	last, worst := from, time.Duration(0)
+	last, worst, began := from, time.Duration(0), from
 	for _, t := range ts {
 		if t.Before(from) {
 			continue
@@ -522,10 +528,15 @@ func (r *registers) outage(i int, from, to time.Time) time.Duration {
 		if t.After(to) {
 			break
 		}
-		worst = max(worst, t.Sub(last))
+		if t.Sub(last) > worst {
+			worst, began = t.Sub(last), last
+		}
 		last = t
 	}
-	return max(worst, to.Sub(last))
+	if to.Sub(last) > worst {
+		worst, began = to.Sub(last), last
+	}
+	return began, worst
 }
 
 // firstWrite is when the first write through node i's clients was acknowledged after
@@ -638,6 +649,10 @@ func liveness(t *testing.T, format string, args ...any) {
 	t.Errorf(format, args...)
 }
 
+// metaCutBound bounds the majority side's outage when the node cut off led only the
+// meta group: the cut's first moments (routes closing, a read's grace and barrier).
+const metaCutBound = 3 * time.Second
+
 // healSlow bounds how soon the healed node writes again when the heal caused an
 // election: nats-server's longest election timeout (9 s), a catch-up, and room.
 const healSlow = 12 * time.Second
@@ -743,6 +758,30 @@ func TestNetworkPartitions(t *testing.T) {
 			r.c.heal(n)
 			r.reportCut(t, "lease holder's node cut off", n, cutAt, time.Now())
 		}},
+		{"meta leader cut off", false, func(t *testing.T, r *netRun) {
+			// The meta group's leader alone on the cut node: the streams' leaders and
+			// the lease holder's node elsewhere. No group a write needs loses its leader.
+			h := r.holderNode(t)
+			m := (h + 1) % 3
+			r.moveMeta(t, m)
+			r.moveLeader(t, events.KVStream(events.DefaultBucket), h)
+			r.moveLeader(t, events.StreamName, h)
+			t.Logf("leaders before the cut: %v; the lease holder's node %d", r.c.leaders(), h)
+			cutAt := time.Now()
+			r.c.cut(m, false)
+			time.Sleep(15 * time.Second)
+			healAt := time.Now()
+			r.c.heal(m)
+			// Writes need no meta leader (the meta group elects in 4–9 s): the
+			// majority side goes on, but for a moment.
+			for i := range 3 {
+				if d := r.load.outage(i, cutAt, healAt); i != m && d > metaCutBound {
+					liveness(t, "meta leader cut off: writes through node %d stopped for %s, bound %s", i, d.Round(time.Millisecond), metaCutBound)
+					r.c.logs.dump(t, i, cutAt, healAt)
+				}
+			}
+			r.reportCut(t, "meta leader cut off", m, cutAt, healAt)
+		}},
 		{"one-way cut of the leader", false, func(t *testing.T, r *netRun) {
 			n := r.c.leaders()[events.KVStream(events.DefaultBucket)]
 			r.moveLeader(t, events.StreamName, n)
@@ -755,21 +794,28 @@ func TestNetworkPartitions(t *testing.T) {
 		{"flapping", false, func(t *testing.T, r *netRun) {
 			rng := rand.New(rand.NewPCG(7, 7))
 			start, cut := time.Now(), -1
+			var cuts []string
 			for time.Since(start) < time.Minute {
 				if cut >= 0 {
 					r.c.heal(cut)
 				}
 				cut = rng.IntN(3)
 				r.c.cut(cut, false)
+				cuts = append(cuts, fmt.Sprintf("%s n%d", time.Now().Format("15:04:05.000"), cut))
 				time.Sleep(3 * time.Second)
 			}
 			r.c.heal(cut)
 			// Some node is always on a majority side: the longest stretch without an
 			// acknowledged write through any node is the majority side's outage.
-			worst := r.load.outage(-1, start, time.Now())
-			t.Logf("flapping: the longest stretch without a write through any node %s", worst.Round(time.Millisecond))
+			began, worst := r.load.longestGap(-1, start, time.Now())
+			t.Logf("flapping: the longest stretch without a write through any node %s, from %s; cuts: %s",
+				worst.Round(time.Millisecond), began.Format("15:04:05.000"), strings.Join(cuts, ", "))
 			if worst > 10*time.Second {
-				liveness(t, "flapping: writes stopped everywhere for %s, bound 10 s", worst.Round(time.Millisecond))
+				liveness(t, "flapping: writes stopped everywhere for %s, bound 10 s; the nodes' logs then:", worst.Round(time.Millisecond))
+				for i := range 3 {
+					r.c.logs.dump(t, i, began, began.Add(worst))
+					r.c.serverLines(t, i, began, began.Add(worst), "leader")
+				}
 			}
 			r.reportCut(t, "flapping, the last cut", cut, time.Now().Add(-3*time.Second), time.Now())
 		}},

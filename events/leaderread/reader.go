@@ -60,6 +60,11 @@ type Reader struct {
 	reconnects uint64
 	statsAt    atomic.Int64 // when (Unix ns) the connection's reconnects were last read
 	electSub   *nats.Subscription
+	// indexed holds, by stream, the read index its reads fall back on when every
+	// server refuses them (unavailable.go).
+	indexed map[string]*indexed
+	// msgGet is the message read's subject, but for the stream's name.
+	msgGet string
 }
 
 // lingeringRead is a read answered, still listening for a second answer.
@@ -94,7 +99,7 @@ func New(nc *nats.Conn) (*Reader, error) {
 		return nil, err
 	}
 	lr := &Reader{nc: nc, answers: answers, stop: make(chan struct{}), elected: map[string]time.Time{},
-		electedC: make(chan struct{})}
+		electedC: make(chan struct{}), msgGet: "$JS.API.STREAM.MSG.GET."}
 	go lr.compareLate()
 	// NATS subtlety: the new leader of a stream announces itself on this advisory, in
 	// the stream's account, while the old one may still believe it leads (cut off, it
@@ -284,9 +289,15 @@ func (lr *Reader) Get(ctx context.Context, stream string, req Request) (*jetstre
 	}
 	for {
 		msg, again, err := lr.attempt(ctx, stream, body)
-		if !again {
-			return msg, err
+		if again {
+			continue
 		}
+		if req.LastBySubj != "" && refusedUnavailable(err) {
+			if ix := lr.indexedFor(stream); ix != nil {
+				return ix.last(ctx, stream, req.LastBySubj, err)
+			}
+		}
+		return msg, err
 	}
 }
 
@@ -310,7 +321,7 @@ func (lr *Reader) attempt(ctx context.Context, stream string, body []byte) (msg 
 			forget()
 		}
 	}()
-	if err := lr.nc.PublishRequest("$JS.API.STREAM.MSG.GET."+stream, reply, body); err != nil {
+	if err := lr.nc.PublishRequest(lr.msgGet+stream, reply, body); err != nil {
 		return nil, false, err
 	}
 	resend := time.NewTimer(resendAfter)
@@ -321,8 +332,7 @@ func (lr *Reader) attempt(ctx context.Context, stream string, body []byte) (msg 
 		select {
 		case m := <-ch:
 			msg, err := events.DecodeMsgGet(m)
-			var apiErr *jetstream.APIError
-			if errors.As(err, &apiErr) && apiErr.Code == 503 || errors.Is(err, nats.ErrNoResponders) {
+			if refusedUnavailable(err) {
 				if unavailable == nil {
 					unavailable, grace = err, time.After(leaderGrace)
 				}
