@@ -74,6 +74,9 @@ func (c StoreConfig) StreamConfig() jetstream.StreamConfig {
 		Duplicates:  c.DedupWindow,
 		DenyDelete:  true,
 		DenyPurge:   false,
+		// A projector run that cannot create a consumer (the meta group without a
+		// leader) reads its partition's log with direct gets (projector/tail.go).
+		AllowDirect: true,
 	}
 	if c.MaxBytes > 0 {
 		sc.MaxBytes = c.MaxBytes

@@ -88,6 +88,9 @@ type Hooks struct {
 	// IntentAnswer, if set, sees the answer to each intent record's write and may
 	// replace it (a test plays a server that answers first from an old copy).
 	IntentAnswer func(ack *jetstream.PubAck, err error) (*jetstream.PubAck, error)
+	// CreateConsumer, if set, is called before a run creates its consumer; an error
+	// is taken as the server's (a test plays a meta group without a leader).
+	CreateConsumer func() error
 }
 
 // Projector is the single ordered writer of the projection.
@@ -255,7 +258,13 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 	}
 	cons, err := p.consumer(ctx, evs, start)
 	if err != nil {
-		return err
+		if ctx.Err() != nil || p.cfg.StopAtEnd {
+			return err
+		}
+		// tail.go: no consumer now (the meta group without a leader, most likely);
+		// read the log by direct gets for a while rather than wait.
+		p.log.Warn("no consumer: the run reads its partition's log by direct gets", "partition", p.part, "for", tailFor, "err", err)
+		cons = nil
 	}
 	p.delivered = 0
 	// Other partitions ask how far this one has committed (cross.go).
@@ -265,6 +274,9 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 	}
 	defer sub.Unsubscribe()
 	defer func() {
+		if cons == nil {
+			return
+		}
 		// The consumer is this run's own: remove it rather than wait for the server to.
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 		defer cancel()
@@ -279,31 +291,23 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 		}
 	}()
 	broken := make(chan error, 1)
-	cc, err := cons.Consume(func(m jetstream.Msg) {
-		select {
-		case msgs <- m:
-		case <-ctx.Done():
+	var tailEnd <-chan time.Time
+	if cons == nil {
+		tctx, tcancel := context.WithCancel(ctx)
+		defer tcancel()
+		go p.tailLog(tctx, evs.CachedInfo().Config.Name, start, msgs, broken)
+		t := time.NewTimer(tailFor)
+		defer t.Stop()
+		tailEnd = t.C
+	} else {
+		cc, err := p.consume(ctx, cons, msgs, broken)
+		if err != nil {
+			return err
 		}
-	}, jetstream.PullMaxMessages(2*p.cfg.MaxBatch),
-		// Short pulls with frequent heartbeats: a consumer whose server went away is
-		// noticed within seconds (ErrNoHeartbeat), not after the default 30s pull.
-		jetstream.PullExpiry(5*time.Second), jetstream.PullHeartbeat(time.Second),
-		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-			// A consumer that is gone (its server died, a cluster lost it) delivers nothing
-			// more: stop, and let the next run start a new one from the intent record.
-			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrNoHeartbeat) {
-				select {
-				case broken <- err:
-				default:
-				}
-			}
-		}))
-	if err != nil {
-		return fmt.Errorf("consume: %w", err)
+		defer cc.Stop()
 	}
-	defer cc.Stop()
 	close(p.ready)
-	p.log.Info("projector running", "bucket", p.cfg.Bucket, "partition", p.part, "from_seq", start)
+	p.log.Info("projector running", "bucket", p.cfg.Bucket, "partition", p.part, "from_seq", start, "direct_gets", cons == nil)
 
 	batch := make([]jetstream.Msg, 0, p.cfg.MaxBatch)
 	stall := &stallWatch{}
@@ -314,6 +318,9 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 		batch = batch[:0]
 		select {
 		case <-ctx.Done():
+			return nil
+		case <-tailEnd:
+			p.log.Info("the run read its log by direct gets for its time: it stops, and the next creates a consumer", "partition", p.part)
 			return nil
 		case err := <-broken:
 			return fmt.Errorf("event consumer: %w", err)
@@ -346,6 +353,34 @@ func (p *Projector) Run(ctx context.Context) (err error) {
 			return nil
 		}
 	}
+}
+
+// consume starts delivering cons's messages to msgs until the returned context is
+// stopped; a consumer lost (deleted, gone with its node, silent) is reported on broken.
+func (p *Projector) consume(ctx context.Context, cons jetstream.Consumer, msgs chan jetstream.Msg, broken chan error) (jetstream.ConsumeContext, error) {
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		select {
+		case msgs <- m:
+		case <-ctx.Done():
+		}
+	}, jetstream.PullMaxMessages(2*p.cfg.MaxBatch),
+		// Short pulls with frequent heartbeats: a consumer whose server went away is
+		// noticed within seconds (ErrNoHeartbeat), not after the default 30s pull.
+		jetstream.PullExpiry(5*time.Second), jetstream.PullHeartbeat(time.Second),
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+			// A consumer that is gone (its server died, a cluster lost it) delivers nothing
+			// more: stop, and let the next run start a new one from the intent record.
+			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrNoHeartbeat) {
+				select {
+				case broken <- err:
+				default:
+				}
+			}
+		}))
+	if err != nil {
+		return nil, fmt.Errorf("consume: %w", err)
+	}
+	return cc, nil
 }
 
 // stopCleanly lands the chunk in flight, so that its requests get their answers from

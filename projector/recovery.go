@@ -40,6 +40,11 @@ func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start ui
 		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
 		cfg.OptStartSeq = start
 	}
+	if h := p.cfg.Hooks.CreateConsumer; h != nil {
+		if err := h(); err != nil {
+			return nil, fmt.Errorf("create consumer: %w", err)
+		}
+	}
 	c, err := evs.CreateConsumer(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("create consumer: %w", err)

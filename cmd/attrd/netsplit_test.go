@@ -242,14 +242,8 @@ func (c *netCluster) heal(i int) {
 func (c *netCluster) leaders() map[string]int {
 	out := map[string]int{}
 	for i := range 3 {
-		resp, err := http.Get("http://" + c.ip(i) + ":8222/jsz?accounts=true&streams=true")
-		if err != nil {
-			continue
-		}
-		var jsz server.JSInfo
-		err = json.NewDecoder(resp.Body).Decode(&jsz)
-		resp.Body.Close()
-		if err != nil {
+		jsz := c.jsz(i, "accounts=true&streams=true")
+		if jsz == nil {
 			continue
 		}
 		if jsz.Meta != nil && jsz.Meta.Leader != "" {
@@ -270,17 +264,82 @@ func (c *netCluster) leaders() map[string]int {
 	return out
 }
 
-// sees reports what node i's monitoring endpoint shows: whether it knows the
-// meta group's leader, and each stream's leader (true when it names one).
-func (c *netCluster) sees(i int) map[string]bool {
-	out := map[string]bool{}
-	resp, err := http.Get("http://" + c.ip(i) + ":8222/jsz?accounts=true&streams=true")
+// jsz returns node i's JetStream monitoring report with query, nil if it gave none.
+func (c *netCluster) jsz(i int, query string) *server.JSInfo {
+	resp, err := http.Get("http://" + c.ip(i) + ":8222/jsz?" + query)
 	if err != nil {
-		return out
+		return nil
 	}
 	defer resp.Body.Close()
 	var jsz server.JSInfo
 	if json.NewDecoder(resp.Body).Decode(&jsz) != nil {
+		return nil
+	}
+	return &jsz
+}
+
+// consumers returns the node of each consumer of the event stream, by name (an R1
+// consumer lives on one node).
+func (c *netCluster) consumers() map[string]int {
+	out := map[string]int{}
+	for i := range 3 {
+		jsz := c.jsz(i, "accounts=true&streams=true&consumers=true")
+		if jsz == nil {
+			continue
+		}
+		for _, a := range jsz.AccountDetails {
+			for _, sd := range a.Streams {
+				if sd.Name != events.StreamName {
+					continue
+				}
+				for _, ci := range sd.Consumer {
+					if ci.Cluster != nil && ci.Cluster.Leader != "" {
+						if n, err := strconv.Atoi(strings.TrimPrefix(ci.Cluster.Leader, "n")); err == nil {
+							out[ci.Name] = n
+						}
+					}
+				}
+			}
+		}
+	}
+	return out
+}
+
+// consumerOff returns the node of the projector's consumer once it is on a node other
+// than node: while it is on node, it deletes it (the run ends, and the next creates
+// one, placed anew).
+func (r *netRun) consumerOff(t *testing.T, node int) int {
+	t.Helper()
+	nc, err := nats.Connect(r.c.url(node), nats.UserInfo("attrd", r.c.intPW))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		cs := r.c.consumers()
+		if len(cs) != 1 {
+			continue // a run starting or ending
+		}
+		for name, n := range cs {
+			if n != node {
+				return n
+			}
+			if st, err := js.Stream(context.Background(), events.StreamName); err == nil {
+				_ = st.DeleteConsumer(context.Background(), name)
+			}
+		}
+	}
+	t.Fatalf("the projector's consumer stayed on node %d", node)
+	return 0
+}
+
+// sees reports what node i's monitoring endpoint shows: whether it knows the
+// meta group's leader, and each stream's leader (true when it names one).
+func (c *netCluster) sees(i int) map[string]bool {
+	out := map[string]bool{}
+	jsz := c.jsz(i, "accounts=true&streams=true")
+	if jsz == nil {
 		return out
 	}
 	out["meta leader"] = jsz.Meta != nil && jsz.Meta.Leader != ""
@@ -784,6 +843,25 @@ func TestNetworkPartitions(t *testing.T) {
 			}
 			r.reportCut(t, "meta leader cut off", m, cutAt, healAt)
 		}},
+		{"consumer's node cut off", false, func(t *testing.T, r *netRun) {
+			// The projector's consumer and the meta group's leader on the cut node, the
+			// streams' leaders and the lease holder on another: the run loses its
+			// consumer and no new one can be created until the meta group elects.
+			h := r.holderNode(t)
+			c := r.consumerOff(t, h)
+			r.moveMeta(t, c)
+			r.moveLeader(t, events.KVStream(events.DefaultBucket), h)
+			r.moveLeader(t, events.StreamName, h)
+			t.Logf("leaders before the cut: %v; the lease holder's node %d, the consumer's %d", r.c.leaders(), h, c)
+			cutAt := time.Now()
+			r.c.cut(c, false)
+			time.Sleep(15 * time.Second)
+			healAt := time.Now()
+			r.c.heal(c)
+			t.Logf("the lease holder's instance during the cut:")
+			r.c.logs.dump(t, h, cutAt, healAt)
+			r.reportCut(t, "consumer's node cut off", c, cutAt, healAt)
+		}},
 		{"one-way cut of the leader", false, func(t *testing.T, r *netRun) {
 			n := r.c.leaders()[events.KVStream(events.DefaultBucket)]
 			r.moveLeader(t, events.StreamName, n)
@@ -854,21 +932,17 @@ func (r *netRun) timeline(t *testing.T, from time.Time, d time.Duration, cut int
 			if i == cut {
 				continue
 			}
-			resp, err := http.Get("http://" + r.c.ip(i) + ":8222/jsz?accounts=true&streams=true")
-			if err != nil {
+			jsz := r.c.jsz(i, "accounts=true&streams=true")
+			if jsz == nil {
 				continue
 			}
-			var jsz server.JSInfo
-			if json.NewDecoder(resp.Body).Decode(&jsz) == nil {
-				for _, a := range jsz.AccountDetails {
-					for _, sd := range a.Streams {
-						if sd.Cluster != nil && sd.Cluster.Leader != "" && sd.Cluster.Leader != fmt.Sprintf("n%d", cut) {
-							l[sd.Name], _ = strconv.Atoi(strings.TrimPrefix(sd.Cluster.Leader, "n"))
-						}
+			for _, a := range jsz.AccountDetails {
+				for _, sd := range a.Streams {
+					if sd.Cluster != nil && sd.Cluster.Leader != "" && sd.Cluster.Leader != fmt.Sprintf("n%d", cut) {
+						l[sd.Name], _ = strconv.Atoi(strings.TrimPrefix(sd.Cluster.Leader, "n"))
 					}
 				}
 			}
-			resp.Body.Close()
 		}
 		for name, n := range l {
 			if _, ok := seen[name]; !ok {

@@ -173,14 +173,37 @@ func answerRoom(subjects []string) int {
 // the messages by subject and the last sequence of the copy that answered (0 when it
 // had none of the subjects).
 func (s *Snapshots) ask(ctx context.Context, stream string, body []byte, room int) (map[string]*jetstream.RawStreamMsg, uint64, error) {
+	msgs, end, err := s.request(ctx, stream, body, room)
+	if err != nil || end == nil {
+		return nil, 0, err // end nil: none of the subjects holds a message in that copy
+	}
+	if np := end.Get("Nats-Num-Pending"); np != "" && np != "0" {
+		return nil, 0, fmt.Errorf("%w (%s: %s more)", ErrTooMany, stream, np)
+	}
+	upTo, err := strconv.ParseUint(end.Get(upToSequenceHeader), 10, 64)
+	if err != nil {
+		return nil, 0, fmt.Errorf("direct get of %s: end of batch without %s", stream, upToSequenceHeader)
+	}
+	got := make(map[string]*jetstream.RawStreamMsg, len(msgs))
+	for _, m := range msgs {
+		got[m.Subject] = m
+	}
+	return got, upTo, nil
+}
+
+// request sends one direct get of many messages and collects its answer (room
+// messages at most): the messages in the order sent and the end of the batch's
+// headers; none and a nil end when the copy that answered has no message to send
+// (404). errAgain when nobody answered in time.
+func (s *Snapshots) request(ctx context.Context, stream string, body []byte, room int) ([]*jetstream.RawStreamMsg, nats.Header, error) {
 	ch, reply, forget := s.answers.Await(room)
 	defer forget()
 	if err := s.nc.PublishRequest("$JS.API.DIRECT.GET."+stream, reply, body); err != nil {
-		return nil, 0, err
+		return nil, nil, err
 	}
 	wait := time.NewTimer(resendAfter)
 	defer wait.Stop()
-	got := map[string]*jetstream.RawStreamMsg{}
+	var got []*jetstream.RawStreamMsg
 	for {
 		select {
 		case m := <-ch:
@@ -189,37 +212,30 @@ func (s *Snapshots) ask(ctx context.Context, stream string, body []byte, room in
 			case status == "":
 				msg, err := directMsg(m)
 				if err != nil {
-					return nil, 0, err
+					return nil, nil, err
 				}
-				got[msg.Subject] = msg
+				got = append(got, msg)
 				continue
 			case status == "204":
-				if np := m.Header.Get("Nats-Num-Pending"); np != "" && np != "0" {
-					return nil, 0, fmt.Errorf("%w (%s: %s more)", ErrTooMany, stream, np)
-				}
-				upTo, err := strconv.ParseUint(m.Header.Get(upToSequenceHeader), 10, 64)
-				if err != nil {
-					return nil, 0, fmt.Errorf("direct get of %s: end of batch without %s", stream, upToSequenceHeader)
-				}
-				return got, upTo, nil
+				return got, m.Header, nil
 			case status == "404":
-				return got, 0, nil // none of the subjects holds a message in that copy
+				return nil, nil, nil
 			case status == "413":
-				return nil, 0, fmt.Errorf("%w (%s)", ErrTooMany, stream)
+				return nil, nil, fmt.Errorf("%w (%s)", ErrTooMany, stream)
 			case status == "503" && len(m.Data) == 0 && len(got) == 0:
 				// Nobody answers: the stream allows no direct gets, or none of its
 				// servers is in reach now (ask again).
 				if st, err := s.js.Stream(ctx, stream); err == nil && !st.CachedInfo().Config.AllowDirect {
-					return nil, 0, fmt.Errorf("%w (%s)", ErrNoDirect, stream)
+					return nil, nil, fmt.Errorf("%w (%s)", ErrNoDirect, stream)
 				}
-				return nil, 0, errAgain
+				return nil, nil, errAgain
 			default:
-				return nil, 0, fmt.Errorf("direct get of %s: %s %s", stream, status, m.Header.Get("Description"))
+				return nil, nil, fmt.Errorf("direct get of %s: %s %s", stream, status, m.Header.Get("Description"))
 			}
 		case <-wait.C:
-			return nil, 0, errAgain // nobody answered (a request lost in an election, a dropped message)
+			return nil, nil, errAgain // nobody answered (a request lost in an election, a dropped message)
 		case <-ctx.Done():
-			return nil, 0, errAgain
+			return nil, nil, errAgain
 		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"testing"
 	"time"
 
@@ -127,5 +128,48 @@ func TestASnapshotOfAStreamWithoutDirectGetsSaysSo(t *testing.T) {
 	<-js.PublishAsyncComplete()
 	if _, err := snaps.Last(ctx, "S", "", []string{"s.many.>"}, 0); !errors.Is(err, ErrTooMany) {
 		t.Fatalf("1,100 messages under a wildcard gave %v, want ErrTooMany", err)
+	}
+}
+
+// TestNextReadsASubjectsMessagesInOrderFromASequence: a batch read returns the
+// messages on its subject (a wildcard) from its sequence on, in order, at most batch
+// of them, and says whether more follow; from past the end it returns none. A stream
+// without direct gets says so.
+func TestNextReadsASubjectsMessagesInOrderFromASequence(t *testing.T) {
+	js, snaps := snapshotEnv(t, true)
+	ctx := context.Background()
+	for i := range 10 {
+		subj := fmt.Sprintf("s.a.%d", i)
+		if i%2 == 1 {
+			subj = "s.b"
+		}
+		if _, err := js.Publish(ctx, subj, []byte(strconv.Itoa(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, more, err := snaps.Next(ctx, "S", "s.a.>", 1, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seqs []uint64
+	for _, m := range got {
+		seqs = append(seqs, m.Sequence)
+	}
+	if fmt.Sprint(seqs) != "[1 3 5]" || !more || string(got[1].Data) != "2" || got[1].Subject != "s.a.2" {
+		t.Fatalf("read %v (more %v), want s.a's sequences [1 3 5] and more", seqs, more)
+	}
+	got, more, err = snaps.Next(ctx, "S", "s.a.>", 6, 100)
+	if err != nil || len(got) != 2 || got[0].Sequence != 7 || got[1].Sequence != 9 || more {
+		t.Fatalf("from 6 read %d messages (more %v, err %v), want 7 and 9 and no more", len(got), more, err)
+	}
+	if got, more, err = snaps.Next(ctx, "S", "s.a.>", 11, 100); err != nil || len(got) != 0 || more {
+		t.Fatalf("past the end read %d messages (more %v, err %v), want none", len(got), more, err)
+	}
+	njs, nsnaps := snapshotEnv(t, false)
+	if _, err := njs.Publish(ctx, "s.a.0", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := nsnaps.Next(ctx, "S", "s.a.>", 1, 10); !errors.Is(err, ErrNoDirect) {
+		t.Fatalf("without direct gets the read gave %v, want ErrNoDirect", err)
 	}
 }
