@@ -79,7 +79,8 @@ func OwnerOfKey(key string) string {
 }
 
 // HeartbeatKey is the key an attrd API instance writes every 250 ms to show that it
-// reaches a quorum (api/quorum.go): id is the instance's.
+// reaches a quorum (api/quorum.go), and a read index's barrier (events.Barrier): id is
+// its writer's.
 func HeartbeatKey(id string) string { return "h." + id }
 
 // HeartbeatTTL makes a heartbeat key go away after its writer stops.

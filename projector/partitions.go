@@ -168,12 +168,14 @@ func (s *Partitions) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if reads != nil {
+		defer reads.Close()
+	}
 	if s.snaps, err = leaderread.NewSnapshots(s.js.Conn()); err != nil {
 		return err
 	}
 	defer s.snaps.Close()
 	if reads != nil {
-		defer reads.Close()
 		// While the meta group has no leader every server refuses leader reads: the
 		// bucket's are then read through its read index, with this instance's barrier
 		// key (presence renewals, lease checks and the runs' reads of other partitions'
