@@ -91,6 +91,10 @@ type Hooks struct {
 	// CreateConsumer, if set, is called before a run creates its consumer; an error
 	// is taken as the server's (a test plays a meta group without a leader).
 	CreateConsumer func() error
+	// ConsumerAnywhere keeps each run's consumer wherever the server put it, rather
+	// than on the run's own server (placement.go): a test of a consumer on another
+	// node than its run's.
+	ConsumerAnywhere bool
 }
 
 // Projector is the single ordered writer of the projection.

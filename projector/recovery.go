@@ -17,7 +17,7 @@ func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start ui
 	cfg := jetstream.ConsumerConfig{
 		// A consumer of this run alone: no other instance's consumer is ever deleted
 		// or reset, and the server removes this one soon after its holder is gone.
-		Name:              p.cfg.Durable + "-" + strings.ToLower(events.NewID()),
+		Name:              consumerName(p.cfg.Durable),
 		InactiveThreshold: 30 * time.Second,
 		FilterSubject:     p.layout.PartitionSubjects(p.cfg.Partition),
 		AckPolicy:         jetstream.AckAllPolicy,
@@ -31,9 +31,10 @@ func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start ui
 		// so the consumer's state need not survive anything. A replicated one cost every
 		// delivery and ack a Raft round of its own (an R1 consumer made updates on R3
 		// 27% faster), and at a leader change it lost deliveries in flight (see
-		// checkDelivery). If its node goes, the pull's heartbeats stop, the run ends
-		// within seconds (ErrNoHeartbeat), and the next one creates a consumer on a
-		// node that is up, from the intent record.
+		// checkDelivery). It is put on the run's own server (placement.go); if its
+		// node goes, the pull's heartbeats stop, the run ends within seconds
+		// (ErrNoHeartbeat), and the next one creates a consumer on a node that is up,
+		// from the intent record.
 		Replicas: 1, MemoryStorage: true,
 	}
 	if start > 1 {
@@ -49,7 +50,7 @@ func (p *Projector) consumer(ctx context.Context, evs jetstream.Stream, start ui
 	if err != nil {
 		return nil, fmt.Errorf("create consumer: %w", err)
 	}
-	p.consumerName = cfg.Name
+	c, p.consumerName = p.place(ctx, evs, cfg, c)
 	return c, nil
 }
 

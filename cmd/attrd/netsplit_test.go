@@ -350,9 +350,15 @@ func (c *netCluster) sees(i int) map[string]bool {
 	return out
 }
 
-// instance starts attrd in this process, connected to node i only.
-func (c *netCluster) instance(t *testing.T, i int) *Server {
+// instance starts attrd in this process, connected to node i only; mods configure
+// it further.
+func (c *netCluster) instance(t *testing.T, i int, mods ...func(*Config)) *Server {
 	return mustStart(t, func(cfg *Config) {
+		defer func() {
+			for _, m := range mods {
+				m(cfg)
+			}
+		}()
 		cfg.NATSURL, cfg.Replicas = c.url(i), 3
 		cfg.NATSOptions = []nats.Option{nats.UserInfo("attrd", c.intPW), nats.ReconnectWait(100 * time.Millisecond)}
 		cfg.NATSConnectTimeout = time.Minute
@@ -587,19 +593,20 @@ type netRun struct {
 	c     *netCluster
 	insts []*Server
 	load  *registers
-	// raw is the raw NATS baseline's load (netraw_test.go).
-	raw *rawLoad
+	// raw is the raw NATS baseline's load, groups the probe of attrd's own groups
+	// (netraw_test.go).
+	raw, groups *probeLoad
 	// appliedAtCut is the most any projector had folded 2 s into a cut (timeline).
 	appliedAtCut uint64
 }
 
 // startNetRun starts the cluster, an instance on every node, a user with a few
 // attributes, and the load.
-func startNetRun(t *testing.T) *netRun {
+func startNetRun(t *testing.T, mods ...func(*Config)) *netRun {
 	c := startNetCluster(t)
 	r := &netRun{c: c}
 	for i := range 3 {
-		r.insts = append(r.insts, c.instance(t, i))
+		r.insts = append(r.insts, c.instance(t, i, mods...))
 	}
 	cl := client.New(c.client(t, 0), "CRM")
 	admin := mustLogin(t, cl, "admin", adminPassword)
@@ -611,6 +618,7 @@ func startNetRun(t *testing.T) *netRun {
 	r.load = &registers{ust: sess.UST, uid: uid, keys: []string{"a", "b", "c", "d", "e", "f"}}
 	r.load.start(c, t, 4)
 	r.raw = startRawLoad(t, c, 4)
+	r.groups = startGroupsProbe(t, c)
 	return r
 }
 
@@ -632,6 +640,7 @@ func (r *netRun) verify(t *testing.T) {
 	t.Helper()
 	r.load.finish()
 	r.raw.finish()
+	r.groups.finish()
 	for _, e := range r.load.errs {
 		t.Log(e)
 	}
@@ -693,8 +702,8 @@ const healSlow = 12 * time.Second
 // reportCut measures a cut of node cut from cutAt to healAt: the longest write
 // outage through each node during it and after the heal, each beside the raw NATS
 // baseline's in the same stretch; it checks issue 21's bounds (the majority side
-// within 10 s of the cut, every node within 5 s of the heal), or, where NATS itself
-// was over a bound, attrd within rawAllowance of NATS (rawVerdict).
+// within 10 s of the cut, every node within 5 s of the heal), or attrd within
+// natsAllowance of NATS's own outage (natsVerdict).
 func (r *netRun) reportCut(t *testing.T, name string, cut int, cutAt, healAt time.Time) {
 	t.Helper()
 	// Give the heal its 5 s (and then some) before judging it, watching what the
@@ -720,24 +729,26 @@ func (r *netRun) reportCut(t *testing.T, name string, cut int, cutAt, healAt tim
 		if i == cut {
 			side = "cut off"
 		}
-		// During the cut, and after the heal: attrd's longest outage and, beside it, the
-		// raw NATS baseline's through the same node in the same stretch.
+		// During the cut, and after the heal: attrd's longest outage and, beside it,
+		// NATS's own through the same node in the same stretch (netraw_test.go).
 		during := r.load.outage(i, cutAt, healAt)
 		_, rawDuring := r.raw.longestGap(i, cutAt, healAt)
+		_, natsDuring := r.groups.longestGap(i, cutAt, healAt)
 		afterHeal := r.load.outage(i, healAt, now)
 		_, rawAfterHeal := r.raw.longestGap(i, healAt, now)
-		t.Logf("%s: node %d (%s): longest write outage during the cut %s (raw NATS %s); first write after the heal %s (raw NATS %s); longest outage in the %s after it %s (raw NATS %s)",
-			name, i, side, during.Round(time.Millisecond), rawDuring.Round(time.Millisecond),
+		_, natsAfterHeal := r.groups.longestGap(i, healAt, now)
+		t.Logf("%s: node %d (%s): longest write outage during the cut %s (attrd's groups %s, raw NATS %s); first write after the heal %s (raw NATS %s); longest outage in the %s after it %s (attrd's groups %s, raw NATS %s)",
+			name, i, side, during.Round(time.Millisecond), natsDuring.Round(time.Millisecond), rawDuring.Round(time.Millisecond),
 			sinceOr(r.load.firstWrite(i, healAt), healAt), sinceOr(r.raw.firstWrite(i, healAt), healAt),
-			now.Sub(healAt).Round(time.Second), afterHeal.Round(time.Millisecond), rawAfterHeal.Round(time.Millisecond))
+			now.Sub(healAt).Round(time.Second), afterHeal.Round(time.Millisecond), natsAfterHeal.Round(time.Millisecond), rawAfterHeal.Round(time.Millisecond))
 		if i != cut {
-			if ok, why := rawVerdict(during, rawDuring, 10*time.Second); !ok {
+			if ok, why := natsVerdict(during, natsDuring, 10*time.Second); !ok {
 				liveness(t, "%s: writes through node %d (majority side) stopped for %s during the cut, bound 10 s (%s)", name, i, during.Round(time.Millisecond), why)
 			} else if why != "" {
 				t.Logf("%s: node %d during the cut: %s", name, i, why)
 			}
 		}
-		ok, why := rawVerdict(afterHeal, rawAfterHeal, 5*time.Second)
+		ok, why := natsVerdict(afterHeal, natsAfterHeal, 5*time.Second)
 		if ok {
 			if why != "" {
 				t.Logf("%s: node %d after the heal: %s", name, i, why)
@@ -791,6 +802,8 @@ func TestNetworkPartitions(t *testing.T) {
 		name  string
 		quick bool
 		run   func(t *testing.T, r *netRun)
+		// config, if set, configures the scenario's instances.
+		config func(*Config)
 	}{
 		{"leader cut off", true, func(t *testing.T, r *netRun) {
 			l := r.c.leaders()
@@ -811,7 +824,7 @@ func TestNetworkPartitions(t *testing.T) {
 			r.timeline(t, cutAt, 15*time.Second, n)
 			r.c.heal(n)
 			r.reportCut(t, "leader cut off", n, cutAt, time.Now())
-		}},
+		}, nil},
 		{"lease holder's node cut off", false, func(t *testing.T, r *netRun) {
 			n := r.holderNode(t)
 			r.alignRaw(t)
@@ -820,7 +833,7 @@ func TestNetworkPartitions(t *testing.T) {
 			time.Sleep(15 * time.Second)
 			r.c.heal(n)
 			r.reportCut(t, "lease holder's node cut off", n, cutAt, time.Now())
-		}},
+		}, nil},
 		{"meta leader cut off", false, func(t *testing.T, r *netRun) {
 			// The meta group's leader alone on the cut node: the streams' leaders and
 			// the lease holder's node elsewhere. No group a write needs loses its leader.
@@ -847,7 +860,7 @@ func TestNetworkPartitions(t *testing.T) {
 				}
 			}
 			r.reportCut(t, "meta leader cut off", m, cutAt, healAt)
-		}},
+		}, nil},
 		{"consumer's node cut off", false, func(t *testing.T, r *netRun) {
 			// The projector's consumer and the meta group's leader on the cut node, the
 			// streams' leaders and the lease holder on another: the run loses its
@@ -867,6 +880,10 @@ func TestNetworkPartitions(t *testing.T) {
 			t.Logf("the lease holder's instance during the cut:")
 			r.c.logs.dump(t, h, cutAt, healAt)
 			r.reportCut(t, "consumer's node cut off", c, cutAt, healAt)
+		}, func(c *Config) {
+			// A run puts its consumer on its own server (projector/placement.go),
+			// unless it cannot: left where the server put it, as then.
+			c.ProjectorHooks.ConsumerAnywhere = true
 		}},
 		{"one-way cut of the leader", false, func(t *testing.T, r *netRun) {
 			n := r.c.leaders()[events.KVStream(events.DefaultBucket)]
@@ -877,7 +894,7 @@ func TestNetworkPartitions(t *testing.T) {
 			time.Sleep(15 * time.Second)
 			r.c.heal(n)
 			r.reportCut(t, "one-way cut of the leader", n, cutAt, time.Now())
-		}},
+		}, nil},
 		{"flapping", false, func(t *testing.T, r *netRun) {
 			rng := rand.New(rand.NewPCG(7, 7))
 			r.alignRaw(t)
@@ -896,15 +913,14 @@ func TestNetworkPartitions(t *testing.T) {
 			// Some node is always on a majority side: the longest stretch without an
 			// acknowledged write through any node is the majority side's outage.
 			began, worst := r.load.longestGap(-1, start, time.Now())
-			rawBegan, rawWorst := r.raw.longestGap(-1, start, time.Now())
-			// NATS's own in attrd's stretch: the baseline's longest one overlapping it.
-			rawThen := r.raw.gapOver(began, began.Add(worst))
-			t.Logf("flapping: the longest stretch without a write through any node %s, from %s (raw NATS then %s; raw NATS's longest %s, from %s); cuts: %s",
-				worst.Round(time.Millisecond), began.Format("15:04:05.000"), rawThen.Round(time.Millisecond),
-				rawWorst.Round(time.Millisecond), rawBegan.Format("15:04:05.000"), strings.Join(cuts, ", "))
-			// Judged against the baseline's longest stretch over the same minute of the
-			// same cuts: which groups draw the longer elections is chance.
-			if ok, why := rawVerdict(worst, rawWorst, 10*time.Second); ok && why != "" {
+			_, rawWorst := r.raw.longestGap(-1, start, time.Now())
+			// NATS's own in attrd's stretch: attrd's groups' longest stretch without a
+			// write overlapping it, measured whole.
+			natsThen := r.groups.gapOver(began, began.Add(worst))
+			t.Logf("flapping: the longest stretch without a write through any node %s, from %s (attrd's groups: no write for %s over it; raw NATS's longest stretch %s); cuts: %s",
+				worst.Round(time.Millisecond), began.Format("15:04:05.000"), natsThen.Round(time.Millisecond),
+				rawWorst.Round(time.Millisecond), strings.Join(cuts, ", "))
+			if ok, why := natsVerdict(worst, natsThen, 10*time.Second); ok && why != "" {
 				t.Logf("flapping: %s", why)
 			} else if !ok {
 				liveness(t, "flapping: writes stopped everywhere for %s, bound 10 s (%s); the nodes' logs then:", worst.Round(time.Millisecond), why)
@@ -914,7 +930,7 @@ func TestNetworkPartitions(t *testing.T) {
 				}
 			}
 			r.reportCut(t, "flapping, the last cut", cut, time.Now().Add(-3*time.Second), time.Now())
-		}},
+		}, nil},
 	}
 	// ATTRD_NETSPLIT=all runs every scenario; another value, those whose name has it.
 	pick := os.Getenv("ATTRD_NETSPLIT")
@@ -923,7 +939,11 @@ func TestNetworkPartitions(t *testing.T) {
 			continue
 		}
 		t.Run(sc.name, func(t *testing.T) {
-			r := startNetRun(t)
+			var mods []func(*Config)
+			if sc.config != nil {
+				mods = append(mods, sc.config)
+			}
+			r := startNetRun(t, mods...)
 			time.Sleep(3 * time.Second) // load before the cut
 			sc.run(t, r)
 			r.verify(t)

@@ -81,7 +81,8 @@ type Config struct {
 	// Partitions is the number of partitions of a new deployment (0: the default); an
 	// existing deployment keeps its own, and another number is refused.
 	Partitions int
-	// LeaseTTL bounds how long a dead instance keeps the projector (default 3s).
+	// LeaseTTL bounds how long a dead instance keeps the projector (default
+	// projector.DefaultLeaseTTL, 2 s).
 	LeaseTTL time.Duration
 	// HTTPReadHeaderTimeout bounds how long a client may take to send its headers
 	// (default 5s).
