@@ -41,11 +41,15 @@ func (p *Projector) place(ctx context.Context, evs jetstream.Stream, cfg jetstre
 	if !p.placeable(evs, own) || p.onHere(first, own) {
 		return first, cfg.Name
 	}
+	budget := placeBudget
+	if p.cfg.Hooks.PlaceBudget > 0 {
+		budget = p.cfg.Hooks.PlaceBudget
+	}
 	began := time.Now()
-	for try := 1; try < placeTries && time.Since(began) < placeBudget && ctx.Err() == nil; try++ {
+	for try := 1; try < placeTries && time.Since(began) < budget && ctx.Err() == nil; try++ {
 		next := cfg
 		next.Name = consumerName(p.cfg.Durable)
-		cctx, cancel := context.WithTimeout(ctx, placeBudget)
+		cctx, cancel := context.WithTimeout(ctx, budget)
 		c, err := evs.CreateConsumer(cctx, next)
 		cancel()
 		if err != nil {
@@ -56,7 +60,7 @@ func (p *Projector) place(ctx context.Context, evs jetstream.Stream, cfg jetstre
 		if keep {
 			drop = cfg.Name
 		}
-		dctx, cancel := context.WithTimeout(ctx, placeBudget)
+		dctx, cancel := context.WithTimeout(ctx, budget)
 		err = evs.DeleteConsumer(dctx, drop)
 		cancel()
 		if keep {

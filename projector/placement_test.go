@@ -131,7 +131,9 @@ func TestARunPutsItsConsumerOnItsOwnServer(t *testing.T) {
 	conns := startCluster(t)
 	for i, nc := range conns {
 		own := nc.ConnectedServerName()
-		stop := runReady(t, nc, projector.Config{})
+		// The tries alone bound it here (24: one miss in 17,000 runs), not the time
+		// they take on a machine busy with other tests.
+		stop := runReady(t, nc, projector.Config{Hooks: projector.Hooks{PlaceBudget: time.Minute}})
 		on := consumersOn(t, nc)
 		if len(on) != 1 {
 			t.Fatalf("run through node %d: consumers %v, want its one", i, on)

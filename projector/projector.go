@@ -60,7 +60,8 @@ type Config struct {
 	MaxCacheEntries int
 	// Logger; nil uses slog.Default().
 	Logger *slog.Logger
-	// Hooks let tests stop the projector between the steps of a batch.
+	// Hooks let tests stop the projector between the steps of a batch, and play
+	// what a server would do.
 	Hooks Hooks
 	// Metrics, if set, records the projector's progress for Prometheus.
 	Metrics *Metrics
@@ -72,7 +73,8 @@ type Config struct {
 }
 
 // Hooks are called between the steps of folding a batch; an error stops Run at that
-// point as a crash would, with nothing more written or acked.
+// point as a crash would, with nothing more written or acked. The fields that are not
+// functions change what a run asks of the servers, for tests.
 type Hooks struct {
 	BeforeCheckpoint func(first, last uint64) error // the events are stored, nothing written
 	AfterCheckpoint  func(first, last uint64) error // intent written, keys not yet
@@ -95,6 +97,9 @@ type Hooks struct {
 	// than on the run's own server (placement.go): a test of a consumer on another
 	// node than its run's.
 	ConsumerAnywhere bool
+	// PlaceBudget, if set, replaces how long a run tries to put its consumer on its
+	// own server (placeBudget): a test on a loaded machine counts the tries alone.
+	PlaceBudget time.Duration
 }
 
 // Projector is the single ordered writer of the projection.

@@ -177,25 +177,41 @@ func (l *probeLoad) longestGap(i int, from, to time.Time) (time.Time, time.Durat
 	return longestGap(l.acked[:], i, from, to)
 }
 
-// gapOver is the longest stretch without a write acknowledged through any node that
-// overlaps [from, to], measured whole (from the last write before it to the first
-// after it, or to now): NATS's own outage during one of attrd's.
-func (l *probeLoad) gapOver(from, to time.Time) time.Duration {
+// downWithin is how long, all told, no write was acknowledged through any node in
+// [from, to]: the sum of the pauses over probeDown between writes (or the stretch's
+// ends): NATS's own part of an outage of attrd's in that stretch.
+func (l *probeLoad) downWithin(from, to time.Time) time.Duration {
 	l.mu.Lock()
-	var ts []time.Time
+	ts := []time.Time{from}
 	for _, a := range l.acked {
-		ts = append(ts, a...)
+		for _, t := range a {
+			if t.After(from) && t.Before(to) {
+				ts = append(ts, t)
+			}
+		}
 	}
 	l.mu.Unlock()
 	slices.SortFunc(ts, func(a, b time.Time) int { return a.Compare(b) })
-	ts = append(ts, time.Now())
-	worst := time.Duration(0)
+	ts = append(ts, to)
+	var down time.Duration
 	for k := 1; k < len(ts); k++ {
-		if a, b := ts[k-1], ts[k]; a.Before(to) && b.After(from) {
-			worst = max(worst, b.Sub(a))
+		if d := ts[k].Sub(ts[k-1]); d > probeDown {
+			down += d
 		}
 	}
-	return worst
+	return down
+}
+
+// probeDown is a pause between the probes' writes that counts as NATS taking none:
+// ten times their pace.
+const probeDown = 10 * probePace
+
+// spans says when writes through any node went on in [from, to]: stretches in which
+// no two writes were more than 500 ms apart ("15:04:05.000–15:04:06.200").
+func (l *probeLoad) spans(from, to time.Time) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return spansOf(l.acked[:], from, to)
 }
 
 // firstWrite is when the first write through node i's clients was acknowledged after
@@ -268,6 +284,33 @@ func longestGap(acked [][]time.Time, i int, from, to time.Time) (time.Time, time
 		worst, began = to.Sub(last), last
 	}
 	return began, worst
+}
+
+// spansOf says when the times of acked (every node's) fell in [from, to] no more than
+// 500 ms apart.
+func spansOf(acked [][]time.Time, from, to time.Time) string {
+	var ts []time.Time
+	for _, a := range acked {
+		for _, t := range a {
+			if !t.Before(from) && !t.After(to) {
+				ts = append(ts, t)
+			}
+		}
+	}
+	slices.SortFunc(ts, func(a, b time.Time) int { return a.Compare(b) })
+	var out []string
+	for k := 0; k < len(ts); {
+		j := k
+		for j+1 < len(ts) && ts[j+1].Sub(ts[j]) <= 500*time.Millisecond {
+			j++
+		}
+		out = append(out, ts[k].Format("15:04:05.000")+"–"+ts[j].Format("15:04:05.000"))
+		k = j + 1
+	}
+	if len(out) == 0 {
+		return "none"
+	}
+	return strings.Join(out, ", ")
 }
 
 // firstAfter is the earliest of ts after from (zero: none).
