@@ -88,9 +88,11 @@ type Service struct {
 	// it is partitioned (from its metadata).
 	eventStream jetstream.Stream
 	layout      events.Layout
-	log         *slog.Logger
-	inbox       string
-	sub         *nats.Subscription
+	// logs reads a repeated request's first event and decision (logreads.go).
+	logs  *logReads
+	log   *slog.Logger
+	inbox string
+	sub   *nats.Subscription
 	// acks receives the stream's acknowledgements of probed appends (ackOfNote).
 	acks *leaderread.Replies
 	// leader reads KV keys and events as the streams' leaders have them.
@@ -284,6 +286,17 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 	go s.countRefusals(wctx)
 	hb := events.KVSubject(cfg.Bucket, events.HeartbeatKey(events.NewID()))
 	s.heartbeatSubject = hb
+	s.logs = &logReads{layout: s.layout,
+		leader: func(ctx context.Context, req leaderread.Request) (*jetstream.RawStreamMsg, error) {
+			return s.leader.Get(ctx, events.StreamName, req)
+		},
+		lastSeq: func(ctx context.Context) (uint64, error) {
+			info, err := s.eventStream.Info(ctx)
+			if err != nil {
+				return 0, err
+			}
+			return info.State.LastSeq, nil
+		}}
 	if kvStream.CachedInfo().Config.Replicas > 1 {
 		if s.snaps, err = leaderread.NewSnapshots(nc); err != nil {
 			return nil, err
@@ -292,6 +305,8 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Service, error) {
 		// Reads through the leader (a write's, a retry's) that every server refuses
 		// while the meta group has no leader go through the read index instead.
 		s.leader.ReadIndexWhenUnavailable(kvStream.CachedInfo().Config.Name, hb, s.barriers, s.snaps)
+		// And a repeated request's reads of the log from copies (logreads.go).
+		s.logs.copies = s.snaps
 	}
 	if err := s.heartbeat(ctx, js, hb); err != nil {
 		s.log.Warn("no quorum heartbeat yet: reads wait for one", "err", err)
@@ -563,7 +578,7 @@ func appendError(err error) error {
 // request published: its probe found its own first publish), or whenever decided
 // delivers, the decision sent to this instance answers instead.
 func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline <-chan time.Time, own []byte, decided <-chan events.Decision) (events.Decision, error) {
-	msg, err := s.leader.Get(ctx, events.StreamName, leaderread.Request{Seq: seq})
+	msg, err := s.logs.eventAt(ctx, seq)
 	if err != nil {
 		return events.Decision{}, fmt.Errorf("read the first event of a repeated request: %w", err)
 	}
@@ -600,7 +615,7 @@ func (s *Service) recorded(ctx context.Context, seq uint64, rk string, deadline 
 			return events.Decision{}, err
 		}
 		if applied >= seq {
-			d.Code, err = s.rejection(ctx, first.UserID, seq)
+			d.Code, err = s.logs.rejection(ctx, first.UserID, seq, msg.Subject)
 			return d, err
 		}
 		select {
@@ -633,34 +648,6 @@ func (s *Service) folded(ctx context.Context, partition string) (uint64, error) 
 		err = events.Unmarshal(v, &lease)
 	}
 	return lease.Applied, err
-}
-
-// rejection finds the projector's recorded decision on the event at seq of user uid:
-// its code, or "" (accepted) when there is none. The projector records rejections on
-// the user's decision subject in the order it folds, before it reports the event folded,
-// so the record of seq, if any, is the first one at or after seq whose event is not
-// earlier than seq (records of earlier events may come after seq: their batch was
-// folded after seq was appended). Each step is one read of the stream's next message
-// on the subject, answered by the stream's leader.
-func (s *Service) rejection(ctx context.Context, uid string, seq uint64) (events.Code, error) {
-	subject := s.layout.DecisionSubject(uid)
-	for from := seq; ; {
-		m, err := s.leader.Get(ctx, events.StreamName, leaderread.Request{Seq: from, NextBySubj: subject})
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
-			return "", nil
-		}
-		if err != nil {
-			return "", fmt.Errorf("read the decisions of user %s: %w", uid, err)
-		}
-		var d events.Decision
-		if err := events.Unmarshal(m.Data, &d); err == nil && d.Seq >= seq {
-			if d.Seq == seq {
-				return d.Code, nil
-			}
-			return "", nil
-		}
-		from = m.Sequence + 1
-	}
 }
 
 // keptDecision returns the decision an older attrd kept under the request key,

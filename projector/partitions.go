@@ -1,7 +1,6 @@
 package projector
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -287,64 +286,6 @@ func (s *Partitions) settleFor() time.Duration {
 		return s.cfg.Settle
 	}
 	return s.cfg.LeaseTTL
-}
-
-// watchPresence keeps the list of instances present, oldest first.
-func (s *Partitions) watchPresence(ctx context.Context, w jetstream.KeyWatcher) {
-	present := map[string]events.PresenceRecord{} // by key
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case e := <-w.Updates():
-			if e == nil {
-				continue // the initial values are all here
-			}
-			if e.Operation() == jetstream.KeyValuePut {
-				var r events.PresenceRecord
-				if err := events.Unmarshal(e.Value(), &r); err != nil || present[e.Key()] == r {
-					continue // unreadable, or a renewal
-				}
-				present[e.Key()] = r
-				s.log.Info("instance present", "instance", r.Instance)
-			} else {
-				// A delete, a purge or the server's expiry marker: the instance is gone.
-				if r, ok := present[e.Key()]; ok {
-					s.log.Info("instance gone", "instance", r.Instance)
-				}
-				delete(present, e.Key())
-			}
-			recs := slices.Collect(maps.Values(present))
-			slices.SortFunc(recs, func(a, b events.PresenceRecord) int {
-				if c := cmp.Compare(a.Joined, b.Joined); c != 0 {
-					return c
-				}
-				return cmp.Compare(a.Instance, b.Instance)
-			})
-			// Partitions go to settled instances; to every instance present while none
-			// is settled (the first to start, or all at once).
-			names := make([]string, 0, len(recs))
-			for _, r := range recs {
-				if !r.Unsettled {
-					names = append(names, r.Instance)
-				}
-			}
-			if len(names) == 0 {
-				for _, r := range recs {
-					names = append(names, r.Instance)
-				}
-			}
-			everyone := make([]string, len(recs))
-			for i, r := range recs {
-				everyone[i] = r.Instance
-			}
-			s.mu.Lock()
-			s.present, s.everyone = names, everyone
-			close(s.changed)
-			s.changed = make(chan struct{})
-			s.mu.Unlock()
-		}
-	}
 }
 
 // assigned reports whether partition p is this instance's and whether it is another's

@@ -2,7 +2,9 @@ package projector_test
 
 import (
 	"context"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -244,6 +246,63 @@ func TestUnsettledInstancesTakeThePartitionsOfSettledOnesAllGone(t *testing.T) {
 	t.Logf("b and c took the partitions %s after their start", time.Since(began).Round(time.Millisecond))
 }
 
+// TestAnInstanceWhoseWatchFellBehindListsTheInstancesByAFreshReading: the watch of the
+// presence keys can fall behind (its consumer lost with a node, a new one waiting for
+// the meta group), and partitions handed out by an old list go where nobody looks for
+// them: the list is also read afresh every TTL/3. Here b's watch stops (its consumer
+// paused) after it saw x settled; x then says it is not (as after a long outage of the
+// bucket): by the records every instance is unsettled, so the partitions go to all,
+// and b takes partition 1 (and, x folding nothing, partition 0 once it has been free
+// for two TTLs), which its watch alone would have left to x.
+func TestAnInstanceWhoseWatchFellBehindListsTheInstancesByAFreshReading(t *testing.T) {
+	const n = 2
+	en, kvs := partitionedEnv(t, n)
+	store, ctx := en.store, context.Background()
+	held := func() map[string]int { return leasesHeld(ctx, kvs, store.Bucket, n) }
+	unsettleX := oldestInstance(t, en, "x")
+	startPartitionsSettling(t, en, "b", time.Minute)
+	// b's watch: the consumer of the presence keys.
+	var watch string
+	for deadline := time.Now().Add(10 * time.Second); watch == ""; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no watch of the presence keys")
+		}
+		for ci := range kvs.ListConsumers(ctx).Info() {
+			if strings.HasSuffix(ci.Config.FilterSubject, ".i.>") {
+				watch = ci.Name
+			}
+		}
+	}
+	// Two lease TTLs with x settled: b, unsettled, takes nothing.
+	for began := time.Now(); time.Since(began) < 2*time.Second; time.Sleep(50 * time.Millisecond) {
+		if h := held(); h["b"] != 0 {
+			t.Fatalf("unsettled b took a partition while x is settled: %v", h)
+		}
+	}
+	if _, err := en.js.PauseConsumer(ctx, kvs.CachedInfo().Config.Name, watch, time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	unsettleX()
+	began := time.Now()
+	holds1 := func() bool {
+		r, ok, err := projector.Holder(ctx, kvs, store.Bucket, events.PartitionName(1))
+		return err == nil && ok && r.Owner == "b"
+	}
+	for deadline := began.Add(5 * time.Second); !holds1(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("b holds %v 5 s after x said it is not settled, its watch paused", held())
+		}
+	}
+	paused := false
+	for ci := range kvs.ListConsumers(ctx).Info() {
+		paused = paused || ci.Name == watch && ci.Paused
+	}
+	if !paused {
+		t.Fatal("b's watch is not paused: the test proves nothing")
+	}
+	t.Logf("b took partition 1 %s after x said it is not settled", time.Since(began).Round(time.Millisecond))
+}
+
 // leasesHeld counts the leases of a bucket's n partitions each instance holds.
 func leasesHeld(ctx context.Context, kvs jetstream.Stream, bucket string, n int) map[string]int {
 	out := map[string]int{}
@@ -307,16 +366,28 @@ func leaseWrites(t *testing.T, en *env) (first func(owner string) (time.Time, bo
 // that joined before any other and folds nothing.
 func aliveOldestInstance(t *testing.T, en *env, name string) {
 	t.Helper()
-	data, err := events.Marshal(&events.PresenceRecord{Instance: name, Joined: 1})
-	if err != nil {
-		t.Fatal(err)
+	oldestInstance(t, en, name)
+}
+
+// oldestInstance renews, every 200 ms until the test ends, the presence record of an
+// instance that joined before any other and folds nothing; unsettle makes its record
+// say it is not settled, as one whose renewals failed for a while.
+func oldestInstance(t *testing.T, en *env, name string) (unsettle func()) {
+	t.Helper()
+	var unsettled atomic.Bool
+	put := func(ctx context.Context) error {
+		data, err := events.Marshal(&events.PresenceRecord{Instance: name, Joined: 1, Unsettled: unsettled.Load()})
+		if err == nil {
+			_, err = en.kv.Put(ctx, events.PresenceKey(name), data)
+		}
+		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		for ctx.Err() == nil {
-			_, _ = en.kv.Put(ctx, events.PresenceKey(name), data)
+			_ = put(ctx)
 			select {
 			case <-ctx.Done():
 			case <-time.After(200 * time.Millisecond):
@@ -324,8 +395,14 @@ func aliveOldestInstance(t *testing.T, en *env, name string) {
 		}
 	}()
 	t.Cleanup(func() { cancel(); <-done })
-	if _, err := en.kv.Put(ctx, events.PresenceKey(name), data); err != nil {
+	if err := put(ctx); err != nil {
 		t.Fatal(err)
+	}
+	return func() {
+		unsettled.Store(true)
+		if err := put(ctx); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 

@@ -49,7 +49,7 @@ func (p *Projector) place(ctx context.Context, evs jetstream.Stream, cfg jetstre
 	for try := 1; try < placeTries && time.Since(began) < budget && ctx.Err() == nil; try++ {
 		next := cfg
 		next.Name = consumerName(p.cfg.Durable)
-		cctx, cancel := context.WithTimeout(ctx, budget)
+		cctx, cancel := context.WithTimeout(ctx, budget-time.Since(began))
 		c, err := evs.CreateConsumer(cctx, next)
 		cancel()
 		if err != nil {

@@ -1,12 +1,166 @@
 package projector
 
 import (
+	"cmp"
 	"context"
 	"slices"
+	"strings"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/attrd/attrd/events"
 )
+
+// presenceSeen is what this instance last learnt of one presence key, and from which
+// of the bucket's sequences: its record, or nil once the instance is gone.
+type presenceSeen struct {
+	rec *events.PresenceRecord
+	seq uint64
+}
+
+// watchPresence keeps the list of instances present, oldest first, from two sources:
+// the watch of the presence keys, and, every TTL/3, a fresh reading of them all. The
+// watch alone can fall behind for seconds: its consumer (one replica) lost with a
+// node cut off, a new one waiting for the meta group's leader. Partitions handed out
+// by a list that old went where no instance was looking for them: after a long outage
+// of the bucket, one instance's watch still showed the others settled while their
+// records said they were not, and it waited for them to take partitions that they, by
+// their own fresher lists, left to it (issue 21). Each key keeps the news of the
+// highest sequence, whichever source brought it, so that neither takes the list back.
+func (s *Partitions) watchPresence(ctx context.Context, w jetstream.KeyWatcher) {
+	seen := map[string]presenceSeen{}
+	t := time.NewTicker(s.cfg.LeaseTTL / 3)
+	defer t.Stop()
+	for {
+		changed := false
+		select {
+		case <-ctx.Done():
+			return
+		case e := <-w.Updates():
+			if e == nil {
+				continue // the initial values are all here
+			}
+			var rec *events.PresenceRecord
+			if e.Operation() == jetstream.KeyValuePut {
+				var r events.PresenceRecord
+				if err := events.Unmarshal(e.Value(), &r); err != nil {
+					continue
+				}
+				rec = &r
+			} // a delete, a purge or the server's expiry marker: the instance is gone
+			changed = s.learn(seen, e.Key(), rec, e.Revision(), "")
+		case <-t.C:
+			msgs, floor, ok := s.freshPresence(ctx)
+			if !ok {
+				continue
+			}
+			prefix := events.KVSubject(s.cfg.Projector.Bucket, "")
+			for subj, m := range msgs {
+				var rec *events.PresenceRecord
+				var r events.PresenceRecord
+				if !lapsed(m, s.cfg.LeaseTTL) && events.Unmarshal(m.Data, &r) == nil {
+					rec = &r
+				}
+				changed = s.learn(seen, strings.TrimPrefix(subj, prefix), rec, m.Sequence, "by a fresh reading") || changed
+			}
+			for key := range seen {
+				if _, ok := msgs[events.KVSubject(s.cfg.Projector.Bucket, key)]; !ok {
+					// No message at all: removed before the copy read (it holds floor).
+					changed = s.learn(seen, key, nil, floor, "by a fresh reading") || changed
+				}
+			}
+		}
+		if changed {
+			s.list(seen)
+		}
+	}
+}
+
+// learn notes rec (nil: gone) as presence key's news of sequence seq, unless a later
+// one is known; changed says whether the key's record changed (a renewal does not).
+func (s *Partitions) learn(seen map[string]presenceSeen, key string, rec *events.PresenceRecord, seq uint64, how string) (changed bool) {
+	old, known := seen[key]
+	if known && seq <= old.seq {
+		return false
+	}
+	seen[key] = presenceSeen{rec: rec, seq: seq}
+	args := []any{}
+	if how != "" {
+		args = append(args, "how", how)
+	}
+	switch {
+	case rec != nil && (old.rec == nil || *old.rec != *rec):
+		if old.rec == nil || old.rec.Instance != rec.Instance {
+			s.log.Info("instance present", append([]any{"instance", rec.Instance}, args...)...)
+		}
+		return true
+	case rec == nil && old.rec != nil:
+		s.log.Info("instance gone", append([]any{"instance", old.rec.Instance}, args...)...)
+		return true
+	}
+	return false
+}
+
+// list sets the lists of instances present from what is seen: partitions go to the
+// settled instances, oldest first; to every instance present while none is settled
+// (the first to start, or all at once).
+func (s *Partitions) list(seen map[string]presenceSeen) {
+	var recs []events.PresenceRecord
+	for _, p := range seen {
+		if p.rec != nil {
+			recs = append(recs, *p.rec)
+		}
+	}
+	slices.SortFunc(recs, func(a, b events.PresenceRecord) int {
+		if c := cmp.Compare(a.Joined, b.Joined); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.Instance, b.Instance)
+	})
+	names := make([]string, 0, len(recs))
+	for _, r := range recs {
+		if !r.Unsettled {
+			names = append(names, r.Instance)
+		}
+	}
+	everyone := make([]string, len(recs))
+	for i, r := range recs {
+		everyone[i] = r.Instance
+	}
+	if len(names) == 0 {
+		names = slices.Clone(everyone)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if slices.Equal(s.present, names) && slices.Equal(s.everyone, everyone) {
+		return
+	}
+	s.present, s.everyone = names, everyone
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// freshPresence reads every presence key from a copy of the bucket that holds this
+// instance's last presence renewal, made within a lease TTL (allGone's reading), and
+// returns the messages by subject and that renewal's sequence; ok is false when it
+// cannot (no renewal lately, no direct gets, a read that failed).
+func (s *Partitions) freshPresence(ctx context.Context) (msgs map[string]*jetstream.RawStreamMsg, floor uint64, ok bool) {
+	floor = s.renewed.Load()
+	if floor == 0 || s.snaps == nil || time.Since(time.Unix(0, s.renewedWhen.Load())) > s.cfg.LeaseTTL {
+		return nil, 0, false
+	}
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.LeaseTTL/3)
+	defer cancel()
+	own := events.KVSubject(s.cfg.Projector.Bucket, events.PresenceKey(s.cfg.Instance))
+	msgs, err := s.snaps.Last(rctx, s.kvs.CachedInfo().Config.Name, own,
+		[]string{events.KVSubject(s.cfg.Projector.Bucket, events.PresenceKey(">"))}, floor)
+	if err != nil {
+		s.log.Debug("no fresh reading of the instances present", "err", err)
+		return nil, 0, false
+	}
+	return msgs, floor, true
+}
 
 // allGone reports whether every one of instances is gone, by a fresh reading of their
 // presence keys: from a copy of the bucket that holds this instance's last presence

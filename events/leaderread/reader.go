@@ -292,7 +292,7 @@ func (lr *Reader) Get(ctx context.Context, stream string, req Request) (*jetstre
 		if again {
 			continue
 		}
-		if req.LastBySubj != "" && refusedUnavailable(err) {
+		if req.LastBySubj != "" && RefusedUnavailable(err) {
 			if ix := lr.indexedFor(stream); ix != nil {
 				return ix.last(ctx, stream, req.LastBySubj, err)
 			}
@@ -332,7 +332,7 @@ func (lr *Reader) attempt(ctx context.Context, stream string, body []byte) (msg 
 		select {
 		case m := <-ch:
 			msg, err := events.DecodeMsgGet(m)
-			if refusedUnavailable(err) {
+			if RefusedUnavailable(err) {
 				if unavailable == nil {
 					unavailable, grace = err, time.After(leaderGrace)
 				}

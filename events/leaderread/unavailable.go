@@ -45,8 +45,9 @@ func (lr *Reader) indexedFor(stream string) *indexed {
 	return lr.indexed[stream]
 }
 
-// refusedUnavailable reports whether err is a server's "unavailable" answer (or nobody's).
-func refusedUnavailable(err error) bool {
+// RefusedUnavailable reports whether err is a server's "unavailable" answer (503), or
+// nobody's: what every server answers a leader read while the meta group has no leader.
+func RefusedUnavailable(err error) bool {
 	var apiErr *jetstream.APIError
 	return errors.As(err, &apiErr) && apiErr.Code == 503 || errors.Is(err, nats.ErrNoResponders)
 }

@@ -38,7 +38,7 @@ func TestAReadEveryServerRefusesAsUnavailableIsAnsweredFromACopyHoldingABarrier(
 			t.Fatal(err)
 		}
 	}
-	if _, err := lr.Get(ctx, "S", Request{LastBySubj: "s.k"}); !refusedUnavailable(err) {
+	if _, err := lr.Get(ctx, "S", Request{LastBySubj: "s.k"}); !RefusedUnavailable(err) {
 		t.Fatalf("without a read index the read gave %v, want the servers' 503", err)
 	}
 	var barriers atomic.Int64
@@ -69,11 +69,11 @@ func TestAReadEveryServerRefusesAsUnavailableIsAnsweredFromACopyHoldingABarrier(
 		t.Fatalf("a key never written read %v, want ErrMsgNotFound", err)
 	}
 	// A read by sequence has no read index: the 503 stands.
-	if _, err := lr.Get(ctx, "S", Request{Seq: 1}); !refusedUnavailable(err) {
+	if _, err := lr.Get(ctx, "S", Request{Seq: 1}); !RefusedUnavailable(err) {
 		t.Fatalf("a read by sequence gave %v, want the servers' 503", err)
 	}
 	failBarrier.Store(true)
-	if _, err := lr.Get(ctx, "S", Request{LastBySubj: "s.k"}); !refusedUnavailable(err) {
+	if _, err := lr.Get(ctx, "S", Request{LastBySubj: "s.k"}); !RefusedUnavailable(err) {
 		t.Fatalf("with no barrier the read gave %v, want the servers' 503", err)
 	}
 }
