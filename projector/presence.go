@@ -3,6 +3,7 @@ package projector
 import (
 	"cmp"
 	"context"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -20,7 +21,8 @@ type presenceSeen struct {
 }
 
 // watchPresence keeps the list of instances present, oldest first, from two sources:
-// the watch of the presence keys, and, every TTL/3, a fresh reading of them all. The
+// the watch of the presence keys, and, every TTL/3, a fresh reading of every key the
+// watch ever showed. The
 // watch alone can fall behind for seconds: its consumer (one replica) lost with a
 // node cut off, a new one waiting for the meta group's leader. Partitions handed out
 // by a list that old went where no instance was looking for them: after a long outage
@@ -51,7 +53,7 @@ func (s *Partitions) watchPresence(ctx context.Context, w jetstream.KeyWatcher) 
 			} // a delete, a purge or the server's expiry marker: the instance is gone
 			changed = s.learn(seen, e.Key(), rec, e.Revision(), "")
 		case <-t.C:
-			msgs, floor, ok := s.freshPresence(ctx)
+			msgs, floor, ok := s.freshPresence(ctx, slices.Collect(maps.Keys(seen)))
 			if !ok {
 				continue
 			}
@@ -141,20 +143,28 @@ func (s *Partitions) list(seen map[string]presenceSeen) {
 	s.changed = make(chan struct{})
 }
 
-// freshPresence reads every presence key from a copy of the bucket that holds this
-// instance's last presence renewal, made within a lease TTL (allGone's reading), and
-// returns the messages by subject and that renewal's sequence; ok is false when it
-// cannot (no renewal lately, no direct gets, a read that failed).
-func (s *Partitions) freshPresence(ctx context.Context) (msgs map[string]*jetstream.RawStreamMsg, floor uint64, ok bool) {
+// freshPresence reads the presence keys of keys (every instance this one has heard of)
+// from a copy of the bucket that holds this instance's last presence renewal, made
+// within a lease TTL (allGone's reading), and returns the messages by subject and that
+// renewal's sequence; ok is false when it cannot (no renewal lately, no direct gets, a
+// read that failed). An instance this one never heard of waits for the watch.
+//
+// NATS subtlety: the keys are named one by one, with this instance's own as the
+// anchor: a multi-last direct get whose subjects overlap (a wildcard over the keys and
+// a key it matches) answers the key alone.
+func (s *Partitions) freshPresence(ctx context.Context, keys []string) (msgs map[string]*jetstream.RawStreamMsg, floor uint64, ok bool) {
 	floor = s.renewed.Load()
 	if floor == 0 || s.snaps == nil || time.Since(time.Unix(0, s.renewedWhen.Load())) > s.cfg.LeaseTTL {
 		return nil, 0, false
 	}
+	subjects := make([]string, len(keys))
+	for i, key := range keys {
+		subjects[i] = events.KVSubject(s.cfg.Projector.Bucket, key)
+	}
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.LeaseTTL/3)
 	defer cancel()
 	own := events.KVSubject(s.cfg.Projector.Bucket, events.PresenceKey(s.cfg.Instance))
-	msgs, err := s.snaps.Last(rctx, s.kvs.CachedInfo().Config.Name, own,
-		[]string{events.KVSubject(s.cfg.Projector.Bucket, events.PresenceKey(">"))}, floor)
+	msgs, err := s.snaps.Last(rctx, s.kvs.CachedInfo().Config.Name, own, subjects, floor)
 	if err != nil {
 		s.log.Debug("no fresh reading of the instances present", "err", err)
 		return nil, 0, false
