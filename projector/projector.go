@@ -166,13 +166,14 @@ func New(nc *nats.Conn, cfg Config) (*Projector, error) {
 	}
 	// An ack can be lost (a leader change, a node lost): without a timeout its future
 	// would never complete and the projector would hang holding its lease. With one,
-	// the write fails, the run stops, and the next run recovers from the intent record.
+	// the write fails, the run stops, and the next run recovers from the intent record
+	// (ackTimeout).
 	//
 	// A JetStream API request sent while a stream has no leader (an election after a
 	// node was cut off) is answered by nobody and waits out its timeout, even if a
 	// leader comes a moment later: apiTimeout, rather than the default five seconds,
 	// so that a run starting during an election tries again soon after it (issue 21).
-	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(8192), jetstream.WithPublishAsyncTimeout(5*time.Second),
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(8192), jetstream.WithPublishAsyncTimeout(ackTimeout),
 		jetstream.WithDefaultTimeout(apiTimeout))
 	if err != nil {
 		return nil, err
@@ -180,6 +181,14 @@ func New(nc *nats.Conn, cfg Config) (*Projector, error) {
 	return &Projector{cfg: cfg, nc: nc, js: js, log: cfg.Logger, view: newView(), ready: make(chan struct{}),
 		part: events.PartitionName(cfg.Partition), metrics: cfg.Metrics.of(cfg.Partition)}, nil
 }
+
+// ackTimeout bounds the wait for a write's acknowledgement. NATS subtlety: a write
+// that reached a stream's leader as it lost its leadership (a cut, a heal's
+// election) is answered by nobody, and the partition's writes stop until the run
+// gives it up: the partition harness saw it cost 5 s (the old timeout) right after a
+// heal while NATS took writes again (issue 21). Acks take milliseconds; one slower
+// than this under load costs a run's restart, not a wrong result.
+const ackTimeout = 2 * time.Second
 
 // apiTimeout bounds a JetStream API request of the projector and its supervisor (a
 // stream's info, a consumer's creation, a key's read): they take milliseconds, and one
