@@ -14,22 +14,29 @@ import (
 )
 
 // presenceSeen is what this instance last learnt of one presence key, and from which
-// of the bucket's sequences: its record, or nil once the instance is gone.
+// of the bucket's sequences: its record, or nil once the instance is gone (since
+// goneAt).
 type presenceSeen struct {
-	rec *events.PresenceRecord
-	seq uint64
+	rec    *events.PresenceRecord
+	seq    uint64
+	goneAt time.Time
 }
 
+// forgetGone is how long a gone instance's key is kept, and read afresh in case it
+// comes back (an instance whose key expired while the bucket had no leader renews it
+// once it has one): every instance ever started would otherwise be read every TTL/3.
+const forgetGone = time.Minute
+
 // watchPresence keeps the list of instances present, oldest first, from two sources:
-// the watch of the presence keys, and, every TTL/3, a fresh reading of every key the
-// watch ever showed. The
-// watch alone can fall behind for seconds: its consumer (one replica) lost with a
-// node cut off, a new one waiting for the meta group's leader. Partitions handed out
-// by a list that old went where no instance was looking for them: after a long outage
-// of the bucket, one instance's watch still showed the others settled while their
-// records said they were not, and it waited for them to take partitions that they, by
-// their own fresher lists, left to it (issue 21). Each key keeps the news of the
-// highest sequence, whichever source brought it, so that neither takes the list back.
+// the watch of the presence keys, and, every TTL/3, a fresh reading of the keys the
+// watch showed (forgetGone). The watch alone can fall behind for seconds: its
+// consumer (one replica) lost with a node cut off, a new one waiting for the meta
+// group's leader. Partitions handed out by a list that old went where no instance was
+// looking for them: after a long outage of the bucket, one instance's watch still
+// showed the others settled while their records said they were not, and it waited for
+// them to take partitions that they, by their own fresher lists, left to it (issue
+// 21). Each key keeps the news of the highest sequence, whichever source brought it,
+// so that neither takes the list back.
 func (s *Partitions) watchPresence(ctx context.Context, w jetstream.KeyWatcher) {
 	seen := map[string]presenceSeen{}
 	t := time.NewTicker(s.cfg.LeaseTTL / 3)
@@ -53,6 +60,9 @@ func (s *Partitions) watchPresence(ctx context.Context, w jetstream.KeyWatcher) 
 			} // a delete, a purge or the server's expiry marker: the instance is gone
 			changed = s.learn(seen, e.Key(), rec, e.Revision(), "")
 		case <-t.C:
+			maps.DeleteFunc(seen, func(_ string, p presenceSeen) bool {
+				return p.rec == nil && time.Since(p.goneAt) > forgetGone
+			})
 			msgs, floor, ok := s.freshPresence(ctx, slices.Collect(maps.Keys(seen)))
 			if !ok {
 				continue
@@ -86,7 +96,14 @@ func (s *Partitions) learn(seen map[string]presenceSeen, key string, rec *events
 	if known && seq <= old.seq {
 		return false
 	}
-	seen[key] = presenceSeen{rec: rec, seq: seq}
+	now := presenceSeen{rec: rec, seq: seq}
+	if rec == nil {
+		now.goneAt = old.goneAt
+		if old.rec != nil || !known {
+			now.goneAt = time.Now()
+		}
+	}
+	seen[key] = now
 	args := []any{}
 	if how != "" {
 		args = append(args, "how", how)
