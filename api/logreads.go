@@ -42,12 +42,18 @@ type logReads struct {
 // one that answered was behind.
 const copyBehindPause = 20 * time.Millisecond
 
+// copyReadFor bounds a reading from copies: one that does not come within it leaves
+// the request to the client's retry (E008004), as the leader's refusal did.
+const copyReadFor = 2 * time.Second
+
 // eventAt returns the event stream's message at seq, which is known to be there.
 func (r *logReads) eventAt(ctx context.Context, seq uint64) (*jetstream.RawStreamMsg, error) {
 	m, err := r.leader(ctx, leaderread.Request{Seq: seq})
 	if err == nil || r.copies == nil || !leaderread.RefusedUnavailable(err) {
 		return m, err
 	}
+	ctx, cancel := context.WithTimeout(ctx, copyReadFor)
+	defer cancel()
 	for {
 		msgs, _, cerr := r.copies.Next(ctx, events.StreamName, events.EventsPrefix+".>", seq, 1)
 		switch {
@@ -105,6 +111,8 @@ func (r *logReads) rejection(ctx context.Context, uid string, seq uint64, anchor
 // is of a later event, the records from seq on, from any copy, until one of an event
 // at or after seq (which exists: a copy without it is behind, and asked again).
 func (r *logReads) rejectionFromCopies(ctx context.Context, subject string, seq uint64, anchor string) (events.Code, error) {
+	ctx, cancel := context.WithTimeout(ctx, copyReadFor)
+	defer cancel()
 	floor, err := r.lastSeq(ctx)
 	if err != nil {
 		return "", fmt.Errorf("the stream's last sequence: %w", err)
