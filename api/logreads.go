@@ -42,6 +42,17 @@ type logReads struct {
 // one that answered was behind.
 const copyBehindPause = 20 * time.Millisecond
 
+// waitBehind waits copyBehindPause before the copies are asked again, or returns
+// ctx's error.
+func waitBehind(ctx context.Context) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(copyBehindPause):
+		return nil
+	}
+}
+
 // copyReadFor bounds a reading from copies: one that does not come within it leaves
 // the request to the client's retry (E008004), as the leader's refusal did.
 const copyReadFor = 2 * time.Second
@@ -66,10 +77,8 @@ func (r *logReads) eventAt(ctx context.Context, seq uint64) (*jetstream.RawStrea
 			return nil, jetstream.ErrMsgNotFound
 		}
 		// The copy that answered is behind seq: another, or the same later, will not be.
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("%w (and no copy holding it answered: %v)", err, ctx.Err())
-		case <-time.After(copyBehindPause):
+		if werr := waitBehind(ctx); werr != nil {
+			return nil, fmt.Errorf("%w (and no copy holding it answered: %v)", err, werr)
 		}
 	}
 }
@@ -146,10 +155,8 @@ func (r *logReads) rejectionFromCopies(ctx context.Context, subject string, seq 
 		}
 		if len(msgs) == 0 {
 			// Behind the record read above: ask again.
-			select {
-			case <-ctx.Done():
-				return "", fmt.Errorf("no copy holding the decisions answered: %w", ctx.Err())
-			case <-time.After(copyBehindPause):
+			if err := waitBehind(ctx); err != nil {
+				return "", fmt.Errorf("no copy holding the decisions answered: %w", err)
 			}
 		}
 	}

@@ -63,7 +63,7 @@ func (s *Partitions) watchPresence(ctx context.Context, w jetstream.KeyWatcher) 
 			maps.DeleteFunc(seen, func(_ string, p presenceSeen) bool {
 				return p.rec == nil && time.Since(p.goneAt) > forgetGone
 			})
-			msgs, floor, ok := s.freshPresence(ctx, slices.Collect(maps.Keys(seen)))
+			msgs, floor, ok := s.freshPresence(ctx, slices.Collect(maps.Keys(seen)), s.cfg.LeaseTTL/3)
 			if !ok {
 				continue
 			}
@@ -160,16 +160,18 @@ func (s *Partitions) list(seen map[string]presenceSeen) {
 	s.changed = make(chan struct{})
 }
 
-// freshPresence reads the presence keys of keys (every instance this one has heard of)
-// from a copy of the bucket that holds this instance's last presence renewal, made
-// within a lease TTL (allGone's reading), and returns the messages by subject and that
-// renewal's sequence; ok is false when it cannot (no renewal lately, no direct gets, a
-// read that failed). An instance this one never heard of waits for the watch.
+// freshPresence reads the presence keys of keys from a copy of the bucket that holds
+// this instance's last presence renewal, made within a lease TTL, waiting at most
+// within, and returns the messages by subject and that renewal's sequence; ok is false
+// when it cannot (no renewal, or none lately: this instance cut off, where a copy
+// holding its last renewal may be its own node's, which shows everyone else lapsed;
+// no direct gets; a read that failed). Neither a follower behind nor an old leader back
+// from a cut can show a live instance gone in it.
 //
 // NATS subtlety: the keys are named one by one, with this instance's own as the
 // anchor: a multi-last direct get whose subjects overlap (a wildcard over the keys and
 // a key it matches) answers the key alone.
-func (s *Partitions) freshPresence(ctx context.Context, keys []string) (msgs map[string]*jetstream.RawStreamMsg, floor uint64, ok bool) {
+func (s *Partitions) freshPresence(ctx context.Context, keys []string, within time.Duration) (msgs map[string]*jetstream.RawStreamMsg, floor uint64, ok bool) {
 	floor = s.renewed.Load()
 	if floor == 0 || s.snaps == nil || time.Since(time.Unix(0, s.renewedWhen.Load())) > s.cfg.LeaseTTL {
 		return nil, 0, false
@@ -178,7 +180,7 @@ func (s *Partitions) freshPresence(ctx context.Context, keys []string) (msgs map
 	for i, key := range keys {
 		subjects[i] = events.KVSubject(s.cfg.Projector.Bucket, key)
 	}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.LeaseTTL/3)
+	rctx, cancel := context.WithTimeout(ctx, within)
 	defer cancel()
 	own := events.KVSubject(s.cfg.Projector.Bucket, events.PresenceKey(s.cfg.Instance))
 	msgs, err := s.snaps.Last(rctx, s.kvs.CachedInfo().Config.Name, own, subjects, floor)
@@ -190,30 +192,21 @@ func (s *Partitions) freshPresence(ctx context.Context, keys []string) (msgs map
 }
 
 // allGone reports whether every one of instances is gone, by a fresh reading of their
-// presence keys: from a copy of the bucket that holds this instance's last presence
-// renewal (events/leaderread Snapshots), made within a lease TTL, so that neither a
-// follower behind nor an old leader back from a cut can show a live instance gone. Any doubt (no renewal yet, the
-// bucket serving no direct gets, a read that fails) is "no".
+// presence keys (freshPresence). Any doubt (no reading) is "no".
 func (s *Partitions) allGone(ctx context.Context, instances []string) bool {
-	floor := s.renewed.Load()
-	if floor == 0 || s.snaps == nil || len(instances) == 0 || time.Since(time.Unix(0, s.renewedWhen.Load())) > s.cfg.LeaseTTL {
-		// No renewal, or none lately (this instance cut off: a copy holding its last
-		// renewal may be its own node's, which shows everyone else lapsed).
+	if len(instances) == 0 {
 		return false
 	}
-	subjects := make([]string, len(instances))
+	keys := make([]string, len(instances))
 	for i, inst := range instances {
-		subjects[i] = events.KVSubject(s.cfg.Projector.Bucket, events.PresenceKey(inst))
+		keys[i] = events.PresenceKey(inst)
 	}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.LeaseTTL/2)
-	defer cancel()
-	own := events.KVSubject(s.cfg.Projector.Bucket, events.PresenceKey(s.cfg.Instance))
-	msgs, err := s.snaps.Last(rctx, s.kvs.CachedInfo().Config.Name, own, subjects, floor)
-	if err != nil {
+	msgs, _, ok := s.freshPresence(ctx, keys, s.cfg.LeaseTTL/2)
+	if !ok {
 		return false
 	}
-	for _, subj := range subjects {
-		if m := msgs[subj]; m != nil && !lapsed(m, s.cfg.LeaseTTL) {
+	for _, key := range keys {
+		if m := msgs[events.KVSubject(s.cfg.Projector.Bucket, key)]; m != nil && !lapsed(m, s.cfg.LeaseTTL) {
 			return false
 		}
 	}

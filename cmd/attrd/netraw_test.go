@@ -182,16 +182,8 @@ func (l *probeLoad) longestGap(i int, from, to time.Time) (time.Time, time.Durat
 // ends): NATS's own part of an outage of attrd's in that stretch.
 func (l *probeLoad) downWithin(from, to time.Time) time.Duration {
 	l.mu.Lock()
-	ts := []time.Time{from}
-	for _, a := range l.acked {
-		for _, t := range a {
-			if t.After(from) && t.Before(to) {
-				ts = append(ts, t)
-			}
-		}
-	}
+	ts := append([]time.Time{from}, timesIn(l.acked[:], -1, from, to)...)
 	l.mu.Unlock()
-	slices.SortFunc(ts, func(a, b time.Time) int { return a.Compare(b) })
 	ts = append(ts, to)
 	var down time.Duration
 	for k := 1; k < len(ts); k++ {
@@ -260,21 +252,8 @@ const natsAllowance = 3 * time.Second
 // longestGap is the longest stretch in [from, to] without a time of acked (by node;
 // i < 0: all nodes'): when it began, and how long it lasted.
 func longestGap(acked [][]time.Time, i int, from, to time.Time) (time.Time, time.Duration) {
-	var ts []time.Time
-	for n, a := range acked {
-		if i < 0 || n == i {
-			ts = append(ts, a...)
-		}
-	}
-	slices.SortFunc(ts, func(a, b time.Time) int { return a.Compare(b) })
 	last, worst, began := from, time.Duration(0), from
-	for _, t := range ts {
-		if t.Before(from) {
-			continue
-		}
-		if t.After(to) {
-			break
-		}
+	for _, t := range timesIn(acked, i, from, to) {
 		if t.Sub(last) > worst {
 			worst, began = t.Sub(last), last
 		}
@@ -289,15 +268,7 @@ func longestGap(acked [][]time.Time, i int, from, to time.Time) (time.Time, time
 // spansOf says when the times of acked (every node's) fell in [from, to] no more than
 // 500 ms apart.
 func spansOf(acked [][]time.Time, from, to time.Time) string {
-	var ts []time.Time
-	for _, a := range acked {
-		for _, t := range a {
-			if !t.Before(from) && !t.After(to) {
-				ts = append(ts, t)
-			}
-		}
-	}
-	slices.SortFunc(ts, func(a, b time.Time) int { return a.Compare(b) })
+	ts := timesIn(acked, -1, from, to)
 	var out []string
 	for k := 0; k < len(ts); {
 		j := k
@@ -311,6 +282,21 @@ func spansOf(acked [][]time.Time, from, to time.Time) string {
 		return "none"
 	}
 	return strings.Join(out, ", ")
+}
+
+// timesIn returns the times of acked by node i (i < 0: every node's) in [from, to],
+// in order.
+func timesIn(acked [][]time.Time, i int, from, to time.Time) []time.Time {
+	var ts []time.Time
+	for n, a := range acked {
+		for _, t := range a {
+			if (i < 0 || n == i) && !t.Before(from) && !t.After(to) {
+				ts = append(ts, t)
+			}
+		}
+	}
+	slices.SortFunc(ts, func(a, b time.Time) int { return a.Compare(b) })
+	return ts
 }
 
 // firstAfter is the earliest of ts after from (zero: none).

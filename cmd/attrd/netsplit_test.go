@@ -246,14 +246,14 @@ func (c *netCluster) leaders() map[string]int {
 			continue
 		}
 		if jsz.Meta != nil && jsz.Meta.Leader != "" {
-			if n, err := strconv.Atoi(strings.TrimPrefix(jsz.Meta.Leader, "n")); err == nil {
+			if n, ok := nodeOf(jsz.Meta.Leader); ok {
 				out[metaGroup] = n
 			}
 		}
 		for _, a := range jsz.AccountDetails {
 			for _, sd := range a.Streams {
 				if sd.Cluster != nil && sd.Cluster.Leader != "" {
-					if n, err := strconv.Atoi(strings.TrimPrefix(sd.Cluster.Leader, "n")); err == nil {
+					if n, ok := nodeOf(sd.Cluster.Leader); ok {
 						out[sd.Name] = n
 					}
 				}
@@ -261,6 +261,12 @@ func (c *netCluster) leaders() map[string]int {
 		}
 	}
 	return out
+}
+
+// nodeOf returns the node a server named nK is (ok false for another name).
+func nodeOf(server string) (int, bool) {
+	n, err := strconv.Atoi(strings.TrimPrefix(server, "n"))
+	return n, err == nil
 }
 
 // jsz returns node i's JetStream monitoring report with query, nil if it gave none.
@@ -293,7 +299,7 @@ func (c *netCluster) consumers() map[string]int {
 				}
 				for _, ci := range sd.Consumer {
 					if ci.Cluster != nil && ci.Cluster.Leader != "" {
-						if n, err := strconv.Atoi(strings.TrimPrefix(ci.Cluster.Leader, "n")); err == nil {
+						if n, ok := nodeOf(ci.Cluster.Leader); ok {
 							out[ci.Name] = n
 						}
 					}
@@ -976,7 +982,7 @@ func (r *netRun) timeline(t *testing.T, from time.Time, d time.Duration, cut int
 			for _, a := range jsz.AccountDetails {
 				for _, sd := range a.Streams {
 					if sd.Cluster != nil && sd.Cluster.Leader != "" && sd.Cluster.Leader != fmt.Sprintf("n%d", cut) {
-						l[sd.Name], _ = strconv.Atoi(strings.TrimPrefix(sd.Cluster.Leader, "n"))
+						l[sd.Name], _ = nodeOf(sd.Cluster.Leader)
 					}
 				}
 			}
