@@ -786,14 +786,6 @@ func sinceOr(t, from time.Time) string {
 	return t.Sub(from).Round(time.Millisecond).String()
 }
 
-// sinceOrForever is how long after from t was, until now when t is zero (none yet).
-func sinceOrForever(t, from time.Time) time.Duration {
-	if t.IsZero() {
-		return time.Since(from)
-	}
-	return t.Sub(from)
-}
-
 // TestNetworkPartitions runs the scenarios: the quick one (the node leading the bucket
 // and the event stream cut off both ways) always, all of them with ATTRD_NETSPLIT=all,
 // those whose name contains it with another value (ATTRD_NETSPLIT=holder).
