@@ -23,6 +23,7 @@ import (
 	"github.com/attrd/attrd/api/client"
 	"github.com/attrd/attrd/deploy/embedded"
 	"github.com/attrd/attrd/events"
+	"github.com/attrd/attrd/events/leaderread"
 	"github.com/attrd/attrd/projector"
 )
 
@@ -497,8 +498,14 @@ func verifyLoad(t *testing.T, ld *load, s *Server) {
 	for w := range ld.acked {
 		uid := ld.users[w%len(ld.users)].uid
 		// From the bucket's leader: a direct get may be answered by a replica behind.
-		m, err := events.LeaderLast(context.Background(), s.apiConn, events.KVStream(events.DefaultBucket),
-			events.KVSubject(events.DefaultBucket, events.AttrKey(uid, "", fmt.Sprintf("w%d", w))))
+		subject := events.KVSubject(events.DefaultBucket, events.AttrKey(uid, "", fmt.Sprintf("w%d", w)))
+		m, err := events.LeaderLast(context.Background(), s.apiConn, events.KVStream(events.DefaultBucket), subject)
+		// Every server refuses leader reads (503) while the meta group elects, as it
+		// may just after the quorum came back: wait for it.
+		for deadline := time.Now().Add(15 * time.Second); leaderread.RefusedUnavailable(err) && time.Now().Before(deadline); {
+			time.Sleep(200 * time.Millisecond)
+			m, err = events.LeaderLast(context.Background(), s.apiConn, events.KVStream(events.DefaultBucket), subject)
+		}
 		if err != nil {
 			t.Fatalf("w%d: %v", w, err)
 		}
